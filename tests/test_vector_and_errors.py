@@ -1,0 +1,190 @@
+"""What must hold 9, and the FunctionVector value: arithmetic, files, Hub folders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import fresh_model, hook_counts
+
+import fv_plugin
+from fv_plugin import FunctionVector, FunctionVectorProcessor, SteeredModel
+from fv_plugin.vector import WEIGHTS_NAME
+
+
+def _fv(**meta: Any) -> FunctionVector:
+    return FunctionVector(vector=torch.linspace(-1, 1, 64), layer=meta.pop("layer", 1), **meta)
+
+
+BAD_STEER: list[tuple[str, dict[str, Any], type[Exception], str]] = [
+    ("wrong size", dict(vectors=[FunctionVector(vector=torch.ones(32), layer=1)]), ValueError, "hidden size"),
+    ("other model type", dict(vectors=[_fv(model_type="gpt2")]), ValueError, "gpt2"),
+    (
+        "other hidden size",
+        dict(vectors=[FunctionVector(vector=torch.ones(65), layer=1, hidden_size=65)]),
+        ValueError,
+        "65",
+    ),
+    ("layer out of range", dict(vectors=[_fv(layer=3)]), ValueError, "out of range"),
+    ("nan strength", dict(strength=float("nan")), ValueError, "finite"),
+    ("inf strength", dict(strength=float("inf")), ValueError, "finite"),
+    ("nan in strength tensor", dict(strength=torch.tensor([1.0, float("nan")])), ValueError, "NaN"),
+    ("strength of a wrong type", dict(strength="2"), TypeError, "number"),
+    ("unknown positions", dict(positions="every"), ValueError, "positions"),
+    ("unknown normalize", dict(normalize="l2"), ValueError, "normalize"),
+    ("not a vector", dict(vectors=[torch.ones(64)]), TypeError, "FunctionVector"),
+    ("nan pair weight", dict(vectors=[(_fv(), float("nan"))]), ValueError, "finite"),
+]
+
+
+@pytest.mark.parametrize(("label", "kwargs", "error", "match"), BAD_STEER, ids=[b[0] for b in BAD_STEER])
+def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(
+    label: str, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    model = fresh_model("llama")
+    before = hook_counts(model)
+    vectors = kwargs.pop("vectors", [_fv()])
+    with pytest.raises(error, match=match), fv_plugin.steer(model, *vectors, **kwargs):
+        pass
+    assert hook_counts(model) == before and not fv_plugin.is_attached(model)
+    with pytest.raises(error, match=match):
+        SteeredModel(model, vectors, **kwargs).generate(input_ids=torch.tensor([[3, 4]]), max_new_tokens=1)
+    assert hook_counts(model) == before and not fv_plugin.is_attached(model)
+
+
+def test_bad_processor_arguments_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="positions"):
+        FunctionVectorProcessor(_fv(), positions="first")
+    with pytest.raises(ValueError, match="window"):
+        FunctionVectorProcessor(_fv(), window=(3, 1))
+    with pytest.raises(TypeError, match="schedule"):
+        FunctionVectorProcessor(_fv(), schedule=3)  # type: ignore[arg-type]
+    model = fv_plugin.attach(fresh_model("llama"))
+    proc = FunctionVectorProcessor(_fv(layer=7))
+    with pytest.raises(ValueError, match="out of range"):
+        model.generate(input_ids=torch.tensor([[3, 4]]), logits_processor=[proc], max_new_tokens=2)
+
+
+def test_construction_checks() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        FunctionVector(vector=torch.tensor([1.0, float("nan")]), layer=0)
+    with pytest.raises(ValueError, match="shape"):
+        FunctionVector(vector=torch.ones(2, 3), layer=0)
+    with pytest.raises(ValueError, match="layer"):
+        FunctionVector(vector=torch.ones(3), layer=-1)
+    with pytest.raises(TypeError, match="Tensor"):
+        FunctionVector(vector=[1.0, 2.0], layer=0)  # type: ignore[arg-type]
+    assert FunctionVector(vector=torch.ones(3), layer=3).layer == 3
+
+
+def test_arithmetic_reads_naturally_and_refuses_mismatches() -> None:
+    a = FunctionVector(vector=torch.tensor([1.0, 2.0]), layer=2, model_type="llama", task="antonym")
+    b = FunctionVector(vector=torch.tensor([0.5, -1.0]), layer=2, model_type="llama", task="capital")
+    assert (a + b).vector.tolist() == [1.5, 1.0]
+    assert (a - b).vector.tolist() == [0.5, 3.0]
+    assert (-a).vector.tolist() == [-1.0, -2.0]
+    assert (2.0 * a).vector.tolist() == (a * 2).vector.tolist() == [2.0, 4.0]
+    assert (a / 2).vector.tolist() == [0.5, 1.0]
+    assert (a + b).model_type == "llama" and (a + b).layer == 2 and (2.0 * a).task == "antonym"
+    with pytest.raises(ValueError, match="different layers"):
+        a + FunctionVector(vector=torch.ones(2), layer=3)
+    with pytest.raises(ValueError, match="different models"):
+        a + FunctionVector(vector=torch.ones(2), layer=2, model_type="gpt2")
+    with pytest.raises(TypeError):
+        a + 1.0  # type: ignore[operator]
+    with pytest.raises(ZeroDivisionError):
+        a / 0
+    with pytest.raises(ValueError, match="scale"):
+        a * float("inf")
+
+
+def test_save_and_load_round_trip_with_metadata(tmp_path: Path) -> None:
+    fv = FunctionVector(
+        vector=torch.randn(64),
+        layer=4,
+        model_type="llama",
+        hidden_size=64,
+        model_name="tiny",
+        task="antonym",
+        heads=((1, 2), (3, 0)),
+        head_scores=(0.5, 0.25),
+        k=2,
+        prompt_template="Q: {x}\nA: {y}\n\n",
+        method="heads",
+        extra={"seed": "0"},
+    )
+    back = FunctionVector.load(fv.save(tmp_path / "fv.safetensors"))
+    assert torch.equal(back.vector, fv.vector)
+    for name in (
+        "layer",
+        "model_type",
+        "hidden_size",
+        "model_name",
+        "task",
+        "heads",
+        "head_scores",
+        "k",
+        "prompt_template",
+        "method",
+        "extra",
+    ):
+        assert getattr(back, name) == getattr(fv, name), name
+    assert back.library_version == fv_plugin.__version__
+    folder = fv.save_pretrained(tmp_path / "hubdir")
+    assert (folder / WEIGHTS_NAME).is_file() and (folder / "fv_config.json").is_file()
+    assert torch.equal(FunctionVector.from_pretrained(folder).vector, fv.vector)
+
+
+def test_files_that_are_not_ours_are_refused(tmp_path: Path) -> None:
+    pickled = tmp_path / "evil.safetensors"
+    pickled.write_bytes(pickle.dumps({"vector": torch.ones(3)}))
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(
+        torch.randint(0, 256, (512,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
+    good = _fv().save(tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.ones(3)}, str(foreign))
+    for path in (pickled, noise, truncated, foreign):
+        with pytest.raises(ValueError, match="not"):
+            FunctionVector.load(path)
+    with pytest.raises(FileNotFoundError):
+        FunctionVector.load(tmp_path / "missing.safetensors")
+
+
+def test_from_pretrained_without_the_hub_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="neither a local folder"):
+        FunctionVector.from_pretrained("someone/no-such-vector")
+
+
+def test_push_to_hub_uploads_the_save_pretrained_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, Any] = {}
+
+    class FakeApi:
+        def __init__(self, token: str | None = None) -> None:
+            calls["token"] = token
+
+        def create_repo(self, **kwargs: Any) -> None:
+            calls["create"] = kwargs
+
+        def upload_folder(self, **kwargs: Any) -> str:
+            folder = Path(kwargs["folder_path"])
+            calls["files"] = sorted(p.name for p in folder.iterdir())
+            calls["loaded"] = FunctionVector.from_pretrained(folder)
+            return "https://example.invalid/commit/1"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    fv = _fv(task="antonym")
+    assert fv.push_to_hub("me/antonym-fv", token="t") == "https://example.invalid/commit/1"
+    assert calls["create"]["repo_id"] == "me/antonym-fv" and calls["token"] == "t"
+    assert calls["files"] == ["function_vector.safetensors", "fv_config.json"]
+    assert torch.equal(calls["loaded"].vector, fv.vector) and calls["loaded"].task == "antonym"
