@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,18 @@ from torch.utils.hooks import RemovableHandle
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.runtime import ActiveSteering, activate, generate_call, on_base_forward, on_layer_output
 
-__all__ = ["Attachment", "attach", "detach", "get_attachment", "is_attached", "record_layer_outputs"]
+__all__ = [
+    "Attachment",
+    "attach",
+    "attached",
+    "detach",
+    "get_attachment",
+    "is_attached",
+    "record_layer_outputs",
+]
 
 _ATTR = "_fv_plugin_attachment"
+_LOCK = threading.RLock()  # guards attaching, detaching and the user counts
 
 
 class _Binds(Protocol):
@@ -39,6 +49,8 @@ class Attachment:
     model_id: int
     handles: list[RemovableHandle] = field(default_factory=list)
     wrapped_generate: bool = False
+    permanent: bool = False  # attach() was called: stays until detach()
+    users: int = 0  # steer() blocks currently relying on it
 
     def remove(self) -> None:
         while self.handles:
@@ -93,19 +105,41 @@ def attach(model: nn.Module, *, arch: ArchSpec | None = None) -> nn.Module:
 
     Registers our hooks (idle until a steering is active) and routes ``model.generate`` so that a
     :class:`~fv_plugin.FunctionVectorProcessor` in ``logits_processor`` steers that call. Needed before
-    passing a processor to ``generate`` or a pipeline; :func:`~fv_plugin.steer` calls it for you.
+    passing a processor to ``generate`` or a pipeline. :func:`~fv_plugin.steer` does not need it: it attaches
+    for the duration of its block and leaves the model as it found it.
 
     Example:
         >>> import fv_plugin  # doctest: +SKIP
         >>> model = fv_plugin.attach(model)  # doctest: +SKIP
     """
+    with _LOCK:
+        _ensure(model, arch).permanent = True
+    return model
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, *, arch: ArchSpec | None = None) -> Iterator[Attachment]:
+    """Keep ``model`` attached for the block; if nothing else needs the hooks afterwards, remove them."""
+    with _LOCK:
+        owner = _ensure(model, arch)
+        owner.users += 1
+    try:
+        yield owner
+    finally:
+        with _LOCK:
+            owner.users -= 1
+            if owner.users == 0 and not owner.permanent and get_attachment(model) is owner:
+                _remove(model, owner)
+
+
+def _ensure(model: nn.Module, arch: ArchSpec | None) -> Attachment:
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
     existing = get_attachment(model)
     if existing is not None:
-        if arch is not None and arch != existing.arch.spec:
+        if arch is not None and arch.layers != existing.arch.spec.layers and arch != existing.arch.spec:
             raise ValueError("model is already attached with another ArchSpec; call fv_plugin.detach(model) first")
-        return model
+        return existing
     stale = model.__dict__.get(_ATTR)
     if isinstance(stale, Attachment):  # a copy of an attached model (copy.deepcopy): drop the copied hooks
         _drop_copied_hooks(model, stale)
@@ -122,7 +156,7 @@ def attach(model: nn.Module, *, arch: ArchSpec | None = None) -> nn.Module:
         model.__dict__["generate"] = types.MethodType(_steered_generate, model)
         owner.wrapped_generate = True
     model.__dict__[_ATTR] = owner
-    return model
+    return owner
 
 
 def _drop_copied_hooks(model: nn.Module, stale: Attachment) -> None:
@@ -139,15 +173,22 @@ def _drop_copied_hooks(model: nn.Module, stale: Attachment) -> None:
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove everything :func:`attach` added (only our own hooks); a no-op on a model never attached."""
-    owner = get_attachment(model)
-    if owner is None:
-        return model
+    """Remove everything :func:`attach` added (only our own hooks); nothing to do on a model never attached.
+
+    Steering blocks still running on the model lose their hooks: detach when no ``steer`` block is open.
+    """
+    with _LOCK:
+        owner = get_attachment(model)
+        if owner is not None:
+            _remove(model, owner)
+    return model
+
+
+def _remove(model: nn.Module, owner: Attachment) -> None:
     owner.remove()
     if owner.wrapped_generate:
         model.__dict__.pop("generate", None)
     model.__dict__.pop(_ATTR, None)
-    return model
 
 
 # ----------------------------------------------------------------------------------------- read hooks

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.hooks import attach, get_attachment
+from fv_plugin.hooks import Attachment, attach, attached, get_attachment
 from fv_plugin.positions import POSITION_MODES, Positions
 from fv_plugin.runtime import ActiveSteering, SteeringEntry, activate, current_call
 from fv_plugin.vector import FunctionVector
@@ -96,27 +97,46 @@ def _resolve(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
     return owner.arch if owner is not None else resolve_architecture(model, arch)
 
 
-def _bind(
+@dataclass(frozen=True)
+class _Request:
+    """A steering request validated against one model, not yet bound to its hooks."""
+
+    pairs: tuple[tuple[FunctionVector, float], ...]
+    strength: float | torch.Tensor
+    positions: str
+    normalize: str
+
+
+def _validate(
     model: nn.Module,
     vectors: Sequence[object],
     *,
     strength: object,
     positions: str,
     normalize: str,
-    arch: ArchSpec | None = None,
-    window: tuple[int, int] | None = None,
-    schedule: Callable[[int], float] | None = None,
-    clock: object | None = None,
-) -> ActiveSteering | None:
-    """Validate everything against ``model``, then attach and build the active steering (``None``: no-op)."""
+    arch: ArchSpec | None,
+) -> _Request:
+    """Check everything against ``model`` before touching it."""
     _check_options(positions, normalize)
     checked_strength = _check_strength(strength)
     pairs = _split(vectors)
     resolved = _resolve(model, arch)
     for fv, _ in pairs:
         _check_vector(fv, resolved)
-    attach(model, arch=arch)
-    owner = get_attachment(model)
+    return _Request(tuple(pairs), checked_strength, positions, normalize)
+
+
+def _bind(
+    owner: Attachment,
+    request: _Request,
+    *,
+    window: tuple[int, int] | None = None,
+    schedule: Callable[[int], float] | None = None,
+    clock: object | None = None,
+) -> ActiveSteering | None:
+    """Build the active steering for an attached model (``None`` when it would add nothing)."""
+    pairs, checked_strength = request.pairs, request.strength
+    positions, normalize = request.positions, request.normalize
     if not pairs or (isinstance(checked_strength, float) and checked_strength == 0.0):
         return None
     by_layer: dict[int, list[SteeringEntry]] = {}
@@ -166,9 +186,11 @@ def steer(
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=10)
     """
-    steering = _bind(model, vectors, strength=strength, positions=positions, normalize=normalize, arch=arch)
-    with activate((steering,) if steering is not None else ()):
-        yield model
+    request = _validate(model, vectors, strength=strength, positions=positions, normalize=normalize, arch=arch)
+    with attached(model, arch=arch) as owner:
+        steering = _bind(owner, request)
+        with activate((steering,) if steering is not None else ()):
+            yield model
 
 
 class FunctionVectorProcessor(LogitsProcessor):
@@ -229,21 +251,21 @@ class FunctionVectorProcessor(LogitsProcessor):
         call = current_call()
         if call is None:
             raise RuntimeError("FunctionVectorProcessor can only be bound inside a generate() call")
-        call.clocks[id(self)] = 0
-        steering = _bind(
+        owner = get_attachment(model)
+        if owner is None:
+            raise RuntimeError("FunctionVectorProcessor needs an attached model: call fv_plugin.attach(model)")
+        request = _validate(
             model,
             self.vectors,
             strength=self.strength,
             positions=self.positions,
             normalize=self.normalize,
-            window=self.window,
-            schedule=self.schedule,
-            clock=self,
+            arch=None,
         )
+        call.clocks[id(self)] = 0
+        steering = _bind(owner, request, window=self.window, schedule=self.schedule, clock=self)
         if steering is None:  # nothing to add (no vectors or zero strength) but keep the clock running
-            return ActiveSteering(
-                owner=get_attachment(model), by_layer={}, strength=0.0, positions="all", normalize="absolute"
-            )
+            return ActiveSteering(owner=owner, by_layer={}, strength=0.0, positions="all", normalize="absolute")
         return steering
 
     @property

@@ -116,6 +116,7 @@ def test_zero_strength_no_vectors_and_after_exit_are_bit_identical(model: torch.
         assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
     proc = fv_plugin.FunctionVectorProcessor(fv, strength=0.0)
+    fv_plugin.attach(model)
     steered = model.generate(
         input_ids=ids,
         attention_mask=mask,

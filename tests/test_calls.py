@@ -158,19 +158,40 @@ def test_exceptions_leave_no_steering_and_no_hooks_behind() -> None:
     plain = model(input_ids=ids, attention_mask=mask).logits
     fv = _fv(20, dtype=torch.float32)
     with pytest.raises(KeyError), fv_plugin.steer(model, fv, strength=5.0):
+        assert hook_counts(model) == before + 1 + 3  # one pre-hook on the base model, one hook per layer
         raise KeyError("boom")
+    assert hook_counts(model) == before and not fv_plugin.is_attached(model)  # steer leaves the model as it was
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
+    with fv_plugin.steer(model, fv), pytest.raises(ValueError):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=-3)
+    assert hook_counts(model) == before
+    fv_plugin.attach(model)
+    attached = hook_counts(model)
+    assert attached == before + 4
     proc = FunctionVectorProcessor(fv, strength=5.0)
-    with pytest.raises(Exception):  # noqa: B017 - any error raised inside generate
+    with pytest.raises(ValueError):
         model.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=-3)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
-    attached = hook_counts(model)
-    assert attached == before + 1 + 3  # one pre-hook on the base model, one hook per layer
+    with fv_plugin.steer(model, fv):  # an explicit attach outlives steer blocks
+        pass
     fv_plugin.attach(model)
     fv_plugin.attach(model)
     assert hook_counts(model) == attached
     fv_plugin.detach(model)
     assert hook_counts(model) == before and "generate" not in model.__dict__
+
+
+def test_nested_and_concurrent_steer_blocks_keep_hooks_until_the_last_exits() -> None:
+    model = fresh_model("llama")
+    before = hook_counts(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    fv = _fv(23, dtype=torch.float32)
+    with fv_plugin.steer(model, fv, strength=2.0):
+        inner_plain = model(input_ids=ids).logits
+        with fv_plugin.steer(model, fv, strength=1.0):
+            pass
+        assert torch.equal(model(input_ids=ids).logits, inner_plain)  # outer steering still on
+    assert hook_counts(model) == before
 
 
 def test_hooks_we_did_not_add_are_kept() -> None:
@@ -195,4 +216,4 @@ def test_deep_copy_of_an_attached_model_is_steered_on_its_own() -> None:
     plain = clone(input_ids=ids).logits
     with fv_plugin.steer(clone, _fv(22, dtype=torch.float32), strength=3.0):
         assert not torch.equal(clone(input_ids=ids).logits, plain)
-    assert hook_counts(clone) == hook_counts(model)
+    assert hook_counts(clone) == hook_counts(model) - 4  # the copied hooks were dropped, steer left none
