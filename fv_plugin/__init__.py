@@ -14,6 +14,7 @@ from fv_plugin.architectures import ArchSpec, register_architecture
 from fv_plugin.hooks import attach, detach, is_attached
 from fv_plugin.models import EMBEDDED_MODELS, load_model
 from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
+from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -21,14 +22,18 @@ __all__ = [
     "ArchSpec",
     "FunctionVector",
     "FunctionVectorProcessor",
+    "Pair",
     "SteeredModel",
+    "Task",
     "__version__",
     "attach",
+    "builtin_tasks",
     "detach",
     "difference_vector",
     "is_attached",
     "last_token_hidden_states",
     "load_model",
+    "load_task",
     "mean_last_token_hidden_state",
     "register_architecture",
     "steer",
