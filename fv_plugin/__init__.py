@@ -11,8 +11,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from fv_plugin.activations import difference_vector, last_token_hidden_states, mean_last_token_hidden_state
 from fv_plugin.architectures import ArchSpec, register_architecture
+from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
 from fv_plugin.hooks import attach, detach, is_attached
+from fv_plugin.mediation import IndirectEffects, average_indirect_effect, mean_head_activations
 from fv_plugin.models import EMBEDDED_MODELS, load_model
+from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts
 from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
 from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
@@ -22,19 +25,29 @@ __all__ = [
     "ArchSpec",
     "FunctionVector",
     "FunctionVectorProcessor",
+    "IndirectEffects",
     "Pair",
+    "Prompt",
+    "PromptTemplate",
     "SteeredModel",
     "Task",
     "__version__",
     "attach",
+    "average_indirect_effect",
     "builtin_tasks",
     "detach",
     "difference_vector",
+    "encode_prompts",
+    "extract_function_vector",
+    "head_vector",
     "is_attached",
     "last_token_hidden_states",
     "load_model",
     "load_task",
+    "make_prompts",
+    "mean_head_activations",
     "mean_last_token_hidden_state",
     "register_architecture",
     "steer",
+    "zero_shot_scores",
 ]

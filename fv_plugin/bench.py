@@ -1,4 +1,4 @@
-"""Benchmarks, run as commands: ``python -m fv_plugin.bench overhead`` (or ``fv bench overhead``).
+"""Benchmarks, run as commands: ``python -m fv_plugin.bench overhead|extract`` (or ``fv bench ...``).
 
 ``overhead`` times greedy generation on one model three ways, interleaved so drift hits all equally: plain
 (no fv_plugin hooks), attached but idle, and steered by one vector at every generated token.
@@ -20,7 +20,7 @@ from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.steering import steer
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["OverheadResult", "main", "measure_overhead"]
+__all__ = ["ExtractionTiming", "OverheadResult", "main", "measure_extraction", "measure_overhead"]
 
 PROMPT = "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:"
 
@@ -94,6 +94,90 @@ def measure_overhead(
     return OverheadResult(tokens=tokens, repeats=repeats, plain=med["plain"], idle=med["idle"], steered=med["steered"])
 
 
+@dataclass(frozen=True)
+class ExtractionTiming:
+    """Seconds and memory of one extraction, against the work it cannot avoid and the naive AIE."""
+
+    plain_forwards: float  # 125 plain forwards of the same 10-shot prompts (100 clean + 25 shuffled)
+    extraction: float  # mean activations + AIE + vector + layer sweep
+    fast_aie_per_prompt: float
+    naive_aie_per_prompt: float
+    aie_max_abs_diff: float
+    model_mib: float
+    rss_before_mib: float
+    rss_peak_mib: float
+
+    def report(self) -> str:
+        return (
+            f"125 plain forwards       {self.plain_forwards:7.1f} s\n"
+            f"full extraction          {self.extraction:7.1f} s   ratio {self.extraction / self.plain_forwards:.2f}"
+            " (target <= 3, and < 60 s)\n"
+            f"AIE per prompt: fast {self.fast_aie_per_prompt:.2f} s, naive {self.naive_aie_per_prompt:.1f} s, "
+            f"speed-up {self.naive_aie_per_prompt / self.fast_aie_per_prompt:.0f}x (target >= 50), "
+            f"max |fast - naive| = {self.aie_max_abs_diff:.2e}\n"
+            f"memory: model {self.model_mib:.0f} MiB, RSS before {self.rss_before_mib:.0f} MiB, peak "
+            f"{self.rss_peak_mib:.0f} MiB (peak - model = {self.rss_peak_mib - self.model_mib:.0f} MiB)"
+        )
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_extraction(
+    model: torch.nn.Module, tokenizer: Any, task_name: str = "antonym", *, naive_prompts: int = 1
+) -> ExtractionTiming:
+    """Time one default extraction, 125 plain forwards of the same prompts, and the fast vs naive AIE."""
+    from fv_plugin.extraction import extract_function_vector
+    from fv_plugin.mediation import average_indirect_effect, average_indirect_effect_naive, mean_head_activations
+    from fv_plugin.prompts import encode_prompts, make_prompts
+    from fv_plugin.tasks import load_task
+
+    task = load_task(task_name)
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    rss_before = _rss_mib()
+    clean = make_prompts(task, n=100, n_shots=10, split="train", seed=0)
+    shuffled = make_prompts(task, n=25, n_shots=10, split="train", shuffle_labels=True, seed=1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        everything = clean + shuffled
+        for i in range(0, len(everything), 16):
+            enc = encode_prompts(tokenizer, everything[i : i + 16])
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    plain = time.perf_counter() - start
+    start = time.perf_counter()
+    extract_function_vector(model, tokenizer, task)
+    extraction = time.perf_counter() - start
+    peak = _peak_rss_mib()
+    means = mean_head_activations(model, tokenizer, clean[:16])
+    start = time.perf_counter()
+    fast = average_indirect_effect(model, tokenizer, shuffled[:naive_prompts], means)
+    fast_s = (time.perf_counter() - start) / naive_prompts
+    start = time.perf_counter()
+    naive = average_indirect_effect_naive(model, tokenizer, shuffled[:naive_prompts], means)
+    naive_s = (time.perf_counter() - start) / naive_prompts
+    return ExtractionTiming(
+        plain_forwards=plain,
+        extraction=extraction,
+        fast_aie_per_prompt=fast_s,
+        naive_aie_per_prompt=naive_s,
+        aie_max_abs_diff=float((fast.effects - naive.effects).abs().max()),
+        model_mib=model_mib,
+        rss_before_mib=rss_before,
+        rss_peak_mib=peak,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fv bench", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -103,7 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     over.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median is reported)")
     over.add_argument("--layer", type=int, default=None, help="layer to steer (default: depth // 3)")
     over.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ext = sub.add_parser("extract", help="time one extraction vs 125 plain forwards, and fast vs naive AIE")
+    ext.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
+    ext.add_argument("--task", default="antonym", help="built-in task")
+    ext.add_argument("--naive-prompts", type=int, default=1, help="prompts for the (slow) naive AIE")
+    ext.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.bench == "extract":
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        model, tokenizer = load_model(args.model)
+        timing = measure_extraction(model, tokenizer, args.task, naive_prompts=args.naive_prompts)
+        print(f"model: {args.model}, task: {args.task}, torch threads: {torch.get_num_threads()}")
+        print(timing.report())
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)

@@ -30,6 +30,8 @@ __all__ = [
     "detach",
     "get_attachment",
     "is_attached",
+    "patch_head_inputs",
+    "record_head_inputs",
     "record_layer_outputs",
 ]
 
@@ -218,6 +220,52 @@ def record_layer_outputs(
         for layer in layers:
             handles.append(resolved.layers[layer].register_forward_hook(make(layer), prepend=False))
         yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def record_head_inputs(resolved: ResolvedArch, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the last position of each layer's attention output-projection input (the heads, concatenated).
+
+    Yields a dict that maps a layer to its latest ``[batch, heads * head_dim]``; removed on exit.
+    """
+    seen: dict[int, torch.Tensor] = {}
+
+    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[index] = args[0][:, -1].detach()
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for layer in layers:
+            handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def patch_head_inputs(
+    resolved: ResolvedArch, layers: Sequence[int], patch: Callable[[int, torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace each listed layer's output-projection input by ``patch(layer, input)``; removed on exit."""
+
+    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (patch(index, args[0]), *args[1:])
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for layer in layers:
+            handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
+        yield
     finally:
         for handle in handles:
             handle.remove()

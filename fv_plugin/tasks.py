@@ -42,7 +42,7 @@ class Task:
     name: str
     pairs: tuple[Pair, ...]
     test_fraction: float = 0.3
-    valid_fraction: float = 0.1
+    valid_fraction: float = 0.2
     split_seed: int = 0
     source: str | None = field(default=None, compare=False)
 

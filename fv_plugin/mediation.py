@@ -1,0 +1,205 @@
+"""Mean head activations and the average indirect effect (AIE) of each attention head.
+
+A head's activation is its slice of the attention output projection's input at the last token. The AIE of a
+head is the mean, over shuffled-label ICL prompts, of the gain in probability of the correct answer's first
+token when that head's last-token activation is replaced by its mean over clean prompts.
+
+The fast path is exact: patching the last token cannot change earlier positions, so each prompt's prefix is run
+once (KV cache) and only the last token is re-run, for many patched heads at once (one batch row per head).
+:func:`average_indirect_effect_naive` does one full forward per (head, prompt), as the paper's code does; the
+tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.hooks import patch_head_inputs, record_head_inputs
+from fv_plugin.prompts import Prompt, encode_prompts
+
+__all__ = ["IndirectEffects", "average_indirect_effect", "average_indirect_effect_naive", "mean_head_activations"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def _heads(resolved: ResolvedArch) -> int:
+    if resolved.num_heads is None:
+        raise ValueError(
+            f"model_type {resolved.model_type!r}: the number of attention heads is unknown; set "
+            "ArchSpec(num_heads_attr=...) to the config attribute that holds it"
+        )
+    return resolved.num_heads
+
+
+@torch.no_grad()
+def mean_head_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int = 16,
+    arch: ArchSpec | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Mean last-token activation of every head over ``prompts``: float32 ``[layers, heads, head_dim]``."""
+    if not prompts:
+        raise ValueError("no prompts")
+    resolved = resolve_architecture(model, arch)
+    n_heads = _heads(resolved)
+    layers = list(range(resolved.num_layers))
+    device = _device(model)
+    total: torch.Tensor | None = None
+    with record_head_inputs(resolved, layers) as seen:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="mean activations", disable=not progress):
+            enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
+            model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
+            batch = torch.stack([seen[layer].float().sum(0).cpu() for layer in layers])  # [layers, heads*dim]
+            total = batch if total is None else total + batch
+    assert total is not None
+    return (total / len(prompts)).view(len(layers), n_heads, -1)
+
+
+@dataclass(frozen=True)
+class IndirectEffects:
+    """Per-prompt and average indirect effects.
+
+    Attributes:
+        effects: ``[prompts, layers, heads]``: patched minus unpatched probability of the answer's first token.
+        base_probs: ``[prompts]``: unpatched probability on each (shuffled) prompt.
+    """
+
+    effects: torch.Tensor
+    base_probs: torch.Tensor
+
+    @property
+    def aie(self) -> torch.Tensor:
+        """``[layers, heads]``: mean over prompts."""
+        return self.effects.mean(0)
+
+    def top_heads(self, k: int) -> list[tuple[int, int]]:
+        """The ``k`` (layer, head) pairs with the largest AIE, best first."""
+        flat = self.aie.flatten()
+        if not 0 < k <= flat.numel():
+            raise ValueError(f"k must be in 1..{flat.numel()}, got {k}")
+        heads = self.aie.shape[1]
+        return [(int(i) // heads, int(i) % heads) for i in flat.topk(k).indices]
+
+
+def _patcher(means: torch.Tensor, rows: torch.Tensor) -> Any:
+    """Patch function for batch rows: row r replaces head ``rows[r, 1]`` of layer ``rows[r, 0]`` (-1: none)."""
+
+    def patch(layer: int, x: torch.Tensor) -> torch.Tensor:
+        which = (rows[:, 0] == layer).nonzero().flatten()
+        if which.numel() == 0:
+            return x
+        n_heads, dim = means.shape[1], means.shape[2]
+        out = x.clone()
+        last = out[:, -1].view(out.shape[0], n_heads, dim)
+        heads = rows[which, 1]
+        last[which.to(x.device), heads.to(x.device)] = means[layer, heads].to(device=x.device, dtype=x.dtype)
+        return out
+
+    return patch
+
+
+def _variants(n_layers: int, n_heads: int) -> torch.Tensor:
+    grid = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads))
+    return torch.cat([torch.tensor([[-1, -1]]), grid])  # row 0: unpatched
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def average_indirect_effect(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    means: torch.Tensor,
+    *,
+    heads_per_batch: int = 64,
+    arch: ArchSpec | None = None,
+    progress: bool = False,
+) -> IndirectEffects:
+    """Exact AIE of every head on ``prompts`` (shuffled-label ICL prompts), reusing each prompt's prefix."""
+    resolved = resolve_architecture(model, arch)
+    n_layers, n_heads = resolved.num_layers, _heads(resolved)
+    if means.shape[:2] != (n_layers, n_heads):
+        raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, head_dim]")
+    if heads_per_batch < 1:
+        raise ValueError(f"heads_per_batch must be >= 1, got {heads_per_batch}")
+    device = _device(model)
+    variants = _variants(n_layers, n_heads)
+    cache_kw = _cache_kwarg(model)
+    effects, bases = [], []
+    for prompt in tqdm(prompts, desc="indirect effects", disable=not progress):
+        enc = encode_prompts(tokenizer, [prompt])
+        ids = enc.input_ids.to(device)
+        answer = int(enc.answer_ids[0])
+        if ids.shape[1] < 2:
+            raise ValueError("prompts must have at least two tokens")
+        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        probs = torch.empty(len(variants))
+        for start in range(0, len(variants), heads_per_batch):
+            rows = variants[start : start + heads_per_batch]
+            chunk_cache = copy.deepcopy(cache)
+            chunk_cache.batch_repeat_interleave(len(rows))
+            with patch_head_inputs(resolved, range(n_layers), _patcher(means, rows)):
+                out = model(
+                    input_ids=ids[:, -1:].expand(len(rows), 1),
+                    attention_mask=torch.ones(len(rows), ids.shape[1], dtype=torch.long, device=device),
+                    use_cache=True,
+                    **{cache_kw: chunk_cache},
+                )
+            probs[start : start + len(rows)] = out.logits[:, -1].float().softmax(-1)[:, answer].cpu()
+        bases.append(probs[0])
+        effects.append((probs[1:] - probs[0]).view(n_layers, n_heads))
+    return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))
+
+
+@torch.no_grad()
+def average_indirect_effect_naive(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    means: torch.Tensor,
+    *,
+    arch: ArchSpec | None = None,
+) -> IndirectEffects:
+    """Reference AIE: one full forward per (head, prompt), as in the paper's code. Slow; for tests."""
+    resolved = resolve_architecture(model, arch)
+    n_layers, n_heads = resolved.num_layers, _heads(resolved)
+    device = _device(model)
+    effects, bases = [], []
+    for prompt in prompts:
+        enc = encode_prompts(tokenizer, [prompt])
+        ids = enc.input_ids.to(device)
+        answer = int(enc.answer_ids[0])
+        base = float(model(input_ids=ids).logits[0, -1].float().softmax(-1)[answer])
+        grid = torch.zeros(n_layers, n_heads)
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                rows = torch.tensor([[layer, head]])
+                with patch_head_inputs(resolved, [layer], _patcher(means, rows)):
+                    prob = float(model(input_ids=ids).logits[0, -1].float().softmax(-1)[answer])
+                grid[layer, head] = prob - base
+        bases.append(torch.tensor(base))
+        effects.append(grid)
+    return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))

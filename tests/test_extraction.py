@@ -1,0 +1,226 @@
+"""Prompts, mean head activations, the exact fast AIE against a naive reference, head vectors, extraction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, decoder_layers, tiny_model
+from torch import nn
+
+import fv_plugin
+from fv_plugin.architectures import resolve_architecture
+from fv_plugin.bench import measure_extraction
+from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
+from fv_plugin.mediation import average_indirect_effect, mean_head_activations
+from fv_plugin.prompts import PromptTemplate, encode_prompts, make_prompts
+
+FAST_FAMILIES = ["llama", "gpt2", "gemma3_text", "falcon", "gpt_neox", "olmo2"]
+
+
+def test_prompts_have_demos_queries_and_answers() -> None:
+    task = fv_plugin.load_task("antonym")
+    prompts = make_prompts(task, n=5, n_shots=3, split="test", seed=0)
+    assert len(prompts) == 5 and all(p.text.endswith(f"Q: {p.query.input}\nA:") for p in prompts)
+    for p in prompts:
+        assert p.answer == " " + p.query.output and p.text.count("Q: ") == 4
+        assert p.query not in p.demos and all(d in task.train for d in p.demos)
+    shuffled = make_prompts(task, n=20, n_shots=5, split="test", shuffle_labels=True, seed=0)
+    for p in shuffled:
+        labels = [line[3:] for line in p.text.split("\n") if line.startswith("A: ")]
+        assert sorted(labels) == sorted(d.output for d in p.demos)
+    assert any(
+        [line[3:] for line in p.text.split("\n") if line.startswith("A: ")] != [d.output for d in p.demos]
+        for p in shuffled
+    )
+    zero = make_prompts(task, n_shots=0, split="valid")
+    assert len(zero) == len(task.valid) and zero[0].text == f"Q: {zero[0].query.input}\nA:"
+    assert make_prompts(task, n=4, seed=3) == make_prompts(task, n=4, seed=3)
+    with pytest.raises(ValueError, match="template"):
+        PromptTemplate("{y} then {x}")
+
+
+def test_encoded_answers_are_the_next_tokens() -> None:
+    tok = char_tokenizer()
+    prompts = make_prompts(fv_plugin.load_task("capitalize"), n=4, n_shots=2)
+    enc = encode_prompts(tok, prompts)
+    assert enc.input_ids.shape[0] == 4 and bool(enc.attention_mask[:, -1].all())  # left padded
+    for i, p in enumerate(prompts):
+        assert "".join(tok.convert_ids_to_tokens(list(enc.answer_tokens[i][0]))) == p.answer
+        assert int(enc.answer_ids[i]) == tok(p.answer, add_special_tokens=False)["input_ids"][0]
+
+
+def _patched_prob(
+    model: nn.Module, ids: torch.Tensor, answer: int, layer: int, head: int, value: torch.Tensor
+) -> float:
+    """Probability of ``answer`` after a full forward with head ``(layer, head)``'s slice of the output
+    projection's input at the last token set to ``value`` (a hook of the test's own)."""
+    dim = value.numel()
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0].clone()
+        x[0, -1, head * dim : (head + 1) * dim] = value
+        return (x,)
+
+    handle = resolve_architecture(model).out_proj(layer).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            return float(model(input_ids=ids).logits[0, -1].softmax(-1)[answer])
+    finally:
+        handle.remove()
+
+
+def _naive_effects(model: nn.Module, tok: object, prompts: list, means: torch.Tensor) -> torch.Tensor:
+    """The paper's way, written here independently: a full forward per (prompt, layer, head)."""
+    n_layers, n_heads, _ = means.shape
+    out = torch.zeros(len(prompts), n_layers, n_heads)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tok(prompt.text)["input_ids"]])  # type: ignore[operator]
+        answer = tok(prompt.answer, add_special_tokens=False)["input_ids"][0]  # type: ignore[operator]
+        with torch.no_grad():
+            base = float(model(input_ids=ids).logits[0, -1].softmax(-1)[answer])
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                out[i, layer, head] = _patched_prob(model, ids, answer, layer, head, means[layer, head]) - base
+    return out
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_fast_exact_aie_equals_the_naive_reference(family: str) -> None:
+    model, tok = tiny_model(family), char_tokenizer()
+    task = fv_plugin.load_task("antonym")
+    clean = make_prompts(task, n=6, n_shots=3, split="train")
+    shuffled = make_prompts(task, n=2, n_shots=3, split="train", shuffle_labels=True, seed=1)
+    means = mean_head_activations(model, tok, clean, batch_size=4)
+    fast = average_indirect_effect(model, tok, shuffled, means, heads_per_batch=5)
+    naive = _naive_effects(model, tok, shuffled, means)
+    assert naive.abs().max() > 1e-5, "patching must change something"
+    assert float((fast.effects - naive).abs().max()) <= 1e-4
+
+
+def test_mean_head_activations_match_a_manual_average() -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    prompts = make_prompts(fv_plugin.load_task("antonym"), n=5, n_shots=2)
+    means = mean_head_activations(model, tok, prompts, batch_size=2)
+    arch = resolve_architecture(model)
+    seen: list[torch.Tensor] = []
+    handle = arch.out_proj(2).register_forward_pre_hook(lambda m, a: seen.append(a[0][0, -1].clone()))
+    try:
+        for p in prompts:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([tok(p.text)["input_ids"]]))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(means[2].flatten(), torch.stack(seen).mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_head_vector_counts_the_bias_once_and_goes_through_the_post_norm() -> None:
+    model = tiny_model("gpt2")  # c_proj has a bias
+    means = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
+    heads = [(1, 0), (1, 2), (0, 3)]
+    got = head_vector(model, means, heads)
+    expected = torch.zeros(64)
+    for layer, head in heads:
+        proj = model.transformer.h[layer].attn.c_proj
+        w = proj.weight  # Conv1D: [in, out]
+        expected += means[layer, head] @ w[head * 16 : (head + 1) * 16]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    gemma = tiny_model("gemma3_text")
+    layer = decoder_layers(gemma)[1]
+    full = means[1].reshape(1, 64)
+    without = full.clone()
+    without[:, 16:32] = 0
+    with torch.no_grad():
+        want = layer.post_attention_layernorm(layer.self_attn.o_proj(full)) - layer.post_attention_layernorm(
+            layer.self_attn.o_proj(without)
+        )
+    torch.testing.assert_close(head_vector(gemma, means, [(1, 1)]), want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["heads", "difference", "layer_mean"])
+def test_extract_function_vector_on_a_tiny_model(method: str) -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    task = fv_plugin.load_task("capitalize")
+    fv = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)
+    assert fv.method == method and 0 <= fv.layer < 3 and fv.task == "capitalize" and fv.model_type == "llama"
+    assert "layer_sweep" in fv.extra
+    if method == "heads":
+        assert fv.k == 3 and fv.heads is not None and len(fv.heads) == 3 and "aie" in fv.extra
+    again = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)
+    assert torch.equal(fv.vector, again.vector) and fv.layer == again.layer  # seeded
+    fixed = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3, layer=1)
+    assert fixed.layer == 1 and "layer_sweep" not in fixed.extra
+    acc, prob = zero_shot_scores(model, tok, make_prompts(task, n_shots=0), [fixed])
+    assert 0.0 <= acc <= 1.0 and 0.0 <= prob <= 1.0
+
+
+def test_extraction_errors() -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    task = fv_plugin.load_task("antonym")
+    with pytest.raises(ValueError, match="method"):
+        extract_function_vector(model, tok, task, method="magic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="out of range"):
+        extract_function_vector(model, tok, task, layer=7)
+
+
+@pytest.mark.slow
+def test_fast_aie_equals_naive_on_the_embedded_model() -> None:
+    model, tok = fv_plugin.load_model("smollm2-135m-instruct")
+    task = fv_plugin.load_task("antonym")
+    clean = make_prompts(task, n=8, n_shots=10, split="train")
+    shuffled = make_prompts(task, n=1, n_shots=10, split="train", shuffle_labels=True, seed=1)
+    means = mean_head_activations(model, tok, clean, batch_size=8)
+    fast = average_indirect_effect(model, tok, shuffled, means, heads_per_batch=64)
+    # Naive reference on a few heads (a full forward each), chosen across depth.
+    ids = torch.tensor([tok(shuffled[0].text)["input_ids"]])
+    answer = tok(shuffled[0].answer, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        base = float(model(input_ids=ids).logits[0, -1].softmax(-1)[answer])
+    for layer, head in [(0, 0), (9, 4), (17, 8), (29, 2), tuple(fast.top_heads(1)[0])]:
+        prob = _patched_prob(model, ids, answer, layer, head, means[layer, head])
+        assert abs(prob - base - float(fast.effects[0, layer, head])) <= 1e-4
+
+
+def test_cli_extract_and_bench_extract_on_a_tiny_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "fv.safetensors"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fv_plugin.cli",
+            "extract",
+            "--model",
+            str(folder),
+            "--task",
+            "capitalize",
+            "--out",
+            str(out),
+            "--k",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    fv = fv_plugin.FunctionVector.load(out)
+    assert fv.task == "capitalize" and fv.k == 3 and "accuracy" in run.stdout
+    model, tok = fv_plugin.load_model(str(folder))
+    timing = measure_extraction(model, tok, "capitalize", naive_prompts=1)
+    assert timing.aie_max_abs_diff <= 1e-4 and timing.extraction > 0 and "speed-up" in timing.report()
+
+
+@pytest.mark.slow
+def test_extract_example_runs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "examples" / "extract_and_steer.py")], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "zero-shot first-token accuracy" in run.stdout
