@@ -25,6 +25,7 @@ class ArchSpec:
         attn_out_norm: path (inside one block) of a norm applied to the attention output before it joins the
             residual stream (Gemma 2/3, OLMo 2), or ``None``.
         num_heads_attr: config attribute holding the number of query heads.
+        final_norm: path of the norm applied after the last decoder layer (before the unembedding).
     """
 
     layers: str
@@ -32,16 +33,23 @@ class ArchSpec:
     out_proj: str = "o_proj"
     attn_out_norm: str | None = None
     num_heads_attr: str = "num_attention_heads"
+    final_norm: str | None = "model.norm"
 
 
 _LLAMA_LIKE = ArchSpec(layers="model.layers")
 _POST_NORM = ArchSpec(layers="model.layers", attn_out_norm="post_attention_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(layers="transformer.h", attn="attn", out_proj="c_proj", num_heads_attr="n_head"),
-    "gptj": ArchSpec(layers="transformer.h", attn="attn", out_proj="out_proj", num_heads_attr="n_head"),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", attn="attention", out_proj="dense"),
-    "falcon": ArchSpec(layers="transformer.h", attn="self_attention", out_proj="dense"),
+    "gpt2": ArchSpec(
+        layers="transformer.h", attn="attn", out_proj="c_proj", num_heads_attr="n_head", final_norm="transformer.ln_f"
+    ),
+    "gptj": ArchSpec(
+        layers="transformer.h", attn="attn", out_proj="out_proj", num_heads_attr="n_head", final_norm="transformer.ln_f"
+    ),
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers", attn="attention", out_proj="dense", final_norm="gpt_neox.final_layer_norm"
+    ),
+    "falcon": ArchSpec(layers="transformer.h", attn="self_attention", out_proj="dense", final_norm="transformer.ln_f"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "mixtral": _LLAMA_LIKE,
@@ -53,7 +61,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "smollm3": _LLAMA_LIKE,
     "gemma2": _POST_NORM,
     "gemma3_text": _POST_NORM,
-    "gemma3": dataclasses.replace(_POST_NORM, layers="model.language_model.layers"),
+    "gemma3": dataclasses.replace(
+        _POST_NORM, layers="model.language_model.layers", final_norm="model.language_model.norm"
+    ),
     "olmo2": _POST_NORM,
 }
 
@@ -75,6 +85,7 @@ class ResolvedArch:
     hidden_size: int
     num_heads: int | None
     model_type: str
+    final_norm: nn.Module | None = None  # None when it cannot be found (fast paths then fall back)
 
     @property
     def num_layers(self) -> int:
@@ -160,6 +171,7 @@ def resolve_architecture(model: nn.Module, arch: ArchSpec | None = None) -> Reso
     if not isinstance(hidden, int):
         raise ValueError(f"model_type {model_type!r}: config has no integer `hidden_size` or `n_embd`.")
     heads = getattr(config, spec.num_heads_attr, None)
+    norm = _find_module(model, spec.final_norm) if spec.final_norm else None
     return ResolvedArch(
         spec=dataclasses.replace(spec, layers=path),
         layers=layers,
@@ -167,4 +179,14 @@ def resolve_architecture(model: nn.Module, arch: ArchSpec | None = None) -> Reso
         hidden_size=hidden,
         num_heads=heads if isinstance(heads, int) else None,
         model_type=model_type,
+        final_norm=norm,
     )
+
+
+def _find_module(model: nn.Module, path: str) -> nn.Module | None:
+    parts = path.split(".")
+    for start in range(len(parts)):
+        found = _get_path(model, ".".join(parts[start:]))
+        if found is not None:
+            return found
+    return None
