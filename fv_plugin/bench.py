@@ -20,7 +20,16 @@ from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.steering import steer
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["ExtractionTiming", "OverheadResult", "main", "measure_extraction", "measure_overhead"]
+__all__ = [
+    "ExtractionTiming",
+    "OverheadResult",
+    "QualityRow",
+    "main",
+    "measure_extraction",
+    "measure_overhead",
+    "measure_quality",
+    "quality_table",
+]
 
 PROMPT = "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:"
 
@@ -178,6 +187,95 @@ def measure_extraction(
     )
 
 
+QUALITY_COLUMNS = (
+    "zero-shot",
+    "ICL",
+    "shuffled ICL",
+    "shuffled + FV",
+    "heads",
+    "head_patch",
+    "head_patch k=40",
+    "difference",
+    "layer_mean",
+)
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """Test first-token accuracies of one task; ``layers`` gives each form's layer."""
+
+    task: str
+    n_test: int
+    scores: dict[str, float]
+    layers: dict[str, int]
+    seconds: float
+
+
+def measure_quality(
+    model: torch.nn.Module, tokenizer: Any, task_name: str, *, n_shots: int = 10, seed: int = 0, k: int = 10
+) -> QualityRow:
+    """Zero-shot, ICL, shuffled-label ICL, and zero-shot with each form of vector, on the task's test split."""
+    from fv_plugin.extraction import extract_function_vector, zero_shot_scores
+    from fv_plugin.mediation import average_indirect_effect, mean_head_activations
+    from fv_plugin.prompts import make_prompts
+    from fv_plugin.tasks import load_task
+
+    start = time.perf_counter()
+    task = load_task(task_name)
+    zero = make_prompts(task, n_shots=0, split="test", seed=seed)
+    icl = make_prompts(task, n_shots=n_shots, split="test", seed=seed)
+    shuffled_test = make_prompts(task, n_shots=n_shots, split="test", shuffle_labels=True, seed=seed)
+    clean = make_prompts(task, n=100, n_shots=n_shots, split="train", seed=seed)
+    means = mean_head_activations(model, tokenizer, clean)
+    aie_prompts = make_prompts(task, n=25, n_shots=n_shots, split="train", shuffle_labels=True, seed=seed + 1)
+    effects = average_indirect_effect(model, tokenizer, aie_prompts, means)
+    forms = {
+        "heads": dict(method="heads", k=k),
+        "head_patch": dict(method="head_patch", k=k),
+        "head_patch k=40": dict(method="head_patch", k=min(40, effects.aie.numel())),
+        "difference": dict(method="difference"),
+        "layer_mean": dict(method="layer_mean"),
+    }
+    scores = {
+        "zero-shot": zero_shot_scores(model, tokenizer, zero)[0],
+        "ICL": zero_shot_scores(model, tokenizer, icl)[0],
+        "shuffled ICL": zero_shot_scores(model, tokenizer, shuffled_test)[0],
+    }
+    layers: dict[str, int] = {}
+    for name, options in forms.items():
+        fv = extract_function_vector(
+            model,
+            tokenizer,
+            task,
+            n_shots=n_shots,
+            seed=seed,
+            means=means,
+            effects=effects,
+            **options,  # type: ignore[arg-type]
+        )
+        scores[name] = zero_shot_scores(model, tokenizer, zero, [fv])[0]
+        layers[name] = fv.layer
+        if name == "heads":
+            scores["shuffled + FV"] = zero_shot_scores(model, tokenizer, shuffled_test, [fv])[0]
+    return QualityRow(task.name, len(zero), scores, layers, time.perf_counter() - start)
+
+
+def quality_table(rows: Sequence[QualityRow]) -> str:
+    """A Markdown table of :func:`measure_quality` rows with a mean row."""
+    head = "| task | n | " + " | ".join(QUALITY_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(QUALITY_COLUMNS) + 2)]
+    for row in rows:
+        cells = []
+        for col in QUALITY_COLUMNS:
+            at = f" (L{row.layers[col]})" if col in row.layers and not col.startswith("head_patch") else ""
+            cells.append(f"{row.scores[col]:.2f}{at}")
+        lines.append(f"| {row.task} | {row.n_test} | " + " | ".join(cells) + " |")
+    if rows:
+        means = [sum(r.scores[c] for r in rows) / len(rows) for c in QUALITY_COLUMNS]
+        lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fv bench", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -192,7 +290,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ext.add_argument("--task", default="antonym", help="built-in task")
     ext.add_argument("--naive-prompts", type=int, default=1, help="prompts for the (slow) naive AIE")
     ext.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    qual = sub.add_parser("quality", help="test accuracy of every form of vector and the baselines, per task")
+    qual.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
+    qual.add_argument("--tasks", default="all", help="comma-separated built-in tasks (default: all)")
+    qual.add_argument("--k", type=int, default=10, help="heads of the heads / head_patch forms")
     args = parser.parse_args(argv)
+    if args.bench == "quality":
+        from fv_plugin.tasks import builtin_tasks
+
+        model, tokenizer = load_model(args.model)
+        names = builtin_tasks() if args.tasks == "all" else args.tasks.split(",")
+        rows = []
+        for name in names:
+            rows.append(measure_quality(model, tokenizer, name, k=args.k))
+            print(f"{name}: done in {rows[-1].seconds:.0f} s", flush=True)
+        print(f"model: {args.model}; first-token accuracy on each task's test split; (Lx) = layer")
+        print(quality_table(rows))
+        return 0
     if args.bench == "extract":
         if args.threads is not None:
             torch.set_num_threads(args.threads)

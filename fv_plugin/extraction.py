@@ -5,6 +5,9 @@ Forms, all returned as a :class:`~fv_plugin.FunctionVector` (``method`` says whi
 - ``"heads"`` (the paper): the sum over the top-k heads by AIE of each head's mean activation sent through the
   attention output projection (and, for Gemma 2/3 and OLMo 2, through the norm applied to the attention output
   before it joins the residual stream).
+- ``"head_patch"`` (the head-level form): the top-k heads' mean activations, written into those heads' own
+  slots at the steered positions, the very intervention the AIE measures (``vector`` holds their sum for
+  inspection; ``layer`` is the lowest head's layer; no layer sweep).
 - ``"difference"``: mean last-token hidden state of ICL prompts minus that of zero-shot prompts at the layer.
 - ``"layer_mean"``: mean last-token hidden state of ICL prompts at the layer (the task-vector baseline).
 
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fv_plugin.activations import last_token_hidden_states
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.mediation import IndirectEffects, average_indirect_effect, mean_head_activations
+from fv_plugin.mediation import IndirectEffects, average_indirect_effect, last_logits_only, mean_head_activations
 from fv_plugin.prompts import DEFAULT_TEMPLATE, Prompt, encode_prompts, make_prompts
 from fv_plugin.steering import steer
 from fv_plugin.tasks import Task
@@ -35,8 +38,8 @@ __all__ = ["LayerSweep", "Method", "extract_function_vector", "head_vector", "ze
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["heads", "difference", "layer_mean"]
-METHODS: tuple[str, ...] = ("heads", "difference", "layer_mean")
+Method = Literal["heads", "head_patch", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = ("heads", "head_patch", "difference", "layer_mean")
 
 
 def _param(module: nn.Module) -> torch.Tensor:
@@ -102,7 +105,11 @@ def zero_shot_scores(
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
         with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize):
-            logits = model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device)).logits
+            logits = model(
+                input_ids=enc.input_ids.to(device),
+                attention_mask=enc.attention_mask.to(device),
+                **last_logits_only(model),
+            ).logits
         probs = logits[:, -1].float().softmax(-1).cpu()
         correct += int((probs.argmax(-1) == enc.answer_ids).sum())
         prob += float(probs[torch.arange(len(probs)), enc.answer_ids].sum())
@@ -170,6 +177,8 @@ def extract_function_vector(
     heads_per_batch: int = 64,
     arch: ArchSpec | None = None,
     progress: bool = False,
+    means: torch.Tensor | None = None,
+    effects: IndirectEffects | None = None,
 ) -> FunctionVector:
     """Extract a function vector for ``task`` from ``model``.
 
@@ -184,6 +193,8 @@ def extract_function_vector(
         method: ``"heads"`` (the paper), ``"difference"`` (ICL minus zero-shot) or ``"layer_mean"``.
         n_mean: clean ICL prompts for the means. n_aie: shuffled-label prompts for the AIE.
         strength: strength used when sweeping layers.
+        means, effects: precomputed mean head activations and indirect effects (from the same prompts and
+            seed) to reuse across forms.
 
     Returns:
         A :class:`FunctionVector` whose metadata has the heads, their AIE, the AIE matrix and the layer sweep.
@@ -204,14 +215,16 @@ def extract_function_vector(
     valid = make_prompts(task, n_shots=0, split="valid", template=template, seed=seed)
     extra: dict[str, str] = {"seed": str(seed), "n_shots": str(n_shots), "n_mean": str(n_mean)}
 
-    if method == "heads":
-        means = mean_head_activations(model, tokenizer, clean, batch_size=batch_size, arch=arch, progress=progress)
-        shuffled = make_prompts(
-            task, n=n_aie, n_shots=n_shots, split="train", shuffle_labels=True, template=template, seed=seed + 1
-        )
-        effects: IndirectEffects = average_indirect_effect(
-            model, tokenizer, shuffled, means, heads_per_batch=heads_per_batch, arch=arch, progress=progress
-        )
+    if method in ("heads", "head_patch"):
+        if means is None:
+            means = mean_head_activations(model, tokenizer, clean, batch_size=batch_size, arch=arch, progress=progress)
+        if effects is None:
+            shuffled = make_prompts(
+                task, n=n_aie, n_shots=n_shots, split="train", shuffle_labels=True, template=template, seed=seed + 1
+            )
+            effects = average_indirect_effect(
+                model, tokenizer, shuffled, means, heads_per_batch=heads_per_batch, arch=arch, progress=progress
+            )
         heads = effects.top_heads(k)
         vector = head_vector(model, means, heads, arch=arch)
         aie = effects.aie
@@ -222,6 +235,9 @@ def extract_function_vector(
 
         scores = [float(aie[h]) for h in heads]
         fields: dict[str, Any] = {"heads": tuple(heads), "head_scores": tuple(scores), "k": k}
+        if method == "head_patch":
+            fields["head_values"] = torch.stack([means[h] for h in heads])
+            layer = min(h[0] for h in heads)
     else:
         wanted = [layer] if layer is not None else candidates
         icl_states = last_token_hidden_states(model, tokenizer, [p.text for p in clean], wanted, batch_size=batch_size)
@@ -239,7 +255,7 @@ def extract_function_vector(
 
         fields = {}
 
-    if layer is None:
+    if layer is None:  # (head_patch has set it: its heads sit at their own layers)
         sweep = _sweep(model, tokenizer, valid, make, candidates, strength, progress)
         layer = sweep.best
         extra["layer_sweep"] = json.dumps(

@@ -21,7 +21,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.runtime import ActiveSteering, activate, generate_call, on_base_forward, on_layer_output
+from fv_plugin.runtime import (
+    ActiveSteering,
+    activate,
+    generate_call,
+    on_base_forward,
+    on_layer_output,
+    on_out_proj_input,
+)
 
 __all__ = [
     "Attachment",
@@ -51,6 +58,7 @@ class Attachment:
     model_id: int
     handles: list[RemovableHandle] = field(default_factory=list)
     wrapped_generate: bool = False
+    head_hooks: bool = False  # pre-hooks on the attention output projections (head-level steering)
     permanent: bool = False  # attach() was called: stays until detach()
     users: int = 0  # steer() blocks currently relying on it
 
@@ -62,6 +70,13 @@ class Attachment:
 def _layer_hook(owner: Attachment, index: int) -> Callable[[nn.Module, Any, Any], Any]:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         return on_layer_output(owner, index, output)
+
+    return hook
+
+
+def _out_proj_hook(owner: Attachment, index: int) -> Callable[[nn.Module, tuple[Any, ...]], Any]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+        return on_out_proj_input(owner, index, args)
 
     return hook
 
@@ -151,6 +166,10 @@ def _ensure(model: nn.Module, arch: ArchSpec | None) -> Attachment:
         owner.handles.append(resolved.base.register_forward_pre_hook(_base_hook(owner), with_kwargs=True))
         for index, layer in enumerate(resolved.layers):
             owner.handles.append(layer.register_forward_hook(_layer_hook(owner, index)))
+        projections = _out_projections(resolved)
+        for index, proj in enumerate(projections or ()):
+            owner.handles.append(proj.register_forward_pre_hook(_out_proj_hook(owner, index)))
+        owner.head_hooks = projections is not None
     except BaseException:
         owner.remove()
         raise
@@ -159,6 +178,13 @@ def _ensure(model: nn.Module, arch: ArchSpec | None) -> Attachment:
         owner.wrapped_generate = True
     model.__dict__[_ATTR] = owner
     return owner
+
+
+def _out_projections(resolved: ResolvedArch) -> list[nn.Module] | None:
+    try:
+        return [resolved.out_proj(i) for i in range(resolved.num_layers)]
+    except AttributeError:  # no attention projection where the ArchSpec says: head-level steering unavailable
+        return None
 
 
 def _drop_copied_hooks(model: nn.Module, stale: Attachment) -> None:

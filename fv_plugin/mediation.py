@@ -66,7 +66,11 @@ def mean_head_activations(
     with record_head_inputs(resolved, layers) as seen:
         for start in tqdm(range(0, len(prompts), batch_size), desc="mean activations", disable=not progress):
             enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
-            model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
+            model(
+                input_ids=enc.input_ids.to(device),
+                attention_mask=enc.attention_mask.to(device),
+                **last_logits_only(model),
+            )
             batch = torch.stack([seen[layer].float().sum(0).cpu() for layer in layers])  # [layers, heads*dim]
             total = batch if total is None else total + batch
     assert total is not None
@@ -121,6 +125,11 @@ def _variants(n_layers: int, n_heads: int) -> torch.Tensor:
     return torch.cat([torch.tensor([[-1, -1]]), grid])  # row 0: unpatched
 
 
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` when the model supports it: the unembedding then runs for the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -145,7 +154,7 @@ class _LastToken:
         from transformers.cache_utils import Cache
 
         self.model, self.resolved, self.cache_type = model, resolved, Cache
-        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        prefix = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
         self.prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
         self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 

@@ -17,7 +17,7 @@ import torch
 
 from fv_plugin.positions import ForwardInfo, PromptInfo, forward_info, generation_steps, position_mask
 
-__all__ = ["ActiveSteering", "CallState", "SteeringEntry", "activate", "generate_call"]
+__all__ = ["ActiveSteering", "CallState", "HeadPatch", "SteeringEntry", "activate", "generate_call"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +40,15 @@ class SteeringEntry:
 
 
 @dataclass(frozen=True, eq=False)
+class HeadPatch:
+    """Write ``value`` into head ``head``'s slot of a layer's output-projection input (weighted)."""
+
+    head: int
+    value: torch.Tensor  # [head_dim]
+    weight: float
+
+
+@dataclass(frozen=True, eq=False)
 class ActiveSteering:
     """A validated steering request bound to one attached model."""
 
@@ -51,6 +60,7 @@ class ActiveSteering:
     window: tuple[int, int] | None = None
     schedule: Callable[[int], float] | None = None
     clock: object | None = None  # the logits processor counting this call's steps
+    head_patches: Mapping[int, tuple[HeadPatch, ...]] = field(default_factory=dict)
 
     def row_strength(self, batch: int, device: torch.device) -> torch.Tensor:
         """Strength per row, shape ``[batch]`` (per-row strengths repeated for beams / return sequences)."""
@@ -186,6 +196,36 @@ def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: 
             total = total + scale.to(dtype)[..., None] * vec
         touched |= mask
     return torch.where(touched[..., None], hidden + total, hidden)
+
+
+def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Before layer ``layer``'s attention output projection: write the active head patches for it."""
+    active = _ACTIVE.get()
+    if not active:
+        return None
+    here = [s for s in active if s.owner is owner and layer in s.head_patches]
+    call = _CALL.get()
+    if not here or call is None or call.forward is None:
+        return None
+    x = args[0]
+    info = call.forward
+    device = x.device
+    out = x
+    for steering in here:
+        mask = call.mask(steering.positions, device)
+        coef = steering.row_strength(info.batch, device)[:, None] * mask
+        factor = steering.step_factor(call, info, device)
+        if factor is not None:
+            coef = coef * factor[None, :]
+        for patch in steering.head_patches[layer]:
+            dim = patch.value.numel()
+            lo, hi = patch.head * dim, (patch.head + 1) * dim
+            slot = out[..., lo:hi]
+            target = patch.value.to(device=device, dtype=x.dtype)
+            moved = slot + (coef * patch.weight).to(x.dtype)[..., None] * (target - slot)
+            updated = torch.where(mask[..., None], moved, slot)
+            out = torch.cat([out[..., :lo], updated, out[..., hi:]], dim=-1)
+    return (out, *args[1:])
 
 
 def on_layer_output(owner: object, layer: int, output: Any) -> Any:

@@ -19,7 +19,7 @@ from transformers import LogitsProcessor
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.hooks import Attachment, attach, attached, get_attachment
 from fv_plugin.positions import POSITION_MODES, Positions
-from fv_plugin.runtime import ActiveSteering, SteeringEntry, activate, current_call
+from fv_plugin.runtime import ActiveSteering, HeadPatch, SteeringEntry, activate, current_call
 from fv_plugin.vector import FunctionVector
 
 __all__ = ["FunctionVectorProcessor", "Normalize", "SteeredModel", "VectorLike", "steer"]
@@ -88,6 +88,11 @@ def _check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
         raise ValueError(f"function vector layer {fv.layer} is out of range: the model has {arch.num_layers} layers")
     if fv.vector.device.type == "meta" or not bool(torch.isfinite(fv.vector).all()):
         raise ValueError("function vector contains NaN, inf or meta values")
+    if fv.head_values is not None and fv.heads is not None:
+        heads = arch.num_heads
+        for layer, head in fv.heads:
+            if not 0 <= layer < arch.num_layers or heads is None or not 0 <= head < heads:
+                raise ValueError(f"head ({layer}, {head}) of the function vector does not exist in this model")
 
 
 def _resolve(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
@@ -123,6 +128,8 @@ def _validate(
     resolved = _resolve(model, arch)
     for fv, _ in pairs:
         _check_vector(fv, resolved)
+        if fv.is_head_patch and normalize == "relative":
+            raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
     return _Request(tuple(pairs), checked_strength, positions, normalize)
 
 
@@ -140,14 +147,26 @@ def _bind(
     if not pairs or (isinstance(checked_strength, float) and checked_strength == 0.0):
         return None
     by_layer: dict[int, list[SteeringEntry]] = {}
+    patches: dict[int, list[HeadPatch]] = {}
     for fv, weight in pairs:
-        if weight != 0.0:
+        if weight == 0.0:
+            continue
+        if fv.head_values is not None and fv.heads is not None:
+            if not owner.head_hooks:
+                raise ValueError(
+                    "this model's attention output projections were not found; head-level steering "
+                    "needs ArchSpec(attn=..., out_proj=...)"
+                )
+            for (layer, head), value in zip(fv.heads, fv.head_values, strict=True):
+                patches.setdefault(layer, []).append(HeadPatch(head=head, value=value, weight=weight))
+        else:
             by_layer.setdefault(fv.layer, []).append(SteeringEntry(vector=fv.vector, layer=fv.layer, weight=weight))
-    if not by_layer:
+    if not by_layer and not patches:
         return None
     return ActiveSteering(
         owner=owner,
         by_layer={layer: tuple(entries) for layer, entries in by_layer.items()},
+        head_patches={layer: tuple(items) for layer, items in patches.items()},
         strength=checked_strength,
         positions=positions,
         normalize=normalize,

@@ -46,6 +46,9 @@ class FunctionVector:
         method: how it was made (e.g. ``"heads"``, ``"layer_mean"``, ``"combination"``).
         library_version: fv_plugin version that made it.
         extra: further string metadata.
+        head_values: for the head-level form (``method="head_patch"``): one activation per entry of ``heads``,
+            shape ``[k, head_dim]``, written into those heads' own slots of the attention output projection's
+            input when steering (instead of adding ``vector``, which then holds their residual-stream sum).
 
     Example:
         >>> import torch
@@ -67,6 +70,7 @@ class FunctionVector:
     method: str | None = None
     library_version: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    head_values: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         vec = self.vector
@@ -90,6 +94,20 @@ class FunctionVector:
             object.__setattr__(self, "head_scores", tuple(float(s) for s in self.head_scores))
         object.__setattr__(self, "vector", vec.detach())
         object.__setattr__(self, "extra", dict(self.extra))
+        if self.head_values is not None:
+            values = self.head_values
+            if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+                raise ValueError("head_values must be a floating-point tensor of shape [k, head_dim]")
+            if self.heads is None or len(self.heads) != values.shape[0]:
+                raise ValueError("head_values needs `heads` with one (layer, head) per row")
+            if values.device.type != "meta" and not bool(torch.isfinite(values).all()):
+                raise ValueError("head_values contains NaN or inf values")
+            object.__setattr__(self, "head_values", values.detach())
+
+    @property
+    def is_head_patch(self) -> bool:
+        """Whether steering writes head activations (head-level form) rather than adding ``vector``."""
+        return self.head_values is not None
 
     # ----------------------------------------------------------------- basics
     @property
@@ -100,7 +118,8 @@ class FunctionVector:
         return float(self.vector.float().norm())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FunctionVector:
-        return dataclasses.replace(self, vector=self.vector.to(device=device, dtype=dtype))
+        values = self.head_values.to(device=device, dtype=dtype) if self.head_values is not None else None
+        return dataclasses.replace(self, vector=self.vector.to(device=device, dtype=dtype), head_values=values)
 
     def __repr__(self) -> str:
         what = ", ".join(
@@ -113,7 +132,16 @@ class FunctionVector:
         )
 
     # ------------------------------------------------------------- arithmetic
+    def _refuse_head_patch(self, op: str) -> None:
+        if self.is_head_patch:
+            raise TypeError(
+                f"head-level function vectors (method='head_patch') do not support {op}: they write head "
+                "activations instead of adding a vector. Steer with several, each with its own strength."
+            )
+
     def _check_compatible(self, other: FunctionVector) -> None:
+        self._refuse_head_patch("arithmetic")
+        other._refuse_head_patch("arithmetic")
         if self.layer != other.layer:
             raise ValueError(
                 f"Cannot combine function vectors of different layers ({self.layer} and {other.layer}); "
@@ -145,6 +173,7 @@ class FunctionVector:
     def _scaled(self, factor: float) -> FunctionVector:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)):
             return NotImplemented
+        self._refuse_head_patch("scaling")
         if not math.isfinite(factor):
             raise ValueError(f"Cannot scale a function vector by {factor}")
         return dataclasses.replace(self, vector=self.vector * float(factor))
@@ -162,6 +191,7 @@ class FunctionVector:
         return self._combined(other, self.vector - other.vector.to(self.vector))
 
     def __neg__(self) -> FunctionVector:
+        self._refuse_head_patch("negation")
         return dataclasses.replace(self, vector=-self.vector)
 
     def __mul__(self, factor: float) -> FunctionVector:
@@ -200,7 +230,10 @@ class FunctionVector:
 
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"vector": self.vector.detach().to("cpu").contiguous()}, str(target), metadata=self._metadata())
+        tensors = {"vector": self.vector.detach().to("cpu").contiguous()}
+        if self.head_values is not None:
+            tensors["head_values"] = self.head_values.detach().to("cpu").contiguous()
+        save_file(tensors, str(target), metadata=self._metadata())
         return target
 
     @classmethod
@@ -221,6 +254,7 @@ class FunctionVector:
                 header = handle.metadata() or {}
                 keys = list(handle.keys())
                 vector = handle.get_tensor("vector") if "vector" in keys else None
+                head_values = handle.get_tensor("head_values") if "head_values" in keys else None
         except Exception as exc:  # safetensors raises its own error types for every kind of corruption
             raise ValueError(
                 f"{source} is not a readable safetensors file ({type(exc).__name__}: {exc}). "
@@ -249,6 +283,7 @@ class FunctionVector:
             method=meta.get("method"),
             library_version=meta.get("library_version"),
             extra=meta.get("extra") or {},
+            head_values=head_values,
         )
 
     # ---------------------------------------------------- Hugging Face Hub I/O

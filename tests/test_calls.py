@@ -158,7 +158,8 @@ def test_exceptions_leave_no_steering_and_no_hooks_behind() -> None:
     plain = model(input_ids=ids, attention_mask=mask).logits
     fv = _fv(20, dtype=torch.float32)
     with pytest.raises(KeyError), fv_plugin.steer(model, fv, strength=5.0):
-        assert hook_counts(model) == before + 1 + 3  # one pre-hook on the base model, one hook per layer
+        # one pre-hook on the base model, one hook per layer, one pre-hook per attention output projection
+        assert hook_counts(model) == before + 1 + 3 + 3
         raise KeyError("boom")
     assert hook_counts(model) == before and not fv_plugin.is_attached(model)  # steer leaves the model as it was
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain)
@@ -167,7 +168,7 @@ def test_exceptions_leave_no_steering_and_no_hooks_behind() -> None:
     assert hook_counts(model) == before
     fv_plugin.attach(model)
     attached = hook_counts(model)
-    assert attached == before + 4
+    assert attached == before + 7
     proc = FunctionVectorProcessor(fv, strength=5.0)
     with pytest.raises(ValueError):
         model.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc], max_new_tokens=-3)
@@ -216,4 +217,4 @@ def test_deep_copy_of_an_attached_model_is_steered_on_its_own() -> None:
     plain = clone(input_ids=ids).logits
     with fv_plugin.steer(clone, _fv(22, dtype=torch.float32), strength=3.0):
         assert not torch.equal(clone(input_ids=ids).logits, plain)
-    assert hook_counts(clone) == hook_counts(model) - 4  # the copied hooks were dropped, steer left none
+    assert hook_counts(clone) == hook_counts(model) - 7  # the copied hooks were dropped, steer left none

@@ -224,3 +224,107 @@ def test_extract_example_runs() -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "zero-shot first-token accuracy" in run.stdout
+
+
+def _head_fv(model: nn.Module, heads: list[tuple[int, int]], seed: int = 0) -> fv_plugin.FunctionVector:
+    values = torch.randn(len(heads), 16, generator=torch.Generator().manual_seed(seed)) * 3
+    return fv_plugin.FunctionVector(
+        vector=torch.zeros(64),
+        layer=min(h[0] for h in heads),
+        heads=tuple(heads),
+        head_values=values,
+        method="head_patch",
+    )
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_head_patch_vectors_write_the_heads_own_slots(strength: float) -> None:
+    model = tiny_model("llama", dtype=torch.float64)
+    heads = [(0, 1), (2, 3)]
+    fv = _head_fv(model, heads).to(dtype=torch.float64)
+    ids = torch.tensor([[5, 9, 14, 3, 22], [11, 12, 13, 60, 61]])
+    arch = resolve_architecture(model)
+    handles = []
+    for (layer, head), value in zip(heads, fv.head_values, strict=True):  # type: ignore[arg-type]
+
+        def hook(module: nn.Module, args: tuple, head: int = head, value: torch.Tensor = value) -> tuple:
+            x = args[0].clone()
+            slot = x[:, -1, head * 16 : (head + 1) * 16]
+            x[:, -1, head * 16 : (head + 1) * 16] = slot + strength * (value - slot)
+            return (x,)
+
+        handles.append(arch.out_proj(layer).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            reference = model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), fv_plugin.steer(model, fv, strength=strength, positions="last_prompt"):
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, reference)
+    plain = model(input_ids=ids).logits
+    assert not torch.allclose(ours[:, -1], plain[:, -1]) and torch.equal(ours[:, :-1], plain[:, :-1])
+    outs = []
+    for use_cache in (True, False):
+        with fv_plugin.steer(model, fv, strength=strength):
+            outs.append(
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=4,
+                    do_sample=False,
+                    use_cache=use_cache,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+            )
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_head_patch_vectors_round_trip_and_refuse_what_does_not_apply(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    fv = _head_fv(model, [(1, 2), (0, 0)])
+    back = fv_plugin.FunctionVector.load(fv.save(tmp_path / "h.safetensors"))
+    assert back.is_head_patch and torch.equal(back.head_values, fv.head_values) and back.heads == fv.heads
+    for op in (lambda: fv + fv, lambda: -fv, lambda: 2.0 * fv):
+        with pytest.raises(TypeError, match="head_patch"):
+            op()
+    with pytest.raises(ValueError, match="relative"), fv_plugin.steer(model, fv, normalize="relative"):
+        pass
+    bad = fv_plugin.FunctionVector(vector=torch.zeros(64), layer=0, heads=((0, 9),), head_values=torch.ones(1, 16))
+    with pytest.raises(ValueError, match="does not exist"), fv_plugin.steer(model, bad):
+        pass
+    with pytest.raises(ValueError, match="heads"):
+        fv_plugin.FunctionVector(vector=torch.zeros(64), layer=0, head_values=torch.ones(1, 16))
+
+
+def test_extract_head_patch_form() -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    fv = extract_function_vector(
+        model, tok, fv_plugin.load_task("capitalize"), method="head_patch", n_mean=6, n_aie=2, n_shots=3, k=4
+    )
+    assert fv.is_head_patch and fv.heads is not None and len(fv.heads) == 4
+    assert fv.head_values is not None and fv.head_values.shape == (4, 16) and fv.layer == min(h[0] for h in fv.heads)
+    torch.testing.assert_close(
+        fv.vector,
+        head_vector(
+            model,
+            mean_head_activations(
+                model,
+                tok,
+                make_prompts(fv_plugin.load_task("capitalize"), n=6, n_shots=3, split="train"),
+                batch_size=16,
+            ),
+            list(fv.heads),
+        ),
+    )
+
+
+def test_quality_bench_reports_every_form(tmp_path: Path) -> None:
+    from fv_plugin.bench import QUALITY_COLUMNS, measure_quality, quality_table
+
+    row = measure_quality(tiny_model("llama"), char_tokenizer(), "first-letter", n_shots=3, k=3)
+    assert set(QUALITY_COLUMNS) <= set(row.scores) and all(0.0 <= v <= 1.0 for v in row.scores.values())
+    table = quality_table([row])
+    assert table.count("\n") == 3 and "first-letter" in table and "**mean**" in table
