@@ -168,6 +168,13 @@ def on_base_forward(owner: object, args: tuple[Any, ...], kwargs: Mapping[str, A
     call.masks.clear()
 
 
+def _coefficients(steering: ActiveSteering, call: CallState, info: ForwardInfo, device: torch.device) -> torch.Tensor:
+    """Strength of ``steering`` at each new token, ``[batch, length]`` (zero where it does not steer)."""
+    coef = steering.row_strength(info.batch, device)[:, None] * call.mask(steering.positions, device)
+    factor = steering.step_factor(call, info, device)
+    return coef if factor is None else coef * factor[None, :]
+
+
 def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: int, call: CallState) -> torch.Tensor:
     info = call.forward
     if info is None or hidden.dim() != 3 or hidden.shape[0] != info.batch or hidden.shape[1] != info.length:
@@ -181,10 +188,7 @@ def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: 
     norms: torch.Tensor | None = None
     for steering in steerings:
         mask = call.mask(steering.positions, device)
-        coef = steering.row_strength(info.batch, device)[:, None] * mask
-        factor = steering.step_factor(call, info, device)
-        if factor is not None:
-            coef = coef * factor[None, :]
+        coef = _coefficients(steering, call, info, device)
         if steering.normalize == "relative" and norms is None:
             norms = hidden.float().norm(dim=-1)
         for entry in steering.by_layer[layer]:
@@ -213,10 +217,7 @@ def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple
     out = x
     for steering in here:
         mask = call.mask(steering.positions, device)
-        coef = steering.row_strength(info.batch, device)[:, None] * mask
-        factor = steering.step_factor(call, info, device)
-        if factor is not None:
-            coef = coef * factor[None, :]
+        coef = _coefficients(steering, call, info, device)
         for patch in steering.head_patches[layer]:
             dim = patch.value.numel()
             lo, hi = patch.head * dim, (patch.head + 1) * dim

@@ -148,3 +148,32 @@ def reference_steering(model: nn.Module, layer: int, delta: torch.Tensor, select
 
 def hook_counts(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def generate_cached_and_uncached(
+    model: nn.Module,
+    vectors: tuple[object, ...],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    new: int = 5,
+    **steer_options: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation under ``fv_plugin.steer`` with the KV cache and without it."""
+    import fv_plugin
+
+    outs = []
+    for use_cache in (True, False):
+        with fv_plugin.steer(model, *vectors, **steer_options):  # type: ignore[arg-type]
+            outs.append(
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    do_sample=False,
+                    use_cache=use_cache,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+            )
+    return outs[0], outs[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, decoder_layers, tiny_model
+from conftest import char_tokenizer, decoder_layers, generate_cached_and_uncached, tiny_model
 from torch import nn
 
 import fv_plugin
@@ -265,21 +265,8 @@ def test_head_patch_vectors_write_the_heads_own_slots(strength: float) -> None:
     torch.testing.assert_close(ours, reference)
     plain = model(input_ids=ids).logits
     assert not torch.allclose(ours[:, -1], plain[:, -1]) and torch.equal(ours[:, :-1], plain[:, :-1])
-    outs = []
-    for use_cache in (True, False):
-        with fv_plugin.steer(model, fv, strength=strength):
-            outs.append(
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=4,
-                    do_sample=False,
-                    use_cache=use_cache,
-                    pad_token_id=0,
-                    eos_token_id=None,
-                )
-            )
-    assert torch.equal(outs[0], outs[1])
+    cached, uncached = generate_cached_and_uncached(model, (fv,), ids, torch.ones_like(ids), new=4, strength=strength)
+    assert torch.equal(cached, uncached)
 
 
 def test_head_patch_vectors_round_trip_and_refuse_what_does_not_apply(tmp_path: Path) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded, next_layer_input, reference_steering, right_padded, tiny_model
+from conftest import (
+    generate_cached_and_uncached,
+    left_padded,
+    next_layer_input,
+    reference_steering,
+    right_padded,
+    tiny_model,
+)
 
 import fv_plugin
 from fv_plugin import FunctionVector
@@ -159,18 +166,5 @@ def test_right_padded_generation_same_with_and_without_cache(mode: str) -> None:
     model = tiny_model("llama", dtype=torch.float64)
     ids, mask = right_padded(ROWS)
     fv = _vector(seed=4).to(dtype=torch.float64)
-    outs = []
-    for use_cache in (True, False):
-        with fv_plugin.steer(model, fv, strength=1.5, positions=mode):
-            outs.append(
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=5,
-                    do_sample=False,
-                    use_cache=use_cache,
-                    pad_token_id=0,
-                    eos_token_id=None,
-                )
-            )
-    assert torch.equal(outs[0], outs[1])
+    cached, uncached = generate_cached_and_uncached(model, (fv,), ids, mask, strength=1.5, positions=mode)
+    assert torch.equal(cached, uncached)
