@@ -13,7 +13,13 @@ from fv_plugin.activations import difference_vector, last_token_hidden_states, m
 from fv_plugin.architectures import ArchSpec, register_architecture
 from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
 from fv_plugin.hooks import attach, detach, is_attached
-from fv_plugin.mediation import IndirectEffects, average_indirect_effect, mean_head_activations
+from fv_plugin.mediation import (
+    IndirectEffects,
+    attribution_patching,
+    average_indirect_effect,
+    mean_head_activations,
+    rank_agreement,
+)
 from fv_plugin.models import EMBEDDED_MODELS, load_model
 from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts
 from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
@@ -33,6 +39,7 @@ __all__ = [
     "Task",
     "__version__",
     "attach",
+    "attribution_patching",
     "average_indirect_effect",
     "builtin_tasks",
     "detach",
@@ -47,6 +54,7 @@ __all__ = [
     "make_prompts",
     "mean_head_activations",
     "mean_last_token_hidden_state",
+    "rank_agreement",
     "register_architecture",
     "steer",
     "zero_shot_scores",

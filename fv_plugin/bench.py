@@ -115,6 +115,10 @@ class ExtractionTiming:
     model_mib: float
     rss_before_mib: float
     rss_peak_mib: float
+    attribution_seconds: float  # attribution patching over the 25 shuffled prompts
+    exact_seconds: float  # exact fast AIE over the same prompts
+    spearman: float  # rank correlation of attribution-patching AIE with the exact AIE
+    top10_overlap: float
 
     def report(self) -> str:
         return (
@@ -125,7 +129,10 @@ class ExtractionTiming:
             f"speed-up {self.naive_aie_per_prompt / self.fast_aie_per_prompt:.0f}x (target >= 50), "
             f"max |fast - naive| = {self.aie_max_abs_diff:.2e}\n"
             f"memory: model {self.model_mib:.0f} MiB, RSS before {self.rss_before_mib:.0f} MiB, peak "
-            f"{self.rss_peak_mib:.0f} MiB (peak - model = {self.rss_peak_mib - self.model_mib:.0f} MiB)"
+            f"{self.rss_peak_mib:.0f} MiB (peak - model = {self.rss_peak_mib - self.model_mib:.0f} MiB)\n"
+            f"attribution patching (approximate, 25 prompts) {self.attribution_seconds:.1f} s vs exact "
+            f"{self.exact_seconds:.1f} s: Spearman {self.spearman:.2f} with the exact AIE, top-10 overlap "
+            f"{self.top10_overlap:.0%}"
         )
 
 
@@ -148,7 +155,13 @@ def measure_extraction(
 ) -> ExtractionTiming:
     """Time one default extraction, 125 plain forwards of the same prompts, and the fast vs naive AIE."""
     from fv_plugin.extraction import extract_function_vector
-    from fv_plugin.mediation import average_indirect_effect, average_indirect_effect_naive, mean_head_activations
+    from fv_plugin.mediation import (
+        attribution_patching,
+        average_indirect_effect,
+        average_indirect_effect_naive,
+        mean_head_activations,
+        rank_agreement,
+    )
     from fv_plugin.prompts import encode_prompts, make_prompts
     from fv_plugin.tasks import load_task
 
@@ -175,6 +188,14 @@ def measure_extraction(
     start = time.perf_counter()
     naive = average_indirect_effect_naive(model, tokenizer, shuffled[:naive_prompts], means)
     naive_s = (time.perf_counter() - start) / naive_prompts
+    full_means = mean_head_activations(model, tokenizer, clean)
+    start = time.perf_counter()
+    exact = average_indirect_effect(model, tokenizer, shuffled, full_means)
+    exact_s = time.perf_counter() - start
+    start = time.perf_counter()
+    approx = attribution_patching(model, tokenizer, shuffled, full_means)
+    approx_s = time.perf_counter() - start
+    spearman, overlap = rank_agreement(approx.aie, exact.aie, k=min(10, exact.aie.numel()))
     return ExtractionTiming(
         plain_forwards=plain,
         extraction=extraction,
@@ -184,6 +205,10 @@ def measure_extraction(
         model_mib=model_mib,
         rss_before_mib=rss_before,
         rss_peak_mib=peak,
+        attribution_seconds=approx_s,
+        exact_seconds=exact_s,
+        spearman=spearman,
+        top10_overlap=overlap,
     )
 
 

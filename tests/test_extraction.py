@@ -315,3 +315,36 @@ def test_quality_bench_reports_every_form(tmp_path: Path) -> None:
     assert set(QUALITY_COLUMNS) <= set(row.scores) and all(0.0 <= v <= 1.0 for v in row.scores.values())
     table = quality_table([row])
     assert table.count("\n") == 3 and "first-letter" in table and "**mean**" in table
+
+
+def test_attribution_patching_is_the_first_order_term_of_the_exact_effect() -> None:
+    from fv_plugin.mediation import attribution_patching, rank_agreement
+
+    model, tok = tiny_model("llama", dtype=torch.float64), char_tokenizer()
+    task = fv_plugin.load_task("antonym")
+    means = mean_head_activations(model, tok, make_prompts(task, n=6, n_shots=3, split="train"))
+    prompt = make_prompts(task, n=1, n_shots=3, split="train", shuffle_labels=True, seed=1)[0]
+    approx = attribution_patching(model, tok, [prompt], means)
+    ids = torch.tensor([tok(prompt.text)["input_ids"]])
+    answer = tok(prompt.answer, add_special_tokens=False)["input_ids"][0]
+    arch = resolve_architecture(model)
+    acts: dict[int, torch.Tensor] = {}
+    handles = [
+        arch.out_proj(i).register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0][0, -1].clone()))
+        for i in range(3)
+    ]
+    try:
+        with torch.no_grad():
+            base = float(model(input_ids=ids).logits[0, -1].softmax(-1)[answer])
+    finally:
+        for handle in handles:
+            handle.remove()
+    eps = 1e-3  # small enough for the first-order term, large enough for the forward's rounding
+    for layer, head in [(0, 1), (1, 3), (2, 0)]:
+        slot = acts[layer][head * 16 : (head + 1) * 16]
+        nudged = slot + eps * (means[layer, head] - slot)
+        finite_difference = (_patched_prob(model, ids, answer, layer, head, nudged) - base) / eps
+        assert abs(finite_difference - float(approx.effects[0, layer, head])) <= 1e-6 + 1e-2 * abs(finite_difference)
+    spearman, overlap = rank_agreement(approx.aie, approx.aie, k=3)
+    assert spearman == pytest.approx(1.0) and overlap == 1.0
+    assert rank_agreement(approx.aie, -approx.aie, k=3)[0] == pytest.approx(-1.0)
