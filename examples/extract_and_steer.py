@@ -17,8 +17,9 @@ import fv_plugin
 def main(task_name: str = "antonym") -> None:
     model, tokenizer = fv_plugin.load_model(os.environ.get("FV_MODEL", "smollm2-135m-instruct"))
     task = fv_plugin.load_task(task_name)
-    fv = fv_plugin.extract_function_vector(model, tokenizer, task, k=10, progress=True)
-    print(f"extracted {fv}; top heads {fv.heads[:5] if fv.heads else None}")
+    method = os.environ.get("FV_METHOD", "auto")  # "auto": the form measured best for this model family
+    fv = fv_plugin.extract_function_vector(model, tokenizer, task, method=method, k=10, progress=True)  # type: ignore[arg-type]
+    print(f"extracted {fv} at layer {fv.layer}; top heads {fv.heads[:5] if fv.heads else '-'}")
 
     with tempfile.TemporaryDirectory() as tmp:
         fv = fv_plugin.FunctionVector.load(fv.save(os.path.join(tmp, f"{task_name}.safetensors")))

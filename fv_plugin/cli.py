@@ -18,7 +18,9 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--method", choices=METHODS, default="heads", help="form of the vector")
+    parser.add_argument(
+        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: best for the family)"
+    )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")

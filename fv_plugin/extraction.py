@@ -34,12 +34,32 @@ from fv_plugin.steering import steer
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["LayerSweep", "Method", "extract_function_vector", "head_vector", "zero_shot_scores"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "LayerSweep",
+    "Method",
+    "default_method",
+    "extract_function_vector",
+    "head_vector",
+    "zero_shot_scores",
+]
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["heads", "head_patch", "difference", "layer_mean"]
 METHODS: tuple[str, ...] = ("heads", "head_patch", "difference", "layer_mean")
+
+# The form ``method="auto"`` picks, per ``config.model_type``, from ``fv bench quality`` on the embedded models
+# (first-token zero-shot accuracy on the 12 built-in tasks' test splits; README, "Which form by default"). On
+# both, the ICL-minus-zero-shot difference beat the paper's head-based vector by a wide margin, so it is also
+# the default for families not measured yet.
+DEFAULT_METHODS: dict[str, Method] = {"llama": "difference", "gemma3_text": "difference"}
+FALLBACK_METHOD: Method = "difference"
+
+
+def default_method(model_type: str) -> Method:
+    """The form ``method="auto"`` uses for a model family."""
+    return DEFAULT_METHODS.get(model_type, FALLBACK_METHOD)
 
 
 def _param(module: nn.Module) -> torch.Tensor:
@@ -167,7 +187,7 @@ def extract_function_vector(
     k: int = 10,
     layer: int | None = None,
     seed: int = 0,
-    method: Method = "heads",
+    method: Method | Literal["auto"] = "auto",
     n_mean: int = 100,
     n_aie: int = 25,
     layers: Sequence[int] | None = None,
@@ -190,7 +210,9 @@ def extract_function_vector(
         layer: layer whose output receives the vector; ``None`` chooses it by a zero-shot sweep on the
             validation split over ``layers`` (default: every layer).
         seed: seeds every prompt sample.
-        method: ``"heads"`` (the paper), ``"difference"`` (ICL minus zero-shot) or ``"layer_mean"``.
+        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"difference"`` (ICL minus
+            zero-shot), ``"layer_mean"``, or ``"auto"``: the form measured best for the model's family
+            (:data:`DEFAULT_METHODS`).
         n_mean: clean ICL prompts for the means. n_aie: shuffled-label prompts for the AIE.
         strength: strength used when sweeping layers.
         means, effects: precomputed mean head activations and indirect effects (from the same prompts and
@@ -202,11 +224,13 @@ def extract_function_vector(
     Example:
         >>> fv = extract_function_vector(model, tok, load_task("antonym"))  # doctest: +SKIP
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "auto" and method not in METHODS:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     if n_mean < 1 or n_aie < 1 or n_shots < 1:
         raise ValueError("n_mean, n_aie and n_shots must be >= 1")
     resolved = resolve_architecture(model, arch)
+    if method == "auto":
+        method = default_method(resolved.model_type)
     if layer is not None and not 0 <= layer < resolved.num_layers:
         raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
     candidates = list(layers) if layers is not None else list(range(resolved.num_layers))
