@@ -108,7 +108,7 @@ class ExtractionTiming:
     """Seconds and memory of one extraction, against the work it cannot avoid and the naive AIE."""
 
     plain_forwards: float  # 125 plain forwards of the same 10-shot prompts (100 clean + 25 shuffled)
-    extraction: float  # mean activations + AIE + vector + layer sweep
+    extraction: float  # method="heads": mean activations + AIE + vector + layer sweep
     fast_aie_per_prompt: float
     naive_aie_per_prompt: float
     aie_max_abs_diff: float
@@ -178,7 +178,7 @@ def measure_extraction(
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
     plain = time.perf_counter() - start
     start = time.perf_counter()
-    extract_function_vector(model, tokenizer, task)
+    extract_function_vector(model, tokenizer, task, method="heads")  # the paper's pipeline, AIE included
     extraction = time.perf_counter() - start
     peak = _peak_rss_mib()
     means = mean_head_activations(model, tokenizer, clean[:16])

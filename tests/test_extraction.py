@@ -203,6 +203,8 @@ def test_cli_extract_and_bench_extract_on_a_tiny_checkpoint(tmp_path: Path) -> N
             str(out),
             "--k",
             "3",
+            "--method",
+            "heads",
         ],
         capture_output=True,
         text=True,
