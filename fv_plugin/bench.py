@@ -326,10 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load_model(args.model)
         names = builtin_tasks() if args.tasks == "all" else args.tasks.split(",")
         rows = []
+        print(f"model: {args.model}; first-token accuracy on each task's test split; (Lx) = layer", flush=True)
         for name in names:
             rows.append(measure_quality(model, tokenizer, name, k=args.k))
-            print(f"{name}: done in {rows[-1].seconds:.0f} s", flush=True)
-        print(f"model: {args.model}; first-token accuracy on each task's test split; (Lx) = layer")
+            print(quality_table(rows[-1:]).splitlines()[-2] + f"  <- {rows[-1].seconds:.0f} s", flush=True)
         print(quality_table(rows))
         return 0
     if args.bench == "extract":
