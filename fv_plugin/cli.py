@@ -1,4 +1,4 @@
-"""The ``fv`` command: ``fv extract`` and ``fv bench overhead|extract``."""
+"""The ``fv`` command: ``fv extract``, ``fv eval``, ``fv compare`` and ``fv bench overhead|extract|quality``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _extract(argv: Sequence[str]) -> int:
@@ -62,15 +64,147 @@ def _extract(argv: Sequence[str]) -> int:
     return 0
 
 
+def _load_vectors(paths: Sequence[str]) -> dict[str, Any]:
+    """Vectors from ``.safetensors`` files or folders of them, keyed by their task."""
+    from fv_plugin.vector import FunctionVector
+
+    found: dict[str, Any] = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise SystemExit(f"fv: no such vector file or folder: {raw}")
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        for file in files:
+            fv = FunctionVector.load(file)
+            found[fv.task or file.stem] = fv
+    return found
+
+
+def _tasks(names: Sequence[str]) -> list[Any]:
+    from fv_plugin.tasks import builtin_tasks, load_task
+
+    return [load_task(n) for n in (builtin_tasks() if list(names) == ["all"] else names)]
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from fv_plugin.evaluation import MODES
+    from fv_plugin.models import DEFAULT_MODEL, load_model
+    from fv_plugin.report import DEFAULT_KS, DEFAULT_STRENGTHS, evaluate_tasks, write_eval_report
+
+    parser = argparse.ArgumentParser(prog="fv eval", description="Evaluate function vectors and write a report.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--vectors", nargs="*", default=(), help="vector files or folders (else extracted)")
+    parser.add_argument("--method", default="auto", help="form to extract when a task has no vector")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--strengths", nargs="*", type=float, default=list(DEFAULT_STRENGTHS))
+    parser.add_argument("--ks", nargs="*", type=int, default=list(DEFAULT_KS), help="numbers of heads to sweep")
+    parser.add_argument("--no-heads", action="store_true", help="skip the AIE analysis (and the k sweep)")
+    parser.add_argument("--no-layer-sweep", action="store_true", help="skip the test-split layer sweep")
+    parser.add_argument("--n", type=int, default=None, help="test prompts per mode (default: all)")
+    parser.add_argument("--n-natural", type=int, default=12, help="test queries in natural-text mode")
+    parser.add_argument("--n-mean", type=int, default=100, help="ICL prompts for means")
+    parser.add_argument("--n-aie", type=int, default=25, help="shuffled prompts for the AIE")
+    parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model(args.model)
+    report = evaluate_tasks(
+        model,
+        tokenizer,
+        _tasks(args.tasks),
+        model_name=args.model,
+        vectors=_load_vectors(args.vectors),
+        method=args.method,
+        modes=args.modes,
+        strengths=args.strengths,
+        ks=args.ks,
+        heads=not args.no_heads,
+        layer_sweep_test=not args.no_layer_sweep,
+        n=args.n,
+        n_natural=args.n_natural,
+        n_mean=args.n_mean,
+        n_aie=args.n_aie,
+        n_shots=args.n_shots,
+        seed=args.seed,
+        progress=True,
+    )
+    out = Path(args.out)
+    for t in report.tasks:
+        t.vector.save(out / "vectors" / f"{t.task}.safetensors")
+        if t.heads_vector is not None:
+            t.heads_vector.save(out / "vectors" / "heads" / f"{t.task}.safetensors")
+    print(f"wrote {write_eval_report(report, out)}")
+    return 0
+
+
+def _compare(argv: Sequence[str]) -> int:
+    from fv_plugin.compare import compare_models
+    from fv_plugin.extraction import extract_function_vector
+    from fv_plugin.models import load_model
+    from fv_plugin.report import write_comparison_report
+
+    parser = argparse.ArgumentParser(prog="fv compare", description="Compare two models' function vectors.")
+    parser.add_argument("--model-a", default="smollm2-135m-instruct")
+    parser.add_argument("--model-b", default="gemma-3-270m")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--vectors-a", nargs="*", default=(), help="model A's vector files or folders")
+    parser.add_argument("--vectors-b", nargs="*", default=(), help="model B's vector files or folders")
+    parser.add_argument("--heads-a", nargs="*", default=(), help="model A's head-based vectors (method heads)")
+    parser.add_argument("--heads-b", nargs="*", default=(), help="model B's head-based vectors (method heads)")
+    parser.add_argument("--no-heads", action="store_true", help="do not extract head-based vectors")
+    parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--n", type=int, default=None, help="test prompts per task (default: all)")
+    parser.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of the linear map")
+    parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tasks = _tasks(args.tasks)
+    models = {"a": load_model(args.model_a), "b": load_model(args.model_b)}
+    given = {"a": _load_vectors(args.vectors_a), "b": _load_vectors(args.vectors_b)}
+    heads = {"a": _load_vectors(args.heads_a), "b": _load_vectors(args.heads_b)}
+    for side, (model, tokenizer) in models.items():
+        for task in tasks:
+            if task.name not in given[side]:
+                given[side][task.name] = extract_function_vector(
+                    model, tokenizer, task, n_shots=args.n_shots, seed=args.seed
+                )
+            if not args.no_heads and task.name not in heads[side]:
+                layer = given[side][task.name].layer
+                heads[side][task.name] = extract_function_vector(
+                    model, tokenizer, task, method="heads", layer=layer, n_shots=args.n_shots, seed=args.seed
+                )
+    comparison = compare_models(
+        *models["a"],
+        *models["b"],
+        tasks,
+        given["a"],
+        given["b"],
+        head_vectors_a=heads["a"] or None,
+        head_vectors_b=heads["b"] or None,
+        names=(args.model_a, args.model_b),
+        ridge=args.ridge,
+        n=args.n,
+    )
+    out = Path(args.out)
+    for side, name in (("a", args.model_a), ("b", args.model_b)):
+        for task, fv in given[side].items():
+            fv.save(out / "vectors" / Path(name).name / f"{task}.safetensors")
+    print(f"wrote {write_comparison_report(comparison, out)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fv", description="Function-vector steering for Hugging Face models")
-    parser.add_argument("command", choices=["extract", "bench"], help="what to run")
+    parser.add_argument("command", choices=["extract", "eval", "compare", "bench"], help="what to run")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    if args.command == "extract":
-        return _extract(args.rest)
+    commands = {"extract": _extract, "eval": _eval, "compare": _compare}
+    if args.command in commands:
+        return commands[args.command](args.rest)
     from fv_plugin.bench import main as bench_main
 
     return bench_main(args.rest)

@@ -41,6 +41,7 @@ __all__ = [
     "default_method",
     "extract_function_vector",
     "head_vector",
+    "layer_vectors",
     "zero_shot_scores",
 ]
 
@@ -178,6 +179,57 @@ def _metadata(resolved: ResolvedArch, model: nn.Module, task: Task, template: st
     }
 
 
+def _state_vectors(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    method: str,
+    clean: Sequence[Prompt],
+    layers: Sequence[int],
+    template: str,
+    seed: int,
+    batch_size: int,
+) -> dict[int, torch.Tensor]:
+    icl = last_token_hidden_states(model, tokenizer, [p.text for p in clean], layers, batch_size=batch_size)
+    if method == "layer_mean":
+        return {at: icl[at].mean(0) for at in layers}
+    zero_prompts = make_prompts(task, n=len(clean), n_shots=0, split="train", template=template, seed=seed)
+    zero = last_token_hidden_states(model, tokenizer, [p.text for p in zero_prompts], layers, batch_size=batch_size)
+    return {at: icl[at].mean(0) - zero[at].mean(0) for at in layers}
+
+
+def layer_vectors(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    method: Literal["difference", "layer_mean"] = "difference",
+    layers: Sequence[int] | None = None,
+    n_shots: int = 10,
+    n_mean: int = 100,
+    seed: int = 0,
+    template: str = DEFAULT_TEMPLATE,
+    batch_size: int = 16,
+    arch: ArchSpec | None = None,
+) -> dict[int, FunctionVector]:
+    """The hidden-state forms at every layer in ``layers`` (default: all) from one pass over the prompts.
+
+    Uses the same prompts as :func:`extract_function_vector` with the same arguments, so entry ``L`` equals
+    ``extract_function_vector(..., method=method, layer=L)``'s vector. Handy for layer sweeps.
+    """
+    if method not in ("difference", "layer_mean"):
+        raise ValueError(f"method must be 'difference' or 'layer_mean', got {method!r}")
+    resolved = resolve_architecture(model, arch)
+    wanted = list(layers) if layers is not None else list(range(resolved.num_layers))
+    for at in wanted:
+        if not 0 <= at < resolved.num_layers:
+            raise ValueError(f"layer {at} is out of range: the model has {resolved.num_layers} layers")
+    clean = make_prompts(task, n=n_mean, n_shots=n_shots, split="train", template=template, seed=seed)
+    per_layer = _state_vectors(model, tokenizer, task, method, clean, wanted, template, seed, batch_size)
+    meta = _metadata(resolved, model, task, template)
+    return {at: FunctionVector(vector=v, layer=at, method=method, **meta) for at, v in per_layer.items()}
+
+
 def extract_function_vector(
     model: nn.Module,
     tokenizer: Any,
@@ -264,15 +316,7 @@ def extract_function_vector(
             layer = min(h[0] for h in heads)
     else:
         wanted = [layer] if layer is not None else candidates
-        icl_states = last_token_hidden_states(model, tokenizer, [p.text for p in clean], wanted, batch_size=batch_size)
-        if method == "difference":
-            zero = make_prompts(task, n=n_mean, n_shots=0, split="train", template=template, seed=seed)
-            zero_states = last_token_hidden_states(
-                model, tokenizer, [p.text for p in zero], wanted, batch_size=batch_size
-            )
-            per_layer = {at: icl_states[at].mean(0) - zero_states[at].mean(0) for at in wanted}
-        else:
-            per_layer = {at: icl_states[at].mean(0) for at in wanted}
+        per_layer = _state_vectors(model, tokenizer, task, method, clean, wanted, template, seed, batch_size)
 
         def make(at: int) -> FunctionVector:
             return FunctionVector(vector=per_layer[at], layer=at, **meta)
