@@ -102,6 +102,7 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--ks", nargs="*", type=int, default=list(DEFAULT_KS), help="numbers of heads to sweep")
     parser.add_argument("--no-heads", action="store_true", help="skip the AIE analysis (and the k sweep)")
     parser.add_argument("--no-layer-sweep", action="store_true", help="skip the test-split layer sweep")
+    parser.add_argument("--layer-step", type=int, default=1, help="sweep every n-th layer")
     parser.add_argument("--n", type=int, default=None, help="test prompts per mode (default: all)")
     parser.add_argument("--n-natural", type=int, default=12, help="test queries in natural-text mode")
     parser.add_argument("--n-mean", type=int, default=100, help="ICL prompts for means")
@@ -122,6 +123,7 @@ def _eval(argv: Sequence[str]) -> int:
         ks=args.ks,
         heads=not args.no_heads,
         layer_sweep_test=not args.no_layer_sweep,
+        layer_step=args.layer_step,
         n=args.n,
         n_natural=args.n_natural,
         n_mean=args.n_mean,

@@ -90,6 +90,7 @@ def evaluate_tasks(
     ks: Sequence[int] = DEFAULT_KS,
     heads: bool = True,
     layer_sweep_test: bool = True,
+    layer_step: int = 1,
     n: int | None = None,
     n_natural: int | None = 12,
     n_mean: int = 100,
@@ -106,7 +107,8 @@ def evaluate_tasks(
         strengths, ks: the strength and number-of-heads sweeps (``ks`` needs ``heads``).
         heads: run the paper's head analysis (mean activations and AIE) for the AIE map, the k sweep and the
             head-based vector.
-        layer_sweep_test: sweep layers on the test split (hidden-state forms are re-made at each layer).
+        layer_sweep_test: sweep layers on the test split (hidden-state forms are re-made at each layer), every
+            ``layer_step``-th layer.
         n: test prompts per mode (default: all); n_natural: test queries in natural mode (each with every
             natural template).
     """
@@ -134,9 +136,10 @@ def evaluate_tasks(
                 per_layer = layer_vectors(
                     model, tokenizer, task, method=state_form, n_mean=n_mean, n_shots=n_shots, seed=seed
                 )
-                layers = sweep_layers(model, tokenizer, task, per_layer.__getitem__, sorted(per_layer), n=n)
+                at = sorted(per_layer)[::layer_step]
+                layers = sweep_layers(model, tokenizer, task, per_layer.__getitem__, at, n=n)
             else:  # the same vector at every layer
-                layers = sweep_layers(model, tokenizer, task, fv, range(_num_layers(model)), n=n)
+                layers = sweep_layers(model, tokenizer, task, fv, range(0, _num_layers(model), layer_step), n=n)
         k_sweep, heads_fv = None, None
         head_tokens: tuple[TokenScore, ...] = ()
         if heads:
@@ -174,6 +177,7 @@ def evaluate_tasks(
             )
         )
     settings = {"method": method, "modes": list(modes), "n": n, "n_natural": n_natural, "n_mean": n_mean}
+    settings["layer_step"] = layer_step
     settings.update({"n_aie": n_aie, "n_shots": n_shots, "seed": seed, "heads": heads})
     return EvalReport(model=model_name, tasks=tuple(reports), settings=settings)
 

@@ -208,3 +208,17 @@ def test_aie_matrix_layer_sweep_and_head_locations_round_trip(model: nn.Module, 
     assert aie_matrix(plain) is None and layer_sweep(plain) is None
     with pytest.raises(ValueError, match="no heads"):
         head_locations(plain)
+
+
+@pytest.mark.slow
+def test_embedded_model_antonym_vector_does_the_task_in_every_mode() -> None:
+    model, tok = fv_plugin.load_model("smollm2-135m-instruct")
+    task = fv_plugin.load_task("antonym")
+    fv = extract_function_vector(model, tok, task, layer=18, n_mean=24)
+    zero = evaluate(model, tok, task, vectors=[fv], n=12)
+    assert zero.base_answer_prob is not None and zero.prob_shift is not None and zero.kl is not None
+    assert zero.accuracy >= 0.5 and zero.prob_shift > 0.1 and zero.kl > 0.1  # unsteered: 0/12 (README tables)
+    assert zero.exact_match is not None and zero.exact_match >= 0.4
+    base = evaluate(model, tok, task, mode="natural", n=4)
+    natural = evaluate(model, tok, task, mode="natural", n=4, vectors=[fv])
+    assert natural.accuracy > base.accuracy
