@@ -89,7 +89,7 @@ def _tasks(names: Sequence[str]) -> list[Any]:
 def _eval(argv: Sequence[str]) -> int:
     from fv_plugin.evaluation import MODES
     from fv_plugin.models import DEFAULT_MODEL, load_model
-    from fv_plugin.report import DEFAULT_KS, DEFAULT_STRENGTHS, evaluate_tasks, write_eval_report
+    from fv_plugin.report import DEFAULT_KS, DEFAULT_STRENGTHS, EvalReport, evaluate_tasks, write_eval_report
 
     parser = argparse.ArgumentParser(prog="fv eval", description="Evaluate function vectors and write a report.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
@@ -111,6 +111,15 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     model, tokenizer = load_model(args.model)
+    out = Path(args.out)
+
+    def save(report: EvalReport) -> None:  # after each task, so a long run leaves usable results
+        for t in report.tasks:
+            t.vector.save(out / "vectors" / f"{t.task}.safetensors")
+            if t.heads_vector is not None:
+                t.heads_vector.save(out / "vectors" / "heads" / f"{t.task}.safetensors")
+        write_eval_report(report, out)
+
     report = evaluate_tasks(
         model,
         tokenizer,
@@ -131,13 +140,9 @@ def _eval(argv: Sequence[str]) -> int:
         n_shots=args.n_shots,
         seed=args.seed,
         progress=True,
+        on_task=save,
     )
-    out = Path(args.out)
-    for t in report.tasks:
-        t.vector.save(out / "vectors" / f"{t.task}.safetensors")
-        if t.heads_vector is not None:
-            t.heads_vector.save(out / "vectors" / "heads" / f"{t.task}.safetensors")
-    print(f"wrote {write_eval_report(report, out)}")
+    print(f"wrote {out / 'summary.md'} ({len(report.tasks)} tasks)")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -98,6 +98,7 @@ def evaluate_tasks(
     n_shots: int = 10,
     seed: int = 0,
     progress: bool = False,
+    on_task: Callable[[EvalReport], None] | None = None,
 ) -> EvalReport:
     """Extract (or take from ``vectors``) each task's vector and measure it in every way this package knows.
 
@@ -111,11 +112,15 @@ def evaluate_tasks(
             ``layer_step``-th layer.
         n: test prompts per mode (default: all); n_natural: test queries in natural mode (each with every
             natural template).
+        on_task: called with the report so far after each task (e.g. to write partial results).
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown modes {bad}; choose from {MODES}")
-    reports = []
+    settings = {"method": method, "modes": list(modes), "n": n, "n_natural": n_natural, "n_mean": n_mean}
+    settings["layer_step"] = layer_step
+    settings.update({"n_aie": n_aie, "n_shots": n_shots, "seed": seed, "heads": heads})
+    reports: list[TaskReport] = []
     for task in tqdm(tasks, desc="tasks", disable=not progress):
         start = time.perf_counter()
         fv = (vectors or {}).get(task.name)
@@ -176,9 +181,8 @@ def evaluate_tasks(
                 seconds=time.perf_counter() - start,
             )
         )
-    settings = {"method": method, "modes": list(modes), "n": n, "n_natural": n_natural, "n_mean": n_mean}
-    settings["layer_step"] = layer_step
-    settings.update({"n_aie": n_aie, "n_shots": n_shots, "seed": seed, "heads": heads})
+        if on_task is not None:
+            on_task(EvalReport(model=model_name, tasks=tuple(reports), settings=settings))
     return EvalReport(model=model_name, tasks=tuple(reports), settings=settings)
 
 
@@ -238,6 +242,8 @@ def write_eval_report(report: EvalReport, folder: str | Path) -> Path:
             made["aie"] = _save(viz.plot_aie(t.heads_vector), out, f"{t.task}_aie.png")
         if t.layers is not None:
             made["layers"] = _save(viz.plot_sweep(t.layers), out, f"{t.task}_layers.png")
+        elif layer_sweep(t.vector) is not None:
+            made["layers"] = _save(viz.plot_layer_curve(t.vector), out, f"{t.task}_layers.png")
         if t.strength is not None:
             made["strength"] = _save(viz.plot_sweep(t.strength), out, f"{t.task}_strength.png")
         if t.k is not None:
