@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -302,6 +303,11 @@ def quality_table(rows: Sequence[QualityRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["quant"]:  # quantized vs float32 vectors: its own module (runs a subprocess per setting)
+        from fv_plugin.bench_quant import main as quant_main
+
+        return quant_main(rest[1:])
     parser = argparse.ArgumentParser(prog="fv bench", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="bench", required=True)
     over = sub.add_parser("overhead", help="tokens/s of plain vs attached-idle vs steered generation")
@@ -319,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     qual.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     qual.add_argument("--tasks", default="all", help="comma-separated built-in tasks (default: all)")
     qual.add_argument("--k", type=int, default=10, help="heads of the heads / head_patch forms")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     if args.bench == "quality":
         from fv_plugin.tasks import builtin_tasks
 
