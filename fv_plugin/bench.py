@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fv_plugin.devices import input_device
 from fv_plugin.hooks import attach, detach
 from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.steering import steer
@@ -74,7 +75,7 @@ def measure_overhead(
     chosen = n_layers // 3 if layer is None else layer
     gen = torch.Generator().manual_seed(0)
     fv = FunctionVector(vector=torch.randn(hidden, generator=gen), layer=chosen)
-    enc = tokenizer(PROMPT, return_tensors="pt")  # type: ignore[operator]
+    enc = tokenizer(PROMPT, return_tensors="pt").to(input_device(model))  # type: ignore[operator]
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
     def timed(run: Callable[[], object]) -> float:
