@@ -41,13 +41,22 @@ class QuantRow:
     zero_shot: float  # unsteered test accuracy
     steered: float  # test accuracy with the vector
     cosine: float
+    weights_mib: float  # the model's parameters and buffers (transformers' get_memory_footprint)
     model_mib: float  # resident-set growth from loading the model
     peak_mib: float  # peak resident-set growth over the whole run (load, extraction, scoring)
     seconds: float
 
 
 def measure_config(
-    model_name: str, config: str, task_name: str, *, layer: int | None, vector_out: str, seed: int = 0
+    model_name: str,
+    config: str,
+    task_name: str,
+    *,
+    layer: int | None,
+    vector_out: str,
+    seed: int = 0,
+    n_mean: int = 100,
+    n_shots: int = 10,
 ) -> dict[str, float | int | str]:
     """Run one configuration in this process (meant to be a fresh one) and save its vector to ``vector_out``."""
     from fv_plugin.extraction import extract_function_vector, zero_shot_scores
@@ -61,7 +70,7 @@ def measure_config(
     start = time.perf_counter()
     model, tokenizer = load_model(model_name, quantization=None if config == "fp32" else config)  # type: ignore[arg-type]
     loaded = _rss_mib()
-    fv = extract_function_vector(model, tokenizer, task, layer=layer, seed=seed)
+    fv = extract_function_vector(model, tokenizer, task, layer=layer, seed=seed, n_mean=n_mean, n_shots=n_shots)
     fv.save(vector_out)
     zero = zero_shot_scores(model, tokenizer, test)[0]
     steered = zero_shot_scores(model, tokenizer, test, [fv])[0]
@@ -72,6 +81,7 @@ def measure_config(
         "layer": fv.layer,
         "zero_shot": zero,
         "steered": steered,
+        "weights_mib": model.get_memory_footprint() / 2**20,
         "model_mib": loaded - before,
         "peak_mib": peak - before,
         "seconds": time.perf_counter() - start,
@@ -79,10 +89,10 @@ def measure_config(
 
 
 def _run_child(
-    model_name: str, config: str, task: str, layer: int | None, vector_out: str, seed: int
+    model_name: str, config: str, task: str, layer: int | None, vector_out: str, extra: list[str]
 ) -> dict[str, Any]:
     command = [sys.executable, "-m", "fv_plugin.bench_quant", "--child", config, "--model", model_name]
-    command += ["--task", task, "--vector-out", vector_out, "--seed", str(seed)]
+    command += ["--task", task, "--vector-out", vector_out, *extra]
     if layer is not None:
         command += ["--layer", str(layer)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -92,7 +102,9 @@ def _run_child(
     return result
 
 
-def run_task(model_name: str, task: str, configs: Sequence[str], *, seed: int = 0) -> list[QuantRow]:
+def run_task(
+    model_name: str, task: str, configs: Sequence[str], *, seed: int = 0, n_mean: int = 100, n_shots: int = 10
+) -> list[QuantRow]:
     """float32 first (it picks the layer), then every other configuration at that layer, each in a subprocess."""
     from fv_plugin.vector import FunctionVector
 
@@ -102,7 +114,8 @@ def run_task(model_name: str, task: str, configs: Sequence[str], *, seed: int = 
         layer: int | None = None
         for config in ("fp32", *[c for c in configs if c != "fp32"]):
             out = str(Path(tmp) / f"{config}.safetensors")
-            result = _run_child(model_name, config, task, layer, out, seed)
+            extra = ["--seed", str(seed), "--n-mean", str(n_mean), "--n-shots", str(n_shots)]
+            result = _run_child(model_name, config, task, layer, out, extra)
             fv = FunctionVector.load(out)
             if reference is None:
                 reference, layer = fv, fv.layer
@@ -115,6 +128,7 @@ def run_task(model_name: str, task: str, configs: Sequence[str], *, seed: int = 
                     zero_shot=float(result["zero_shot"]),
                     steered=float(result["steered"]),
                     cosine=cosine,
+                    weights_mib=float(result["weights_mib"]),
                     model_mib=float(result["model_mib"]),
                     peak_mib=float(result["peak_mib"]),
                     seconds=float(result["seconds"]),
@@ -127,15 +141,16 @@ def run_task(model_name: str, task: str, configs: Sequence[str], *, seed: int = 
 def quant_table(rows: Sequence[QuantRow]) -> str:
     """A Markdown table of :class:`QuantRow` values."""
     lines = [
-        "| task | weights | layer | cosine with fp32 | zero-shot | steered | Δ vs fp32 | model RSS | peak RSS | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | quantization | layer | cosine with fp32 | zero-shot | steered | Δ vs fp32 | weights | RSS after load "
+        "| peak RSS | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r.task: r.steered for r in rows if r.config == "fp32"}
     for r in rows:
         delta = f"{100 * (r.steered - base[r.task]):+.0f} pts" if r.task in base else "-"
         lines.append(
             f"| {r.task} | {r.config} | {r.layer} | {r.cosine:.4f} | {r.zero_shot:.2f} | {r.steered:.2f} | {delta} "
-            f"| {r.model_mib:.0f} MiB | {r.peak_mib:.0f} MiB | {r.seconds:.0f} s |"
+            f"| {r.weights_mib:.0f} MiB | {r.model_mib:.0f} MiB | {r.peak_mib:.0f} MiB | {r.seconds:.0f} s |"
         )
     return "\n".join(lines)
 
@@ -148,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default="antonym", help="comma-separated built-in tasks")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {CONFIGS}")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
+    parser.add_argument("--n-mean", type=int, default=100, help="ICL (and zero-shot) prompts per mean")
+    parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--layer", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--task", default=None, help=argparse.SUPPRESS)
@@ -155,7 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child is not None:
         result = measure_config(
-            args.model, args.child, args.task, layer=args.layer, vector_out=args.vector_out, seed=args.seed
+            args.model,
+            args.child,
+            args.task,
+            layer=args.layer,
+            vector_out=args.vector_out,
+            seed=args.seed,
+            n_mean=args.n_mean,
+            n_shots=args.n_shots,
         )
         print(json.dumps(result))
         return 0
@@ -166,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[QuantRow] = []
     print(f"model: {args.model}; default-form vector; first-token accuracy on the test split", flush=True)
     for task in args.tasks.split(","):
-        rows += run_task(args.model, task.strip(), configs, seed=args.seed)
+        rows += run_task(args.model, task.strip(), configs, seed=args.seed, n_mean=args.n_mean, n_shots=args.n_shots)
     print(quant_table(rows))
     return 0
 

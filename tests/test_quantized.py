@@ -215,3 +215,16 @@ def test_embedded_model_quantized_steers_like_the_oracle(quant: str) -> None:
         model, (fv,), enc["input_ids"], enc["attention_mask"], new=4, positions="last_prompt"
     )
     torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+def test_quant_bench_compares_each_setting_with_float32_at_its_layer(checkpoints: dict[str, Path]) -> None:
+    from fv_plugin.bench_quant import quant_table, run_task
+
+    rows = run_task(str(checkpoints["llama"]), "capitalize", ["nf4"], n_mean=4, n_shots=2)
+    assert [r.config for r in rows] == ["fp32", "nf4"]
+    assert len({r.layer for r in rows}) == 1 and rows[0].cosine == pytest.approx(1.0)
+    for row in rows:
+        assert -1.0 <= row.cosine <= 1.0 and 0.0 <= row.steered <= 1.0 and row.peak_mib > 0 and row.weights_mib > 0
+    assert rows[1].weights_mib < rows[0].weights_mib  # the 4-bit projections take less memory
+    table = quant_table(rows)
+    assert table.count("\n") == 3 and "+0 pts" in table.splitlines()[2]
