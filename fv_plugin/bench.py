@@ -322,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ext.add_argument("--task", default="antonym", help="built-in task")
     ext.add_argument("--naive-prompts", type=int, default=1, help="prompts for the (slow) naive AIE")
     ext.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    sub.add_parser("quant", help="quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)")
     qual = sub.add_parser("quality", help="test accuracy of every form of vector and the baselines, per task")
     qual.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     qual.add_argument("--tasks", default="all", help="comma-separated built-in tasks (default: all)")

@@ -228,3 +228,22 @@ def test_quant_bench_compares_each_setting_with_float32_at_its_layer(checkpoints
     assert rows[1].weights_mib < rows[0].weights_mib  # the 4-bit projections take less memory
     table = quant_table(rows)
     assert table.count("\n") == 3 and "+0 pts" in table.splitlines()[2]
+
+
+@pytest.mark.parametrize("quant", ["8bit", "fp4"])
+def test_a_pipeline_with_the_processor_on_a_quantized_model(checkpoints: dict[str, Path], quant: str) -> None:
+    from transformers import pipeline
+
+    model, tok = fv_plugin.load_model(str(checkpoints["gpt2"]), quantization=quant)  # type: ignore[arg-type]
+    fv = fv_plugin.FunctionVector(vector=vector(3), layer=1)
+    prompt = "hello there"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), fv_plugin.steer(model, fv, strength=2.0):
+        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)[0, ids.shape[1] :]
+    pipe = pipeline("text-generation", model=fv_plugin.attach(model), tokenizer=tok)
+    processor = fv_plugin.FunctionVectorProcessor(fv, strength=2.0)
+    steered = pipe(prompt, logits_processor=[processor], return_full_text=False, **options)[0]["generated_text"]
+    plain = pipe(prompt, return_full_text=False, **options)[0]["generated_text"]
+    fv_plugin.detach(model)
+    assert steered == tok.decode(expected) and plain != steered
