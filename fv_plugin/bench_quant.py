@@ -138,6 +138,53 @@ def run_task(
     return rows
 
 
+def diagnose(
+    model_name: str, config: str, task_name: str, *, layer: int, n_mean: int = 100, n_shots: int = 10, seed: int = 0
+) -> str:
+    """Why a quantized vector differs: per-layer cosine with float32, ICL accuracy of both, and cross-steering.
+
+    Loads float32, then ``config``; reports for every layer the cosine between their difference vectors (same
+    prompts), each model's 10-shot test accuracy (does the quantized model still do the task in context?), and
+    the quantized model's zero-shot accuracy at ``layer`` steered by its own vector and by the float32 one.
+    """
+    import gc
+
+    from fv_plugin.activations import last_token_hidden_states
+    from fv_plugin.extraction import zero_shot_scores
+    from fv_plugin.models import load_model
+    from fv_plugin.prompts import make_prompts
+    from fv_plugin.tasks import load_task
+    from fv_plugin.vector import FunctionVector
+
+    task = load_task(task_name)
+    icl = [p.text for p in make_prompts(task, n=n_mean, n_shots=n_shots, split="train", seed=seed)]
+    zero = [p.text for p in make_prompts(task, n=n_mean, n_shots=0, split="train", seed=seed)]
+    icl_test = make_prompts(task, n_shots=n_shots, split="test", seed=seed)
+    zero_test = make_prompts(task, n_shots=0, split="test", seed=seed)
+    vectors: dict[str, dict[int, torch.Tensor]] = {}
+    lines = []
+    for name in ("fp32", config):
+        model, tok = load_model(model_name, quantization=None if name == "fp32" else name)  # type: ignore[arg-type]
+        layers = list(range(int(model.config.num_hidden_layers)))
+        a = last_token_hidden_states(model, tok, icl, layers, batch_size=16)
+        b = last_token_hidden_states(model, tok, zero, layers, batch_size=16)
+        vectors[name] = {at: a[at].mean(0) - b[at].mean(0) for at in layers}
+        lines.append(f"{name}: {n_shots}-shot ICL test accuracy {zero_shot_scores(model, tok, icl_test)[0]:.2f}")
+        if name == config:
+            for source in ("fp32", config):
+                fv = FunctionVector(vector=vectors[source][layer], layer=layer)
+                score = zero_shot_scores(model, tok, zero_test, [fv])[0]
+                lines.append(f"{config} model steered at layer {layer} by the {source} vector: {score:.2f}")
+        del model
+        gc.collect()
+    cosines = [
+        float(torch.nn.functional.cosine_similarity(vectors["fp32"][at], vectors[config][at], dim=0))
+        for at in sorted(vectors["fp32"])
+    ]
+    lines.append("per-layer cosine with fp32: " + " ".join(f"{at}:{c:.3f}" for at, c in enumerate(cosines)))
+    return "\n".join(lines)
+
+
 def quant_table(rows: Sequence[QuantRow]) -> str:
     """A Markdown table of :class:`QuantRow` values."""
     lines = [
@@ -165,8 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
     parser.add_argument("--n-mean", type=int, default=100, help="ICL (and zero-shot) prompts per mean")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
+    parser.add_argument("--diagnose", choices=CONFIGS[1:], help="per-layer cosine and ICL accuracy for one setting")
+    parser.add_argument("--layer", type=int, default=None, help="with --diagnose: the layer to steer")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--layer", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--task", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vector-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -182,6 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_shots=args.n_shots,
         )
         print(json.dumps(result))
+        return 0
+    if args.diagnose is not None:
+        if args.layer is None:
+            parser.error("--diagnose needs --layer (the float32 vector's layer from a plain run)")
+        for task in args.tasks.split(","):
+            print(f"{task}:")
+            print(
+                diagnose(args.model, args.diagnose, task.strip(), layer=args.layer, n_mean=args.n_mean, seed=args.seed)
+            )
         return 0
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]

@@ -247,3 +247,13 @@ def test_a_pipeline_with_the_processor_on_a_quantized_model(checkpoints: dict[st
     plain = pipe(prompt, return_full_text=False, **options)[0]["generated_text"]
     fv_plugin.detach(model)
     assert steered == tok.decode(expected) and plain != steered
+
+
+def test_quant_diagnosis_reports_every_layer(checkpoints: dict[str, Path]) -> None:
+    from fv_plugin.bench_quant import diagnose
+
+    text = diagnose(str(checkpoints["llama"]), "8bit", "capitalize", layer=1, n_mean=3, n_shots=2)
+    cosines = re.search(r"per-layer cosine with fp32: (.*)", text)
+    assert cosines is not None and len(cosines.group(1).split()) == 3
+    assert all(-1.0 <= float(item.split(":")[1]) <= 1.0 for item in cosines.group(1).split())
+    assert "8bit model steered at layer 1 by the fp32 vector" in text and "fp32: 2-shot ICL test accuracy" in text
