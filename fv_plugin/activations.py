@@ -10,17 +10,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec
+from fv_plugin.devices import input_device
 from fv_plugin.hooks import record_layer_outputs
 from fv_plugin.vector import FunctionVector
 
 __all__ = ["difference_vector", "last_token_hidden_states", "mean_last_token_hidden_state"]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -45,7 +39,7 @@ def last_token_hidden_states(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first")
-    device = _device_of(model)
+    device = input_device(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     batches = range(0, len(prompts), batch_size)
     with record_layer_outputs(model, layers, arch=arch) as seen:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fv_plugin.architectures import ArchSpec, resolve_architecture
+from fv_plugin.devices import execution_device, input_device, input_dtype
 from fv_plugin.extraction import LayerSweep
 from fv_plugin.vector import FunctionVector
 
@@ -56,12 +57,13 @@ def top_tokens(
         raise ValueError(
             f"{type(model).__name__} has no output embeddings; pass the *ForCausalLM model, not its base model"
         )
-    weight = next(p for p in unembed.parameters())
-    dtype = weight.dtype if weight.is_floating_point() else torch.float32
-    hidden = fv.vector.reshape(1, 1, -1).to(device=weight.device, dtype=dtype)
-    if resolved.final_norm is not None:
-        hidden = resolved.final_norm(hidden)
-    logits = unembed(hidden.to(device=weight.device)).float()[0, 0].cpu()
+    norm = resolved.final_norm
+    first = norm if norm is not None else unembed
+    dtype = input_dtype(first, fallback=input_dtype(unembed))
+    hidden = fv.vector.reshape(1, 1, -1).to(device=execution_device(first) or input_device(model), dtype=dtype)
+    if norm is not None:
+        hidden = norm(hidden)
+    logits = unembed(hidden.to(device=execution_device(unembed) or hidden.device)).float()[0, 0].cpu()
     vocab = len(tokenizer)  # type: ignore[arg-type]
     logits = logits[:vocab]  # the embedding matrix may be padded past the tokenizer's vocabulary
     probs = logits.softmax(-1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fv_plugin.devices import input_device
 from fv_plugin.hooks import attach, detach
 from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.steering import steer
@@ -73,7 +75,7 @@ def measure_overhead(
     chosen = n_layers // 3 if layer is None else layer
     gen = torch.Generator().manual_seed(0)
     fv = FunctionVector(vector=torch.randn(hidden, generator=gen), layer=chosen)
-    enc = tokenizer(PROMPT, return_tensors="pt")  # type: ignore[operator]
+    enc = tokenizer(PROMPT, return_tensors="pt").to(input_device(model))  # type: ignore[operator]
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
     def timed(run: Callable[[], object]) -> float:
@@ -302,6 +304,11 @@ def quality_table(rows: Sequence[QualityRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["quant"]:  # quantized vs float32 vectors: its own module (runs a subprocess per setting)
+        from fv_plugin.bench_quant import main as quant_main
+
+        return quant_main(rest[1:])
     parser = argparse.ArgumentParser(prog="fv bench", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="bench", required=True)
     over = sub.add_parser("overhead", help="tokens/s of plain vs attached-idle vs steered generation")
@@ -315,11 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ext.add_argument("--task", default="antonym", help="built-in task")
     ext.add_argument("--naive-prompts", type=int, default=1, help="prompts for the (slow) naive AIE")
     ext.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    sub.add_parser("quant", help="quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)")
     qual = sub.add_parser("quality", help="test accuracy of every form of vector and the baselines, per task")
     qual.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     qual.add_argument("--tasks", default="all", help="comma-separated built-in tasks (default: all)")
     qual.add_argument("--k", type=int, default=10, help="heads of the heads / head_patch forms")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     if args.bench == "quality":
         from fv_plugin.tasks import builtin_tasks
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from fv_plugin.analysis import HeadLocation, head_locations, similarity_matrix
 from fv_plugin.architectures import ArchSpec, resolve_architecture
+from fv_plugin.devices import input_device
 from fv_plugin.evaluation import evaluate
 from fv_plugin.hooks import record_layer_outputs
 from fv_plugin.tasks import Task
@@ -40,13 +41,6 @@ def neutral_texts() -> list[str]:
     """The built-in neutral English paragraphs (everyday prose, no task in them) used to fit maps."""
     text = resources.files("fv_plugin").joinpath("data", "neutral.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
 
 
 def _token_ends(tokenizer: Any, text: str) -> list[int | None]:
@@ -87,7 +81,7 @@ def aligned_hidden_states(
         sources.extend([t] * len(order))
         for m, ((model, tok, layer), spec) in enumerate(zip(models, specs, strict=True)):
             index = {e: i for i, e in enumerate(ends[m]) if e is not None}  # last token ending at each offset
-            ids = tok(text, return_tensors="pt")["input_ids"].to(_device(model))
+            ids = tok(text, return_tensors="pt")["input_ids"].to(input_device(model))
             with record_layer_outputs(model, [layer], arch=spec) as seen:
                 model(input_ids=ids)
             picks = torch.tensor([index[e] for e in order])

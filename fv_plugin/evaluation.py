@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec
+from fv_plugin.devices import input_device
 from fv_plugin.extraction import head_vector
 from fv_plugin.mediation import IndirectEffects, last_logits_only
 from fv_plugin.prompts import DEFAULT_TEMPLATE, Prompt, PromptTemplate, encode_prompts, make_prompts
@@ -176,17 +177,10 @@ def _mode_prompts(
     )
 
 
-def _device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
-
-
 def _next_token_probs(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, vectors: Sequence[VectorArg], strength: float
 ) -> torch.Tensor:
-    device = _device(model)
+    device = input_device(model)
     with steer(model, *vectors, strength=strength, positions="last_prompt"):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **last_logits_only(model)).logits
     return logits[:, -1].float().softmax(-1).cpu()
@@ -201,7 +195,7 @@ def _continuations(
     strength: float,
     max_new_tokens: int,
 ) -> list[str]:
-    device = _device(model)
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with steer(model, *vectors, strength=strength, positions="generated"):
         out = model.generate(  # type: ignore[operator]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fv_plugin.activations import last_token_hidden_states
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.devices import execution_device, input_device, input_dtype
 from fv_plugin.mediation import IndirectEffects, average_indirect_effect, last_logits_only, mean_head_activations
 from fv_plugin.prompts import DEFAULT_TEMPLATE, Prompt, encode_prompts, make_prompts
 from fv_plugin.steering import steer
@@ -63,13 +64,9 @@ def default_method(model_type: str) -> Method:
     return DEFAULT_METHODS.get(model_type, FALLBACK_METHOD)
 
 
-def _param(module: nn.Module) -> torch.Tensor:
-    for param in module.parameters():
-        if param.device.type != "meta" and param.is_floating_point():
-            return param
-    for param in module.parameters():
-        return param
-    raise ValueError(f"{type(module).__name__} has no parameters")
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 @torch.no_grad()
@@ -88,9 +85,9 @@ def head_vector(
     total = torch.zeros(resolved.hidden_size)
     for layer, head in heads:
         proj = resolved.out_proj(layer)
-        ref = _param(proj)
-        dtype = ref.dtype if ref.is_floating_point() else getattr(model, "dtype", torch.float32)
-        device = ref.device
+        # Quantized weights are int8 / packed uint8 and offloaded ones sit on meta: ask the module instead.
+        dtype = input_dtype(proj, fallback=_model_dtype(model))
+        device = execution_device(proj) or input_device(model)
         if resolved.spec.attn_out_norm is None:
             only = torch.zeros(1, 1, n_heads * dim)
             only[..., head * dim : (head + 1) * dim] = means[layer, head]
@@ -122,7 +119,7 @@ def zero_shot_scores(
 ) -> tuple[float, float]:
     """First-token top-1 accuracy and mean answer probability on ``prompts``, steered at the last prompt token."""
     correct, prob = 0, 0.0
-    device = _param(model).device
+    device = input_device(model)
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
         with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize):

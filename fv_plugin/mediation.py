@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.devices import input_device
 from fv_plugin.hooks import patch_head_inputs, record_head_inputs
 from fv_plugin.prompts import Prompt, encode_prompts
 
@@ -34,13 +35,6 @@ __all__ = [
     "mean_head_activations",
     "rank_agreement",
 ]
-
-
-def _device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
 
 
 def _heads(resolved: ResolvedArch) -> int:
@@ -68,7 +62,7 @@ def mean_head_activations(
     resolved = resolve_architecture(model, arch)
     n_heads = _heads(resolved)
     layers = list(range(resolved.num_layers))
-    device = _device(model)
+    device = input_device(model)
     total: torch.Tensor | None = None
     with record_head_inputs(resolved, layers) as seen:
         for start in tqdm(range(0, len(prompts), batch_size), desc="mean activations", disable=not progress):
@@ -240,7 +234,7 @@ def average_indirect_effect(
         raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, head_dim]")
     if heads_per_batch < 1:
         raise ValueError(f"heads_per_batch must be >= 1, got {heads_per_batch}")
-    device = _device(model)
+    device = input_device(model)
     grid = _variants(n_layers, n_heads)[1:]
     cache_kw = _cache_kwarg(model)
     effects, bases = [], []
@@ -285,7 +279,7 @@ def average_indirect_effect_naive(
     """Reference AIE: one full forward per (head, prompt), as in the paper's code. Slow; for tests."""
     resolved = resolve_architecture(model, arch)
     n_layers, n_heads = resolved.num_layers, _heads(resolved)
-    device = _device(model)
+    device = input_device(model)
     effects, bases = [], []
     for prompt in prompts:
         enc = encode_prompts(tokenizer, [prompt])
@@ -320,7 +314,7 @@ def attribution_patching(
     """
     resolved = resolve_architecture(model, arch)
     n_layers, n_heads = resolved.num_layers, _heads(resolved)
-    device = _device(model)
+    device = input_device(model)
     effects, bases = [], []
     seen: dict[int, torch.Tensor] = {}
     deltas: dict[int, torch.Tensor] = {}

@@ -16,11 +16,21 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "EmbeddedModelMissingError", "cache_root", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "QUANTIZATIONS",
+    "EmbeddedModel",
+    "EmbeddedModelMissingError",
+    "Quantization",
+    "bnb_config",
+    "cache_root",
+    "load_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +153,69 @@ def embedded_checkpoint(name: str) -> Path:
     return target
 
 
+Quantization = Literal["8bit", "4bit", "nf4", "fp4"]
+QUANTIZATIONS: tuple[str, ...] = ("8bit", "4bit", "nf4", "fp4")
+QUANT_INSTALL = 'pip install "fv_plugin[quant]"'
+
+
+def bnb_config(quantization: str, *, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """A transformers ``BitsAndBytesConfig`` for ``quantization``.
+
+    ``"8bit"`` is LLM.int8(); ``"4bit"`` and ``"nf4"`` are 4-bit NormalFloat, ``"fp4"`` 4-bit float; 4-bit
+    layers compute in ``compute_dtype``.
+
+    Raises:
+        ValueError: an unknown ``quantization``.
+        ImportError: bitsandbytes is not installed (the message has the pip command).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r} "
+            "(or pass your own BitsAndBytesConfig as quantization_config=)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes. Install it with:\n    {QUANT_INSTALL}")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="fp4" if quantization == "fp4" else "nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _check_placement(
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> None:
+    if max_memory is not None and device_map is None:
+        raise ValueError(
+            "max_memory only applies when the model is dispatched: pass device_map='auto' (or 'balanced', "
+            "'sequential', or your own map) as well"
+        )
+    if offload_folder is not None and device_map is None:
+        raise ValueError("offload_folder only applies with a device_map that offloads layers: pass device_map too")
+    sends_to_disk = isinstance(device_map, dict) and any(str(where) == "disk" for where in device_map.values())
+    if sends_to_disk and offload_folder is None:
+        raise ValueError(
+            "device_map sends layers to 'disk': pass offload_folder= (a folder for their weights), "
+            "e.g. offload_folder='offload'"
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
+    quantization: Quantization | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quantization_config: Any = None,
     device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
@@ -156,8 +224,17 @@ def load_model(
     Args:
         name_or_path: a short name of :data:`EMBEDDED_MODELS` (default ``"smollm2-135m-instruct"``), a local
             checkpoint folder, or a Hub id.
-        dtype: weights dtype.
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); needs accelerate.
+        dtype: dtype of the weights (of those not quantized, with ``quantization``).
+        quantization: ``"8bit"`` (LLM.int8()), ``"4bit"`` / ``"nf4"`` (4-bit NormalFloat) or ``"fp4"``, with
+            bitsandbytes (``pip install "fv_plugin[quant]"``); ``None`` loads unquantized.
+        compute_dtype: what 4-bit layers compute in.
+        quantization_config: your own ``BitsAndBytesConfig`` (or any transformers quantization config) instead
+            of ``quantization``.
+        device_map: where each module goes (``"auto"``, ``"cpu"``, or ``{"model.layers.3": "disk", ...}``);
+            accelerate places and, where needed, offloads the weights.
+        max_memory: with ``device_map="auto"``, the memory each device may use, e.g.
+            ``{0: "1GiB", "cpu": "4GiB"}``; what does not fit goes to the next device, then to disk.
+        offload_folder: where layers offloaded to disk keep their weights (needed when any go there).
         revision: Hub revision.
         trust_remote_code: passed to ``from_pretrained``.
 
@@ -166,35 +243,56 @@ def load_model(
 
     Raises:
         EmbeddedModelMissingError: an embedded model's package is missing and the Hub is unreachable.
+        ValueError: an unknown ``quantization``, both ``quantization`` and ``quantization_config``, or
+            placement options that cannot apply (``max_memory`` without ``device_map``, disk without folder).
+        ImportError: quantizing without bitsandbytes installed.
 
     Example:
         >>> model, tokenizer = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+        >>> model, tokenizer = load_model("smollm2-135m-instruct", quantization="4bit")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source: str | Path = name_or_path
-    if name_or_path in EMBEDDED_MODELS:
-        spec = EMBEDDED_MODELS[name_or_path]
-        if _installed(spec.distribution) is not None:
-            source = embedded_checkpoint(name_or_path)
-        elif _hub_reachable(spec.hub_id):
-            logger.info("%s is not installed; loading %s from the Hub", spec.distribution, spec.hub_id)
-            source = spec.hub_id
-        else:
-            raise EmbeddedModelMissingError(
-                f"The embedded model {name_or_path!r} needs the package {spec.distribution!r} (and the Hub, where "
-                f"it is {spec.hub_id!r}, cannot be reached). Install it with:\n    {spec.install}"
-            )
-    elif not Path(name_or_path).exists() and "/" not in name_or_path:
-        raise ValueError(
-            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
-            "nor a Hub id of the form 'org/name'."
-        )
+    if quantization is not None and quantization_config is not None:
+        raise ValueError("pass either quantization= or quantization_config=, not both")
+    config = quantization_config
+    if quantization is not None:
+        config = bnb_config(quantization, compute_dtype=compute_dtype)
+    _check_placement(device_map, max_memory, offload_folder)
+    source = _source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    options: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
+    if config is not None:
+        options["quantization_config"] = config
+    if max_memory is not None:
+        options["max_memory"] = max_memory
+    if offload_folder is not None:
+        options["offload_folder"] = str(offload_folder)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map=device_map, revision=revision, trust_remote_code=trust_remote_code
+        source, revision=revision, trust_remote_code=trust_remote_code, **options
     )
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _source(name_or_path: str) -> str | Path:
+    """Where to load ``name_or_path`` from: the converted checkpoint of an embedded model, the Hub, or as given."""
+    if name_or_path in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name_or_path]
+        if _installed(spec.distribution) is not None:
+            return embedded_checkpoint(name_or_path)
+        if _hub_reachable(spec.hub_id):
+            logger.info("%s is not installed; loading %s from the Hub", spec.distribution, spec.hub_id)
+            return spec.hub_id
+        raise EmbeddedModelMissingError(
+            f"The embedded model {name_or_path!r} needs the package {spec.distribution!r} (and the Hub, where "
+            f"it is {spec.hub_id!r}, cannot be reached). Install it with:\n    {spec.install}"
+        )
+    if not Path(name_or_path).exists() and "/" not in name_or_path:
+        raise ValueError(
+            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, "
+            "nor a Hub id of the form 'org/name'."
+        )
+    return name_or_path

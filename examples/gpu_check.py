@@ -1,0 +1,240 @@
+"""Check fv_plugin on a CUDA GPU: fp16 / bf16 / 4-bit steering, a GPU+CPU split, extraction, overhead.
+
+Each check prints one line and the script ends with a summary; the exit status is 1 when a check failed, and 0
+(with a message saying nothing was run) on a machine without CUDA.
+
+Checks, all on the embedded default model unless ``--model`` says otherwise:
+  fp16, bf16   steered next-layer input == unsteered + vector (a forward pre-hook of this script's own), and
+               greedy generation with the KV cache == without it
+  4bit         the same on a bitsandbytes nf4 model on the GPU (needs ``pip install "fv_plugin[quant]"``)
+  split        ``device_map="auto"`` with ``max_memory`` that leaves only part of the model on the GPU: the
+               rest runs from CPU memory; steered logits equal the model fully on the GPU, cached == uncached
+  extract      the default-form vector for a built-in task, and zero-shot accuracy with it
+  overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
+
+Run:  python examples/gpu_check.py [--model NAME] [--task antonym] [--skip overhead,extract]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import fv_plugin
+
+CHECKS = ("fp16", "bf16", "4bit", "split", "extract", "overhead")
+PROMPTS = ["Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:", "Q: up\nA:"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded short name, local path or Hub id")
+    parser.add_argument("--task", default="antonym", help="built-in task for the extract check")
+    parser.add_argument("--skip", default="", help=f"comma-separated checks to skip, from {CHECKS}")
+    parser.add_argument("--layer", type=int, default=None, help="layer to steer (default: a third of the depth)")
+    parser.add_argument("--gpu-fraction", type=float, default=0.5, help="split: share of the model kept on GPU 0")
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(CHECKS)
+    if unknown:
+        parser.error(f"unknown check(s) {sorted(unknown)} in --skip; choose from {CHECKS}")
+    if not 0.0 < args.gpu_fraction < 1.0:
+        parser.error(f"--gpu-fraction must be strictly between 0 and 1, got {args.gpu_fraction}")
+    args.skip = skip
+    return args
+
+
+def no_cuda_message() -> str | None:
+    """Why the checks cannot run here, or ``None`` when a CUDA device is usable."""
+    if not torch.cuda.is_available():
+        build = (
+            "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        )
+        return (
+            f"CUDA is not available ({build}, no usable GPU): nothing was checked. Run this script on a machine "
+            "with an NVIDIA GPU and a CUDA build of torch; the CPU paths are covered by the test suite."
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ checks
+@contextlib.contextmanager
+def next_layer_input(model: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
+    """This script's own oracle: the hidden states entering decoder layer ``layer + 1``."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.detach().cpu())
+
+    handle = model.get_decoder().layers[layer + 1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def encoded(tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    return {key: value.to(device) for key, value in enc.items()}
+
+
+def random_vector(model: nn.Module, layer: int) -> fv_plugin.FunctionVector:
+    hidden = int(model.config.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    return fv_plugin.FunctionVector(vector=8.0 * torch.randn(hidden, generator=gen), layer=layer)
+
+
+def steering_check(model: nn.Module, tokenizer: Any, layer: int, device: torch.device) -> str:
+    """Oracle and cache checks on one model; raises AssertionError with the figures when one fails."""
+    fv = random_vector(model, layer)
+    enc = encoded(tokenizer, device)
+    with torch.inference_mode(), next_layer_input(model, layer) as seen:
+        model(**enc)
+        with fv_plugin.steer(model, fv, positions="all"):
+            model(**enc)
+    plain, steered = seen
+    dtype = plain.dtype
+    plain, steered = plain.float(), steered.float()
+    real = enc["attention_mask"].bool().cpu()[..., None]
+    expected = torch.where(real, plain + fv.vector, plain)
+    error = float((steered - expected).abs().max())
+    # rounding the vector and the sum to the activation dtype: at most one unit in the last place of each
+    tolerance = 2 * torch.finfo(dtype).eps * max(float(expected.abs().max()), 1.0) if dtype != torch.float32 else 1e-4
+    assert error <= tolerance, f"steered input differs from input + vector by {error:.3g} (> {tolerance:.3g})"
+    outs = []
+    for use_cache in (True, False):
+        with torch.inference_mode(), fv_plugin.steer(model, fv):
+            options = dict(max_new_tokens=6, do_sample=False, use_cache=use_cache)
+            outs.append(model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **options))
+    same = bool(torch.equal(outs[0], outs[1]))
+    assert same, "greedy generation with the KV cache differs from without it"
+    return f"oracle max error {error:.2e} (tolerance {tolerance:.1e}); cached == uncached"
+
+
+def split_memory(model_bytes: int, fraction: float) -> dict[Any, str]:
+    """``max_memory`` that lets GPU 0 hold about ``fraction`` of the model and the CPU the rest."""
+    gpu = max(int(model_bytes * fraction), 1 << 20)
+    return {0: f"{gpu // (1 << 20)}MiB", "cpu": f"{4 * model_bytes // (1 << 20) + 1024}MiB"}
+
+
+def check_dtype(args: argparse.Namespace, dtype: torch.dtype) -> str:
+    model, tokenizer = fv_plugin.load_model(args.model, dtype=dtype, device_map="cuda:0")
+    return steering_check(model, tokenizer, layer_of(model, args), torch.device("cuda:0"))
+
+
+def check_4bit(args: argparse.Namespace) -> str:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError('bitsandbytes is not installed: pip install "fv_plugin[quant]"')
+    model, tokenizer = fv_plugin.load_model(args.model, quantization="4bit", device_map="cuda:0")
+    detail = steering_check(model, tokenizer, layer_of(model, args), torch.device("cuda:0"))
+    return f"{model.get_memory_footprint() / 2**20:.0f} MiB of weights; {detail}"
+
+
+def check_split(args: argparse.Namespace) -> str:
+    full, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float32, device_map="cuda:0")
+    memory = split_memory(full.get_memory_footprint(), args.gpu_fraction)
+    model, _ = fv_plugin.load_model(args.model, dtype=torch.float32, device_map="auto", max_memory=memory)
+    places = {str(v) for v in model.hf_device_map.values()}
+    assert places >= {"0", "cpu"}, f"max_memory={memory} did not split the model: {model.hf_device_map}"
+    layer = layer_of(model, args)
+    fv = random_vector(model, layer)
+    enc = encoded(tokenizer, torch.device("cuda:0"))
+    logits = []
+    for m in (model, full):
+        with torch.inference_mode(), fv_plugin.steer(m, fv, positions="all"):
+            logits.append(m(**enc).logits.float().cpu())
+    difference = float((logits[0] - logits[1]).abs().max())
+    assert difference < 1e-3, f"split model's steered logits differ from the single-GPU ones by {difference:.3g}"
+    detail = steering_check(model, tokenizer, layer, torch.device("cuda:0"))
+    on_cpu = sum(1 for v in model.hf_device_map.values() if str(v) == "cpu")
+    return f"{on_cpu} modules on the CPU, rest on GPU 0 ({memory}); logits vs single GPU {difference:.1e}; {detail}"
+
+
+def check_extract(args: argparse.Namespace) -> str:
+    model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float16, device_map="cuda:0")
+    task = fv_plugin.load_task(args.task)
+    start = time.perf_counter()
+    fv = fv_plugin.extract_function_vector(model, tokenizer, task)
+    seconds = time.perf_counter() - start
+    test = fv_plugin.make_prompts(task, n_shots=0, split="test")
+    before = fv_plugin.zero_shot_scores(model, tokenizer, test)[0]
+    after = fv_plugin.zero_shot_scores(model, tokenizer, test, [fv])[0]
+    assert after > before, f"the {task.name} vector did not raise zero-shot accuracy ({before:.2f} -> {after:.2f})"
+    return f"{task.name}: {fv.method} at layer {fv.layer} in {seconds:.1f} s; zero-shot {before:.2f} -> {after:.2f}"
+
+
+def check_overhead(args: argparse.Namespace) -> str:
+    from fv_plugin.bench import measure_overhead
+
+    model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float16, device_map="cuda:0")
+    result = measure_overhead(model, tokenizer, tokens=32, repeats=5)
+    return " ".join(result.report().split("\n")[1:]).replace("  ", " ")
+
+
+def layer_of(model: nn.Module, args: argparse.Namespace) -> int:
+    return args.layer if args.layer is not None else int(model.config.num_hidden_layers) // 3
+
+
+def run_checks(args: argparse.Namespace, checks: dict[str, Callable[[argparse.Namespace], str]]) -> list[Outcome]:
+    outcomes = []
+    for name, check in checks.items():
+        if name in args.skip:
+            continue
+        start = time.perf_counter()
+        try:
+            outcome = Outcome(name, True, check(args), time.perf_counter() - start)
+        except Exception as exc:  # a failed check is reported, and the others still run
+            outcome = Outcome(name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        print(f"[{'ok' if outcome.ok else 'FAILED'}] {name} ({outcome.seconds:.1f} s): {outcome.detail}", flush=True)
+        outcomes.append(outcome)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return outcomes
+
+
+def summary(outcomes: Sequence[Outcome]) -> str:
+    failed = [o.name for o in outcomes if not o.ok]
+    head = f"{len(outcomes) - len(failed)}/{len(outcomes)} checks passed"
+    return head + (f"; failed: {', '.join(failed)}" if failed else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reason = no_cuda_message()
+    if reason is not None:
+        print(reason)
+        return 0
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, fv_plugin {fv_plugin.__version__}")
+    checks: dict[str, Callable[[argparse.Namespace], str]] = {
+        "fp16": lambda a: check_dtype(a, torch.float16),
+        "bf16": lambda a: check_dtype(a, torch.bfloat16),
+        "4bit": check_4bit,
+        "split": check_split,
+        "extract": check_extract,
+        "overhead": check_overhead,
+    }
+    outcomes = run_checks(args, checks)
+    print(summary(outcomes))
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
