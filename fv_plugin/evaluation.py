@@ -9,11 +9,12 @@
   appears in the greedy continuation.
 
 Every mode reports first-token top-1 accuracy (the argmax of the next-token distribution is the first token of
-an accepted answer), exact match of the greedy continuation (its first line, stripped, is an accepted answer:
-the measure for multi-token answers), the probability of the answer's first token and, when vectors are given,
-the same probability without them and the KL divergence from the unsteered to the steered next-token
-distribution. Vectors are added at the final prompt token for the next-token figures and, as in the paper, at
-the final prompt token and every generated token for the continuation.
+an accepted answer), exact match of the greedy continuation (it starts with a whole accepted answer, followed by
+its end or a non-word character: every token of a multi-token answer was generated), the probability of the
+answer's first token and, when vectors are given, the same probability without them and the KL divergence from
+the unsteered to the steered next-token distribution. Vectors are added at the final prompt token for the
+next-token figures and, as in the paper, at the final prompt token and every generated token for the
+continuation.
 
 The sweeps (:func:`sweep_strength`, :func:`sweep_layers`, :func:`sweep_k`) run the next-token part only.
 """
@@ -209,8 +210,9 @@ def _continuations(
 
 
 def _exact(continuation: str, answers: Sequence[str]) -> bool:
-    first_line = continuation.strip().split("\n")[0].strip()
-    return first_line in {a.strip() for a in answers}
+    """The continuation starts with a whole accepted answer (then ends, or goes on after a non-word character)."""
+    text = continuation.strip()
+    return any(re.match(re.escape(a.strip()) + r"(?!\w)", text) for a in answers if a.strip())
 
 
 def _contains(continuation: str, answers: Sequence[str]) -> bool:

@@ -81,7 +81,8 @@ def test_evaluate_matches_a_prompt_by_prompt_reference(model: nn.Module, mode: s
             assert row.first_token_correct is None and row.exact_match == (row.answers[0] in words)
         else:
             assert row.first_token_correct == (int(steered.argmax()) == first)
-            assert row.exact_match == (continuation.strip().split("\n")[0].strip() == row.answers[0])
+            head = re.match(r"\w*", continuation.strip())
+            assert head is not None and row.exact_match == (head.group() == row.answers[0])  # one-word answers
         kls.append(kl)
         shifts.append(float(steered[first] - base[first]))
     assert res.kl == pytest.approx(sum(kls) / len(kls), rel=1e-6)
@@ -110,6 +111,7 @@ def test_evaluate_prompts_follow_the_mode(model: nn.Module) -> None:
 def test_answer_matching() -> None:
     assert _exact(" cold\n\nQ:", (" cold",)) and not _exact(" colder", (" cold",))
     assert _exact(" New York\n", ("New York",)) and not _exact(" New", ("New York",))
+    assert _exact(" Vienna, the capital", ("Vienna",)) and not _exact(" JACKJACK", ("JACKET",))
     assert _contains(' "outside" of it', (" outside",)) and _contains("It is COLD.", ("cold",))
     assert not _contains(" outsider", (" outside",))
 
