@@ -257,3 +257,21 @@ def test_quant_diagnosis_reports_every_layer(checkpoints: dict[str, Path]) -> No
     assert cosines is not None and len(cosines.group(1).split()) == 3
     assert all(-1.0 <= float(item.split(":")[1]) <= 1.0 for item in cosines.group(1).split())
     assert "8bit model steered at layer 1 by the fp32 vector" in text and "fp32: 2-shot ICL test accuracy" in text
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_evaluation_and_top_tokens_on_a_quantized_model(checkpoints: dict[str, Path], quant: str) -> None:
+    from test_evaluation import reverse_task
+
+    model = quantized(checkpoints, "llama", quant)
+    tok = char_tokenizer()
+    fv = fv_plugin.FunctionVector(vector=vector(3), layer=1)
+    res = fv_plugin.evaluate(model, tok, reverse_task(), vectors=[fv], n=3, max_new_tokens=2)
+    zero = fv_plugin.evaluate(model, tok, reverse_task(), vectors=[fv], strength=0.0, n=3, generate=False)
+    assert res.kl is not None and res.kl > 0 and zero.kl == pytest.approx(0.0, abs=1e-6)
+    assert [r.answer_prob for r in zero.rows] == pytest.approx([r.base_answer_prob for r in res.rows])
+    got = fv_plugin.top_tokens(model, tok, fv, k=3)
+    norm = model.model.norm
+    with torch.no_grad():
+        ref = model.lm_head(norm(fv.vector.to(norm.weight.dtype))).float().topk(3).indices.tolist()
+    assert [t.token_id for t in got] == ref
