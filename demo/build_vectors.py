@@ -1,0 +1,49 @@
+"""Build the demo's precomputed function vectors: one per built-in task, for each embedded model.
+
+Each is ``extract_function_vector(model, tokenizer, load_task(task))`` with the library's defaults
+(``method="auto"``, which is ``"difference"`` for both embedded models; layer chosen by the validation sweep),
+saved as ``demo/vectors/<model>/<task>.safetensors``. The files were made with:
+
+    nice -n 10 python demo/build_vectors.py --model smollm2-135m-instruct
+    nice -n 10 python demo/build_vectors.py --model gemma-3-270m
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fv_plugin
+
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+
+
+def build(model_name: str, tasks: list[str], out_dir: Path) -> None:
+    model, tokenizer = fv_plugin.load_model(model_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in tasks:
+        start = time.perf_counter()
+        fv = fv_plugin.extract_function_vector(model, tokenizer, fv_plugin.load_task(name))
+        # Name the model by its short name, not by the local folder it was loaded from.
+        fv = dataclasses.replace(fv, model_name=model_name)
+        path = fv.save(out_dir / f"{name}.safetensors")
+        print(f"{name}: layer {fv.layer}, method {fv.method}, {time.perf_counter() - start:.1f} s -> {path.name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model short name")
+    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: every built-in task)")
+    args = parser.parse_args()
+    tasks = args.tasks or fv_plugin.builtin_tasks()
+    build(args.model, tasks, VECTORS_DIR / args.model)
+
+
+if __name__ == "__main__":
+    main()
