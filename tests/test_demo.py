@@ -189,3 +189,26 @@ def test_vector_sets_load_and_the_ui_builds(engine: Engine, tmp_path: Path) -> N
     demo = build_app(DemoApp(engine))
     assert isinstance(demo, gr.Blocks)
     assert demo._queue.max_size is not None  # a bounded queue
+
+
+def test_the_repository_is_a_space() -> None:
+    """The README's front matter names the app, and requirements.txt installs what the app imports."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("---\n")
+    front = readme.split("---\n")[1]
+    fields = dict(line.split(": ", 1) for line in front.splitlines() if ": " in line)
+    assert fields["sdk"] == "gradio" and (root / fields["app_file"]).is_file()
+    assert len(fields["short_description"]) <= 60  # the Hub's limit
+    assert "python demo/app.py" in readme.split("```")[1]  # the main command starts the demo
+
+    def name(requirement: str) -> str:
+        return requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip().lower()
+
+    lines = (root / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    installed = {name(line) for line in lines if line.strip() and not line.startswith(("#", "-"))}
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    needed = {name(dep) for dep in project["dependencies"]} | {"matplotlib"}
+    assert needed <= installed, f"requirements.txt lacks {sorted(needed - installed)}"
