@@ -10,7 +10,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 from fv_plugin.activations import difference_vector, last_token_hidden_states, mean_last_token_hidden_state
+from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, similarity_matrix, top_tokens
 from fv_plugin.architectures import ArchSpec, register_architecture
+from fv_plugin.evaluation import EvalResult, EvalRow, Sweep, evaluate, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
 from fv_plugin.hooks import attach, detach, is_attached
 from fv_plugin.mediation import (
@@ -29,6 +31,8 @@ from fv_plugin.vector import FunctionVector
 __all__ = [
     "EMBEDDED_MODELS",
     "ArchSpec",
+    "EvalResult",
+    "EvalRow",
     "FunctionVector",
     "FunctionVectorProcessor",
     "IndirectEffects",
@@ -36,8 +40,11 @@ __all__ = [
     "Prompt",
     "PromptTemplate",
     "SteeredModel",
+    "Sweep",
     "Task",
+    "TokenScore",
     "__version__",
+    "aie_matrix",
     "attach",
     "attribution_patching",
     "average_indirect_effect",
@@ -45,7 +52,9 @@ __all__ = [
     "detach",
     "difference_vector",
     "encode_prompts",
+    "evaluate",
     "extract_function_vector",
+    "head_locations",
     "head_vector",
     "is_attached",
     "last_token_hidden_states",
@@ -56,6 +65,11 @@ __all__ = [
     "mean_last_token_hidden_state",
     "rank_agreement",
     "register_architecture",
+    "similarity_matrix",
     "steer",
+    "sweep_k",
+    "sweep_layers",
+    "sweep_strength",
+    "top_tokens",
     "zero_shot_scores",
 ]

@@ -1,0 +1,214 @@
+"""Plots (matplotlib, the ``viz`` extra). Each draws values that the rest of the package returns as data.
+
+Every function returns a :class:`matplotlib.figure.Figure` made without pyplot, so nothing global is touched
+and figures can be drawn from several threads; save one with ``fig.savefig(path)``.
+
+=====================  ==========================================================
+plot                   data
+=====================  ==========================================================
+:func:`plot_aie`       :func:`fv_plugin.analysis.aie_matrix`, ``fv.heads``
+:func:`plot_layer_curve`  :func:`fv_plugin.analysis.layer_sweep` or a layer :class:`~fv_plugin.evaluation.Sweep`
+:func:`plot_sweep`     a :class:`~fv_plugin.evaluation.Sweep` (strength, layer or k)
+:func:`plot_similarity`  :func:`fv_plugin.analysis.similarity_matrix`
+:func:`plot_top_tokens`  :func:`fv_plugin.analysis.top_tokens`
+:func:`plot_head_depths`  :func:`fv_plugin.analysis.head_locations` per model
+:func:`plot_transfer`  :class:`~fv_plugin.compare.TransferResult` rows
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fv_plugin.analysis import HeadLocation, TokenScore, aie_matrix, layer_sweep, similarity_matrix
+from fv_plugin.evaluation import Sweep
+from fv_plugin.extraction import LayerSweep
+from fv_plugin.vector import FunctionVector
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_aie",
+    "plot_head_depths",
+    "plot_layer_curve",
+    "plot_similarity",
+    "plot_sweep",
+    "plot_top_tokens",
+    "plot_transfer",
+]
+
+
+def _figure(width: float, height: float) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError('plots need matplotlib: pip install "fv_plugin[viz]"') from exc
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_aie(
+    fv: FunctionVector | torch.Tensor, heads: Sequence[tuple[int, int]] | None = None, *, title: str | None = None
+) -> Figure:
+    """Heatmap of the average indirect effect of every head (layers down, heads across); chosen heads boxed.
+
+    ``fv`` is a vector extracted with ``method="heads"`` (its AIE matrix and heads are used) or an AIE matrix
+    ``[layers, heads]``, with ``heads`` to mark.
+    """
+    if isinstance(fv, FunctionVector):
+        matrix = aie_matrix(fv)
+        if matrix is None:
+            raise ValueError(f"the vector (method {fv.method!r}) stores no AIE matrix; extract it with method='heads'")
+        heads = fv.heads if heads is None else heads
+        title = title or f"AIE per head: {fv.task or 'task'}"
+    else:
+        matrix = fv.detach().float().cpu()
+        if matrix.ndim != 2:
+            raise ValueError(f"an AIE matrix is [layers, heads], got shape {tuple(matrix.shape)}")
+    n_layers, n_heads = matrix.shape
+    fig = _figure(max(3.0, 1.2 + 0.35 * n_heads), max(3.0, 0.9 + 0.2 * n_layers))
+    ax = fig.add_subplot()
+    limit = float(matrix.abs().max()) or 1.0
+    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="upper")
+    fig.colorbar(image, ax=ax, label="AIE (gain in answer probability)")
+    for layer, head in heads or ():
+        ax.add_patch(_box(head, layer))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "AIE per head")
+    return fig
+
+
+def _box(x: int, y: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, label=f"{y}.{x}")
+
+
+def plot_layer_curve(curve: FunctionVector | LayerSweep | Sweep, *, title: str | None = None) -> Figure:
+    """Accuracy (and answer probability) against the layer the vector is added at.
+
+    ``curve`` is a vector whose layer was chosen by the validation sweep, that :class:`LayerSweep`, or a layer
+    :class:`~fv_plugin.evaluation.Sweep`.
+    """
+    if isinstance(curve, FunctionVector):
+        found = layer_sweep(curve)
+        if found is None:
+            raise ValueError("the vector stores no layer sweep (its layer was given); use evaluation.sweep_layers")
+        title = title or f"layer sweep: {curve.task or 'task'} (validation)"
+        curve = found
+    if isinstance(curve, Sweep):
+        if curve.parameter != "layer":
+            raise ValueError(f"expected a layer sweep, got a {curve.parameter!r} sweep; use plot_sweep")
+        return plot_sweep(curve, title=title)
+    fig = _figure(5.5, 3.2)
+    ax = fig.add_subplot()
+    ax.plot(curve.layers, curve.accuracy, marker="o", label="accuracy")
+    ax.plot(curve.layers, curve.probability, marker=".", linestyle="--", label="answer probability")
+    ax.axvline(curve.best, color="grey", linewidth=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best")
+    ax.set_title(title or "layer sweep")
+    return fig
+
+
+def plot_sweep(sweep: Sweep, *, title: str | None = None) -> Figure:
+    """Accuracy and answer probability against the swept setting, with the unsteered accuracy as a line."""
+    fig = _figure(5.5, 3.2)
+    ax = fig.add_subplot()
+    ax.plot(sweep.values, sweep.accuracy, marker="o", label="accuracy")
+    ax.plot(sweep.values, sweep.answer_prob, marker=".", linestyle="--", label="answer probability")
+    ax.axhline(sweep.baseline_accuracy, color="grey", linewidth=0.8, linestyle=":", label="no vector")
+    ax.set_xlabel(sweep.parameter)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best")
+    ax.set_title(title or f"{sweep.task}: accuracy against {sweep.parameter}")
+    return fig
+
+
+def plot_similarity(
+    vectors: Sequence[FunctionVector] | torch.Tensor, labels: Sequence[str] | None = None, *, title: str | None = None
+) -> Figure:
+    """Cosine-similarity matrix of vectors (or of a precomputed ``[n, n]`` matrix), annotated."""
+    if isinstance(vectors, torch.Tensor):
+        matrix = vectors.detach().float().cpu()
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a similarity matrix is square, got shape {tuple(matrix.shape)}")
+    else:
+        matrix = similarity_matrix(list(vectors))
+        labels = labels or [v.task or f"#{i}" for i, v in enumerate(vectors)]
+    n = matrix.shape[0]
+    labels = list(labels) if labels is not None else [f"#{i}" for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} vectors")
+    fig = _figure(max(3.5, 1.5 + 0.5 * n), max(3.0, 1.2 + 0.45 * n))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right")
+    ax.set_yticks(range(n), labels)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(title or "cosine similarity of function vectors")
+    return fig
+
+
+def plot_top_tokens(tokens: Sequence[TokenScore], *, title: str | None = None) -> Figure:
+    """Horizontal bars of the logits of a vector's top tokens (best at the top)."""
+    if not tokens:
+        raise ValueError("no tokens to plot")
+    fig = _figure(4.5, max(2.5, 0.6 + 0.28 * len(tokens)))
+    ax = fig.add_subplot()
+    labels = [repr(t.token) for t in tokens]
+    ax.barh(range(len(tokens)), [t.logit for t in tokens])
+    ax.set_yticks(range(len(tokens)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("logit (final norm + unembedding of the vector)")
+    ax.set_title(title or "top tokens")
+    return fig
+
+
+def plot_head_depths(heads: Mapping[str, Sequence[HeadLocation]], *, title: str | None = None) -> Figure:
+    """Relative depth of each model's chosen heads (0 = first layer, 1 = last), marker size by AIE rank."""
+    if not heads:
+        raise ValueError("no heads to plot")
+    fig = _figure(5.5, 1.2 + 0.6 * len(heads))
+    ax = fig.add_subplot()
+    for row, (name, locations) in enumerate(heads.items()):
+        depths = [h.depth for h in locations]
+        sizes = [60 * (1 - i / max(len(locations), 1)) + 10 for i in range(len(locations))]
+        ax.scatter(depths, [row] * len(depths), s=sizes, alpha=0.7, label=name)
+    ax.set_yticks(range(len(heads)), list(heads))
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("relative depth of the head's layer")
+    ax.set_title(title or "where the top heads sit")
+    return fig
+
+
+def plot_transfer(
+    tasks: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str | None = None, ylabel: str = "accuracy"
+) -> Figure:
+    """Grouped bars: one group per task, one bar per series (e.g. zero-shot, own FV, mapped FV)."""
+    if not tasks or not series:
+        raise ValueError("nothing to plot")
+    for name, values in series.items():
+        if len(values) != len(tasks):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(tasks)} tasks")
+    fig = _figure(max(5.0, 1.5 + 0.9 * len(tasks)), 3.4)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [t + (i - (len(series) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(xs, list(values), width=width, label=name)
+    ax.set_xticks(range(len(tasks)), list(tasks), rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "transfer")
+    return fig
