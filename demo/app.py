@@ -27,8 +27,8 @@ import gradio as gr
 import torch
 
 import fv_plugin
-from demo import plots
-from demo.engine import METHODS, POSITIONS, DemoError, Engine, available_vector_sets, cosine_matrix, json_field
+import fv_plugin.viz
+from demo.engine import METHODS, POSITIONS, DemoError, Engine, available_vector_sets
 
 logger = logging.getLogger("fv_demo")
 
@@ -132,17 +132,16 @@ class DemoApp:
         fv = result.fv
         name = f"{task.name} ({fv.method}, yours)"
         mine = {**(user_vectors or {}), name: fv}
-        aie = json_field(fv, "aie")
-        sweep = json_field(fv, "layer_sweep")
         summary = (
             f"**{task.name}**: {fv.method} vector at layer {fv.layer}, extracted in {result.seconds:.1f} s.  \n"
             f"Zero-shot first-token accuracy on {result.n_test} test queries: **{result.before:.2f} → "
             f"{result.after:.2f}** with the vector ({self.engine.settings.n_shots}-shot prompts: {result.icl:.2f}).  \n"
             f"It is now in the Steer tab as *{name}*."
         )
-        heatmap = plots.aie_heatmap(aie, fv.heads or ()) if aie is not None else None
-        curve = plots.layer_curve(sweep, fv.layer) if sweep is not None else None
-        tokens = [[token, round(prob, 4)] for token, prob in self.engine.top_tokens(fv)]
+        heatmap = fv_plugin.viz.plot_aie(fv) if fv_plugin.aie_matrix(fv) is not None else None
+        curve = fv_plugin.viz.plot_layer_curve(fv) if "layer_sweep" in fv.extra else None
+        scores = fv_plugin.top_tokens(self.engine.model, self.engine.tokenizer, fv, k=10)
+        tokens = [[repr(t.token), round(t.logit, 2), round(t.prob, 4)] for t in scores]
         folder = Path(tempfile.mkdtemp(prefix="fv-"))
         path = fv.save(folder / f"{task.name}-{fv.method}.safetensors")
         names = self.vector_names(mine)
@@ -152,9 +151,12 @@ class DemoApp:
     def compare(self, user_vectors: dict[str, fv_plugin.FunctionVector] | None) -> tuple[Any, Any, str]:
         """The similarity matrix of every available vector, and the cross-model view when there is one."""
         pool = {**self.engine.vectors, **(user_vectors or {})}
+        if not pool:
+            raise DemoError("There are no vectors to compare yet: extract one first.")
         names = sorted(pool)
-        matrix = cosine_matrix([pool[n] for n in names])
-        figure = plots.similarity(names, matrix, f"Cosine similarity of task vectors ({self.engine.model_name})")
+        figure = fv_plugin.viz.plot_similarity(
+            [pool[n] for n in names], names, title=f"cosine similarity of task vectors ({self.engine.model_name})"
+        )
         cross, text = None, "Cross-model view: needs the precomputed vectors of two models."
         if len(self.cross_model) >= 2:
             cross, text = self.cross_view()
@@ -165,13 +167,13 @@ class DemoApp:
         tasks = sorted(set(set_a) & set(set_b))
         if len(tasks) < 2:
             return None, "Cross-model view: the two models share fewer than two tasks."
-        sim_a = cosine_matrix([set_a[t] for t in tasks])
-        sim_b = cosine_matrix([set_b[t] for t in tasks])
+        sim_a = fv_plugin.similarity_matrix([set_a[t] for t in tasks])
+        sim_b = fv_plugin.similarity_matrix([set_b[t] for t in tasks])
         rows, cols = torch.triu_indices(len(tasks), len(tasks), offset=1)
         a, b = sim_a[rows, cols], sim_b[rows, cols]
         corr = float(((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm()))
         both = sim_a.triu(1) + sim_b.tril(-1) + sim_a.diag().diag()
-        fig = plots.similarity(tasks, both, f"upper: {name_a}, lower: {name_b}")
+        fig = fv_plugin.viz.plot_similarity(both, tasks, title=f"upper right: {name_a}; lower left: {name_b}")
         text = (
             f"The two models have different hidden sizes, so their vectors cannot be compared directly; their "
             f"*task geometry* can. Pearson correlation of the {len(a)} task-pair similarities between "
@@ -266,7 +268,10 @@ def build_app(app: DemoApp) -> gr.Blocks:
                 heatmap = gr.Plot(label="Where it came from: AIE per head")
                 curve = gr.Plot(label="Which layer: validation accuracy")
             with gr.Row():
-                tokens = gr.Dataframe(headers=["token", "probability"], label="Top tokens of the vector")
+                tokens = gr.Dataframe(
+                    headers=["token", "logit", "probability"],
+                    label="Top tokens of the vector (final norm + unembedding)",
+                )
                 download = gr.File(label="Download the vector (.safetensors)")
             go.click(
                 shows_errors(app.extract),

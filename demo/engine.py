@@ -8,7 +8,6 @@ concurrent users never see each other's vectors.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,24 +84,6 @@ def available_vector_sets(root: Path = VECTORS_DIR) -> dict[str, dict[str, fv_pl
         return {}
     sets = {folder.name: load_vector_set(folder) for folder in sorted(root.iterdir()) if folder.is_dir()}
     return {name: vectors for name, vectors in sets.items() if vectors}
-
-
-def cosine_matrix(vectors: Sequence[fv_plugin.FunctionVector]) -> torch.Tensor:
-    """Cosine similarity ``[n, n]`` of the vectors' values (all must have the same size)."""
-    if not vectors:
-        raise DemoError("There are no vectors to compare yet.")
-    sizes = {fv.size for fv in vectors}
-    if len(sizes) != 1:
-        raise DemoError(f"Vectors of different sizes cannot be compared directly: {sorted(sizes)}")
-    stacked = torch.stack([fv.vector.float() for fv in vectors])
-    unit = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return unit @ unit.T
-
-
-def json_field(fv: fv_plugin.FunctionVector, key: str) -> Any:
-    """A JSON value the extraction stored in ``fv.extra`` (``None`` when absent)."""
-    raw = fv.extra.get(key)
-    return json.loads(raw) if raw else None
 
 
 class Engine:
@@ -207,19 +188,6 @@ class Engine:
             )
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return SteerResult(unsteered=texts[0], steered=texts[1])
-
-    @torch.inference_mode()
-    def top_tokens(self, fv: fv_plugin.FunctionVector, k: int = 10) -> list[tuple[str, float]]:
-        """The tokens the vector itself promotes: softmax of the unembedding of the final-normed vector."""
-        head = self.model.get_output_embeddings()
-        norm = getattr(self.model.get_decoder(), "norm", None)
-        weight = head.weight
-        vector = fv.vector.to(device=weight.device, dtype=weight.dtype)
-        if norm is not None:
-            vector = norm(vector[None, None])[0, 0]
-        probs = head(vector).float().softmax(-1)
-        top = probs.topk(k)
-        return [(self.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)]
 
     # ---------------------------------------------------------------- extraction
     def check_task_file(self, path: str | Path) -> fv_plugin.Task:

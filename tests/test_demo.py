@@ -14,7 +14,7 @@ import fv_plugin
 gr = pytest.importorskip("gradio")
 
 from demo.app import NONE, OWN_LAYER, DemoApp, build_app, shows_errors  # noqa: E402
-from demo.engine import DemoError, Engine, ExtractSettings, Limits, cosine_matrix, load_vector_set  # noqa: E402
+from demo.engine import DemoError, Engine, ExtractSettings, Limits, load_vector_set  # noqa: E402
 
 PROMPT = "Q: abc\nA:"
 
@@ -163,21 +163,27 @@ def test_extract_refuses_bad_uploads_in_the_page(engine: Engine, tmp_path: Path)
         shows_errors(app.extract)(None, None, "heads", {})
 
 
-def test_cosine_matrix_and_compare(engine: Engine) -> None:
-    vectors = list(engine.vectors.values())
-    got = cosine_matrix(vectors)
-    for i, a in enumerate(vectors):
-        for j, b in enumerate(vectors):
-            want = torch.nn.functional.cosine_similarity(a.vector, b.vector, dim=0)
-            assert abs(float(got[i, j]) - float(want)) < 1e-5
-    with pytest.raises(DemoError):
-        cosine_matrix([])
-    other = {name: vector(10 + i, scale=1.0) for i, name in enumerate(["a", "b", "c"])}
-    app = DemoApp(engine, cross_model={"tiny": dict(engine.vectors), "other": other})
+def test_compare_and_the_cross_model_view(engine: Engine) -> None:
+    import numpy as np
+
+    app = DemoApp(engine)
     figure, cross, text = app.compare({})
-    assert figure is not None and cross is not None and "Pearson correlation of the 3 task-pair" in text
-    alone = DemoApp(engine).compare({})
-    assert alone[1] is None and "needs the precomputed vectors of two models" in alone[2]
+    assert figure is not None and cross is None and "needs the precomputed vectors of two models" in text
+    other = {name: vector(10 + i, scale=1.0) for i, name in enumerate(["a", "b", "c", "d"])}
+    mine = dict(engine.vectors)
+    _, cross, text = DemoApp(engine, cross_model={"tiny": mine, "other": other}).compare({})
+
+    # oracle: numpy's Pearson correlation of the pairwise cosines of the three shared tasks
+    def cosines(vs: dict) -> list[float]:
+        units = {k: v.vector.numpy() / np.linalg.norm(v.vector.numpy()) for k, v in vs.items()}
+        return [float(units[x] @ units[y]) for x, y in [("a", "b"), ("a", "c"), ("b", "c")]]
+
+    want = np.corrcoef(cosines(mine), cosines(other))[0, 1]
+    assert cross is not None and "Pearson correlation of the 3 task-pair similarities" in text
+    assert f"**{want:.2f}**" in text
+    empty = DemoApp(Engine(engine.model, engine.tokenizer, model_name="t"))
+    with pytest.raises(DemoError, match="no vectors to compare"):
+        empty.compare({})
 
 
 def test_vector_sets_load_and_the_ui_builds(engine: Engine, tmp_path: Path) -> None:
