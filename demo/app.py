@@ -28,7 +28,7 @@ import torch
 
 import fv_plugin
 import fv_plugin.viz
-from demo.engine import METHODS, POSITIONS, DemoError, Engine, available_vector_sets
+from demo.engine import METHODS, POSITIONS, DemoError, Engine, ExtractSettings, available_vector_sets
 
 logger = logging.getLogger("fv_demo")
 
@@ -296,7 +296,7 @@ def build_app(app: DemoApp) -> gr.Blocks:
     return demo
 
 
-def make_app(model_name: str) -> DemoApp:
+def make_app(model_name: str, settings: ExtractSettings | None = None) -> DemoApp:
     """Load ``model_name`` and its shipped vectors (if any) into a :class:`DemoApp`."""
     model, tokenizer = fv_plugin.load_model(model_name)
     sets = available_vector_sets()
@@ -305,6 +305,7 @@ def make_app(model_name: str) -> DemoApp:
         tokenizer,
         model_name=model_name,
         vectors=sets.get(model_name, {}),
+        settings=settings or ExtractSettings(),
         load_copy=lambda: fv_plugin.load_model(model_name),
     )
     return DemoApp(engine, cross_model=sets)

@@ -13,7 +13,7 @@ import fv_plugin
 
 gr = pytest.importorskip("gradio")
 
-from demo.app import NONE, OWN_LAYER, DemoApp, build_app, shows_errors  # noqa: E402
+from demo.app import NONE, OWN_LAYER, QUEUE_SIZE, DemoApp, build_app, shows_errors  # noqa: E402
 from demo.engine import DemoError, Engine, ExtractSettings, Limits, load_vector_set  # noqa: E402
 
 PROMPT = "Q: abc\nA:"
@@ -194,7 +194,7 @@ def test_vector_sets_load_and_the_ui_builds(engine: Engine, tmp_path: Path) -> N
     assert load_vector_set(tmp_path / "missing") == {}
     demo = build_app(DemoApp(engine))
     assert isinstance(demo, gr.Blocks)
-    assert demo._queue.max_size is not None  # a bounded queue
+    assert demo._queue.max_size == QUEUE_SIZE  # a bounded queue
 
 
 def test_the_repository_is_a_space() -> None:

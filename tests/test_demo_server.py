@@ -15,6 +15,7 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from demo.app import NONE, OWN_LAYER, DemoApp, launch, make_app  # noqa: E402
+from demo.engine import ExtractSettings  # noqa: E402
 from demo.screenshot import CHROMIUM, free_port, steer_in_browser  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,8 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[DemoApp, str]]:
-    app = make_app("smollm2-135m-instruct")
-    if len(app.engine.vectors) < 1:
-        pytest.fail("demo/vectors/smollm2-135m-instruct should ship at least 4 vectors (python demo/build_vectors.py)")
+    # small extraction samples: the tests check the plumbing, the app's defaults are measured in the README
+    app = make_app("smollm2-135m-instruct", ExtractSettings(n_mean=4, n_aie=1, n_shots=4, layer_stride=6))
     port = free_port()
     demo = launch(app, port=port, block=False)
     try:
@@ -56,9 +56,27 @@ def test_api_through_gradio_client(served: tuple[DemoApp, str]) -> None:
         client.predict(*ui_args("Q: hot\nA:", "no-such-task"), api_name="/steer")
 
 
+def test_extract_through_gradio_client_then_steer_with_the_new_vector(
+    served: tuple[DemoApp, str], tmp_path: Path
+) -> None:
+    _, url = served
+    client = gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT_S})
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"pairs\.jsonl, line 2: missing 'output'"):
+        client.predict("antonym", gradio_client.handle_file(str(bad)), "difference", api_name="/extract")
+    summary, _, curve, tokens, path, *_ = client.predict("antonym", None, "difference", api_name="/extract")
+    assert "antonym (difference, yours)" in summary and curve is not None and len(tokens["data"]) == 10
+    assert Path(path).stat().st_size > 0
+    # the same session can now steer with its own vector (the dropdown accepts the new choice)
+    plain, steered = client.predict(*ui_args("Q: hot\nA:", "antonym (difference, yours)"), api_name="/steer")
+    assert plain != steered
+
+
 def test_concurrent_clients_get_their_own_steering(served: tuple[DemoApp, str]) -> None:
     app, url = served
     names = sorted(app.engine.vectors)
+    assert len(names) >= 4, "demo/vectors/smollm2-135m-instruct should ship at least 4 vectors (demo/build_vectors.py)"
     requests = [ui_args("Q: small\nA:", name, strength=2.0) for name in names[:4]]
     requests.append(ui_args("Q: small\nA:", names[0], strength=2.0, second=names[1], weight2=-1.0))
     serial = [direct(app, args) for args in requests]
