@@ -155,7 +155,7 @@ class DemoApp:
             raise DemoError("There are no vectors to compare yet: extract one first.")
         names = sorted(pool)
         figure = fv_plugin.viz.plot_similarity(
-            [pool[n] for n in names], names, title=f"cosine similarity of task vectors ({self.engine.model_name})"
+            [pool[n] for n in names], names, title=f"cosine similarity ({self.engine.model_name})"
         )
         cross, text = None, "Cross-model view: needs the precomputed vectors of two models."
         if len(self.cross_model) >= 2:
@@ -265,8 +265,8 @@ def build_app(app: DemoApp) -> gr.Blocks:
             go = gr.Button("Extract", variant="primary")
             summary = gr.Markdown()
             with gr.Row():
-                heatmap = gr.Plot(label="Where it came from: AIE per head")
-                curve = gr.Plot(label="Which layer: validation accuracy")
+                heatmap = gr.Plot(label="Where it came from: AIE per head", show_label=False)
+                curve = gr.Plot(label="Which layer: validation accuracy", show_label=False)
             with gr.Row():
                 tokens = gr.Dataframe(
                     headers=["token", "logit", "probability"],
@@ -283,9 +283,9 @@ def build_app(app: DemoApp) -> gr.Blocks:
             )
         with gr.Tab("Compare"):
             compare = gr.Button("Compare the available vectors")
-            similarity = gr.Plot(label="Similarity of the task vectors")
+            similarity = gr.Plot(label="Similarity of the task vectors", show_label=False)
             cross_text = gr.Markdown()
-            cross = gr.Plot(label="Across models")
+            cross = gr.Plot(label="Across models", show_label=False)
             compare.click(
                 shows_errors(app.compare),
                 inputs=[user_vectors],

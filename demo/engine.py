@@ -46,11 +46,11 @@ class Limits:
 class ExtractSettings:
     """Small sample sizes so that one extraction takes seconds on a CPU, not minutes."""
 
-    n_mean: int = 16
-    n_aie: int = 4
+    n_mean: int = 8
+    n_aie: int = 2
     n_shots: int = 10
     k: int = 10
-    layer_stride: int = 2
+    layer_stride: int = 3
 
 
 @dataclass(frozen=True)
