@@ -165,8 +165,8 @@ class DemoApp:
     def cross_view(self) -> tuple[Any, str]:
         (name_a, set_a), (name_b, set_b) = list(self.cross_model.items())[:2]
         tasks = sorted(set(set_a) & set(set_b))
-        if len(tasks) < 2:
-            return None, "Cross-model view: the two models share fewer than two tasks."
+        if len(tasks) < 3:
+            return None, "Cross-model view: the two models' precomputed vectors share fewer than three tasks."
         sim_a = fv_plugin.similarity_matrix([set_a[t] for t in tasks])
         sim_b = fv_plugin.similarity_matrix([set_b[t] for t in tasks])
         rows, cols = torch.triu_indices(len(tasks), len(tasks), offset=1)

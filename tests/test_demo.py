@@ -181,6 +181,9 @@ def test_compare_and_the_cross_model_view(engine: Engine) -> None:
     want = np.corrcoef(cosines(mine), cosines(other))[0, 1]
     assert cross is not None and "Pearson correlation of the 3 task-pair similarities" in text
     assert f"**{want:.2f}**" in text
+    two = {"a": other["a"], "b": other["b"]}
+    _, cross, text = DemoApp(engine, cross_model={"tiny": mine, "other": two}).compare({})
+    assert cross is None and "share fewer than three tasks" in text
     empty = DemoApp(Engine(engine.model, engine.tokenizer, model_name="t"))
     with pytest.raises(DemoError, match="no vectors to compare"):
         empty.compare({})
