@@ -3,11 +3,11 @@
 Each is ``extract_function_vector(model, tokenizer, load_task(task), n_mean=32)``: the library's defaults
 (``method="auto"``, which is ``"difference"`` for both embedded models; 10-shot prompts; layer chosen by the
 validation sweep over every layer) except 32 ICL prompts for the mean instead of 100, to keep the build short on a
-CPU. Saved as ``demo/vectors/<model>/<task>.safetensors``. The shipped files were made with (on a shared 2-core
-CPU, 4.5 to 26 minutes per task; the build was stopped after these tasks for time):
+CPU. Saved as ``demo/vectors/<model>/<task>.safetensors``. The shipped files were made with these commands (on a
+shared 2-core CPU under other jobs' load, 2 to 26 minutes per task, so both were stopped early for time):
 
     nice -n 10 python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
-        english-french capitalize
+        english-french capitalize present-past singular-plural
     nice -n 10 python demo/build_vectors.py --model gemma-3-270m --tasks antonym country-capital capitalize
 
 Without ``--tasks`` it builds every built-in task.
