@@ -4,7 +4,7 @@ Each is ``extract_function_vector(model, tokenizer, load_task(task), n_mean=32)`
 (``method="auto"``, which is ``"difference"`` for both embedded models; 10-shot prompts; layer chosen by the
 validation sweep over every layer) except 32 ICL prompts for the mean instead of 100, to keep the build short on a
 CPU. Saved as ``demo/vectors/<model>/<task>.safetensors``. The shipped files were made with these commands (on a
-shared 2-core CPU under other jobs' load, 2 to 26 minutes per task, so both were stopped early for time):
+shared 2-core CPU under other jobs' load, 2 to 26 minutes per task, so not every built-in task was built):
 
     nice -n 10 python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
         english-french capitalize present-past singular-plural

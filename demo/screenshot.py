@@ -55,6 +55,7 @@ def steer_in_browser(
                 "() => document.querySelector('#steered textarea').value.length > 0",
                 timeout=timeout_ms,
             )
+            page.wait_for_timeout(1500)  # let the outputs' loading state fade before the screenshot
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)
             return BrowserRun(
