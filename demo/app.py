@@ -189,7 +189,7 @@ def build_app(app: DemoApp) -> gr.Blocks:
     first = "antonym" if "antonym" in names else (names[0] if names else None)
     layers = [OWN_LAYER, *(str(i) for i in range(engine.num_layers))]
     limits = engine.limits
-    with gr.Blocks(title="Function vectors, live") as demo:
+    with gr.Blocks(title="Function vectors, live", analytics_enabled=False) as demo:
         gr.Markdown(INTRO.format(model=engine.model_name))
         user_vectors = gr.State({})
         with gr.Tab("Steer"):
@@ -332,8 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("FV_DEMO_MODEL", DEFAULT_MODEL),
         help="embedded short name, local folder or Hub id (env FV_DEMO_MODEL; default %(default)s)",
     )
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address (env GRADIO_SERVER_NAME)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     launch(make_app(args.model), host=args.host, port=args.port)
