@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,10 @@ def served() -> Iterator[tuple[DemoApp, str]]:
         demo.close()
 
 
+def connect(url: str) -> Any:
+    return gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT_S}, analytics_enabled=False)
+
+
 def ui_args(prompt: str, vector: str, strength: float = 1.0, second: str = NONE, weight2: float = 0.0) -> list:
     return [prompt, vector, 1.0, second, weight2, NONE, 0.0, OWN_LAYER, strength, "last_prompt", NEW_TOKENS]
 
@@ -45,7 +50,7 @@ def direct(app: DemoApp, args: list) -> tuple[str, str]:
 
 def test_api_through_gradio_client(served: tuple[DemoApp, str]) -> None:
     app, url = served
-    client = gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT_S})
+    client = connect(url)
     args = ui_args("Q: hot\nA:", "antonym")
     got = client.predict(*args, api_name="/steer")
     assert tuple(got) == direct(app, args)
@@ -60,7 +65,7 @@ def test_extract_through_gradio_client_then_steer_with_the_new_vector(
     served: tuple[DemoApp, str], tmp_path: Path
 ) -> None:
     _, url = served
-    client = gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT_S})
+    client = connect(url)
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
     with pytest.raises(gradio_client.exceptions.AppError, match=r"pairs\.jsonl, line 2: missing 'output'"):
@@ -83,7 +88,7 @@ def test_concurrent_clients_get_their_own_steering(served: tuple[DemoApp, str]) 
     assert len({steered for _, steered in serial}) > 1  # different vectors give different outputs: leaks would show
 
     def call(args: list) -> tuple[str, str]:
-        client = gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": TIMEOUT_S})
+        client = connect(url)
         return tuple(client.submit(*args, api_name="/steer").result(timeout=TIMEOUT_S))
 
     with ThreadPoolExecutor(len(requests)) as pool:
