@@ -1,0 +1,88 @@
+"""Drive the demo in a real browser (Debian's chromium through Playwright) and save a screenshot.
+
+Regenerate the README's screenshot (starts the app on the embedded default model on a free port):
+
+    python demo/screenshot.py docs/screenshot.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@dataclass(frozen=True)
+class BrowserRun:
+    """What the page showed after pressing Steer."""
+
+    unsteered: str
+    steered: str
+    screenshot: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def steer_in_browser(
+    url: str, out: Path, *, prompt: str = "Q: hot\nA:", timeout_s: float = 120.0, executable: str = CHROMIUM
+) -> BrowserRun:
+    """Open ``url``, type ``prompt``, press Steer, wait for both outputs, save a screenshot at ``out``."""
+    from playwright.sync_api import sync_playwright
+
+    timeout_ms = timeout_s * 1000
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url, timeout=timeout_ms)
+            box = page.locator("#prompt textarea")
+            box.wait_for(timeout=timeout_ms)
+            box.fill(prompt)
+            page.locator("#steer-button").click()
+            steered = page.locator("#steered textarea")
+            page.wait_for_function(
+                "() => document.querySelector('#steered textarea').value.length > 0",
+                timeout=timeout_ms,
+            )
+            page.wait_for_timeout(1500)  # let the outputs' loading state fade before the screenshot
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out), full_page=True)
+            return BrowserRun(
+                unsteered=page.locator("#unsteered textarea").input_value(),
+                steered=steered.input_value(),
+                screenshot=out,
+            )
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    from demo.app import DEFAULT_MODEL, launch, make_app
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, nargs="?", default=Path("docs/screenshot.png"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--prompt", default="Q: hot\nA:")
+    args = parser.parse_args()
+    port = free_port()
+    demo = launch(make_app(args.model), port=port, block=False)
+    try:
+        run = steer_in_browser(f"http://127.0.0.1:{port}/", args.out, prompt=args.prompt)
+    finally:
+        demo.close()
+    print(f"unsteered: {run.unsteered!r}\nsteered:   {run.steered!r}\nsaved {run.screenshot}")
+
+
+if __name__ == "__main__":
+    main()
