@@ -94,8 +94,8 @@ class Engine:
         model, tokenizer: the model every user steers.
         model_name: the name shown in the UI and written into extracted vectors.
         vectors: the precomputed vectors available to everyone, by name.
-        load_copy: returns a second ``(model, tokenizer)`` for extractions (which record and patch head
-            activations with hooks that would otherwise touch other users' calls); defaults to a deep copy.
+        load_copy: returns a second ``(model, tokenizer)`` for extractions, so that a long extraction never
+            holds hooks on the model that serves steering requests; defaults to a deep copy.
     """
 
     def __init__(
@@ -221,8 +221,8 @@ class Engine:
     def extract(self, task: fv_plugin.Task, *, method: str = "heads", progress: bool = False) -> Extraction:
         """Extract a vector for ``task`` with the demo's small settings and score it on the test split.
 
-        Runs on a separate copy of the model, one extraction at a time, so that the extraction's recording and
-        patching hooks never touch another user's generation.
+        Runs on a separate copy of the model, one extraction at a time. (fv_plugin's recording and patching hooks
+        act only in the thread that opened them; the copy keeps the serving model free of them altogether.)
         """
         if method not in METHODS:
             raise DemoError(f"Method must be one of {METHODS}, got {method!r}.")

@@ -9,6 +9,7 @@ in the calling thread (see :mod:`fv_plugin.runtime`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import threading
 import types
@@ -39,6 +40,7 @@ __all__ = [
     "is_attached",
     "patch_head_inputs",
     "record_head_inputs",
+    "record_layer_calls",
     "record_layer_outputs",
 ]
 
@@ -233,22 +235,63 @@ def record_layer_outputs(
         if not 0 <= layer < resolved.num_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
     seen: dict[int, torch.Tensor] = {}
+    with _scope() as inside:
 
-    def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = output if isinstance(output, torch.Tensor) else output[0]
-            seen[index] = hidden.detach()
+        def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if inside():
+                    hidden = output if isinstance(output, torch.Tensor) else output[0]
+                    seen[index] = hidden.detach()
 
-        return hook
+            return hook
 
-    handles: list[RemovableHandle] = []
+        handles: list[RemovableHandle] = []
+        try:
+            for layer in layers:
+                handles.append(resolved.layers[layer].register_forward_hook(make(layer), prepend=False))
+            yield seen
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# Read and patch hooks act only on forward passes run in the context (thread, asyncio task) that opened them, so
+# recording or patching on a shared model never reaches other users' calls.
+_SCOPES: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("fv_plugin_hook_scopes", default=frozenset())
+
+
+@contextlib.contextmanager
+def _scope() -> Iterator[Callable[[], bool]]:
+    """Enter a scope of the current context; yields a check that is true only in forwards run inside it."""
+    key = object()
+    token = _SCOPES.set(_SCOPES.get() | {id(key)})
     try:
-        for layer in layers:
-            handles.append(resolved.layers[layer].register_forward_hook(make(layer), prepend=False))
-        yield seen
+        yield lambda: id(key) in _SCOPES.get()
     finally:
-        for handle in handles:
-            handle.remove()
+        _SCOPES.reset(token)
+
+
+@contextlib.contextmanager
+def record_layer_calls(resolved: ResolvedArch) -> Iterator[dict[int, tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Record each decoder layer's latest call (positional and keyword arguments); removed on exit."""
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    with _scope() as inside:
+
+        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if inside():
+                    calls[index] = (args, dict(kwargs))
+
+            return hook
+
+        handles: list[RemovableHandle] = []
+        try:
+            for index, layer in enumerate(resolved.layers):
+                handles.append(layer.register_forward_pre_hook(make(index), with_kwargs=True))
+            yield calls
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @contextlib.contextmanager
@@ -258,21 +301,23 @@ def record_head_inputs(resolved: ResolvedArch, layers: Sequence[int]) -> Iterato
     Yields a dict that maps a layer to its latest ``[batch, heads * head_dim]``; removed on exit.
     """
     seen: dict[int, torch.Tensor] = {}
+    with _scope() as inside:
 
-    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen[index] = args[0][:, -1].detach()
+        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if inside():
+                    seen[index] = args[0][:, -1].detach()
 
-        return hook
+            return hook
 
-    handles: list[RemovableHandle] = []
-    try:
-        for layer in layers:
-            handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
+        handles: list[RemovableHandle] = []
+        try:
+            for layer in layers:
+                handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
+            yield seen
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @contextlib.contextmanager
@@ -280,18 +325,19 @@ def patch_head_inputs(
     resolved: ResolvedArch, layers: Sequence[int], patch: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> Iterator[None]:
     """Replace each listed layer's output-projection input by ``patch(layer, input)``; removed on exit."""
+    with _scope() as inside:
 
-    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (patch(index, args[0]), *args[1:])
+        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+                return (patch(index, args[0]), *args[1:]) if inside() else None
 
-        return hook
+            return hook
 
-    handles: list[RemovableHandle] = []
-    try:
-        for layer in layers:
-            handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        handles: list[RemovableHandle] = []
+        try:
+            for layer in layers:
+                handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

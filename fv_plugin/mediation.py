@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import patch_head_inputs, record_head_inputs
+from fv_plugin.hooks import patch_head_inputs, record_head_inputs, record_layer_calls
 from fv_plugin.prompts import Prompt, encode_prompts
 
 __all__ = [
@@ -157,27 +157,14 @@ class _LastToken:
         self.model, self.resolved, self.cache_type = model, resolved, Cache
         prefix = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
         self.prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-        def make(index: int) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                self.calls[index] = (args, dict(kwargs))
-
-            return hook
-
-        handles = [
-            layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(resolved.layers)
-        ]
-        try:
+        with record_layer_calls(resolved) as calls:
             out = model(
                 input_ids=ids[:, -1:],
                 attention_mask=torch.ones(1, ids.shape[1], dtype=torch.long, device=ids.device),
                 use_cache=True,
                 **{cache_kw: copy.deepcopy(self.prefix_cache)},
             )
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.calls = dict(calls)
         self.reference = out.logits[:, -1].float()
         self.usable = resolved.final_norm is not None and len(self.calls) == resolved.num_layers
         if self.usable:

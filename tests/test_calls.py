@@ -218,3 +218,37 @@ def test_deep_copy_of_an_attached_model_is_steered_on_its_own() -> None:
     with fv_plugin.steer(clone, _fv(22, dtype=torch.float32), strength=3.0):
         assert not torch.equal(clone(input_ids=ids).logits, plain)
     assert hook_counts(clone) == hook_counts(model) - 7  # the copied hooks were dropped, steer left none
+
+
+def test_recording_and_patching_reach_only_the_calling_thread() -> None:
+    from fv_plugin.architectures import resolve_architecture
+    from fv_plugin.hooks import patch_head_inputs, record_head_inputs, record_layer_outputs
+
+    model = tiny_model("llama")
+    resolved = resolve_architecture(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    other: dict[str, torch.Tensor] = {}
+
+    def run_elsewhere() -> None:
+        with torch.no_grad():
+            other["logits"] = model(input_ids=ids).logits
+
+    def zero(layer: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    with (
+        record_layer_outputs(model, [0]) as seen,
+        record_head_inputs(resolved, [0]) as heads,
+        patch_head_inputs(resolved, [0, 1], zero),
+    ):
+        thread = threading.Thread(target=run_elsewhere)
+        thread.start()
+        thread.join()
+        assert not seen and not heads  # another thread's forward is neither recorded ...
+        assert torch.equal(other["logits"], ref)  # ... nor patched
+        with torch.no_grad():
+            mine = model(input_ids=ids).logits
+        assert 0 in seen and 0 in heads and not torch.allclose(mine, ref)
+    assert hook_counts(model) == 0
