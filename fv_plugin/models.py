@@ -272,6 +272,9 @@ def load_model(
         source, revision=revision, trust_remote_code=trust_remote_code, **options
     )
     model.eval()
+    if name_or_path in EMBEDDED_MODELS and isinstance(source, Path):
+        # Vectors record `_name_or_path`: the short name travels between machines, the cache path does not.
+        model.config._name_or_path = name_or_path
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

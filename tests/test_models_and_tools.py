@@ -93,6 +93,7 @@ def test_embedded_model_second_load_reads_the_cache(
     assert (models.embedded_checkpoint("smollm2-135m-instruct") / "config.json").is_file()
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     torch.testing.assert_close(model.lm_head.weight, smollm[0].lm_head.weight)
+    assert model.config._name_or_path == "smollm2-135m-instruct"  # what vectors record, not the cache path
 
 
 @pytest.mark.slow
