@@ -43,11 +43,12 @@ def neutral_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _token_ends(tokenizer: Any, text: str) -> list[int | None]:
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[int | None]]:
+    """Token ids and each token's end offset in ``text`` (``None`` for tokens with no text, e.g. BOS)."""
     enc = tokenizer(text, return_offsets_mapping=True)
     if "offset_mapping" not in enc:
         raise ValueError(f"{type(tokenizer).__name__} gives no offsets; transfer needs a fast tokenizer")
-    return [end if end > start else None for start, end in enc["offset_mapping"]]
+    return list(enc["input_ids"]), [end if end > start else None for start, end in enc["offset_mapping"]]
 
 
 @torch.no_grad()
@@ -73,15 +74,16 @@ def aligned_hidden_states(
     rows: list[list[torch.Tensor]] = [[] for _ in models]
     sources: list[int] = []
     for t, text in enumerate(texts):
-        ends = [_token_ends(tok, text) for _, tok, _ in models]
+        encoded = [_tokenize(tok, text) for _, tok, _ in models]
+        ends = [e for _, e in encoded]
         shared = set.intersection(*[{e for e in row if e is not None} for row in ends])
         if not shared:
             continue
         order = sorted(shared)
         sources.extend([t] * len(order))
-        for m, ((model, tok, layer), spec) in enumerate(zip(models, specs, strict=True)):
+        for m, ((model, _, layer), spec) in enumerate(zip(models, specs, strict=True)):
             index = {e: i for i, e in enumerate(ends[m]) if e is not None}  # last token ending at each offset
-            ids = tok(text, return_tensors="pt")["input_ids"].to(input_device(model))
+            ids = torch.tensor([encoded[m][0]], device=input_device(model))
             with record_layer_outputs(model, [layer], arch=spec) as seen:
                 model(input_ids=ids)
             picks = torch.tensor([index[e] for e in order])

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
+from fv_plugin.architectures import resolve_architecture
 from fv_plugin.compare import ModelComparison
 from fv_plugin.evaluation import MODES, EvalResult, Mode, Sweep, evaluate, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import Method, extract_function_vector, layer_vectors
@@ -187,8 +188,6 @@ def evaluate_tasks(
 
 
 def _num_layers(model: nn.Module) -> int:
-    from fv_plugin.architectures import resolve_architecture
-
     return resolve_architecture(model).num_layers
 
 
