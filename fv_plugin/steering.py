@@ -22,7 +22,19 @@ from fv_plugin.positions import POSITION_MODES, Positions
 from fv_plugin.runtime import ActiveSteering, HeadPatch, SteeringEntry, activate, current_call
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["FunctionVectorProcessor", "Normalize", "SteeredModel", "VectorLike", "steer"]
+__all__ = [
+    "NORMALIZE_MODES",
+    "FunctionVectorProcessor",
+    "Normalize",
+    "SteeredModel",
+    "VectorLike",
+    "check_number",
+    "check_options",
+    "check_strength",
+    "check_vector",
+    "split_vectors",
+    "steer",
+]
 
 Normalize = Literal["absolute", "relative"]
 VectorLike: TypeAlias = "FunctionVector | tuple[FunctionVector, float]"
@@ -30,7 +42,7 @@ Strength: TypeAlias = "float | torch.Tensor"
 NORMALIZE_MODES: tuple[str, ...] = ("absolute", "relative")
 
 
-def _check_number(value: object, what: str) -> float:
+def check_number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
@@ -38,32 +50,32 @@ def _check_number(value: object, what: str) -> float:
     return float(value)
 
 
-def _check_strength(strength: object) -> float | torch.Tensor:
+def check_strength(strength: object) -> float | torch.Tensor:
     if isinstance(strength, torch.Tensor):
         if strength.dim() == 0:
-            return _check_number(float(strength), "strength")
+            return check_number(float(strength), "strength")
         if strength.dim() != 1 or strength.numel() == 0:
             raise ValueError(f"a strength tensor must have shape [batch], got {tuple(strength.shape)}")
         if not bool(torch.isfinite(strength).all()):
             raise ValueError("strength contains NaN or inf values")
         return strength.detach().float()
-    return _check_number(strength, "strength")
+    return check_number(strength, "strength")
 
 
-def _check_options(positions: str, normalize: str) -> None:
+def check_options(positions: str, normalize: str) -> None:
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
 
 
-def _split(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
+def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
     pairs: list[tuple[FunctionVector, float]] = []
     for item in vectors:
         if isinstance(item, FunctionVector):
             pairs.append((item, 1.0))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], FunctionVector):
-            pairs.append((item[0], _check_number(item[1], "a vector's strength")))
+            pairs.append((item[0], check_number(item[1], "a vector's strength")))
         else:
             raise TypeError(
                 f"vectors must be FunctionVector objects or (FunctionVector, strength) pairs, got {type(item).__name__}"
@@ -71,7 +83,7 @@ def _split(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
     return pairs
 
 
-def _check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
+def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
     if fv.size != arch.hidden_size:
         raise ValueError(
             f"function vector has size {fv.size} but the model's hidden size is {arch.hidden_size}; "
@@ -122,12 +134,12 @@ def _validate(
     arch: ArchSpec | None,
 ) -> _Request:
     """Check everything against ``model`` before touching it."""
-    _check_options(positions, normalize)
-    checked_strength = _check_strength(strength)
-    pairs = _split(vectors)
+    check_options(positions, normalize)
+    checked_strength = check_strength(strength)
+    pairs = split_vectors(vectors)
     resolved = _resolve(model, arch)
     for fv, _ in pairs:
-        _check_vector(fv, resolved)
+        check_vector(fv, resolved)
         if fv.is_head_patch and normalize == "relative":
             raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
     return _Request(tuple(pairs), checked_strength, positions, normalize)
@@ -240,10 +252,10 @@ class FunctionVectorProcessor(LogitsProcessor):
         window: tuple[int, int | None] | None = None,
         schedule: Callable[[int], float] | None = None,
     ) -> None:
-        _check_options(positions, normalize)
+        check_options(positions, normalize)
         self.vectors = tuple(vectors)
-        _split(self.vectors)
-        self.strength = _check_strength(strength)
+        split_vectors(self.vectors)
+        self.strength = check_strength(strength)
         self.positions = positions
         self.normalize = normalize
         self.window = self._check_window(window)
@@ -331,12 +343,12 @@ class SteeredModel:
     ) -> None:
         if isinstance(model, SteeredModel):
             model = model.__dict__["wrapped_model"]
-        _check_options(positions, normalize)
-        _check_strength(strength)
+        check_options(positions, normalize)
+        check_strength(strength)
         defaults = tuple(steering or ())
         resolved = _resolve(model, arch)
-        for fv, _ in _split(defaults):
-            _check_vector(fv, resolved)
+        for fv, _ in split_vectors(defaults):
+            check_vector(fv, resolved)
         self.__dict__["wrapped_model"] = attach(model, arch=arch)
         self.__dict__["default_steering"] = defaults
         self.__dict__["_steer_options"] = {"strength": strength, "positions": positions, "normalize": normalize}
