@@ -139,7 +139,7 @@ class DemoApp:
             f"It is now in the Steer tab as *{name}*."
         )
         heatmap = fv_plugin.viz.plot_aie(fv) if fv_plugin.aie_matrix(fv) is not None else None
-        curve = fv_plugin.viz.plot_layer_curve(fv) if "layer_sweep" in fv.extra else None
+        curve = fv_plugin.viz.plot_layer_curve(fv) if fv.layer_sweep is not None else None
         scores = fv_plugin.top_tokens(self.engine.model, self.engine.tokenizer, fv, k=10)
         tokens = [[repr(t.token), round(t.logit, 2), round(t.prob, 4)] for t in scores]
         folder = Path(tempfile.mkdtemp(prefix="fv-"))

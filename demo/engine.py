@@ -20,7 +20,7 @@ import torch
 import fv_plugin
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
-POSITIONS = ("generated", "last_prompt", "all")
+POSITIONS = fv_plugin.POSITION_MODES
 METHODS = ("heads", "difference")
 
 
@@ -115,7 +115,7 @@ class Engine:
         self.vectors = dict(vectors or {})
         self.limits = limits
         self.settings = settings
-        self.num_layers = int(model.config.num_hidden_layers)
+        self.num_layers = fv_plugin.resolve_architecture(model).num_layers
         self._load_copy = load_copy
         self._extract_model: tuple[Any, Any] | None = None
         self._extract_lock = threading.Lock()

@@ -97,7 +97,7 @@ def encoded(tokenizer: Any, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def random_vector(model: nn.Module, layer: int) -> fv_plugin.FunctionVector:
-    hidden = int(model.config.hidden_size)
+    hidden = fv_plugin.resolve_architecture(model).hidden_size
     gen = torch.Generator().manual_seed(0)
     return fv_plugin.FunctionVector(vector=8.0 * torch.randn(hidden, generator=gen), layer=layer)
 
@@ -182,7 +182,7 @@ def check_extract(args: argparse.Namespace) -> str:
 
 
 def check_overhead(args: argparse.Namespace) -> str:
-    from fv_plugin.bench import measure_overhead
+    from fv_plugin.benchmarks.overhead import measure_overhead
 
     model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float16, device_map="cuda:0")
     result = measure_overhead(model, tokenizer, tokens=32, repeats=5)
@@ -190,7 +190,7 @@ def check_overhead(args: argparse.Namespace) -> str:
 
 
 def layer_of(model: nn.Module, args: argparse.Namespace) -> int:
-    return args.layer if args.layer is not None else int(model.config.num_hidden_layers) // 3
+    return args.layer if args.layer is not None else fv_plugin.resolve_architecture(model).num_layers // 3
 
 
 def run_checks(args: argparse.Namespace, checks: dict[str, Callable[[argparse.Namespace], str]]) -> list[Outcome]:

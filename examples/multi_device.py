@@ -34,7 +34,7 @@ def main() -> None:
     main_device = "cuda:0" if torch.cuda.is_available() else "cpu"
     reference, tokenizer = fv_plugin.load_model(name, device_map=main_device)
     with tempfile.TemporaryDirectory() as folder:
-        layers = reference.config.num_hidden_layers
+        layers = fv_plugin.resolve_architecture(reference).num_layers
         model, _ = fv_plugin.load_model(name, device_map=device_map(layers, main_device), offload_folder=folder)
         on_disk = sorted(k for k, v in model.hf_device_map.items() if v == "disk")
         print(f"{len(on_disk)} of {layers} layers on disk: {on_disk[0]} ... {on_disk[-1]}")

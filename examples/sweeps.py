@@ -12,8 +12,6 @@ from pathlib import Path
 
 import fv_plugin
 from fv_plugin import viz
-from fv_plugin.extraction import layer_vectors
-from fv_plugin.prompts import make_prompts
 
 
 def main() -> None:
@@ -27,16 +25,13 @@ def main() -> None:
     model, tok = fv_plugin.load_model("smollm2-135m-instruct")
     task = fv_plugin.load_task(args.task)
 
-    per_layer = layer_vectors(model, tok, task, n_mean=40)  # the difference form at every layer, one pass
+    per_layer = fv_plugin.layer_vectors(model, tok, task, n_mean=40)  # the difference form at every layer, one pass
     layers = fv_plugin.sweep_layers(model, tok, task, per_layer.__getitem__, range(0, len(per_layer), 3), n=args.n)
     best = int(layers.best)
     strength = fv_plugin.sweep_strength(model, tok, task, per_layer[best], [0, 0.5, 1, 2, 3], n=args.n)
 
-    clean = make_prompts(task, n=40, split="train")
-    means = fv_plugin.mean_head_activations(model, tok, clean)
-    shuffled = make_prompts(task, n=10, split="train", shuffle_labels=True, seed=1)
-    effects = fv_plugin.average_indirect_effect(model, tok, shuffled, means)
-    ks = fv_plugin.sweep_k(model, tok, task, means, effects, [1, 5, 10, 20, 40], layer=best, n=args.n)
+    stats = fv_plugin.head_statistics(model, tok, task, fv_plugin.ExtractionConfig(n_mean=40, n_aie=10))
+    ks = fv_plugin.sweep_k(model, tok, task, stats, [1, 5, 10, 20, 40], layer=best, n=args.n)
 
     for sweep in (layers, strength, ks):
         cells = ", ".join(f"{v:g}: {a:.2f}" for v, a in zip(sweep.values, sweep.accuracy, strict=True))

@@ -1,44 +1,69 @@
-"""fv_plugin: function-vector steering for any Hugging Face ``generate`` call."""
+"""fv_plugin: function-vector steering for any Hugging Face ``generate`` call.
+
+The public API is what this package exports (``fv_plugin.__all__``) and these submodules:
+
+- ``fv_plugin.viz``: plots of the data the package returns (needs the ``viz`` extra, matplotlib);
+- ``fv_plugin.compare``: two models' vectors compared, and a vector mapped from one model into another;
+- ``fv_plugin.experiments``: every measurement of a set of tasks (``fv eval``, ``fv compare``);
+- ``fv_plugin.report``: report folders (JSON, PNG, Markdown) of those experiments;
+- ``fv_plugin.benchmarks``: the ``fv bench`` commands (speed, memory, quality).
+
+Everything else is internal and may change. The modules follow the pipeline: tasks -> prompts -> architectures
+-> hooks -> activations -> mediation -> extraction -> steering -> scoring -> evaluation -> analysis -> plots.
+"""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("fv_plugin")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
-
-from fv_plugin.activations import difference_vector, last_token_hidden_states, mean_last_token_hidden_state
-from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, similarity_matrix, top_tokens
-from fv_plugin.architectures import ArchSpec, register_architecture
-from fv_plugin.evaluation import EvalResult, EvalRow, Sweep, evaluate, sweep_k, sweep_layers, sweep_strength
-from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
+from fv_plugin.activations import (
+    difference_vector,
+    last_token_hidden_states,
+    mean_last_token_hidden_state,
+    task_state_vectors,
+)
+from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
+from fv_plugin.architectures import ArchSpec, ResolvedArch, register_architecture, resolve_architecture
+from fv_plugin.attribution import attribution_patching, rank_agreement
+from fv_plugin.config import METHODS, MODES, EvalConfig, ExtractionConfig
+from fv_plugin.devices import input_device
+from fv_plugin.evaluation import EvalResult, EvalRow, evaluate, sweep_k, sweep_layers, sweep_strength
+from fv_plugin.extraction import extract_function_vector, head_vector, layer_vectors
 from fv_plugin.hooks import attach, detach, is_attached
 from fv_plugin.mediation import (
+    HeadStatistics,
     IndirectEffects,
-    attribution_patching,
     average_indirect_effect,
+    head_statistics,
     mean_head_activations,
-    rank_agreement,
 )
 from fv_plugin.models import EMBEDDED_MODELS, load_model
+from fv_plugin.positions import POSITION_MODES
 from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts
+from fv_plugin.records import Sweep
+from fv_plugin.scoring import PromptScores, score_prompts, zero_shot_scores
 from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
 from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
+from fv_plugin.version import __version__
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "METHODS",
+    "MODES",
+    "POSITION_MODES",
     "ArchSpec",
+    "EvalConfig",
     "EvalResult",
     "EvalRow",
+    "ExtractionConfig",
     "FunctionVector",
     "FunctionVectorProcessor",
+    "HeadStatistics",
     "IndirectEffects",
     "Pair",
     "Prompt",
+    "PromptScores",
     "PromptTemplate",
+    "ResolvedArch",
     "SteeredModel",
     "Sweep",
     "Task",
@@ -55,9 +80,13 @@ __all__ = [
     "evaluate",
     "extract_function_vector",
     "head_locations",
+    "head_statistics",
     "head_vector",
+    "input_device",
     "is_attached",
     "last_token_hidden_states",
+    "layer_sweep",
+    "layer_vectors",
     "load_model",
     "load_task",
     "make_prompts",
@@ -65,11 +94,14 @@ __all__ = [
     "mean_last_token_hidden_state",
     "rank_agreement",
     "register_architecture",
+    "resolve_architecture",
+    "score_prompts",
     "similarity_matrix",
     "steer",
     "sweep_k",
     "sweep_layers",
     "sweep_strength",
+    "task_state_vectors",
     "top_tokens",
     "zero_shot_scores",
 ]

@@ -1,20 +1,34 @@
-"""Reading activations: last-token hidden states of prompts at chosen layers."""
+"""Reading activations: last-token hidden states of prompts at chosen layers, and a task's hidden-state vectors.
+
+:func:`task_state_vectors` is the one place the hidden-state forms are computed: the mean last-token state of
+clean ICL prompts (``layer_mean``, the task-vector baseline) and that mean minus the mean over the same queries
+zero-shot (``difference``, the ICL-minus-zero-shot vector).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec
+from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import record_layer_outputs
+from fv_plugin.prompts import Prompt, make_prompts
+from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["difference_vector", "last_token_hidden_states", "mean_last_token_hidden_state"]
+__all__ = [
+    "clean_prompts",
+    "difference_vector",
+    "last_token_hidden_states",
+    "mean_last_token_hidden_state",
+    "task_state_vectors",
+]
 
 
 @torch.no_grad()
@@ -101,3 +115,36 @@ def difference_vector(
         task=task,
         method="difference",
     )
+
+
+def clean_prompts(
+    task: Task, config: ExtractionConfig = ExtractionConfig(), *, n_shots: int | None = None
+) -> list[Prompt]:
+    """The extraction's prompts: ``config.n_mean`` train queries with ``config.n_shots`` demonstrations (or
+    ``n_shots``; 0 gives the same queries zero-shot), sampled with ``config.seed``."""
+    shots = config.n_shots if n_shots is None else n_shots
+    return make_prompts(task, n=config.n_mean, n_shots=shots, split="train", template=config.template, seed=config.seed)
+
+
+def task_state_vectors(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    layers: Sequence[int],
+    *,
+    method: Literal["difference", "layer_mean"] = "difference",
+    config: ExtractionConfig = ExtractionConfig(),
+    arch: ArchSpec | None = None,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Per layer: the mean last-token hidden state of the clean ICL prompts (``"layer_mean"``), or that minus the
+    mean over the same queries zero-shot (``"difference"``). Float32 ``[hidden]`` on the CPU."""
+    if method not in ("difference", "layer_mean"):
+        raise ValueError(f"method must be 'difference' or 'layer_mean', got {method!r}")
+    options = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
+    icl = last_token_hidden_states(model, tokenizer, [p.text for p in clean_prompts(task, config)], layers, **options)  # type: ignore[arg-type]
+    if method == "layer_mean":
+        return {at: icl[at].mean(0) for at in layers}
+    zero_texts = [p.text for p in clean_prompts(task, config, n_shots=0)]
+    zero = last_token_hidden_states(model, tokenizer, zero_texts, layers, **options)  # type: ignore[arg-type]
+    return {at: icl[at].mean(0) - zero[at].mean(0) for at in layers}

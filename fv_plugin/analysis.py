@@ -5,7 +5,6 @@ The plots in :mod:`fv_plugin.viz` draw exactly these values.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import execution_device, input_device, input_dtype
-from fv_plugin.extraction import LayerSweep
+from fv_plugin.records import Sweep
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -89,20 +88,13 @@ def similarity_matrix(vectors: Sequence[FunctionVector | torch.Tensor]) -> torch
 
 
 def aie_matrix(fv: FunctionVector) -> torch.Tensor | None:
-    """The ``[layers, heads]`` average indirect effects stored with a head-based vector, or ``None``."""
-    raw = fv.extra.get("aie")
-    if raw is None:
-        return None
-    return torch.tensor(json.loads(raw), dtype=torch.float32)
+    """The ``[layers, heads]`` average indirect effects stored with a head-based vector (``fv.aie``), or ``None``."""
+    return fv.aie
 
 
-def layer_sweep(fv: FunctionVector) -> LayerSweep | None:
-    """The validation layer sweep that chose the vector's layer, or ``None`` if the layer was given."""
-    raw = fv.extra.get("layer_sweep")
-    if raw is None:
-        return None
-    data = json.loads(raw)
-    return LayerSweep(tuple(data["layers"]), tuple(data["accuracy"]), tuple(data["probability"]))
+def layer_sweep(fv: FunctionVector) -> Sweep | None:
+    """The validation sweep that chose the vector's layer (``fv.layer_sweep``), or ``None`` if the layer was given."""
+    return fv.layer_sweep
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from typing import Any
 
 
 def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.extraction import METHODS, extract_function_vector, zero_shot_scores
+    from fv_plugin.config import METHODS, ExtractionConfig
+    from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import DEFAULT_MODEL, load_model
     from fv_plugin.prompts import make_prompts
+    from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
 
     parser = argparse.ArgumentParser(prog="fv extract", description="Extract a function vector for a task.")
@@ -28,20 +30,11 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
     args = parser.parse_args(argv)
+    config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
     model, tokenizer = load_model(args.model)
     task = load_task(args.task)
     start = time.perf_counter()
-    fv = extract_function_vector(
-        model,
-        tokenizer,
-        task,
-        method=args.method,
-        k=args.k,
-        layer=args.layer,
-        n_shots=args.n_shots,
-        seed=args.seed,
-        progress=True,
-    )
+    fv = extract_function_vector(model, tokenizer, task, config, progress=True)
     elapsed = time.perf_counter() - start
     fv.save(args.out)
     test = make_prompts(task, n_shots=0, split="test", seed=args.seed)
@@ -51,10 +44,9 @@ def _extract(argv: Sequence[str]) -> int:
     with_demos = zero_shot_scores(model, tokenizer, icl)[0]
     print(f"task {task.name!r} on {args.model}: method {fv.method}, layer {fv.layer}, {elapsed:.1f} s")
     if fv.heads:
-        scores = fv.head_scores or ()
+        pairs = zip(fv.heads, fv.head_scores or (), strict=False)
         print(
-            "heads (layer, head: AIE): "
-            + ", ".join(f"{layer}.{head}: {score:.4f}" for (layer, head), score in zip(fv.heads, scores, strict=False))
+            "heads (layer, head: AIE): " + ", ".join(f"{layer}.{head}: {score:.4f}" for (layer, head), score in pairs)
         )
     print(
         f"test first-token accuracy: zero-shot {before:.2f} -> with vector {after:.2f} "
@@ -86,10 +78,10 @@ def _tasks(names: Sequence[str]) -> list[Any]:
     return [load_task(n) for n in (builtin_tasks() if list(names) == ["all"] else names)]
 
 
-def _eval(argv: Sequence[str]) -> int:
-    from fv_plugin.evaluation import MODES
-    from fv_plugin.models import DEFAULT_MODEL, load_model
-    from fv_plugin.report import DEFAULT_KS, DEFAULT_STRENGTHS, EvalReport, evaluate_tasks, write_eval_report
+def _eval_parser() -> argparse.ArgumentParser:
+    from fv_plugin.config import MODES
+    from fv_plugin.experiments import DEFAULT_KS, DEFAULT_STRENGTHS
+    from fv_plugin.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="fv eval", description="Evaluate function vectors and write a report.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
@@ -109,7 +101,30 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--n-aie", type=int, default=25, help="shuffled prompts for the AIE")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from fv_plugin.config import ExtractionConfig
+    from fv_plugin.experiments import EvalReport, ExperimentConfig, evaluate_tasks
+    from fv_plugin.models import load_model
+    from fv_plugin.report import write_eval_report
+
+    args = _eval_parser().parse_args(argv)
+    extraction = ExtractionConfig(
+        method=args.method, n_mean=args.n_mean, n_aie=args.n_aie, n_shots=args.n_shots, seed=args.seed
+    )
+    config = ExperimentConfig(
+        extraction=extraction,
+        modes=tuple(args.modes),
+        n=args.n,
+        n_natural=args.n_natural,
+        strengths=tuple(args.strengths),
+        ks=tuple(args.ks),
+        heads=not args.no_heads,
+        layer_sweep_test=not args.no_layer_sweep,
+        layer_step=args.layer_step,
+    )
     model, tokenizer = load_model(args.model)
     out = Path(args.out)
 
@@ -120,25 +135,14 @@ def _eval(argv: Sequence[str]) -> int:
                 t.heads_vector.save(out / "vectors" / "heads" / f"{t.task}.safetensors")
         write_eval_report(report, out)
 
+    vectors = _load_vectors(args.vectors)
     report = evaluate_tasks(
         model,
         tokenizer,
         _tasks(args.tasks),
+        config,
         model_name=args.model,
-        vectors=_load_vectors(args.vectors),
-        method=args.method,
-        modes=args.modes,
-        strengths=args.strengths,
-        ks=args.ks,
-        heads=not args.no_heads,
-        layer_sweep_test=not args.no_layer_sweep,
-        layer_step=args.layer_step,
-        n=args.n,
-        n_natural=args.n_natural,
-        n_mean=args.n_mean,
-        n_aie=args.n_aie,
-        n_shots=args.n_shots,
-        seed=args.seed,
+        vectors=vectors,
         progress=True,
         on_task=save,
     )
@@ -147,8 +151,8 @@ def _eval(argv: Sequence[str]) -> int:
 
 
 def _compare(argv: Sequence[str]) -> int:
-    from fv_plugin.compare import compare_models
-    from fv_plugin.extraction import extract_function_vector
+    from fv_plugin.config import ExtractionConfig
+    from fv_plugin.experiments import compare_tasks
     from fv_plugin.models import load_model
     from fv_plugin.report import write_comparison_report
 
@@ -168,35 +172,21 @@ def _compare(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     tasks = _tasks(args.tasks)
-    models = {"a": load_model(args.model_a), "b": load_model(args.model_b)}
-    given = {"a": _load_vectors(args.vectors_a), "b": _load_vectors(args.vectors_b)}
-    heads = {"a": _load_vectors(args.heads_a), "b": _load_vectors(args.heads_b)}
-    for side, (model, tokenizer) in models.items():
-        for task in tasks:
-            if task.name not in given[side]:
-                given[side][task.name] = extract_function_vector(
-                    model, tokenizer, task, n_shots=args.n_shots, seed=args.seed
-                )
-            if not args.no_heads and task.name not in heads[side]:
-                layer = given[side][task.name].layer
-                heads[side][task.name] = extract_function_vector(
-                    model, tokenizer, task, method="heads", layer=layer, n_shots=args.n_shots, seed=args.seed
-                )
-    comparison = compare_models(
-        *models["a"],
-        *models["b"],
+    sides = [(*load_model(name), name) for name in (args.model_a, args.model_b)]
+    heads = None if args.no_heads else (_load_vectors(args.heads_a), _load_vectors(args.heads_b))
+    comparison, vectors_a, vectors_b = compare_tasks(
+        sides[0],
+        sides[1],
         tasks,
-        given["a"],
-        given["b"],
-        head_vectors_a=heads["a"] or None,
-        head_vectors_b=heads["b"] or None,
-        names=(args.model_a, args.model_b),
+        vectors=(_load_vectors(args.vectors_a), _load_vectors(args.vectors_b)),
+        head_vectors=heads,
+        extraction=ExtractionConfig(n_shots=args.n_shots, seed=args.seed),
         ridge=args.ridge,
         n=args.n,
     )
     out = Path(args.out)
-    for side, name in (("a", args.model_a), ("b", args.model_b)):
-        for task, fv in given[side].items():
+    for name, vectors in ((args.model_a, vectors_a), (args.model_b, vectors_b)):
+        for task, fv in vectors.items():
             fv.save(out / "vectors" / Path(name).name / f"{task}.safetensors")
     print(f"wrote {write_comparison_report(comparison, out)}")
     return 0
@@ -212,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"extract": _extract, "eval": _eval, "compare": _compare}
     if args.command in commands:
         return commands[args.command](args.rest)
-    from fv_plugin.bench import main as bench_main
+    from fv_plugin.benchmarks import main as bench_main
 
     return bench_main(args.rest)
 

@@ -34,6 +34,7 @@ __all__ = [
     "compare_models",
     "fit_linear_map",
     "neutral_texts",
+    "solve_ridge",
 ]
 
 
@@ -138,7 +139,7 @@ class LinearMap:
         )
 
 
-def _solve(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     x64, y64 = x.double(), y.double()
     mx, my = x64.mean(0), y64.mean(0)
     xc, yc = x64 - mx, y64 - my
@@ -191,9 +192,9 @@ def fit_linear_map(
     fit = source < cut
     if int(fit.sum()) <= xs.shape[1]:
         raise ValueError(f"only {int(fit.sum())} paired positions for a {xs.shape[1]}-dimensional map; pass more text")
-    weight, bias = _solve(xs[fit], ys[fit], ridge)
+    weight, bias = solve_ridge(xs[fit], ys[fit], ridge)
     r2 = _r2(xs[~fit], ys[~fit], weight, bias)
-    weight, bias = _solve(xs, ys, ridge)
+    weight, bias = solve_ridge(xs, ys, ridge)
     return LinearMap(
         weight=weight,
         bias=bias,
@@ -252,6 +253,54 @@ def _accuracy(model: nn.Module, tokenizer: Any, task: Task, fv: FunctionVector |
     return evaluate(model, tokenizer, task, vectors=vectors, generate=False, n=n).accuracy
 
 
+@dataclass(frozen=True)
+class _Side:
+    """One model of a comparison, with its vectors per task."""
+
+    model: nn.Module
+    tokenizer: Any
+    vectors: Mapping[str, FunctionVector]
+    heads: Mapping[str, FunctionVector] | None
+
+    def head_locations(self, task: str) -> tuple[HeadLocation, ...]:
+        fv = self.heads.get(task) if self.heads else None
+        return tuple(head_locations(fv)) if fv is not None and fv.heads else ()
+
+
+def _compare_task(task: Task, a: _Side, b: _Side, mapping: LinearMap, n: int | None) -> TaskComparison:
+    fa, fb = a.vectors[task.name], b.vectors[task.name]
+    mapped = mapping.apply(fa, target=b.model)
+    return TaskComparison(
+        task=task.name,
+        layer_a=fa.layer,
+        layer_b=fb.layer,
+        map_r2=mapping.r2,
+        cosine=float(similarity_matrix([mapped, fb])[0, 1]),
+        norm_ratio=mapped.norm() / max(fb.norm(), 1e-12),
+        accuracy={
+            "zero-shot": _accuracy(b.model, b.tokenizer, task, None, n),
+            "own": _accuracy(b.model, b.tokenizer, task, fb, n),
+            "mapped": _accuracy(b.model, b.tokenizer, task, mapped, n),
+        },
+        accuracy_a={
+            "zero-shot": _accuracy(a.model, a.tokenizer, task, None, n),
+            "own": _accuracy(a.model, a.tokenizer, task, fa, n),
+        },
+        heads_a=a.head_locations(task.name),
+        heads_b=b.head_locations(task.name),
+    )
+
+
+def _check_vectors(tasks: Sequence[Task], side: _Side, which: str) -> None:
+    missing = [t.name for t in tasks if t.name not in side.vectors]
+    if missing:
+        raise ValueError(f"{which} has no vector for {missing}")
+    size = resolve_architecture(side.model).hidden_size
+    wrong = [t.name for t in tasks if side.vectors[t.name].size != size]
+    if wrong:
+        raise ValueError(f"the {wrong} vectors of {which} do not match the model's hidden size {size}")
+
+
 def compare_models(
     model_a: nn.Module,
     tokenizer_a: Any,
@@ -279,48 +328,19 @@ def compare_models(
     """
     if not tasks:
         raise ValueError("no tasks to compare")
-    for vectors, which in ((vectors_a, "vectors_a"), (vectors_b, "vectors_b")):
-        missing = [t.name for t in tasks if t.name not in vectors]
-        if missing:
-            raise ValueError(f"{which} has no vector for {missing}")
-    size_a = resolve_architecture(model_a).hidden_size
-    size_b = resolve_architecture(model_b).hidden_size
+    a = _Side(model_a, tokenizer_a, vectors_a, head_vectors_a)
+    b = _Side(model_b, tokenizer_b, vectors_b, head_vectors_b)
+    _check_vectors(tasks, a, "vectors_a")
+    _check_vectors(tasks, b, "vectors_b")
     maps: dict[tuple[int, int], LinearMap] = {}
     rows = []
     for task in tasks:
-        fa, fb = vectors_a[task.name], vectors_b[task.name]
-        if fa.size != size_a or fb.size != size_b:
-            raise ValueError(f"the {task.name!r} vectors do not match the models' hidden sizes")
-        key = (fa.layer, fb.layer)
+        key = (vectors_a[task.name].layer, vectors_b[task.name].layer)
         if key not in maps:
             maps[key] = fit_linear_map(
-                model_a, tokenizer_a, fa.layer, model_b, tokenizer_b, fb.layer, texts=texts, ridge=ridge
+                model_a, tokenizer_a, key[0], model_b, tokenizer_b, key[1], texts=texts, ridge=ridge
             )
-        mapped = maps[key].apply(fa, target=model_b)
-        cosine = float(similarity_matrix([mapped, fb])[0, 1])
-        ha = head_vectors_a.get(task.name) if head_vectors_a else None
-        hb = head_vectors_b.get(task.name) if head_vectors_b else None
-        rows.append(
-            TaskComparison(
-                task=task.name,
-                layer_a=fa.layer,
-                layer_b=fb.layer,
-                map_r2=maps[key].r2,
-                cosine=cosine,
-                norm_ratio=mapped.norm() / max(fb.norm(), 1e-12),
-                accuracy={
-                    "zero-shot": _accuracy(model_b, tokenizer_b, task, None, n),
-                    "own": _accuracy(model_b, tokenizer_b, task, fb, n),
-                    "mapped": _accuracy(model_b, tokenizer_b, task, mapped, n),
-                },
-                accuracy_a={
-                    "zero-shot": _accuracy(model_a, tokenizer_a, task, None, n),
-                    "own": _accuracy(model_a, tokenizer_a, task, fa, n),
-                },
-                heads_a=tuple(head_locations(ha)) if ha is not None and ha.heads else (),
-                heads_b=tuple(head_locations(hb)) if hb is not None and hb.heads else (),
-            )
-        )
+        rows.append(_compare_task(task, a, b, maps[key], n))
     label_a, label_b = names or (_name(model_a) or "model A", _name(model_b) or "model B")
     return ModelComparison(
         model_a=label_a,

@@ -1,6 +1,6 @@
 """Evaluation: how well a model does a task with and without function vectors, and sweeps over settings.
 
-:func:`evaluate` scores one task in one prompt mode:
+:func:`evaluate` scores one task in one prompt mode (:class:`~fv_plugin.EvalConfig`):
 
 - ``"zero_shot"``: the bare query in the template (``Q: {x}\\nA:``);
 - ``"icl"``: N demonstrations, then the query;
@@ -16,7 +16,7 @@ the unsteered to the steered next-token distribution. Vectors are added at the f
 next-token figures and, as in the paper, at the final prompt token and every generated token for the
 continuation.
 
-The sweeps (:func:`sweep_strength`, :func:`sweep_layers`, :func:`sweep_k`) run the next-token part only.
+The sweeps (:func:`sweep_strength`, :func:`sweep_layers`, :func:`sweep_k`) score the next token only.
 """
 
 from __future__ import annotations
@@ -25,42 +25,34 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fv_plugin.architectures import ArchSpec
+from fv_plugin.config import EvalConfig, with_overrides
 from fv_plugin.devices import input_device
 from fv_plugin.extraction import head_vector
-from fv_plugin.mediation import IndirectEffects, last_logits_only
-from fv_plugin.prompts import DEFAULT_TEMPLATE, Prompt, PromptTemplate, encode_prompts, make_prompts
+from fv_plugin.mediation import HeadStatistics
+from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, make_prompts
+from fv_plugin.records import Sweep
+from fv_plugin.scoring import VectorArg, kl_divergence, next_token_probs, sweep
 from fv_plugin.steering import steer
-from fv_plugin.tasks import Pair, Task
+from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
-    "MODES",
-    "NATURAL_TEMPLATES",
     "EvalResult",
     "EvalRow",
-    "Mode",
-    "Sweep",
+    "contains_answer",
     "evaluate",
+    "mode_prompts",
+    "starts_with_answer",
     "sweep_k",
     "sweep_layers",
     "sweep_strength",
 ]
-
-Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
-MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
-NATURAL_TEMPLATES: tuple[str, ...] = (
-    'The word "{x}" means',
-    'When I think of "{x}", I think of',
-    'Here is my answer for "{x}":',
-)
-VectorArg = FunctionVector | tuple[FunctionVector, float]
 
 
 @dataclass(frozen=True)
@@ -115,115 +107,97 @@ class EvalResult:
         return out
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """Next-token scores of one task as one setting (``parameter``) takes several ``values``."""
-
-    task: str
-    parameter: str
-    values: tuple[float, ...]
-    accuracy: tuple[float, ...]
-    answer_prob: tuple[float, ...]
-    kl: tuple[float, ...]
-    baseline_accuracy: float
-
-    @property
-    def best(self) -> float:
-        """The value with the highest accuracy (ties: the higher answer probability)."""
-        scored = zip(self.accuracy, self.answer_prob, self.values, strict=True)
-        return max(scored, key=lambda t: (t[0], t[1]))[2]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 def _name(entry: VectorArg) -> str:
     fv, weight = entry if isinstance(entry, tuple) else (entry, 1.0)
     label = f"{fv.task or 'vector'}@L{fv.layer}"
     return label if weight == 1.0 else f"{weight:g}*{label}"
 
 
-def _natural_prompts(task: Task, pairs: Sequence[Pair], templates: Sequence[str]) -> list[Prompt]:
-    for template in templates:
-        if template.count("{x}") != 1:
-            raise ValueError(f"a natural-text template needs exactly one '{{x}}', got {template!r}")
-    return [
-        Prompt(text=t.replace("{x}", p.input), answers=tuple(" " + a for a in p.answers), query=p)
-        for p in pairs
-        for t in templates
-    ]
-
-
-def _mode_prompts(
-    task: Task,
-    mode: str,
-    *,
-    n: int | None,
-    n_shots: int,
-    split: str,
-    template: str,
-    natural_templates: Sequence[str],
-    seed: int,
-) -> list[Prompt]:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "natural":
-        pairs = list(getattr(task, split))[: n if n is not None else None]
+def mode_prompts(task: Task, config: EvalConfig = EvalConfig()) -> list[Prompt]:
+    """The prompts :func:`evaluate` scores for ``config`` (queries from ``config.split``)."""
+    if config.mode == "natural":
+        pairs = list(getattr(task, config.split))[: config.n]
         if not pairs:
-            raise ValueError(f"task {task.name!r} has no {split} pairs")
-        return _natural_prompts(task, pairs, natural_templates)
-    shots = 0 if mode == "zero_shot" else n_shots
+            raise ValueError(f"task {task.name!r} has no {config.split} pairs")
+        return [
+            Prompt(text=t.replace("{x}", p.input), answers=tuple(" " + a for a in p.answers), query=p)
+            for p in pairs
+            for t in config.natural_templates
+        ]
+    shots = 0 if config.mode == "zero_shot" else config.n_shots
     return make_prompts(
-        task, n=n, n_shots=shots, split=split, shuffle_labels=mode == "shuffled", template=template, seed=seed
+        task,
+        n=config.n,
+        n_shots=shots,
+        split=config.split,
+        shuffle_labels=config.mode == "shuffled",
+        template=config.template,
+        seed=config.seed,
     )
 
 
-def _next_token_probs(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, vectors: Sequence[VectorArg], strength: float
-) -> torch.Tensor:
-    device = input_device(model)
-    with steer(model, *vectors, strength=strength, positions="last_prompt"):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **last_logits_only(model)).logits
-    return logits[:, -1].float().softmax(-1).cpu()
-
-
 def _continuations(
-    model: nn.Module,
-    tokenizer: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    vectors: Sequence[VectorArg],
-    strength: float,
-    max_new_tokens: int,
+    model: nn.Module, tokenizer: Any, enc: EncodedPrompts, vectors: Sequence[VectorArg], strength: float, budget: int
 ) -> list[str]:
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with steer(model, *vectors, strength=strength, positions="generated"):
         out = model.generate(  # type: ignore[operator]
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
+            input_ids=enc.input_ids.to(device),
+            attention_mask=enc.attention_mask.to(device),
+            max_new_tokens=budget,
             do_sample=False,
             pad_token_id=pad,
         )
-    return [tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out.cpu()]
+    return [tokenizer.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True) for row in out.cpu()]
 
 
-def _exact(continuation: str, answers: Sequence[str]) -> bool:
+def starts_with_answer(continuation: str, answers: Sequence[str]) -> bool:
     """The continuation starts with a whole accepted answer (then ends, or goes on after a non-word character)."""
     text = continuation.strip()
     return any(re.match(re.escape(a.strip()) + r"(?!\w)", text) for a in answers if a.strip())
 
 
-def _contains(continuation: str, answers: Sequence[str]) -> bool:
+def contains_answer(continuation: str, answers: Sequence[str]) -> bool:
+    """An accepted answer appears in the continuation as a whole word (case-insensitive)."""
     text = continuation.lower()
     return any(re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", text) for a in answers)
 
 
-def _kl(steered: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(steered || unsteered) per row, in nats."""
-    eps = torch.finfo(torch.float32).tiny
-    return (steered * (steered.clamp_min(eps).log() - base.clamp_min(eps).log())).sum(-1)
+def _rows(
+    model: nn.Module, tokenizer: Any, batch: Sequence[Prompt], vectors: Sequence[VectorArg], config: EvalConfig
+) -> list[EvalRow]:
+    """Score one batch of prompts: next-token figures, and the greedy continuation when asked for."""
+    natural = config.mode == "natural"
+    enc = encode_prompts(tokenizer, batch)
+    probs = next_token_probs(model, enc, vectors, strength=config.strength)
+    base = next_token_probs(model, enc) if vectors else None
+    kl = kl_divergence(probs, base) if base is not None else None
+    top = probs.argmax(-1)
+    continuations = [""] * len(batch)
+    if config.generate or natural:
+        longest = max(len(t) for answers in enc.answer_tokens for t in answers)
+        budget = config.max_new_tokens or (12 if natural else longest + 1)
+        continuations = _continuations(model, tokenizer, enc, vectors, config.strength, budget)
+    rows = []
+    for i, prompt in enumerate(batch):
+        answer, text = int(enc.answer_ids[i]), continuations[i]
+        matched = contains_answer(text, prompt.answers) if natural else starts_with_answer(text, prompt.answers)
+        rows.append(
+            EvalRow(
+                input=prompt.query.input,
+                answers=tuple(a.strip() for a in prompt.answers),
+                prompt=prompt.text,
+                top_token=tokenizer.decode([int(top[i])]),
+                continuation=text,
+                first_token_correct=None if natural else int(top[i]) in {t[0] for t in enc.answer_tokens[i]},
+                exact_match=matched,
+                answer_prob=float(probs[i, answer]),
+                base_answer_prob=float(base[i, answer]) if base is not None else None,
+                kl=float(kl[i]) if kl is not None else None,
+            )
+        )
+    return rows
 
 
 @torch.no_grad()
@@ -231,35 +205,20 @@ def evaluate(
     model: nn.Module,
     tokenizer: Any,
     task: Task,
+    config: EvalConfig | None = None,
     *,
     vectors: Sequence[VectorArg] = (),
-    mode: Mode = "zero_shot",
-    strength: float = 1.0,
-    n_shots: int = 10,
-    split: str = "test",
-    n: int | None = None,
-    seed: int = 0,
-    template: str = DEFAULT_TEMPLATE,
-    natural_templates: Sequence[str] = NATURAL_TEMPLATES,
-    generate: bool = True,
-    max_new_tokens: int | None = None,
-    batch_size: int = 16,
     progress: bool = False,
+    **overrides: Any,
 ) -> EvalResult:
-    """Score ``task`` on ``model`` in one prompt ``mode``, steered by ``vectors`` (if any).
+    """Score ``task`` on ``model`` in one prompt mode, steered by ``vectors`` (if any).
 
     Args:
         model, tokenizer: a causal LM and its tokenizer (with a pad token).
-        task: the task; queries come from ``split`` and demonstrations from its train split.
+        task: the task; queries come from ``config.split`` and demonstrations from its train split.
+        config: the settings (:class:`~fv_plugin.EvalConfig`); any of its fields may also be given as a keyword
+            (``mode="natural", n=12``) and overrides it.
         vectors: :class:`FunctionVector` objects or ``(vector, weight)`` pairs (as for :func:`~fv_plugin.steer`).
-        mode: ``"zero_shot"``, ``"icl"``, ``"shuffled"`` or ``"natural"`` (see the module's docstring).
-        strength: multiplies every vector.
-        n: number of prompts (default: one per query; natural mode: one per query and template).
-        natural_templates: templates with ``{x}`` for natural mode.
-        generate: also decode greedily for exact match (natural mode always generates).
-        max_new_tokens: for the continuation; default: the longest accepted answer's tokens plus one (natural
-            mode: 12).
-        batch_size: prompts per forward pass.
 
     Returns:
         An :class:`EvalResult` with the mean scores and one row per prompt.
@@ -268,81 +227,34 @@ def evaluate(
         >>> res = evaluate(model, tok, load_task("antonym"), vectors=[fv])  # doctest: +SKIP
         >>> res.accuracy, res.prob_shift, res.kl  # doctest: +SKIP
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = with_overrides(config or EvalConfig(), overrides, what="evaluate()")
     if getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first")
-    PromptTemplate(template)  # validates
-    prompts = _mode_prompts(
-        task,
-        mode,
-        n=n,
-        n_shots=n_shots,
-        split=split,
-        template=template,
-        natural_templates=natural_templates,
-        seed=seed,
-    )
-    natural = mode == "natural"
+    prompts = mode_prompts(task, settings)
     rows: list[EvalRow] = []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc=f"evaluate {task.name} ({mode})", disable=not progress):
-        batch = prompts[start : start + batch_size]
-        enc = encode_prompts(tokenizer, batch)
-        probs = _next_token_probs(model, enc.input_ids, enc.attention_mask, vectors, strength)
-        base = _next_token_probs(model, enc.input_ids, enc.attention_mask, (), 0.0) if vectors else None
-        top = probs.argmax(-1)
-        continuations = [""] * len(batch)
-        if generate or natural:
-            longest = max(len(t) for answers in enc.answer_tokens for t in answers)
-            budget = max_new_tokens or (12 if natural else longest + 1)
-            continuations = _continuations(
-                model, tokenizer, enc.input_ids, enc.attention_mask, vectors, strength, budget
-            )
-        kl = _kl(probs, base) if base is not None else None
-        for i, prompt in enumerate(batch):
-            firsts = {tokens[0] for tokens in enc.answer_tokens[i]}
-            answer = int(enc.answer_ids[i])
-            rows.append(
-                EvalRow(
-                    input=prompt.query.input,
-                    answers=tuple(a.strip() for a in prompt.answers),
-                    prompt=prompt.text,
-                    top_token=tokenizer.decode([int(top[i])]),
-                    continuation=continuations[i],
-                    first_token_correct=None if natural else int(top[i]) in firsts,
-                    exact_match=_contains(continuations[i], prompt.answers)
-                    if natural
-                    else _exact(continuations[i], prompt.answers),
-                    answer_prob=float(probs[i, answer]),
-                    base_answer_prob=float(base[i, answer]) if base is not None else None,
-                    kl=float(kl[i]) if kl is not None else None,
-                )
-            )
-    return _summarize(task.name, mode, strength, vectors, rows, generated=generate or natural)
+    size = settings.batch_size
+    for start in tqdm(range(0, len(prompts), size), desc=f"evaluate {task.name}", disable=not progress):
+        rows += _rows(model, tokenizer, prompts[start : start + size], vectors, settings)
+    return _summarize(task.name, settings, vectors, rows)
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _summarize(
-    task: str, mode: str, strength: float, vectors: Sequence[VectorArg], rows: list[EvalRow], *, generated: bool
-) -> EvalResult:
-    natural = mode == "natural"
+def _summarize(task: str, config: EvalConfig, vectors: Sequence[VectorArg], rows: list[EvalRow]) -> EvalResult:
+    natural = config.mode == "natural"
     accuracy = _mean([float(r.exact_match if natural else bool(r.first_token_correct)) for r in rows])
     base = [r.base_answer_prob for r in rows if r.base_answer_prob is not None]
     kls = [r.kl for r in rows if r.kl is not None]
     answer_prob = _mean([r.answer_prob for r in rows])
     return EvalResult(
         task=task,
-        mode=mode,
-        strength=float(strength),
+        mode=config.mode,
+        strength=float(config.strength),
         vectors=tuple(_name(v) for v in vectors),
         accuracy=accuracy,
-        exact_match=_mean([float(r.exact_match) for r in rows]) if generated else None,
+        exact_match=_mean([float(r.exact_match) for r in rows]) if config.generate or natural else None,
         answer_prob=answer_prob,
         base_answer_prob=_mean(base) if base else None,
         prob_shift=answer_prob - _mean(base) if base else None,
@@ -357,21 +269,16 @@ def _sweep(
     task: Task,
     parameter: str,
     values: Sequence[float],
-    make: Callable[[float], tuple[list[VectorArg], float]],
+    make: Callable[[float], tuple[Sequence[VectorArg], float]],
     progress: bool,
-    **options: Any,
+    overrides: dict[str, Any],
 ) -> Sweep:
-    if not values:
-        raise ValueError(f"no {parameter} values to sweep")
-    baseline = evaluate(model, tokenizer, task, generate=False, **options).accuracy
-    acc, prob, kl = [], [], []
-    for value in tqdm(values, desc=f"{parameter} sweep", disable=not progress):
-        vectors, strength = make(value)
-        res = evaluate(model, tokenizer, task, vectors=vectors, strength=strength, generate=False, **options)
-        acc.append(res.accuracy)
-        prob.append(res.answer_prob)
-        kl.append(res.kl if res.kl is not None else 0.0)
-    return Sweep(task.name, parameter, tuple(float(v) for v in values), tuple(acc), tuple(prob), tuple(kl), baseline)
+    config = with_overrides(EvalConfig(), overrides, what=f"sweep_{parameter}()")
+    if config.mode == "natural":
+        raise ValueError("sweeps score the next token: use mode 'zero_shot', 'icl' or 'shuffled'")
+    prompts = mode_prompts(task, config)
+    options = {"task": task.name, "split": config.split, "batch_size": config.batch_size, "progress": progress}
+    return sweep(model, tokenizer, prompts, parameter, values, make, **options)  # type: ignore[arg-type]
 
 
 def sweep_strength(
@@ -382,10 +289,10 @@ def sweep_strength(
     strengths: Sequence[float],
     *,
     progress: bool = False,
-    **options: Any,
+    **overrides: Any,
 ) -> Sweep:
-    """Zero-shot next-token scores with ``fv`` at each strength (``options`` go to :func:`evaluate`)."""
-    return _sweep(model, tokenizer, task, "strength", strengths, lambda s: ([fv], s), progress, **options)
+    """Next-token scores with ``fv`` at each strength (``overrides``: :class:`~fv_plugin.EvalConfig` fields)."""
+    return _sweep(model, tokenizer, task, "strength", strengths, lambda s: ([fv], s), progress, overrides)
 
 
 def sweep_layers(
@@ -397,9 +304,9 @@ def sweep_layers(
     *,
     strength: float = 1.0,
     progress: bool = False,
-    **options: Any,
+    **overrides: Any,
 ) -> Sweep:
-    """Zero-shot next-token scores with the vector added after each of ``layers``.
+    """Next-token scores with the vector added after each of ``layers``.
 
     ``fv`` is either one vector, moved to each layer as it is, or a function ``layer -> FunctionVector`` for
     forms that differ per layer (e.g. a difference of hidden states taken at that layer).
@@ -412,36 +319,32 @@ def sweep_layers(
         vec = dataclasses.replace(fv, layer=at) if isinstance(fv, FunctionVector) else fv(at)
         return [vec], strength
 
-    return _sweep(model, tokenizer, task, "layer", [float(x) for x in layers], make, progress, **options)
+    return _sweep(model, tokenizer, task, "layer", [float(x) for x in layers], make, progress, overrides)
 
 
 def sweep_k(
     model: nn.Module,
     tokenizer: Any,
     task: Task,
-    means: torch.Tensor,
-    effects: IndirectEffects,
+    statistics: HeadStatistics,
     ks: Sequence[int],
     *,
     layer: int,
     strength: float = 1.0,
-    arch: ArchSpec | None = None,
     progress: bool = False,
-    **options: Any,
+    **overrides: Any,
 ) -> Sweep:
-    """Zero-shot next-token scores of the paper's vector (top-k heads by AIE, summed) for each ``k``.
+    """Next-token scores of the paper's vector (top-k heads by AIE, summed, added after ``layer``) for each ``k``.
 
-    ``means`` and ``effects`` come from :func:`~fv_plugin.mean_head_activations` and
-    :func:`~fv_plugin.average_indirect_effect`; the vector is added after ``layer``.
+    ``statistics`` come from :func:`~fv_plugin.head_statistics`.
     """
-    total = effects.aie.numel()
+    total = statistics.aie.numel()
     for k in ks:
         if not 1 <= k <= total:
             raise ValueError(f"k must be between 1 and the number of heads ({total}), got {k}")
 
     def make(k: float) -> tuple[list[VectorArg], float]:
-        heads = effects.top_heads(int(k))
-        vec = FunctionVector(vector=head_vector(model, means, heads, arch=arch), layer=layer, task=task.name)
-        return [vec], strength
+        vec = head_vector(model, statistics.means, statistics.top_heads(int(k)))
+        return [FunctionVector(vector=vec, layer=layer, task=task.name)], strength
 
-    return _sweep(model, tokenizer, task, "k", [float(k) for k in ks], make, progress, **options)
+    return _sweep(model, tokenizer, task, "k", [float(k) for k in ks], make, progress, overrides)

@@ -9,13 +9,12 @@ in the calling thread (see :mod:`fv_plugin.runtime`).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from fv_plugin.runtime import (
     ActiveSteering,
     activate,
     generate_call,
+    hook_scope,
     on_base_forward,
     on_layer_output,
     on_out_proj_input,
@@ -42,6 +42,7 @@ __all__ = [
     "record_head_inputs",
     "record_layer_calls",
     "record_layer_outputs",
+    "scoped_hooks",
 ]
 
 _ATTR = "_fv_plugin_attachment"
@@ -221,7 +222,52 @@ def _remove(model: nn.Module, owner: Attachment) -> None:
     model.__dict__.pop(_ATTR, None)
 
 
-# ----------------------------------------------------------------------------------------- read hooks
+# ------------------------------------------------------------------------------------ read and patch hooks
+# Read and patch hooks act only on forward passes run in the context (thread, asyncio task) that opened them, so
+# recording or patching on a shared model never reaches other users' calls.
+HookKind = Literal["forward", "pre", "pre_kwargs"]
+
+
+@contextlib.contextmanager
+def scoped_hooks(hooks: Sequence[tuple[nn.Module, Callable[..., Any]]], kind: HookKind) -> Iterator[None]:
+    """Register ``hook`` on each ``module`` for the block; each acts only on forwards run inside this scope.
+
+    ``kind`` is ``"forward"`` (``hook(module, args, output)``), ``"pre"`` (``hook(module, args)``) or
+    ``"pre_kwargs"`` (``hook(module, args, kwargs)``). Outside the scope a hook returns ``None`` (no change).
+    Every handle is removed on exit, also when the block raises.
+    """
+    with hook_scope() as inside:
+        handles: list[RemovableHandle] = []
+        try:
+            for module, hook in hooks:
+                handles.append(_register(module, _only_inside(hook, inside), kind))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _only_inside(hook: Callable[..., Any], inside: Callable[[], bool]) -> Callable[..., Any]:
+    def scoped(*args: Any) -> Any:
+        return hook(*args) if inside() else None
+
+    return scoped
+
+
+def _register(module: nn.Module, hook: Callable[..., Any], kind: HookKind) -> RemovableHandle:
+    if kind == "forward":
+        return module.register_forward_hook(hook)
+    if kind == "pre":
+        return module.register_forward_pre_hook(hook)
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _check_layers(resolved: ResolvedArch, layers: Sequence[int]) -> None:
+    for layer in layers:
+        if not 0 <= layer < resolved.num_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
+
+
 @contextlib.contextmanager
 def record_layer_outputs(
     model: nn.Module, layers: Sequence[int], *, arch: ArchSpec | None = None
@@ -231,67 +277,32 @@ def record_layer_outputs(
     Yields a dict that maps a layer index to its latest output ``[batch, seq, hidden]``.
     """
     resolved = resolve_architecture(model, arch)
-    for layer in layers:
-        if not 0 <= layer < resolved.num_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
+    _check_layers(resolved, layers)
     seen: dict[int, torch.Tensor] = {}
-    with _scope() as inside:
 
-        def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                if inside():
-                    hidden = output if isinstance(output, torch.Tensor) else output[0]
-                    seen[index] = hidden.detach()
+    def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            seen[index] = (output if isinstance(output, torch.Tensor) else output[0]).detach()
 
-            return hook
+        return hook
 
-        handles: list[RemovableHandle] = []
-        try:
-            for layer in layers:
-                handles.append(resolved.layers[layer].register_forward_hook(make(layer), prepend=False))
-            yield seen
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-# Read and patch hooks act only on forward passes run in the context (thread, asyncio task) that opened them, so
-# recording or patching on a shared model never reaches other users' calls.
-_SCOPES: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("fv_plugin_hook_scopes", default=frozenset())
-
-
-@contextlib.contextmanager
-def _scope() -> Iterator[Callable[[], bool]]:
-    """Enter a scope of the current context; yields a check that is true only in forwards run inside it."""
-    key = object()
-    token = _SCOPES.set(_SCOPES.get() | {id(key)})
-    try:
-        yield lambda: id(key) in _SCOPES.get()
-    finally:
-        _SCOPES.reset(token)
+    with scoped_hooks([(resolved.layers[layer], make(layer)) for layer in layers], "forward"):
+        yield seen
 
 
 @contextlib.contextmanager
 def record_layer_calls(resolved: ResolvedArch) -> Iterator[dict[int, tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Record each decoder layer's latest call (positional and keyword arguments); removed on exit."""
     calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    with _scope() as inside:
 
-        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                if inside():
-                    calls[index] = (args, dict(kwargs))
+    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[index] = (args, dict(kwargs))
 
-            return hook
+        return hook
 
-        handles: list[RemovableHandle] = []
-        try:
-            for index, layer in enumerate(resolved.layers):
-                handles.append(layer.register_forward_pre_hook(make(index), with_kwargs=True))
-            yield calls
-        finally:
-            for handle in handles:
-                handle.remove()
+    with scoped_hooks([(layer, make(i)) for i, layer in enumerate(resolved.layers)], "pre_kwargs"):
+        yield calls
 
 
 @contextlib.contextmanager
@@ -301,23 +312,15 @@ def record_head_inputs(resolved: ResolvedArch, layers: Sequence[int]) -> Iterato
     Yields a dict that maps a layer to its latest ``[batch, heads * head_dim]``; removed on exit.
     """
     seen: dict[int, torch.Tensor] = {}
-    with _scope() as inside:
 
-        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                if inside():
-                    seen[index] = args[0][:, -1].detach()
+    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[index] = args[0][:, -1].detach()
 
-            return hook
+        return hook
 
-        handles: list[RemovableHandle] = []
-        try:
-            for layer in layers:
-                handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
-            yield seen
-        finally:
-            for handle in handles:
-                handle.remove()
+    with scoped_hooks([(resolved.out_proj(layer), make(layer)) for layer in layers], "pre"):
+        yield seen
 
 
 @contextlib.contextmanager
@@ -325,19 +328,12 @@ def patch_head_inputs(
     resolved: ResolvedArch, layers: Sequence[int], patch: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> Iterator[None]:
     """Replace each listed layer's output-projection input by ``patch(layer, input)``; removed on exit."""
-    with _scope() as inside:
 
-        def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...] | None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-                return (patch(index, args[0]), *args[1:]) if inside() else None
+    def make(index: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (patch(index, args[0]), *args[1:])
 
-            return hook
+        return hook
 
-        handles: list[RemovableHandle] = []
-        try:
-            for layer in layers:
-                handles.append(resolved.out_proj(layer).register_forward_pre_hook(make(layer)))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    with scoped_hooks([(resolved.out_proj(layer), make(layer)) for layer in layers], "pre"):
+        yield

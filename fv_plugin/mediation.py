@@ -23,21 +23,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import patch_head_inputs, record_head_inputs, record_layer_calls
-from fv_plugin.prompts import Prompt, encode_prompts
+from fv_plugin.prompts import Prompt, encode_prompts, make_prompts
+from fv_plugin.scoring import last_logits_only
+from fv_plugin.tasks import Task
 
 __all__ = [
+    "HeadStatistics",
     "IndirectEffects",
-    "attribution_patching",
     "average_indirect_effect",
     "average_indirect_effect_naive",
+    "head_statistics",
     "mean_head_activations",
-    "rank_agreement",
+    "statistics_prompts",
 ]
 
 
-def _heads(resolved: ResolvedArch) -> int:
+def num_heads(resolved: ResolvedArch) -> int:
     if resolved.num_heads is None:
         raise ValueError(
             f"model_type {resolved.model_type!r}: the number of attention heads is unknown; set "
@@ -60,7 +64,7 @@ def mean_head_activations(
     if not prompts:
         raise ValueError("no prompts")
     resolved = resolve_architecture(model, arch)
-    n_heads = _heads(resolved)
+    n_heads = num_heads(resolved)
     layers = list(range(resolved.num_layers))
     device = input_device(model)
     total: torch.Tensor | None = None
@@ -124,11 +128,6 @@ def _patcher(means: torch.Tensor, rows: torch.Tensor) -> Any:
 def _variants(n_layers: int, n_heads: int) -> torch.Tensor:
     grid = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads))
     return torch.cat([torch.tensor([[-1, -1]]), grid])  # row 0: unpatched
-
-
-def last_logits_only(model: nn.Module) -> dict[str, int]:
-    """``{"logits_to_keep": 1}`` when the model supports it: the unembedding then runs for the last position only."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -216,7 +215,7 @@ def average_indirect_effect(
     at a time (one batch row each), and only from the lowest patched layer of the batch on.
     """
     resolved = resolve_architecture(model, arch)
-    n_layers, n_heads = resolved.num_layers, _heads(resolved)
+    n_layers, n_heads = resolved.num_layers, num_heads(resolved)
     if means.shape[:2] != (n_layers, n_heads):
         raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, head_dim]")
     if heads_per_batch < 1:
@@ -265,7 +264,7 @@ def average_indirect_effect_naive(
 ) -> IndirectEffects:
     """Reference AIE: one full forward per (head, prompt), as in the paper's code. Slow; for tests."""
     resolved = resolve_architecture(model, arch)
-    n_layers, n_heads = resolved.num_layers, _heads(resolved)
+    n_layers, n_heads = resolved.num_layers, num_heads(resolved)
     device = input_device(model)
     effects, bases = [], []
     for prompt in prompts:
@@ -285,63 +284,58 @@ def average_indirect_effect_naive(
     return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))
 
 
-def attribution_patching(
+@dataclass(frozen=True)
+class HeadStatistics:
+    """One task's head statistics: mean activations on clean ICL prompts and every head's AIE on shuffled ones.
+
+    ``config`` holds the settings they were made with (``n_shots``, ``n_mean``, ``n_aie``, ``seed``,
+    ``template``); :meth:`matches` says whether they can stand in for another extraction's.
+    """
+
+    task: str
+    means: torch.Tensor  # [layers, heads, head_dim]
+    effects: IndirectEffects
+    config: ExtractionConfig
+
+    @property
+    def aie(self) -> torch.Tensor:
+        return self.effects.aie
+
+    def top_heads(self, k: int) -> list[tuple[int, int]]:
+        return self.effects.top_heads(k)
+
+    def matches(self, config: ExtractionConfig) -> bool:
+        fields = ("n_shots", "n_mean", "n_aie", "seed", "template")
+        return all(getattr(self.config, name) == getattr(config, name) for name in fields)
+
+
+def statistics_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()) -> tuple[list[Prompt], list[Prompt]]:
+    """The prompts of :func:`head_statistics`: ``n_mean`` clean ICL prompts (``seed``) and ``n_aie`` shuffled-label
+    ones (``seed + 1``), all from the train split."""
+    common = {"n_shots": config.n_shots, "split": "train", "template": config.template}
+    clean = make_prompts(task, n=config.n_mean, seed=config.seed, **common)  # type: ignore[arg-type]
+    shuffled = make_prompts(task, n=config.n_aie, shuffle_labels=True, seed=config.seed + 1, **common)  # type: ignore[arg-type]
+    return clean, shuffled
+
+
+def head_statistics(
     model: nn.Module,
     tokenizer: Any,
-    prompts: Sequence[Prompt],
-    means: torch.Tensor,
+    task: Task,
+    config: ExtractionConfig = ExtractionConfig(),
     *,
     arch: ArchSpec | None = None,
     progress: bool = False,
-) -> IndirectEffects:
-    """Approximate AIE (attribution patching): one forward and one backward per prompt.
+) -> HeadStatistics:
+    """Mean head activations and the exact AIE of every head for ``task`` (the paper's causal mediation).
 
-    The effect of patching head ``h`` is approximated to first order: the gradient of the answer's probability
-    with respect to the head's last-token activation, dotted with (mean - activation).
+    Example:
+        >>> stats = head_statistics(model, tok, load_task("antonym"))  # doctest: +SKIP
+        >>> stats.top_heads(10)  # doctest: +SKIP
     """
-    resolved = resolve_architecture(model, arch)
-    n_layers, n_heads = resolved.num_layers, _heads(resolved)
-    device = input_device(model)
-    effects, bases = [], []
-    seen: dict[int, torch.Tensor] = {}
-    deltas: dict[int, torch.Tensor] = {}
-
-    def add_delta(layer: int, x: torch.Tensor) -> torch.Tensor:
-        delta = torch.zeros(x.shape[0], x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
-        deltas[layer], seen[layer] = delta, x[:, -1].detach()
-        out = x.clone()
-        out[:, -1] = out[:, -1] + delta
-        return out
-
-    for prompt in tqdm(prompts, desc="attribution patching", disable=not progress):
-        enc = encode_prompts(tokenizer, [prompt])
-        ids = enc.input_ids.to(device)
-        answer = int(enc.answer_ids[0])
-        with torch.enable_grad(), patch_head_inputs(resolved, range(n_layers), add_delta):
-            logits = model(input_ids=ids, **last_logits_only(model)).logits[0, -1].float()
-            prob = logits.softmax(-1)[answer]
-            grads = torch.autograd.grad(prob, [deltas[i] for i in range(n_layers)])
-        grid = torch.zeros(n_layers, n_heads)
-        for layer, grad in enumerate(grads):
-            change = means[layer].to(grad.device).flatten() - seen[layer][0].float()
-            grid[layer] = (grad[0].float() * change).view(n_heads, -1).sum(-1).cpu()
-        effects.append(grid)
-        bases.append(prob.detach().cpu())
-    return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))
-
-
-def rank_agreement(approx: torch.Tensor, exact: torch.Tensor, k: int = 10) -> tuple[float, float]:
-    """Spearman rank correlation of two score matrices and the overlap of their top-``k`` entries (0..1)."""
-
-    def ranks(values: torch.Tensor) -> torch.Tensor:
-        order = values.flatten().argsort()
-        out = torch.empty_like(order, dtype=torch.float64)
-        out[order] = torch.arange(order.numel(), dtype=torch.float64)
-        return out
-
-    a, b = ranks(approx), ranks(exact)
-    a, b = a - a.mean(), b - b.mean()
-    spearman = float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
-    top_a = set(approx.flatten().topk(k).indices.tolist())
-    top_b = set(exact.flatten().topk(k).indices.tolist())
-    return spearman, len(top_a & top_b) / k
+    clean, shuffled = statistics_prompts(task, config)
+    means = mean_head_activations(model, tokenizer, clean, batch_size=config.batch_size, arch=arch, progress=progress)
+    effects = average_indirect_effect(
+        model, tokenizer, shuffled, means, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
+    )
+    return HeadStatistics(task=task.name, means=means, effects=effects, config=config)

@@ -235,42 +235,30 @@ def load_model(
         max_memory: with ``device_map="auto"``, the memory each device may use, e.g.
             ``{0: "1GiB", "cpu": "4GiB"}``; what does not fit goes to the next device, then to disk.
         offload_folder: where layers offloaded to disk keep their weights (needed when any go there).
-        revision: Hub revision.
-        trust_remote_code: passed to ``from_pretrained``.
+        revision, trust_remote_code: passed to ``from_pretrained``.
 
-    Returns:
-        ``(model, tokenizer)``.
+    Returns ``(model, tokenizer)``.
 
     Raises:
         EmbeddedModelMissingError: an embedded model's package is missing and the Hub is unreachable.
-        ValueError: an unknown ``quantization``, both ``quantization`` and ``quantization_config``, or
-            placement options that cannot apply (``max_memory`` without ``device_map``, disk without folder).
-        ImportError: quantizing without bitsandbytes installed.
+        ValueError: an unknown ``quantization``, both ``quantization`` and ``quantization_config``, or placement
+            options that cannot apply. ImportError: quantizing without bitsandbytes installed.
 
     Example:
-        >>> model, tokenizer = load_model("smollm2-135m-instruct")  # doctest: +SKIP
         >>> model, tokenizer = load_model("smollm2-135m-instruct", quantization="4bit")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quantization is not None and quantization_config is not None:
-        raise ValueError("pass either quantization= or quantization_config=, not both")
-    config = quantization_config
-    if quantization is not None:
-        config = bnb_config(quantization, compute_dtype=compute_dtype)
+    options = _load_options(dtype, quantization, compute_dtype, quantization_config, device_map)
     _check_placement(device_map, max_memory, offload_folder)
-    source = _source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    options: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
-    if config is not None:
-        options["quantization_config"] = config
     if max_memory is not None:
         options["max_memory"] = max_memory
     if offload_folder is not None:
         options["offload_folder"] = str(offload_folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, trust_remote_code=trust_remote_code, **options
-    )
+    source = _source(name_or_path)
+    common = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    model = AutoModelForCausalLM.from_pretrained(source, **common, **options)
     model.eval()
     if name_or_path in EMBEDDED_MODELS and isinstance(source, Path):
         # Vectors record `_name_or_path`: the short name travels between machines, the cache path does not.
@@ -278,6 +266,23 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_options(
+    dtype: torch.dtype,
+    quantization: str | None,
+    compute_dtype: torch.dtype,
+    quantization_config: Any,
+    device_map: str | dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``from_pretrained`` options for the weights, checked before anything is loaded."""
+    if quantization is not None and quantization_config is not None:
+        raise ValueError("pass either quantization= or quantization_config=, not both")
+    config = bnb_config(quantization, compute_dtype=compute_dtype) if quantization is not None else quantization_config
+    options: dict[str, Any] = {"dtype": dtype, "device_map": device_map}
+    if config is not None:
+        options["quantization_config"] = config
+    return options
 
 
 def _source(name_or_path: str) -> str | Path:

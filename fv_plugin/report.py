@@ -1,70 +1,25 @@
 """Report folders: every number as JSON, the plots as PNG, and a Markdown summary that reads on its own.
 
-:func:`evaluate_tasks` + :func:`write_eval_report` are ``fv eval``; :func:`write_comparison_report` is the
-output of ``fv compare``.
+Rendering only: :mod:`fv_plugin.experiments` computes the reports. :func:`write_eval_report` writes what
+``fv eval`` measured, :func:`write_comparison_report` what ``fv compare`` did.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
-from fv_plugin.architectures import resolve_architecture
+from fv_plugin.analysis import TokenScore, head_locations, layer_sweep
 from fv_plugin.compare import ModelComparison
-from fv_plugin.evaluation import MODES, EvalResult, Mode, Sweep, evaluate, sweep_k, sweep_layers, sweep_strength
-from fv_plugin.extraction import Method, extract_function_vector, layer_vectors
-from fv_plugin.mediation import average_indirect_effect, mean_head_activations
-from fv_plugin.prompts import make_prompts
-from fv_plugin.tasks import Task
+from fv_plugin.experiments import EvalReport, TaskReport
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["EvalReport", "TaskReport", "evaluate_tasks", "write_comparison_report", "write_eval_report"]
-
-DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
-
-
-@dataclass(frozen=True)
-class TaskReport:
-    """Everything measured for one task.
-
-    ``results`` maps a mode to its unsteered and steered :class:`EvalResult`. ``heads_vector`` is the paper's
-    head-based vector (with the AIE matrix) when the head analysis ran.
-    """
-
-    task: str
-    vector: FunctionVector
-    results: dict[str, tuple[EvalResult, EvalResult]]
-    strength: Sweep | None = None
-    layers: Sweep | None = None
-    k: Sweep | None = None
-    heads_vector: FunctionVector | None = None
-    tokens: tuple[TokenScore, ...] = ()
-    head_tokens: tuple[TokenScore, ...] = ()
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    """One model's :class:`TaskReport` per task, plus the cosine similarity of the tasks' vectors."""
-
-    model: str
-    tasks: tuple[TaskReport, ...]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def similarity(self) -> torch.Tensor:
-        return similarity_matrix([t.vector for t in self.tasks])
+__all__ = ["write_comparison_report", "write_eval_report"]
 
 
 def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
@@ -76,119 +31,6 @@ def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
         "head_scores": list(fv.head_scores or ()),
         "model_name": fv.model_name,
     }
-
-
-def evaluate_tasks(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: Sequence[Task],
-    *,
-    model_name: str,
-    vectors: Mapping[str, FunctionVector] | None = None,
-    method: str = "auto",
-    modes: Sequence[str] = MODES,
-    strengths: Sequence[float] = DEFAULT_STRENGTHS,
-    ks: Sequence[int] = DEFAULT_KS,
-    heads: bool = True,
-    layer_sweep_test: bool = True,
-    layer_step: int = 1,
-    n: int | None = None,
-    n_natural: int | None = 12,
-    n_mean: int = 100,
-    n_aie: int = 25,
-    n_shots: int = 10,
-    seed: int = 0,
-    progress: bool = False,
-    on_task: Callable[[EvalReport], None] | None = None,
-) -> EvalReport:
-    """Extract (or take from ``vectors``) each task's vector and measure it in every way this package knows.
-
-    Args:
-        vectors: vectors per task name; a task without one gets one extracted with ``method``.
-        modes: prompt modes to score with and without the vector (:data:`~fv_plugin.evaluation.MODES`).
-        strengths, ks: the strength and number-of-heads sweeps (``ks`` needs ``heads``).
-        heads: run the paper's head analysis (mean activations and AIE) for the AIE map, the k sweep and the
-            head-based vector.
-        layer_sweep_test: sweep layers on the test split (hidden-state forms are re-made at each layer), every
-            ``layer_step``-th layer.
-        n: test prompts per mode (default: all); n_natural: test queries in natural mode (each with every
-            natural template).
-        on_task: called with the report so far after each task (e.g. to write partial results).
-    """
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise ValueError(f"unknown modes {bad}; choose from {MODES}")
-    settings = {"method": method, "modes": list(modes), "n": n, "n_natural": n_natural, "n_mean": n_mean}
-    settings["layer_step"] = layer_step
-    settings.update({"n_aie": n_aie, "n_shots": n_shots, "seed": seed, "heads": heads})
-    reports: list[TaskReport] = []
-    for task in tqdm(tasks, desc="tasks", disable=not progress):
-        start = time.perf_counter()
-        fv = (vectors or {}).get(task.name)
-        if fv is None:
-            form = cast(Method, method)
-            fv = extract_function_vector(model, tokenizer, task, method=form, n_mean=n_mean, n_shots=n_shots, seed=seed)
-        results = {}
-        for mode in modes:
-            count, kind = (n_natural if mode == "natural" else n), cast(Mode, mode)
-            base = evaluate(model, tokenizer, task, mode=kind, n=count, n_shots=n_shots, seed=seed)
-            steered = evaluate(model, tokenizer, task, mode=kind, n=count, n_shots=n_shots, seed=seed, vectors=[fv])
-            results[mode] = (base, steered)
-        strength = sweep_strength(model, tokenizer, task, fv, strengths, n=n) if strengths else None
-        layers = None
-        if layer_sweep_test and not fv.is_head_patch:
-            if fv.method in ("difference", "layer_mean"):
-                state_form = cast(Literal["difference", "layer_mean"], fv.method)
-                per_layer = layer_vectors(
-                    model, tokenizer, task, method=state_form, n_mean=n_mean, n_shots=n_shots, seed=seed
-                )
-                at = sorted(per_layer)[::layer_step]
-                layers = sweep_layers(model, tokenizer, task, per_layer.__getitem__, at, n=n)
-            else:  # the same vector at every layer
-                layers = sweep_layers(model, tokenizer, task, fv, range(0, _num_layers(model), layer_step), n=n)
-        k_sweep, heads_fv = None, None
-        head_tokens: tuple[TokenScore, ...] = ()
-        if heads:
-            clean = make_prompts(task, n=n_mean, n_shots=n_shots, split="train", seed=seed)
-            means = mean_head_activations(model, tokenizer, clean)
-            shuffled = make_prompts(task, n=n_aie, n_shots=n_shots, split="train", shuffle_labels=True, seed=seed + 1)
-            effects = average_indirect_effect(model, tokenizer, shuffled, means)
-            heads_fv = extract_function_vector(
-                model,
-                tokenizer,
-                task,
-                method="heads",
-                layer=fv.layer,
-                means=means,
-                effects=effects,
-                n_shots=n_shots,
-                seed=seed,
-            )
-            usable = [k for k in ks if k <= effects.aie.numel()]
-            if usable:
-                k_sweep = sweep_k(model, tokenizer, task, means, effects, usable, layer=fv.layer, n=n)
-            head_tokens = tuple(top_tokens(model, tokenizer, heads_fv, 10))
-        reports.append(
-            TaskReport(
-                task=task.name,
-                vector=fv,
-                results=results,
-                strength=strength,
-                layers=layers,
-                k=k_sweep,
-                heads_vector=heads_fv,
-                tokens=tuple(top_tokens(model, tokenizer, fv, 10)),
-                head_tokens=head_tokens,
-                seconds=time.perf_counter() - start,
-            )
-        )
-        if on_task is not None:
-            on_task(EvalReport(model=model_name, tasks=tuple(reports), settings=settings))
-    return EvalReport(model=model_name, tasks=tuple(reports), settings=settings)
-
-
-def _num_layers(model: nn.Module) -> int:
-    return resolve_architecture(model).num_layers
 
 
 def _save(fig: Any, folder: Path, name: str) -> str:
@@ -206,11 +48,11 @@ def _task_json(t: TaskReport) -> dict[str, Any]:
         sweep = getattr(t, name)
         out[f"{name}_sweep"] = sweep.to_dict() if sweep is not None else None
     sweep = layer_sweep(t.vector)
-    out["validation_layer_sweep"] = dataclasses.asdict(sweep) if sweep is not None else None
+    out["validation_layer_sweep"] = sweep.to_dict() if sweep is not None else None
     out["top_tokens"] = [dataclasses.asdict(s) for s in t.tokens]
     if t.heads_vector is not None:
         out["heads_vector"] = _vector_summary(t.heads_vector)
-        aie = aie_matrix(t.heads_vector)
+        aie = t.heads_vector.aie
         out["aie"] = aie.tolist() if aie is not None else None
         out["head_locations"] = [dataclasses.asdict(h) for h in head_locations(t.heads_vector)]
         out["heads_vector_top_tokens"] = [dataclasses.asdict(s) for s in t.head_tokens]

@@ -17,7 +17,15 @@ import torch
 
 from fv_plugin.positions import ForwardInfo, PromptInfo, forward_info, generation_steps, position_mask
 
-__all__ = ["ActiveSteering", "CallState", "HeadPatch", "SteeringEntry", "activate", "generate_call"]
+__all__ = [
+    "ActiveSteering",
+    "CallState",
+    "HeadPatch",
+    "SteeringEntry",
+    "activate",
+    "generate_call",
+    "hook_scope",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +123,21 @@ class CallState:
 
 _ACTIVE: ContextVar[tuple[ActiveSteering, ...]] = ContextVar("fv_plugin_active", default=())
 _CALL: ContextVar[CallState | None] = ContextVar("fv_plugin_call", default=None)
+
+
+# Read and patch hooks (fv_plugin.hooks.scoped_hooks) act only inside the scopes open in the current context.
+_SCOPES: ContextVar[frozenset[int]] = ContextVar("fv_plugin_hook_scopes", default=frozenset())
+
+
+@contextlib.contextmanager
+def hook_scope() -> Iterator[Callable[[], bool]]:
+    """Enter a scope of the current context; yields a check that is true only in forwards run inside it."""
+    key = object()
+    token = _SCOPES.set(_SCOPES.get() | {id(key)})
+    try:
+        yield lambda: id(key) in _SCOPES.get()
+    finally:
+        _SCOPES.reset(token)
 
 
 def active_steerings() -> tuple[ActiveSteering, ...]:

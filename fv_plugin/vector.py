@@ -13,18 +13,20 @@ from typing import Any
 
 import torch
 
+from fv_plugin.config import METHODS, ExtractionConfig
+from fv_plugin.records import Sweep
+from fv_plugin.version import __version__
+
 __all__ = ["WEIGHTS_NAME", "FunctionVector"]
 
 WEIGHTS_NAME = "function_vector.safetensors"
 _FORMAT = "fv_plugin.FunctionVector"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"  # 1: fv_plugin 0.1, metadata of its own in `extra`
 # Metadata fields that must agree for two vectors to be combined.
 _IDENTITY_FIELDS = ("model_type", "hidden_size", "model_name")
 
 
 def _library_version() -> str:
-    from fv_plugin import __version__
-
     return __version__
 
 
@@ -45,10 +47,13 @@ class FunctionVector:
         prompt_template: template of the prompts it was extracted from.
         method: how it was made (e.g. ``"heads"``, ``"layer_mean"``, ``"combination"``).
         library_version: fv_plugin version that made it.
-        extra: further string metadata.
+        extra: further string metadata of your own (fv_plugin's own metadata has typed fields).
         head_values: for the head-level form (``method="head_patch"``): one activation per entry of ``heads``,
             shape ``[k, head_dim]``, written into those heads' own slots of the attention output projection's
             input when steering (instead of adding ``vector``, which then holds their residual-stream sum).
+        aie: the ``[layers, heads]`` average indirect effects the heads were ranked by, if they were.
+        layer_sweep: the validation sweep that chose ``layer``, if one did.
+        config: the settings it was extracted with, if it was.
 
     Example:
         >>> import torch
@@ -71,6 +76,9 @@ class FunctionVector:
     library_version: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
     head_values: torch.Tensor | None = None
+    aie: torch.Tensor | None = None
+    layer_sweep: Sweep | None = None
+    config: ExtractionConfig | None = None
 
     def __post_init__(self) -> None:
         vec = self.vector
@@ -103,6 +111,14 @@ class FunctionVector:
             if values.device.type != "meta" and not bool(torch.isfinite(values).all()):
                 raise ValueError("head_values contains NaN or inf values")
             object.__setattr__(self, "head_values", values.detach())
+        if self.aie is not None:
+            if not isinstance(self.aie, torch.Tensor) or self.aie.dim() != 2 or not self.aie.is_floating_point():
+                raise ValueError("aie must be a floating-point tensor of shape [layers, heads]")
+            object.__setattr__(self, "aie", self.aie.detach().float().cpu())
+        if self.layer_sweep is not None and not isinstance(self.layer_sweep, Sweep):
+            raise TypeError(f"layer_sweep must be an fv_plugin Sweep, got {type(self.layer_sweep).__name__}")
+        if self.config is not None and not isinstance(self.config, ExtractionConfig):
+            raise TypeError(f"config must be an ExtractionConfig, got {type(self.config).__name__}")
 
     @property
     def is_head_patch(self) -> bool:
@@ -221,6 +237,8 @@ class FunctionVector:
             "method": self.method,
             "library_version": self.library_version or _library_version(),
             "extra": dict(self.extra),
+            "layer_sweep": self.layer_sweep.to_dict() if self.layer_sweep is not None else None,
+            "config": self.config.to_dict() if self.config is not None else None,
         }
         return {"format": _FORMAT, "format_version": _FORMAT_VERSION, "fv_metadata": json.dumps(meta)}
 
@@ -233,6 +251,8 @@ class FunctionVector:
         tensors = {"vector": self.vector.detach().to("cpu").contiguous()}
         if self.head_values is not None:
             tensors["head_values"] = self.head_values.detach().to("cpu").contiguous()
+        if self.aie is not None:
+            tensors["aie"] = self.aie.contiguous()
         save_file(tensors, str(target), metadata=self._metadata())
         return target
 
@@ -252,39 +272,22 @@ class FunctionVector:
         try:
             with safe_open(str(source), framework="pt", device=str(device)) as handle:
                 header = handle.metadata() or {}
-                keys = list(handle.keys())
-                vector = handle.get_tensor("vector") if "vector" in keys else None
-                head_values = handle.get_tensor("head_values") if "head_values" in keys else None
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
         except Exception as exc:  # safetensors raises its own error types for every kind of corruption
             raise ValueError(
                 f"{source} is not a readable safetensors file ({type(exc).__name__}: {exc}). "
                 "Function vectors are saved with FunctionVector.save(); pickles are never loaded."
             ) from exc
-        if header.get("format") != _FORMAT or vector is None:
+        if header.get("format") != _FORMAT or "vector" not in tensors:
             raise ValueError(
                 f"{source} is a safetensors file but not an fv_plugin FunctionVector "
-                f"(header format={header.get('format')!r}, tensors={keys})."
+                f"(header format={header.get('format')!r}, tensors={sorted(tensors)})."
             )
         try:
             meta = json.loads(header["fv_metadata"])
-        except (KeyError, json.JSONDecodeError) as exc:
+            return cls(**_fields(meta, tensors, legacy=header.get("format_version") == "1"))
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{source}: the fv_plugin metadata in its header is damaged ({exc}).") from exc
-        return cls(
-            vector=vector,
-            layer=int(meta["layer"]),
-            model_type=meta.get("model_type"),
-            hidden_size=meta.get("hidden_size"),
-            model_name=meta.get("model_name"),
-            task=meta.get("task"),
-            heads=tuple(tuple(h) for h in meta["heads"]) if meta.get("heads") is not None else None,
-            head_scores=tuple(meta["head_scores"]) if meta.get("head_scores") is not None else None,
-            k=meta.get("k"),
-            prompt_template=meta.get("prompt_template"),
-            method=meta.get("method"),
-            library_version=meta.get("library_version"),
-            extra=meta.get("extra") or {},
-            head_values=head_values,
-        )
 
     # ---------------------------------------------------- Hugging Face Hub I/O
     def save_pretrained(self, save_directory: str | Path) -> Path:
@@ -350,3 +353,44 @@ class FunctionVector:
                 repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
             )
         return str(info)
+
+
+def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, legacy: bool) -> dict[str, Any]:
+    """Constructor arguments from a file's metadata and tensors (files of fv_plugin 0.1, ``legacy``, kept the AIE
+    matrix, the layer sweep and the settings as strings in ``extra``: they become the typed fields)."""
+    extra = dict(meta.get("extra") or {})
+    legacy_aie = extra.pop("aie", None) if legacy else None
+    legacy_sweep = extra.pop("layer_sweep", None) if legacy else None
+    aie = tensors.get("aie")
+    if aie is None and legacy_aie is not None:
+        aie = torch.tensor(json.loads(legacy_aie), dtype=torch.float32)
+    sweep = meta.get("layer_sweep") or (json.loads(legacy_sweep) if legacy_sweep is not None else None)
+    config = meta.get("config") or (_legacy_config(meta, extra, chose_layer=sweep is not None) if legacy else None)
+    return {
+        "vector": tensors["vector"],
+        "layer": int(meta["layer"]),
+        **{name: meta.get(name) for name in ("model_type", "hidden_size", "model_name", "task", "k")},
+        **{name: meta.get(name) for name in ("prompt_template", "method", "library_version")},
+        "heads": tuple(tuple(h) for h in meta["heads"]) if meta.get("heads") is not None else None,
+        "head_scores": tuple(meta["head_scores"]) if meta.get("head_scores") is not None else None,
+        "extra": extra,
+        "head_values": tensors.get("head_values"),
+        "aie": aie,
+        "layer_sweep": Sweep.from_dict(sweep) if sweep is not None else None,
+        "config": ExtractionConfig.from_dict(config) if config else None,
+    }
+
+
+def _legacy_config(meta: Mapping[str, Any], extra: dict[str, str], *, chose_layer: bool) -> dict[str, Any] | None:
+    """fv_plugin 0.1 kept the extraction settings as strings in ``extra``: take them out as a config."""
+    settings: dict[str, Any] = {
+        name: int(extra.pop(name)) for name in ("seed", "n_shots", "n_mean", "n_aie") if name in extra
+    }
+    if not settings:
+        return None
+    method = meta.get("method")
+    settings["method"] = method if method in METHODS else "auto"
+    settings["layer"] = None if chose_layer else int(meta["layer"])
+    if meta.get("k") is not None:
+        settings["k"] = int(meta["k"])
+    return settings

@@ -7,12 +7,12 @@ and figures can be drawn from several threads; save one with ``fig.savefig(path)
 plot                   data
 =====================  ==========================================================
 :func:`plot_aie`       :func:`fv_plugin.analysis.aie_matrix`, ``fv.heads``
-:func:`plot_layer_curve`  :func:`fv_plugin.analysis.layer_sweep` or a layer :class:`~fv_plugin.evaluation.Sweep`
-:func:`plot_sweep`     a :class:`~fv_plugin.evaluation.Sweep` (strength, layer or k)
+:func:`plot_layer_curve`  ``fv.layer_sweep`` or any layer :class:`~fv_plugin.Sweep`
+:func:`plot_sweep`     a :class:`~fv_plugin.Sweep` (strength, layer or k)
 :func:`plot_similarity`  :func:`fv_plugin.analysis.similarity_matrix`
 :func:`plot_top_tokens`  :func:`fv_plugin.analysis.top_tokens`
 :func:`plot_head_depths`  :func:`fv_plugin.analysis.head_locations` per model
-:func:`plot_transfer`  :class:`~fv_plugin.compare.TransferResult` rows
+:func:`plot_transfer`  :class:`~fv_plugin.compare.TaskComparison` rows
 =====================  ==========================================================
 """
 
@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fv_plugin.analysis import HeadLocation, TokenScore, aie_matrix, layer_sweep, similarity_matrix
-from fv_plugin.evaluation import Sweep
-from fv_plugin.extraction import LayerSweep
+from fv_plugin.records import Sweep
 from fv_plugin.vector import FunctionVector
 
 if TYPE_CHECKING:
@@ -88,31 +87,22 @@ def _box(x: int, y: int) -> Any:
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, label=f"{y}.{x}")
 
 
-def plot_layer_curve(curve: FunctionVector | LayerSweep | Sweep, *, title: str | None = None) -> Figure:
-    """Accuracy (and answer probability) against the layer the vector is added at.
+def plot_layer_curve(curve: FunctionVector | Sweep, *, title: str | None = None) -> Figure:
+    """Accuracy (and answer probability) against the layer the vector is added at, the chosen layer marked.
 
-    ``curve`` is a vector whose layer was chosen by the validation sweep, that :class:`LayerSweep`, or a layer
-    :class:`~fv_plugin.evaluation.Sweep`.
+    ``curve`` is a vector whose layer was chosen by the validation sweep (its ``layer_sweep``) or a layer
+    :class:`~fv_plugin.Sweep`.
     """
     if isinstance(curve, FunctionVector):
         found = layer_sweep(curve)
         if found is None:
-            raise ValueError("the vector stores no layer sweep (its layer was given); use evaluation.sweep_layers")
-        title = title or f"layer sweep: {curve.task or 'task'} (validation)"
+            raise ValueError("the vector stores no layer sweep (its layer was given); use fv_plugin.sweep_layers")
+        title = title or f"layer sweep: {curve.task or 'task'} ({found.split})"
         curve = found
-    if isinstance(curve, Sweep):
-        if curve.parameter != "layer":
-            raise ValueError(f"expected a layer sweep, got a {curve.parameter!r} sweep; use plot_sweep")
-        return plot_sweep(curve, title=title)
-    fig = _figure(5.5, 3.2)
-    ax = fig.add_subplot()
-    ax.plot(curve.layers, curve.accuracy, marker="o", label="accuracy")
-    ax.plot(curve.layers, curve.probability, marker=".", linestyle="--", label="answer probability")
-    ax.axvline(curve.best, color="grey", linewidth=0.8)
-    ax.set_xlabel("layer")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="best")
-    ax.set_title(title or "layer sweep")
+    if curve.parameter != "layer":
+        raise ValueError(f"expected a layer sweep, got a {curve.parameter!r} sweep; use plot_sweep")
+    fig = plot_sweep(curve, title=title)
+    fig.axes[0].axvline(curve.best, color="grey", linewidth=0.8)
     return fig
 
 
@@ -122,7 +112,8 @@ def plot_sweep(sweep: Sweep, *, title: str | None = None) -> Figure:
     ax = fig.add_subplot()
     ax.plot(sweep.values, sweep.accuracy, marker="o", label="accuracy")
     ax.plot(sweep.values, sweep.answer_prob, marker=".", linestyle="--", label="answer probability")
-    ax.axhline(sweep.baseline_accuracy, color="grey", linewidth=0.8, linestyle=":", label="no vector")
+    if sweep.baseline_accuracy is not None:
+        ax.axhline(sweep.baseline_accuracy, color="grey", linewidth=0.8, linestyle=":", label="no vector")
     ax.set_xlabel(sweep.parameter)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(loc="best")

@@ -12,7 +12,7 @@ from torch import nn
 
 import fv_plugin
 from fv_plugin.analysis import aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
-from fv_plugin.evaluation import _contains, _exact, evaluate, sweep_k, sweep_layers, sweep_strength
+from fv_plugin.evaluation import contains_answer, evaluate, starts_with_answer, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import extract_function_vector, head_vector, layer_vectors
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import make_prompts
@@ -109,11 +109,11 @@ def test_evaluate_prompts_follow_the_mode(model: nn.Module) -> None:
 
 
 def test_answer_matching() -> None:
-    assert _exact(" cold\n\nQ:", (" cold",)) and not _exact(" colder", (" cold",))
-    assert _exact(" New York\n", ("New York",)) and not _exact(" New", ("New York",))
-    assert _exact(" Vienna, the capital", ("Vienna",)) and not _exact(" JACKJACK", ("JACKET",))
-    assert _contains(' "outside" of it', (" outside",)) and _contains("It is COLD.", ("cold",))
-    assert not _contains(" outsider", (" outside",))
+    assert starts_with_answer(" cold\n\nQ:", (" cold",)) and not starts_with_answer(" colder", (" cold",))
+    assert starts_with_answer(" New York\n", ("New York",)) and not starts_with_answer(" New", ("New York",))
+    assert starts_with_answer(" Vienna, the capital", ("Vienna",)) and not starts_with_answer(" JACKJACK", ("JACKET",))
+    assert contains_answer(' "outside" of it', (" outside",)) and contains_answer("It is COLD.", ("cold",))
+    assert not contains_answer(" outsider", (" outside",))
 
 
 def test_strength_sweep_matches_evaluate_and_zero_is_the_baseline(model: nn.Module) -> None:
@@ -149,14 +149,17 @@ def test_layer_sweep_moves_the_vector_or_remakes_it(model: nn.Module) -> None:
 def test_k_sweep_uses_the_top_k_heads(model: nn.Module) -> None:
     tok = char_tokenizer()
     task = reverse_task()
-    means = mean_head_activations(model, tok, make_prompts(task, n=4, n_shots=2, split="train"))
-    effects = average_indirect_effect(model, tok, make_prompts(task, n=3, n_shots=2, shuffle_labels=True), means)
-    sweep = sweep_k(model, tok, task, means, effects, [1, 3], layer=1)
-    top3 = fv_plugin.FunctionVector(vector=head_vector(model, means, effects.top_heads(3)), layer=1)
+    stats = fv_plugin.head_statistics(model, tok, task, fv_plugin.ExtractionConfig(n_mean=4, n_aie=3, n_shots=2))
+    clean = make_prompts(task, n=4, n_shots=2, split="train")
+    assert torch.allclose(stats.means, mean_head_activations(model, tok, clean))  # the recipe: n_mean clean prompts
+    shuffled = make_prompts(task, n=3, n_shots=2, split="train", shuffle_labels=True, seed=1)
+    assert torch.allclose(stats.aie, average_indirect_effect(model, tok, shuffled, stats.means).aie)  # seed + 1
+    sweep = sweep_k(model, tok, task, stats, [1, 3], layer=1)
+    top3 = fv_plugin.FunctionVector(vector=head_vector(model, stats.means, stats.top_heads(3)), layer=1)
     ref = evaluate(model, tok, task, vectors=[top3], generate=False)
     assert sweep.answer_prob[1] == pytest.approx(ref.answer_prob)
     with pytest.raises(ValueError, match="number of heads"):
-        sweep_k(model, tok, task, means, effects, [10_000], layer=1)
+        sweep_k(model, tok, task, stats, [10_000], layer=1)
 
 
 def test_top_tokens_are_the_vector_through_the_final_norm_and_unembedding() -> None:
@@ -200,12 +203,14 @@ def test_aie_matrix_layer_sweep_and_head_locations_round_trip(model: nn.Module, 
     flat = aie.flatten().topk(3).indices.tolist()
     assert [h[0] * aie.shape[1] + h[1] for h in fv.heads or ()] == flat
     sweep = layer_sweep(fv)
-    assert sweep is not None and sweep.best == fv.layer and len(sweep.layers) == model.config.num_hidden_layers
+    assert sweep is not None and sweep.best == fv.layer and len(sweep.values) == model.config.num_hidden_layers
     locations = head_locations(fv)
     assert [(h.layer, h.head) for h in locations] == list(fv.heads or ())
     assert all(h.depth == h.layer / (aie.shape[0] - 1) for h in locations)
     loaded = fv_plugin.FunctionVector.load(fv.save(tmp_path / "v.safetensors"))  # type: ignore[operator]
     assert torch.equal(aie_matrix(loaded), aie)  # type: ignore[arg-type]
+    assert loaded.layer_sweep == sweep and loaded.config == fv.config and loaded.config is not None
+    assert loaded.config.method == "heads" and loaded.config.k == 3 and not loaded.extra
     plain = extract_function_vector(model, tok, task, method="difference", layer=1, n_mean=4, n_shots=2)
     assert aie_matrix(plain) is None and layer_sweep(plain) is None
     with pytest.raises(ValueError, match="no heads"):

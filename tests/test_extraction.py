@@ -13,10 +13,11 @@ from torch import nn
 
 import fv_plugin
 from fv_plugin.architectures import resolve_architecture
-from fv_plugin.bench import measure_extraction
-from fv_plugin.extraction import extract_function_vector, head_vector, zero_shot_scores
+from fv_plugin.benchmarks.extraction import measure_extraction
+from fv_plugin.extraction import extract_function_vector, head_vector
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import PromptTemplate, encode_prompts, make_prompts
+from fv_plugin.scoring import zero_shot_scores
 
 FAST_FAMILIES = ["llama", "gpt2", "gemma3_text", "falcon", "gpt_neox", "olmo2"]
 
@@ -146,9 +147,9 @@ def test_extract_function_vector_on_a_tiny_model(method: str) -> None:
     task = fv_plugin.load_task("capitalize")
     fv = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)
     assert fv.method == method and 0 <= fv.layer < 3 and fv.task == "capitalize" and fv.model_type == "llama"
-    assert "layer_sweep" in fv.extra
+    assert fv.layer_sweep is not None and fv.layer_sweep.split == "valid"
     if method == "heads":
-        assert fv.k == 3 and fv.heads is not None and len(fv.heads) == 3 and "aie" in fv.extra
+        assert fv.k == 3 and fv.heads is not None and len(fv.heads) == 3 and fv.aie is not None
     again = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)
     assert torch.equal(fv.vector, again.vector) and fv.layer == again.layer  # seeded
     fixed = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3, layer=1)
@@ -311,7 +312,7 @@ def test_extract_head_patch_form() -> None:
 
 
 def test_quality_bench_reports_every_form(tmp_path: Path) -> None:
-    from fv_plugin.bench import QUALITY_COLUMNS, measure_quality, quality_table
+    from fv_plugin.benchmarks.quality import QUALITY_COLUMNS, measure_quality, quality_table
 
     row = measure_quality(tiny_model("llama"), char_tokenizer(), "first-letter", n_shots=3, k=3)
     assert set(QUALITY_COLUMNS) <= set(row.scores) and all(0.0 <= v <= 1.0 for v in row.scores.values())
@@ -320,7 +321,7 @@ def test_quality_bench_reports_every_form(tmp_path: Path) -> None:
 
 
 def test_attribution_patching_is_the_first_order_term_of_the_exact_effect() -> None:
-    from fv_plugin.mediation import attribution_patching, rank_agreement
+    from fv_plugin.attribution import attribution_patching, rank_agreement
 
     model, tok = tiny_model("llama", dtype=torch.float64), char_tokenizer()
     task = fv_plugin.load_task("antonym")

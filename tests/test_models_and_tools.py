@@ -14,7 +14,7 @@ from conftest import char_tokenizer, left_padded, tiny_model
 
 import fv_plugin
 from fv_plugin import models
-from fv_plugin.bench import measure_overhead
+from fv_plugin.benchmarks.overhead import measure_overhead
 
 ROOT = Path(__file__).resolve().parents[1]
 

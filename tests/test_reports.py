@@ -15,10 +15,12 @@ from transformers import PreTrainedTokenizerFast
 import fv_plugin
 from fv_plugin import viz
 from fv_plugin.analysis import TokenScore, aie_matrix, head_locations
-from fv_plugin.compare import _solve, aligned_hidden_states, compare_models, fit_linear_map, neutral_texts
-from fv_plugin.evaluation import Sweep, evaluate
+from fv_plugin.compare import aligned_hidden_states, compare_models, fit_linear_map, neutral_texts, solve_ridge
+from fv_plugin.evaluation import evaluate
+from fv_plugin.experiments import ExperimentConfig, evaluate_tasks
 from fv_plugin.extraction import extract_function_vector
-from fv_plugin.report import evaluate_tasks, write_comparison_report, write_eval_report
+from fv_plugin.records import Sweep
+from fv_plugin.report import write_comparison_report, write_eval_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -98,7 +100,7 @@ def test_least_squares_map_recovers_a_known_map() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 6, generator=gen)
     w, bias = torch.randn(6, 4, generator=gen), torch.randn(4, generator=gen)
-    weight, b = _solve(x, x @ w + bias, ridge=0.0)
+    weight, b = solve_ridge(x, x @ w + bias, ridge=0.0)
     assert torch.allclose(weight, w, atol=1e-4) and torch.allclose(b, bias, atol=1e-4)
     model = tiny_model("llama")
     identity = fit_linear_map(model, char_tokenizer(), 1, model, char_tokenizer(), 1, ridge=0.0)
@@ -137,21 +139,15 @@ def test_compare_models_and_its_report(tmp_path: Path) -> None:
 
 def test_eval_report_folder_holds_every_number_and_plot(tmp_path: Path) -> None:
     model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
-    report = evaluate_tasks(
-        model,
-        tok,
-        [task],
-        model_name="tiny",
-        method="difference",
-        modes=["zero_shot", "natural"],
-        strengths=[0.0, 1.0],
-        ks=[1, 2],
+    config = ExperimentConfig(
+        extraction=fv_plugin.ExtractionConfig(method="difference", n_mean=4, n_aie=2, n_shots=2),
+        modes=("zero_shot", "natural"),
+        strengths=(0.0, 1.0),
+        ks=(1, 2),
         n=3,
         n_natural=1,
-        n_mean=4,
-        n_aie=2,
-        n_shots=2,
     )
+    report = evaluate_tasks(model, tok, [task], config, model_name="tiny")
     summary = write_eval_report(report, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
     got = data["tasks"][0]

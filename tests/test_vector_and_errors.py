@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,37 @@ def test_save_and_load_round_trip_with_metadata(tmp_path: Path) -> None:
     folder = fv.save_pretrained(tmp_path / "hubdir")
     assert (folder / WEIGHTS_NAME).is_file() and (folder / "fv_config.json").is_file()
     assert torch.equal(FunctionVector.from_pretrained(folder).vector, fv.vector)
+
+
+def test_files_of_the_first_format_load_with_typed_metadata() -> None:
+    """fv_plugin 0.1 stored the layer sweep, the AIE and the settings as strings in ``extra``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    legacy = {
+        "layer": 2,
+        "method": "heads",
+        "k": 2,
+        "extra": {
+            "seed": "3",
+            "n_shots": "5",
+            "n_mean": "7",
+            "aie": json.dumps([[0.1, 0.2], [0.3, -0.4], [0.0, 0.5]]),
+            "layer_sweep": json.dumps({"layers": [1, 2], "accuracy": [0.2, 0.6], "probability": [0.1, 0.3]}),
+            "mine": "kept",
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "old.safetensors"
+        header = {"format": "fv_plugin.FunctionVector", "format_version": "1", "fv_metadata": json.dumps(legacy)}
+        save_file({"vector": torch.ones(4)}, str(path), metadata=header)
+        fv = FunctionVector.load(path)
+    assert fv.extra == {"mine": "kept"}
+    assert fv.aie is not None and fv.aie.tolist()[1] == pytest.approx([0.3, -0.4])
+    assert fv.layer_sweep is not None and fv.layer_sweep.values == (1.0, 2.0) and fv.layer_sweep.best == 2.0
+    assert fv.config is not None and (fv.config.seed, fv.config.n_shots, fv.config.n_mean) == (3, 5, 7)
+    assert fv.config.method == "heads" and fv.config.k == 2 and fv.config.layer is None
 
 
 def test_files_that_are_not_ours_are_refused(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,10 @@ from typing import Any
 
 import torch
 
-from fv_plugin.bench import _rss_mib
+from fv_plugin.activations import task_state_vectors
+from fv_plugin.architectures import resolve_architecture
+from fv_plugin.benchmarks.memory import peak_rss_mib, rss_mib
+from fv_plugin.config import ExtractionConfig
 
 __all__ = ["QuantRow", "main", "measure_config", "quant_table"]
 
@@ -59,22 +61,23 @@ def measure_config(
     n_shots: int = 10,
 ) -> dict[str, float | int | str]:
     """Run one configuration in this process (meant to be a fresh one) and save its vector to ``vector_out``."""
-    from fv_plugin.extraction import extract_function_vector, zero_shot_scores
+    from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
     from fv_plugin.prompts import make_prompts
+    from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
 
     task = load_task(task_name)
     test = make_prompts(task, n_shots=0, split="test", seed=seed)
-    before = _rss_mib()
+    before = rss_mib()
     start = time.perf_counter()
     model, tokenizer = load_model(model_name, quantization=None if config == "fp32" else config)  # type: ignore[arg-type]
-    loaded = _rss_mib()
+    loaded = rss_mib()
     fv = extract_function_vector(model, tokenizer, task, layer=layer, seed=seed, n_mean=n_mean, n_shots=n_shots)
     fv.save(vector_out)
     zero = zero_shot_scores(model, tokenizer, test)[0]
     steered = zero_shot_scores(model, tokenizer, test, [fv])[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     return {
         "config": config,
         "task": task.name,
@@ -91,7 +94,7 @@ def measure_config(
 def _run_child(
     model_name: str, config: str, task: str, layer: int | None, vector_out: str, extra: list[str]
 ) -> dict[str, Any]:
-    command = [sys.executable, "-m", "fv_plugin.bench_quant", "--child", config, "--model", model_name]
+    command = [sys.executable, "-m", "fv_plugin.benchmarks.quant", "--child", config, "--model", model_name]
     command += ["--task", task, "--vector-out", vector_out, *extra]
     if layer is not None:
         command += ["--layer", str(layer)]
@@ -149,26 +152,22 @@ def diagnose(
     """
     import gc
 
-    from fv_plugin.activations import last_token_hidden_states
-    from fv_plugin.extraction import zero_shot_scores
     from fv_plugin.models import load_model
     from fv_plugin.prompts import make_prompts
+    from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
     from fv_plugin.vector import FunctionVector
 
     task = load_task(task_name)
-    icl = [p.text for p in make_prompts(task, n=n_mean, n_shots=n_shots, split="train", seed=seed)]
-    zero = [p.text for p in make_prompts(task, n=n_mean, n_shots=0, split="train", seed=seed)]
+    settings = ExtractionConfig(n_mean=n_mean, n_shots=n_shots, seed=seed)
     icl_test = make_prompts(task, n_shots=n_shots, split="test", seed=seed)
     zero_test = make_prompts(task, n_shots=0, split="test", seed=seed)
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     lines = []
     for name in ("fp32", config):
         model, tok = load_model(model_name, quantization=None if name == "fp32" else name)  # type: ignore[arg-type]
-        layers = list(range(int(model.config.num_hidden_layers)))
-        a = last_token_hidden_states(model, tok, icl, layers, batch_size=16)
-        b = last_token_hidden_states(model, tok, zero, layers, batch_size=16)
-        vectors[name] = {at: a[at].mean(0) - b[at].mean(0) for at in layers}
+        layers = list(range(resolve_architecture(model).num_layers))
+        vectors[name] = task_state_vectors(model, tok, task, layers, config=settings)
         lines.append(f"{name}: {n_shots}-shot ICL test accuracy {zero_shot_scores(model, tok, icl_test)[0]:.2f}")
         if name == config:
             for source in ("fp32", config):

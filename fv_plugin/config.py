@@ -1,0 +1,160 @@
+"""Settings of the two experiments fv_plugin runs, as frozen dataclasses: extracting a vector, and evaluating one.
+
+Both validate themselves on construction, so a bad setting fails before any model work starts. Functions that
+take a config also take its fields as keyword overrides (``extract_function_vector(..., method="heads", k=20)``),
+which :func:`with_overrides` turns into a new config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
+
+__all__ = [
+    "METHODS",
+    "MODES",
+    "NATURAL_TEMPLATES",
+    "EvalConfig",
+    "ExtractionConfig",
+    "Method",
+    "Mode",
+    "with_overrides",
+]
+
+Method = Literal["heads", "head_patch", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = ("heads", "head_patch", "difference", "layer_mean")
+Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
+MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
+NATURAL_TEMPLATES: tuple[str, ...] = (
+    'The word "{x}" means',
+    'When I think of "{x}", I think of',
+    'Here is my answer for "{x}":',
+)
+
+C = TypeVar("C")
+
+
+def _at_least(value: object, minimum: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """How :func:`~fv_plugin.extract_function_vector` makes a vector.
+
+    Attributes:
+        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"difference"`` (ICL minus
+            zero-shot), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
+        k: number of heads for the head-based forms.
+        layer: the layer whose output receives the vector; ``None`` chooses it on the validation split.
+        layers: candidate layers for that choice (default: every layer).
+        strength: strength used while choosing the layer.
+        n_shots: demonstrations per ICL prompt.
+        n_mean: clean ICL prompts averaged (head means, hidden-state means).
+        n_aie: shuffled-label prompts for the average indirect effect.
+        seed: seeds every prompt sample (the shuffled prompts use ``seed + 1``).
+        template: the demonstration template.
+        batch_size: prompts per forward pass.
+        heads_per_batch: patched heads per forward pass in the AIE.
+    """
+
+    method: Method | Literal["auto"] = "auto"
+    k: int = 10
+    layer: int | None = None
+    layers: tuple[int, ...] | None = None
+    strength: float = 1.0
+    n_shots: int = 10
+    n_mean: int = 100
+    n_aie: int = 25
+    seed: int = 0
+    template: str = DEFAULT_TEMPLATE
+    batch_size: int = 16
+    heads_per_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method != "auto" and self.method not in METHODS:
+            raise ValueError(f"method must be 'auto' or one of {METHODS}, got {self.method!r}")
+        for name, minimum in (("k", 1), ("n_shots", 1), ("n_mean", 1), ("n_aie", 1), ("batch_size", 1)):
+            _at_least(getattr(self, name), minimum, name)
+        _at_least(self.heads_per_batch, 1, "heads_per_batch")
+        if self.layer is not None:
+            _at_least(self.layer, 0, "layer")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers:
+                raise ValueError("layers is empty: give the candidate layers or None for every layer")
+        PromptTemplate(self.template)  # validates
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How :func:`~fv_plugin.evaluate` scores a task.
+
+    Attributes:
+        mode: ``"zero_shot"``, ``"icl"``, ``"shuffled"`` or ``"natural"``.
+        strength: multiplies every vector.
+        n_shots: demonstrations per ICL / shuffled prompt.
+        split: where the queries come from (demonstrations always come from ``train``).
+        n: number of prompts (default: one per query; natural mode: that many queries, each with every
+            template).
+        seed: seeds the prompt sample.
+        template: demonstration template.
+        natural_templates: templates with ``{x}`` for natural mode.
+        generate: also decode greedily for exact match (natural mode always generates).
+        max_new_tokens: for the continuation; default: the longest accepted answer's tokens plus one (natural
+            mode: 12).
+        batch_size: prompts per forward pass.
+    """
+
+    mode: Mode = "zero_shot"
+    strength: float = 1.0
+    n_shots: int = 10
+    split: str = "test"
+    n: int | None = None
+    seed: int = 0
+    template: str = DEFAULT_TEMPLATE
+    natural_templates: tuple[str, ...] = NATURAL_TEMPLATES
+    generate: bool = True
+    max_new_tokens: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {self.split!r}")
+        _at_least(self.batch_size, 1, "batch_size")
+        _at_least(self.n_shots, 0, "n_shots")
+        if self.n is not None:
+            _at_least(self.n, 1, "n")
+        if self.max_new_tokens is not None:
+            _at_least(self.max_new_tokens, 1, "max_new_tokens")
+        object.__setattr__(self, "natural_templates", tuple(self.natural_templates))
+        for template in self.natural_templates:
+            if template.count("{x}") != 1:
+                raise ValueError(f"a natural-text template needs exactly one '{{x}}', got {template!r}")
+        PromptTemplate(self.template)  # validates
+
+
+def with_overrides(config: C, overrides: Mapping[str, Any], *, what: str) -> C:
+    """``config`` with ``overrides`` applied; an unknown name raises a ``TypeError`` that lists the valid ones."""
+    if not overrides:
+        return config
+    known = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{what} got unknown setting(s) {unknown}; valid settings: {sorted(known)}")
+    return dataclasses.replace(config, **overrides)  # type: ignore[type-var]

@@ -1,0 +1,85 @@
+"""Measurement records that travel with vectors and reports: a :class:`Sweep` of one setting.
+
+Values only: :mod:`fv_plugin.scoring` measures them, :class:`~fv_plugin.FunctionVector` stores the sweep that
+chose its layer, and reports render them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Sweep"]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Next-token scores of one task as one setting (``parameter``) takes several ``values``.
+
+    Attributes:
+        task: the task's name.
+        parameter: what varies: ``"layer"``, ``"strength"``, ``"k"``...
+        values: the settings tried.
+        accuracy: first-token top-1 accuracy at each value.
+        answer_prob: mean probability of the answer's first token at each value.
+        kl: mean KL divergence (nats) from the unsteered to the steered next-token distribution at each value
+            (empty when not measured).
+        baseline_accuracy: accuracy without any vector on the same prompts (``None`` when not measured).
+        split: the split the prompts came from (``"valid"`` for choices, ``"test"`` for reports).
+    """
+
+    task: str | None
+    parameter: str
+    values: tuple[float, ...]
+    accuracy: tuple[float, ...]
+    answer_prob: tuple[float, ...]
+    kl: tuple[float, ...] = ()
+    baseline_accuracy: float | None = None
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        n = len(self.values)
+        if n == 0:
+            raise ValueError("a sweep needs at least one value")
+        if len(self.accuracy) != n or len(self.answer_prob) != n or len(self.kl) not in (0, n):
+            raise ValueError(f"a sweep needs one accuracy, answer probability (and KL) per value; {n} values")
+
+    @property
+    def best(self) -> float:
+        """The value with the highest accuracy; ties go to the higher answer probability, then the first value."""
+        order = range(len(self.values))
+        index = max(order, key=lambda i: (self.accuracy[i], self.answer_prob[i], -i))
+        return self.values[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Sweep:
+        """Inverse of :meth:`to_dict` (also reads the older ``{"layers", "accuracy", "probability"}`` form)."""
+        if "layers" in data:  # written by fv_plugin 0.1 inside FunctionVector.extra
+            return cls(
+                task=None,
+                parameter="layer",
+                values=tuple(float(v) for v in data["layers"]),
+                accuracy=tuple(float(v) for v in data["accuracy"]),
+                answer_prob=tuple(float(v) for v in data["probability"]),
+                split="valid",
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown sweep fields {unknown}; expected some of {sorted(fields)}")
+        baseline = data.get("baseline_accuracy")
+        return cls(
+            task=data.get("task"),
+            parameter=str(data["parameter"]),
+            values=tuple(float(v) for v in data["values"]),
+            accuracy=tuple(float(v) for v in data["accuracy"]),
+            answer_prob=tuple(float(v) for v in data["answer_prob"]),
+            kl=tuple(float(v) for v in data.get("kl", ())),
+            baseline_accuracy=float(baseline) if baseline is not None else None,
+            split=str(data.get("split", "test")),
+        )

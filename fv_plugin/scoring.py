@@ -1,0 +1,182 @@
+"""Scoring: next-token probabilities of prompts under steering, their accuracy, and sweeps of one setting.
+
+Every choice and every report in fv_plugin is made of these: extraction sweeps layers on the validation split,
+evaluation scores the test split, both through :func:`next_token_probs` (vectors added at each prompt's final
+token) and :func:`sweep` (one :class:`~fv_plugin.records.Sweep`, one "best" rule).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fv_plugin.devices import input_device
+from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
+from fv_plugin.records import Sweep
+from fv_plugin.steering import steer
+from fv_plugin.vector import FunctionVector
+
+__all__ = [
+    "PromptScores",
+    "VectorArg",
+    "kl_divergence",
+    "last_logits_only",
+    "next_token_probs",
+    "score_prompts",
+    "sweep",
+    "zero_shot_scores",
+]
+
+VectorArg = FunctionVector | tuple[FunctionVector, float]
+Normalize = Literal["absolute", "relative"]
+
+
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` when the model supports it: the unembedding then runs for the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+@torch.no_grad()
+def next_token_probs(
+    model: nn.Module,
+    enc: EncodedPrompts,
+    vectors: Sequence[VectorArg] = (),
+    *,
+    strength: float = 1.0,
+    normalize: Normalize = "absolute",
+) -> torch.Tensor:
+    """Next-token distribution after each (left-padded) prompt, steered at its final token: ``[batch, vocab]``.
+
+    Float32 on the CPU. With no vectors (or strength 0) it is the plain model's.
+    """
+    device = input_device(model)
+    with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize):
+        logits = model(
+            input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), **last_logits_only(model)
+        ).logits
+    return logits[:, -1].float().softmax(-1).cpu()
+
+
+def kl_divergence(steered: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(steered || unsteered) per row, in nats."""
+    eps = torch.finfo(torch.float32).tiny
+    return (steered * (steered.clamp_min(eps).log() - base.clamp_min(eps).log())).sum(-1)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """First-token top-1 ``accuracy``, mean answer probability, and mean KL from the plain model (if measured)."""
+
+    accuracy: float
+    answer_prob: float
+    kl: float | None = None
+
+
+class _Batches:
+    """Prompts encoded once in batches, with the plain model's distributions kept for KL."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], batch_size: int) -> None:
+        if not prompts:
+            raise ValueError("no prompts to score")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.n = model, len(prompts)
+        self.encoded = [encode_prompts(tokenizer, prompts[i : i + batch_size]) for i in range(0, self.n, batch_size)]
+        self._base: list[torch.Tensor] | None = None
+
+    @property
+    def base(self) -> list[torch.Tensor]:
+        if self._base is None:
+            self._base = [next_token_probs(self.model, enc) for enc in self.encoded]
+        return self._base
+
+    def score(self, vectors: Sequence[VectorArg], strength: float, normalize: Normalize, kl: bool) -> PromptScores:
+        correct, prob, divergence = 0, 0.0, 0.0
+        plain: list[torch.Tensor] = []
+        for i, enc in enumerate(self.encoded):
+            probs = next_token_probs(self.model, enc, vectors, strength=strength, normalize=normalize)
+            if not vectors:
+                plain.append(probs)
+            rows = torch.arange(len(probs))
+            correct += int((probs.argmax(-1) == enc.answer_ids).sum())
+            prob += float(probs[rows, enc.answer_ids].sum())
+            if kl:
+                divergence += float(kl_divergence(probs, self.base[i]).sum())
+        if plain and self._base is None:
+            self._base = plain
+        return PromptScores(correct / self.n, prob / self.n, divergence / self.n if kl else None)
+
+
+def score_prompts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    vectors: Sequence[VectorArg] = (),
+    *,
+    strength: float = 1.0,
+    normalize: Normalize = "absolute",
+    batch_size: int = 16,
+    kl: bool = False,
+) -> PromptScores:
+    """Accuracy and answer probability on ``prompts`` steered at their final token (and KL, if ``kl``)."""
+    return _Batches(model, tokenizer, prompts, batch_size).score(vectors, strength, normalize, kl and bool(vectors))
+
+
+def zero_shot_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    vectors: Sequence[VectorArg] = (),
+    *,
+    strength: float = 1.0,
+    normalize: Normalize = "absolute",
+    batch_size: int = 16,
+) -> tuple[float, float]:
+    """First-token top-1 accuracy and mean answer probability on ``prompts``, steered at the last prompt token."""
+    scores = score_prompts(
+        model, tokenizer, prompts, vectors, strength=strength, normalize=normalize, batch_size=batch_size
+    )
+    return scores.accuracy, scores.answer_prob
+
+
+def sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    parameter: str,
+    values: Sequence[float],
+    make: Callable[[float], tuple[Sequence[VectorArg], float]],
+    *,
+    task: str | None = None,
+    split: str = "test",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Sweep:
+    """Score ``prompts`` with the vectors ``make(value) -> (vectors, strength)`` for each value of ``parameter``.
+
+    The plain model is scored once, for the baseline accuracy and the KL divergences.
+    """
+    if not values:
+        raise ValueError(f"no {parameter} values to sweep")
+    batches = _Batches(model, tokenizer, prompts, batch_size)
+    baseline = batches.score((), 0.0, "absolute", kl=False).accuracy
+    rows = []
+    for value in tqdm(values, desc=f"{parameter} sweep", disable=not progress):
+        vectors, strength = make(value)
+        rows.append(batches.score(vectors, strength, "absolute", kl=bool(vectors)))
+    return Sweep(
+        task=task,
+        parameter=parameter,
+        values=tuple(float(v) for v in values),
+        accuracy=tuple(r.accuracy for r in rows),
+        answer_prob=tuple(r.answer_prob for r in rows),
+        kl=tuple(r.kl if r.kl is not None else 0.0 for r in rows),
+        baseline_accuracy=baseline,
+        split=split,
+    )
