@@ -87,26 +87,30 @@ def forward_info(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ForwardInf
     return ForwardInfo(batch=batch, length=length, past=_cache_length(cache), mask=None)
 
 
-def position_mask(mode: str, info: ForwardInfo, prompt: PromptInfo, device: torch.device) -> torch.Tensor:
-    """Boolean ``[batch, length]`` mask of the new tokens that ``mode`` steers.
+def position_mask(mode: str, info: ForwardInfo, prompt: PromptInfo, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``[batch, length]`` mask of the new tokens that ``mode`` steers; ``None`` when, by construction,
+    it steers none of them (``"last_prompt"`` during decoding), so the hooks can skip the forward.
 
     - ``"last_prompt"``: each row's final real prompt token.
     - ``"generated"``: that token and every token after the (padded) prompt.
     - ``"all"``: every real token.
     """
-    pos = info.positions(device)[None, :]
+    if mode not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
+    decoding = info.past >= prompt.length  # every new token comes after the prompt
+    if mode == "last_prompt" and decoding:
+        return None
     real = info.real(device)
-    if mode == "all":
+    if mode == "all" or decoding:
         return real
+    pos = info.positions(device)[None, :]
     last = prompt.last.to(device)[:, None]
     if last.shape[0] != info.batch:
         raise RuntimeError(f"prompt has {last.shape[0]} rows but this forward has {info.batch}")
     at_last = pos == last
     if mode == "last_prompt":
         return at_last & real
-    if mode == "generated":
-        return (at_last | (pos >= prompt.length)) & real
-    raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
+    return (at_last | (pos >= prompt.length)) & real
 
 
 def generation_steps(info: ForwardInfo, prompt: PromptInfo, clock: int | None, device: torch.device) -> torch.Tensor:

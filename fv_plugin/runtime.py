@@ -1,8 +1,13 @@
-"""What is being steered right now, per thread: the state our hooks read.
+"""What is being steered right now, per thread: the state our hooks read, and the hooks' bodies.
 
 Steering belongs to a call, not to a model: the active steerings and the state of the current call live in
 :mod:`contextvars`, so threads (and asyncio tasks) sharing one model never see each other's vectors. The hook
 bodies here are registered by :mod:`fv_plugin.hooks`; when nothing is active they return at once.
+
+A steering adds, after each layer it touches, one precomputed ``[rows, hidden]`` matrix scaled per token: row
+``r`` is the weighted sum of the vectors input row ``r`` asked for (one row when every input row gets the same
+vectors). The hot path is therefore a few tensor operations per forward and per steered layer, whatever the
+number of vectors.
 """
 
 from __future__ import annotations
@@ -21,39 +26,65 @@ __all__ = [
     "ActiveSteering",
     "CallState",
     "HeadPatch",
-    "SteeringEntry",
+    "LayerDelta",
+    "Usage",
     "activate",
+    "expand_rows",
     "generate_call",
     "hook_scope",
 ]
 
 
-@dataclass(frozen=True, eq=False)
-class SteeringEntry:
-    """One vector to add after one layer, with its own weight (sign included)."""
+def expand_rows(values: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """``values`` ``[rows, ...]`` for a batch of ``batch`` rows: as is (one row broadcasts), or each row repeated
+    ``batch // rows`` times (``num_beams`` / ``num_return_sequences`` repeat every input row that way)."""
+    rows = values.shape[0]
+    if rows == 1 or rows == batch:
+        return values
+    if rows > 0 and batch % rows == 0:
+        return values.repeat_interleave(batch // rows, dim=0)
+    raise ValueError(f"{what} has {rows} rows but the batch has {batch} rows; give one per input row")
 
-    vector: torch.Tensor  # [hidden]
+
+@dataclass(frozen=True, eq=False)
+class LayerDelta:
+    """What one steering adds after one layer, before scaling: ``rows`` ``[R, hidden]`` float64 (``R == 1``: the
+    same for every input row). Copies on each activation's device and dtype are made once and reused."""
+
     layer: int
-    weight: float
-    _copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    rows: torch.Tensor
+    _copies: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The vector on the activation's device and dtype (copied once, then reused)."""
-        key = (device, dtype)
+        """The rows on the activation's device and dtype."""
+        return self.for_batch(0, device, dtype)
+
+    def for_batch(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[batch or 1, hidden]`` on ``device`` in ``dtype`` (``batch=0``: the rows as they are)."""
+        key = (device, dtype, batch)
         copy = self._copies.get(key)
         if copy is None:
-            copy = self.vector.to(device=device, dtype=dtype)
+            rows = self.rows if batch == 0 else expand_rows(self.rows, batch, "the steering")
+            copy = rows.to(device=device, dtype=dtype)
             self._copies[key] = copy
         return copy
 
 
 @dataclass(frozen=True, eq=False)
 class HeadPatch:
-    """Write ``value`` into head ``head``'s slot of a layer's output-projection input (weighted)."""
+    """Move head ``head``'s slot of a layer's output-projection input towards ``value``, by ``weights`` per input
+    row (``[R]``; ``R == 1``: the same for every row)."""
 
     head: int
     value: torch.Tensor  # [head_dim]
-    weight: float
+    weights: torch.Tensor  # [R] float32
+
+
+@dataclass
+class Usage:
+    """How many forward passes of its model a steering has seen (0 at the end of a block: it steered nothing)."""
+
+    forwards: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,37 +92,38 @@ class ActiveSteering:
     """A validated steering request bound to one attached model."""
 
     owner: object  # the Attachment of the model it steers
-    by_layer: Mapping[int, tuple[SteeringEntry, ...]]
-    strength: float | torch.Tensor  # scalar, or one value per batch row
+    deltas: Mapping[int, LayerDelta]
+    strength: float | torch.Tensor  # scalar, or one value per input row
     positions: str
     normalize: str
     window: tuple[int, int] | None = None
     schedule: Callable[[int], float] | None = None
     clock: object | None = None  # the logits processor counting this call's steps
     head_patches: Mapping[int, tuple[HeadPatch, ...]] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    _strengths: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def row_strength(self, batch: int, device: torch.device) -> torch.Tensor:
         """Strength per row, shape ``[batch]`` (per-row strengths repeated for beams / return sequences)."""
-        if not isinstance(self.strength, torch.Tensor):
-            return torch.full((batch,), float(self.strength), device=device)
-        rows = self.strength.to(device=device, dtype=torch.float32)
-        if rows.numel() == batch:
-            return rows
-        if rows.numel() > 0 and batch % rows.numel() == 0:
-            return rows.repeat_interleave(batch // rows.numel())
-        raise ValueError(
-            f"strength has {rows.numel()} values but the batch has {batch} rows; give one strength per input row"
-        )
+        key = (batch, device)
+        found = self._strengths.get(key)
+        if found is None:
+            if isinstance(self.strength, torch.Tensor):
+                found = expand_rows(self.strength.to(device=device, dtype=torch.float32), batch, "strength")
+            else:
+                found = torch.full((batch,), float(self.strength), device=device)
+            self._strengths[key] = found
+        return found
 
     def step_factor(self, call: CallState, info: ForwardInfo, device: torch.device) -> torch.Tensor | None:
         """Multiplier per new token from ``window``/``schedule``, shape ``[length]``; ``None`` when both unset."""
         if self.window is None and self.schedule is None:
             return None
-        assert call.prompt is not None  # set by the base-model pre-hook before any layer runs
+        if call.prompt is None:
+            raise RuntimeError("fv_plugin: a steered forward ran before its prompt was recorded")
         clock = call.clocks.get(id(self.clock)) if self.clock is not None else None
-        steps = generation_steps(info, call.prompt, clock, device).tolist()
         factors = []
-        for step in steps:
+        for step in generation_steps(info, call.prompt, clock, device).tolist():
             value = 1.0
             if self.window is not None and not (self.window[0] <= step < self.window[1]):
                 value = 0.0
@@ -103,28 +135,45 @@ class ActiveSteering:
 
 @dataclass(eq=False)
 class CallState:
-    """The current call: one ``generate`` (``in_generate``), or the plain forwards inside one ``steer``."""
+    """The current call: one ``generate`` (``in_generate``), or the plain forwards inside one ``steer``.
+
+    ``masks`` and ``coefficients`` are per forward pass (cleared when a new one starts).
+    """
 
     in_generate: bool
     prompt: PromptInfo | None = None
     forward: ForwardInfo | None = None
     clocks: dict[int, int] = field(default_factory=dict)
-    masks: dict[tuple[str, torch.device], torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[str, torch.device], torch.Tensor | None] = field(default_factory=dict)
+    coefficients: dict[tuple[int, torch.device], torch.Tensor | None] = field(default_factory=dict)
 
-    def mask(self, mode: str, device: torch.device) -> torch.Tensor:
+    def mask(self, mode: str, device: torch.device) -> torch.Tensor | None:
         key = (mode, device)
-        cached = self.masks.get(key)
-        if cached is None:
-            assert self.forward is not None and self.prompt is not None
-            cached = position_mask(mode, self.forward, self.prompt, device)
-            self.masks[key] = cached
-        return cached
+        if key not in self.masks:
+            if self.forward is None or self.prompt is None:
+                raise RuntimeError("fv_plugin: a steered forward ran before its positions were recorded")
+            self.masks[key] = position_mask(mode, self.forward, self.prompt, device)
+        return self.masks[key]
+
+    def coefficient(self, steering: ActiveSteering, device: torch.device) -> torch.Tensor | None:
+        """Strength of ``steering`` at each new token, ``[batch, length]`` float32; ``None`` where it touches none."""
+        key = (id(steering), device)
+        if key not in self.coefficients:
+            self.coefficients[key] = _coefficients(steering, self, device)
+        return self.coefficients[key]
+
+
+def _coefficients(steering: ActiveSteering, call: CallState, device: torch.device) -> torch.Tensor | None:
+    mask = call.mask(steering.positions, device)
+    if mask is None or call.forward is None:
+        return None
+    coef = steering.row_strength(call.forward.batch, device)[:, None] * mask
+    factor = steering.step_factor(call, call.forward, device)
+    return coef if factor is None else coef * factor[None, :]
 
 
 _ACTIVE: ContextVar[tuple[ActiveSteering, ...]] = ContextVar("fv_plugin_active", default=())
 _CALL: ContextVar[CallState | None] = ContextVar("fv_plugin_call", default=None)
-
-
 # Read and patch hooks (fv_plugin.hooks.scoped_hooks) act only inside the scopes open in the current context.
 _SCOPES: ContextVar[frozenset[int]] = ContextVar("fv_plugin_hook_scopes", default=frozenset())
 
@@ -176,11 +225,12 @@ def generate_call() -> Iterator[CallState]:
 def on_base_forward(owner: object, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     """Before the decoder stack runs: record the forward's positions (only while something is steering)."""
     active = _ACTIVE.get()
-    if not active or not any(s.owner is owner for s in active):
-        return
+    mine = [s for s in active if s.owner is owner] if active else ()
     call = _CALL.get()
-    if call is None:  # activate() always sets one; be safe if a forward escapes it
+    if not mine or call is None:  # activate() always sets a call; be safe if a forward escapes it
         return
+    for steering in mine:
+        steering.usage.forwards += 1
     info = forward_info(args, kwargs)
     if info.past == 0 and (call.prompt is None or not call.in_generate):
         call.prompt = PromptInfo.from_forward(info)
@@ -189,13 +239,7 @@ def on_base_forward(owner: object, args: tuple[Any, ...], kwargs: Mapping[str, A
         call.prompt = PromptInfo(length=info.past, last=last)
     call.forward = info
     call.masks.clear()
-
-
-def _coefficients(steering: ActiveSteering, call: CallState, info: ForwardInfo, device: torch.device) -> torch.Tensor:
-    """Strength of ``steering`` at each new token, ``[batch, length]`` (zero where it does not steer)."""
-    coef = steering.row_strength(info.batch, device)[:, None] * call.mask(steering.positions, device)
-    factor = steering.step_factor(call, info, device)
-    return coef if factor is None else coef * factor[None, :]
+    call.coefficients.clear()
 
 
 def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: int, call: CallState) -> torch.Tensor:
@@ -205,24 +249,16 @@ def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: 
             f"fv_plugin: layer {layer} produced hidden states of shape {tuple(hidden.shape)} that do not match the "
             f"forward pass it saw ({info}); was the decoder stack called without its base model?"
         )
-    device, dtype = hidden.device, hidden.dtype
-    total = torch.zeros_like(hidden)
-    touched = torch.zeros(info.batch, info.length, dtype=torch.bool, device=device)
-    norms: torch.Tensor | None = None
+    out = hidden
     for steering in steerings:
-        mask = call.mask(steering.positions, device)
-        coef = _coefficients(steering, call, info, device)
-        if steering.normalize == "relative" and norms is None:
-            norms = hidden.float().norm(dim=-1)
-        for entry in steering.by_layer[layer]:
-            vec = entry.on(device, dtype)
-            scale = coef * entry.weight
-            if steering.normalize == "relative":
-                assert norms is not None
-                scale = scale * norms / entry.vector.float().norm().clamp_min(1e-12).item()
-            total = total + scale.to(dtype)[..., None] * vec
-        touched |= mask
-    return torch.where(touched[..., None], hidden + total, hidden)
+        coef = call.coefficient(steering, hidden.device)
+        if coef is None:
+            continue
+        if steering.normalize == "relative":
+            coef = coef * hidden.float().norm(dim=-1)
+        delta = steering.deltas[layer].for_batch(info.batch, hidden.device, hidden.dtype)
+        out = out + coef.to(hidden.dtype)[..., None] * delta[:, None, :]
+    return out
 
 
 def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -235,20 +271,19 @@ def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple
     if not here or call is None or call.forward is None:
         return None
     x = args[0]
-    info = call.forward
-    device = x.device
     out = x
     for steering in here:
-        mask = call.mask(steering.positions, device)
-        coef = _coefficients(steering, call, info, device)
+        coef = call.coefficient(steering, x.device)
+        if coef is None:
+            continue
         for patch in steering.head_patches[layer]:
             dim = patch.value.numel()
             lo, hi = patch.head * dim, (patch.head + 1) * dim
             slot = out[..., lo:hi]
-            target = patch.value.to(device=device, dtype=x.dtype)
-            moved = slot + (coef * patch.weight).to(x.dtype)[..., None] * (target - slot)
-            updated = torch.where(mask[..., None], moved, slot)
-            out = torch.cat([out[..., :lo], updated, out[..., hi:]], dim=-1)
+            weights = expand_rows(patch.weights.to(x.device), call.forward.batch, "the steering")
+            target = patch.value.to(device=x.device, dtype=x.dtype)
+            moved = slot + (coef * weights[:, None]).to(x.dtype)[..., None] * (target - slot)
+            out = torch.cat([out[..., :lo], moved, out[..., hi:]], dim=-1)
     return (out, *args[1:])
 
 
@@ -257,11 +292,9 @@ def on_layer_output(owner: object, layer: int, output: Any) -> Any:
     active = _ACTIVE.get()
     if not active:
         return None
-    here = [s for s in active if s.owner is owner and layer in s.by_layer]
-    if not here:
-        return None
+    here = [s for s in active if s.owner is owner and layer in s.deltas]
     call = _CALL.get()
-    if call is None:
+    if not here or call is None:
         return None
     if isinstance(output, torch.Tensor):
         return _steer_hidden(output, here, layer, call)

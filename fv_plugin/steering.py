@@ -1,190 +1,58 @@
 """Public steering entry points: :func:`steer`, :class:`FunctionVectorProcessor` and :class:`SteeredModel`.
 
-All three validate their input against the model first (so a bad request leaves the model untouched), then
-make an :class:`~fv_plugin.runtime.ActiveSteering` active for the current call only.
+All three validate their input against the model first (:mod:`fv_plugin.request`, so a bad request leaves the
+model untouched), then make an :class:`~fv_plugin.runtime.ActiveSteering` active for the current call only.
+Vectors apply to every input row, or, with ``rows=[[...], [...], ...]``, each input row gets its own: one
+``generate`` call can serve several users' requests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.hooks import Attachment, attach, attached, get_attachment
-from fv_plugin.positions import POSITION_MODES, Positions
-from fv_plugin.runtime import ActiveSteering, HeadPatch, SteeringEntry, activate, current_call
+from fv_plugin.architectures import ArchSpec
+from fv_plugin.hooks import attach, attached, get_attachment
+from fv_plugin.positions import Positions
+from fv_plugin.request import (
+    Normalize,
+    bind,
+    check_options,
+    check_rows,
+    check_strength,
+    check_vector,
+    model_arch,
+    split_vectors,
+    validate,
+)
+from fv_plugin.runtime import ActiveSteering, activate, current_call
 from fv_plugin.vector import FunctionVector
 
-__all__ = [
-    "NORMALIZE_MODES",
-    "FunctionVectorProcessor",
-    "Normalize",
-    "SteeredModel",
-    "VectorLike",
-    "check_number",
-    "check_options",
-    "check_strength",
-    "check_vector",
-    "split_vectors",
-    "steer",
-]
+__all__ = ["FunctionVectorProcessor", "Rows", "SteeredModel", "UnusedSteeringWarning", "steer"]
 
-Normalize = Literal["absolute", "relative"]
-VectorLike: TypeAlias = "FunctionVector | tuple[FunctionVector, float]"
-Strength: TypeAlias = "float | torch.Tensor"
-NORMALIZE_MODES: tuple[str, ...] = ("absolute", "relative")
+Rows = Sequence[Sequence[FunctionVector | tuple[FunctionVector, float]]]
 
 
-def check_number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return float(value)
+class UnusedSteeringWarning(UserWarning):
+    """A ``steer`` block ended without any forward pass of its model in its context: nothing was steered."""
 
 
-def check_strength(strength: object) -> float | torch.Tensor:
-    if isinstance(strength, torch.Tensor):
-        if strength.dim() == 0:
-            return check_number(float(strength), "strength")
-        if strength.dim() != 1 or strength.numel() == 0:
-            raise ValueError(f"a strength tensor must have shape [batch], got {tuple(strength.shape)}")
-        if not bool(torch.isfinite(strength).all()):
-            raise ValueError("strength contains NaN or inf values")
-        return strength.detach().float()
-    return check_number(strength, "strength")
-
-
-def check_options(positions: str, normalize: str) -> None:
-    if positions not in POSITION_MODES:
-        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-
-
-def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
-    pairs: list[tuple[FunctionVector, float]] = []
-    for item in vectors:
-        if isinstance(item, FunctionVector):
-            pairs.append((item, 1.0))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], FunctionVector):
-            pairs.append((item[0], check_number(item[1], "a vector's strength")))
-        else:
-            raise TypeError(
-                f"vectors must be FunctionVector objects or (FunctionVector, strength) pairs, got {type(item).__name__}"
-            )
-    return pairs
-
-
-def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
-    if fv.size != arch.hidden_size:
-        raise ValueError(
-            f"function vector has size {fv.size} but the model's hidden size is {arch.hidden_size}; "
-            "was it made on another model?"
-        )
-    if fv.hidden_size is not None and fv.hidden_size != arch.hidden_size:
-        raise ValueError(f"function vector was saved for hidden size {fv.hidden_size}, model has {arch.hidden_size}")
-    if fv.model_type is not None and fv.model_type != arch.model_type:
-        raise ValueError(
-            f"function vector was made on a {fv.model_type!r} model but this model is {arch.model_type!r}; "
-            "map it across models first or rebuild it with metadata model_type=None to force it"
-        )
-    if not 0 <= fv.layer < arch.num_layers:
-        raise ValueError(f"function vector layer {fv.layer} is out of range: the model has {arch.num_layers} layers")
-    if fv.vector.device.type == "meta" or not bool(torch.isfinite(fv.vector).all()):
-        raise ValueError("function vector contains NaN, inf or meta values")
-    if fv.head_values is not None and fv.heads is not None:
-        heads = arch.num_heads
-        for layer, head in fv.heads:
-            if not 0 <= layer < arch.num_layers or heads is None or not 0 <= head < heads:
-                raise ValueError(f"head ({layer}, {head}) of the function vector does not exist in this model")
-
-
-def _resolve(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
-    owner = get_attachment(model)
-    return owner.arch if owner is not None else resolve_architecture(model, arch)
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A steering request validated against one model, not yet bound to its hooks."""
-
-    pairs: tuple[tuple[FunctionVector, float], ...]
-    strength: float | torch.Tensor
-    positions: str
-    normalize: str
-
-
-def _validate(
-    model: nn.Module,
-    vectors: Sequence[object],
-    *,
-    strength: object,
-    positions: str,
-    normalize: str,
-    arch: ArchSpec | None,
-) -> _Request:
-    """Check everything against ``model`` before touching it."""
-    check_options(positions, normalize)
-    checked_strength = check_strength(strength)
-    pairs = split_vectors(vectors)
-    resolved = _resolve(model, arch)
-    for fv, _ in pairs:
-        check_vector(fv, resolved)
-        if fv.is_head_patch and normalize == "relative":
-            raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
-    return _Request(tuple(pairs), checked_strength, positions, normalize)
-
-
-def _bind(
-    owner: Attachment,
-    request: _Request,
-    *,
-    window: tuple[int, int] | None = None,
-    schedule: Callable[[int], float] | None = None,
-    clock: object | None = None,
-) -> ActiveSteering | None:
-    """Build the active steering for an attached model (``None`` when it would add nothing)."""
-    pairs, checked_strength = request.pairs, request.strength
-    positions, normalize = request.positions, request.normalize
-    if not pairs or (isinstance(checked_strength, float) and checked_strength == 0.0):
-        return None
-    by_layer: dict[int, list[SteeringEntry]] = {}
-    patches: dict[int, list[HeadPatch]] = {}
-    for fv, weight in pairs:
-        if weight == 0.0:
-            continue
-        if fv.head_values is not None and fv.heads is not None:
-            if not owner.head_hooks:
-                raise ValueError(
-                    "this model's attention output projections were not found; head-level steering "
-                    "needs ArchSpec(attn=..., out_proj=...)"
-                )
-            for (layer, head), value in zip(fv.heads, fv.head_values, strict=True):
-                patches.setdefault(layer, []).append(HeadPatch(head=head, value=value, weight=weight))
-        else:
-            by_layer.setdefault(fv.layer, []).append(SteeringEntry(vector=fv.vector, layer=fv.layer, weight=weight))
-    if not by_layer and not patches:
-        return None
-    return ActiveSteering(
-        owner=owner,
-        by_layer={layer: tuple(entries) for layer, entries in by_layer.items()},
-        head_patches={layer: tuple(items) for layer, items in patches.items()},
-        strength=checked_strength,
-        positions=positions,
-        normalize=normalize,
-        window=window,
-        schedule=schedule,
-        clock=clock,
+def _warn_unused(model: nn.Module) -> None:
+    warnings.warn(
+        f"fv_plugin.steer(...) on {type(model).__name__} ended without any forward pass of that model in its "
+        "context, so nothing was steered. A generate() run in another thread (e.g. streaming with "
+        "TextIteratorStreamer and Thread(target=model.generate)) does not see the block. Steer inside the thread "
+        "instead: SteeredModel(model).generate(..., steering=[fv]); or model.generate(..., "
+        "logits_processor=[FunctionVectorProcessor(fv)]) on an attached model; or start the thread in a copy of "
+        "this context: Thread(target=contextvars.copy_context().run, args=(model.generate,), kwargs=...).",
+        UnusedSteeringWarning,
+        stacklevel=4,  # the with-statement that ended the block
     )
 
 
@@ -192,21 +60,26 @@ def _bind(
 def steer(
     model: nn.Module,
     *vectors: FunctionVector | tuple[FunctionVector, float],
+    rows: Rows | None = None,
     strength: float | torch.Tensor = 1.0,
     positions: Positions = "generated",
     normalize: Normalize = "absolute",
     arch: ArchSpec | None = None,
 ) -> Iterator[nn.Module]:
-    """Steer every forward pass of ``model`` made by this thread inside the block.
+    """Steer every forward pass of ``model`` made in this context (thread, asyncio task) inside the block.
 
-    ``generate``, pipelines and plain calls are all steered. Other threads using the same model are not.
+    ``generate``, pipelines and plain calls are all steered. Other threads using the same model are not; a
+    block that ends without any forward pass of ``model`` warns (:class:`UnusedSteeringWarning`).
 
     Args:
         model: a transformers causal LM (or its base model).
-        *vectors: :class:`FunctionVector` objects or ``(vector, weight)`` pairs; a negative weight subtracts.
-        strength: multiplies every vector; a float or a tensor ``[batch]`` with one value per input row
-            (repeated for ``num_beams`` / ``num_return_sequences``), e.g. ``tensor([0., 1.])`` for an
-            unsteered and a steered row in one batch.
+        *vectors: :class:`FunctionVector` objects or ``(vector, weight)`` pairs for every input row; a negative
+            weight subtracts.
+        rows: instead of ``vectors``: one list of vectors (or pairs) per input row, ``[]`` for an unsteered row,
+            e.g. ``rows=[[fv_a], [], [(fv_b, -1.0), fv_c]]`` (repeated for ``num_beams`` /
+            ``num_return_sequences`` like the input rows).
+        strength: multiplies every vector; a float or a tensor ``[batch]`` with one value per input row, e.g.
+            ``tensor([0., 1.])`` for an unsteered and a steered row in one batch.
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
             ``"last_prompt"`` (final prompt token only) or ``"all"`` (every real token).
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
@@ -217,11 +90,30 @@ def steer(
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=10)
     """
-    request = _validate(model, vectors, strength=strength, positions=positions, normalize=normalize, arch=arch)
+    request = validate(
+        model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
+    )
     with attached(model, arch=arch) as owner:
-        steering = _bind(owner, request)
+        steering = bind(owner, request)
         with activate((steering,) if steering is not None else ()):
             yield model
+        if steering is not None and steering.usage.forwards == 0:
+            _warn_unused(model)
+
+
+def _check_window(window: tuple[int, int | None] | None) -> tuple[int, int] | None:
+    if window is None:
+        return None
+    if not isinstance(window, tuple) or len(window) != 2:
+        raise TypeError(f"window must be a (start, stop) tuple, got {window!r}")
+    start, stop = window
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"window start must be an int >= 0, got {start!r}")
+    if stop is None:
+        return (start, 2**62)
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop <= start:
+        raise ValueError(f"window stop must be an int > start (or None), got {stop!r}")
+    return (start, stop)
 
 
 class FunctionVectorProcessor(LogitsProcessor):
@@ -231,7 +123,8 @@ class FunctionVectorProcessor(LogitsProcessor):
     call's clock, counting generation steps so that ``window`` and ``schedule`` know where they are.
 
     Args:
-        *vectors: :class:`FunctionVector` objects or ``(vector, weight)`` pairs.
+        *vectors, rows: :class:`FunctionVector` objects or ``(vector, weight)`` pairs for every row, or one list
+            per input row (as in :func:`steer`).
         strength, positions, normalize: as in :func:`steer`.
         window: ``(start, stop)``: steer only the forward passes of steps ``start <= step < stop``; step 0 is
             the prompt pass (which produces the first new token), step ``s`` feeds generated token ``s``.
@@ -246,6 +139,7 @@ class FunctionVectorProcessor(LogitsProcessor):
     def __init__(
         self,
         *vectors: FunctionVector | tuple[FunctionVector, float],
+        rows: Rows | None = None,
         strength: float | torch.Tensor = 1.0,
         positions: Positions = "generated",
         normalize: Normalize = "absolute",
@@ -255,28 +149,16 @@ class FunctionVectorProcessor(LogitsProcessor):
         check_options(positions, normalize)
         self.vectors = tuple(vectors)
         split_vectors(self.vectors)
+        self.rows = tuple(tuple(row) for row in rows) if rows is not None else None
+        if rows is not None:
+            check_rows(rows)
         self.strength = check_strength(strength)
         self.positions = positions
         self.normalize = normalize
-        self.window = self._check_window(window)
+        self.window = _check_window(window)
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         self.schedule = schedule
-
-    @staticmethod
-    def _check_window(window: tuple[int, int | None] | None) -> tuple[int, int] | None:
-        if window is None:
-            return None
-        if not isinstance(window, tuple) or len(window) != 2:
-            raise TypeError(f"window must be a (start, stop) tuple, got {window!r}")
-        start, stop = window
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"window start must be an int >= 0, got {start!r}")
-        if stop is None:
-            return (start, 2**62)
-        if isinstance(stop, bool) or not isinstance(stop, int) or stop <= start:
-            raise ValueError(f"window stop must be an int > start (or None), got {stop!r}")
-        return (start, stop)
 
     def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering:
         call = current_call()
@@ -285,18 +167,19 @@ class FunctionVectorProcessor(LogitsProcessor):
         owner = get_attachment(model)
         if owner is None:
             raise RuntimeError("FunctionVectorProcessor needs an attached model: call fv_plugin.attach(model)")
-        request = _validate(
+        request = validate(
             model,
             self.vectors,
+            rows=self.rows,
             strength=self.strength,
             positions=self.positions,
             normalize=self.normalize,
             arch=None,
         )
         call.clocks[id(self)] = 0
-        steering = _bind(owner, request, window=self.window, schedule=self.schedule, clock=self)
+        steering = bind(owner, request, window=self.window, schedule=self.schedule, clock=self)
         if steering is None:  # nothing to add (no vectors or zero strength) but keep the clock running
-            return ActiveSteering(owner=owner, by_layer={}, strength=0.0, positions="all", normalize="absolute")
+            return ActiveSteering(owner=owner, deltas={}, strength=0.0, positions="all", normalize="absolute")
         return steering
 
     @property
@@ -320,6 +203,8 @@ class SteeredModel:
     """Wrap a model so that ``generate(..., steering=[...])`` steers; every other attribute reaches the model.
 
     The wrapped model is ``.wrapped_model`` (``.model`` reaches the wrapped model's own ``model`` attribute).
+    Each call steers in its own context, so a ``SteeredModel`` can generate from several threads at once
+    (streaming included: run ``steered.generate(..., streamer=...)`` in the thread).
 
     Args:
         model: a transformers causal LM.
@@ -329,6 +214,7 @@ class SteeredModel:
     Example:
         >>> steered = SteeredModel(model)  # doctest: +SKIP
         >>> steered.generate(**inputs, steering=[fv, (other, -0.5)], max_new_tokens=8)  # doctest: +SKIP
+        >>> steered.generate(**batch_of_3, rows=[[fv], [], [other]], max_new_tokens=8)  # doctest: +SKIP
     """
 
     def __init__(
@@ -346,7 +232,7 @@ class SteeredModel:
         check_options(positions, normalize)
         check_strength(strength)
         defaults = tuple(steering or ())
-        resolved = _resolve(model, arch)
+        resolved = model_arch(model, arch)
         for fv, _ in split_vectors(defaults):
             check_vector(fv, resolved)
         self.__dict__["wrapped_model"] = attach(model, arch=arch)
@@ -354,28 +240,32 @@ class SteeredModel:
         self.__dict__["_steer_options"] = {"strength": strength, "positions": positions, "normalize": normalize}
 
     def _context(
-        self, steering: Sequence[Any] | None, overrides: dict[str, Any]
+        self, steering: Sequence[Any] | None, rows: Rows | None, overrides: dict[str, Any]
     ) -> contextlib.AbstractContextManager[Any]:
-        vectors = tuple(steering) if steering is not None else self.default_steering
+        vectors = () if rows is not None else tuple(steering) if steering is not None else self.default_steering
         options = {**self._steer_options, **{k: v for k, v in overrides.items() if v is not None}}
-        return steer(self.wrapped_model, *vectors, **options)
+        return steer(self.wrapped_model, *vectors, rows=rows, **options)
 
     def generate(
         self,
         *args: Any,
         steering: Sequence[FunctionVector | tuple[FunctionVector, float]] | None = None,
+        rows: Rows | None = None,
         strength: float | torch.Tensor | None = None,
         positions: Positions | None = None,
         normalize: Normalize | None = None,
         **kwargs: Any,
     ) -> Any:
-        """``model.generate`` steered by ``steering`` (or the wrapper's default vectors)."""
-        with self._context(steering, {"strength": strength, "positions": positions, "normalize": normalize}):
+        """``model.generate`` steered by ``steering`` (or the wrapper's default vectors), or per input row."""
+        overrides = {"strength": strength, "positions": positions, "normalize": normalize}
+        with self._context(steering, rows, overrides):
             return self.wrapped_model.generate(*args, **kwargs)
 
-    def __call__(self, *args: Any, steering: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, *args: Any, steering: Sequence[Any] | None = None, rows: Rows | None = None, **kwargs: Any
+    ) -> Any:
         """A steered forward pass (``positions`` of the default options apply)."""
-        with self._context(steering, {}):
+        with self._context(steering, rows, {}):
             return self.wrapped_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -96,18 +97,28 @@ def builtin_tasks() -> list[str]:
 
 def _field(value: object, where: str, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {name!r} must be a non-empty string, got {value!r}")
+        scalar = isinstance(value, (str, int, float, bool)) or value is None
+        shown = repr(value) if scalar and len(repr(value)) <= 60 else f"a {type(value).__name__}"
+        hint = ' (write numbers in quotes, e.g. "7")' if isinstance(value, (int, float)) else ""
+        raise ValueError(f"{where}: {name!r} must be a non-empty string, got {shown}{hint}")
     if len(value) > MAX_FIELD_CHARS:
         raise ValueError(f"{where}: {name!r} is longer than {MAX_FIELD_CHARS} characters")
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cs"):  # control characters, lone surrogates
+            raise ValueError(
+                f"{where}: {name!r} contains the control character U+{ord(char):04X}; task fields must be plain "
+                "text on one line"
+            )
     return value.strip()
 
 
 def _pair(row: object, where: str) -> Pair:
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'input' and 'output', got {type(row).__name__}")
+        raise ValueError(f"{where}: expected an object with 'input' and 'output', got a {type(row).__name__}")
     missing = [key for key in ("input", "output") if key not in row]
     if missing:
-        raise ValueError(f"{where}: missing {', '.join(repr(m) for m in missing)} (keys: {sorted(row)})")
+        keys = sorted(str(key) for key in row)[:10]
+        raise ValueError(f"{where}: missing {', '.join(repr(m) for m in missing)} (keys: {keys})")
     alternatives = row.get("alternatives") or ()
     if isinstance(alternatives, str):
         alternatives = [a for a in alternatives.split("|") if a.strip()]
@@ -120,26 +131,32 @@ def _pair(row: object, where: str) -> Pair:
     )
 
 
+def _json(text: str, where: str) -> object:
+    """Parse JSON; every way it can fail (syntax, nesting too deep, numbers too large) names ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{where}: the JSON is nested too deeply; a task is a flat list of pairs") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{where}: not valid JSON for a task ({exc})") from exc
+
+
 def _rows(text: str, path: Path) -> list[tuple[str, object]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: list[tuple[str, object]] = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}, line {number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-        return rows
+        numbered = enumerate(text.splitlines(), start=1)
+        return [(f"{path}, line {n}", _json(line, f"{path}, line {n}")) for n, line in numbered if line.strip()]
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None or not {"input", "output"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: a CSV task needs a header row with 'input' and 'output' columns")
-        return [(f"{path}, row {number}", dict(row)) for number, row in enumerate(reader, start=2)]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        try:
+            reader = csv.DictReader(io.StringIO(text))
+            if reader.fieldnames is None or not {"input", "output"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: a CSV task needs a header row with 'input' and 'output' columns")
+            return [(f"{path}, row {number}", dict(row)) for number, row in enumerate(reader, start=2)]
+        except csv.Error as exc:  # NUL bytes, a field over the csv module's limit...
+            raise ValueError(f"{path}: not a readable CSV file ({exc})") from exc
+    data = _json(text, str(path))
     if isinstance(data, dict) and isinstance(data.get("pairs"), list):
         data = data["pairs"]
     if not isinstance(data, list):
@@ -152,7 +169,7 @@ def _from_file(path: Path, name: str | None) -> Task:
     if size > MAX_TASK_BYTES:
         raise ValueError(f"{path}: {size} bytes is more than the {MAX_TASK_BYTES} a task file may have")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is fine
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
     rows = _rows(text, path)

@@ -151,6 +151,7 @@ def test_eight_threads_on_one_model_get_what_they_get_alone() -> None:
             assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore::fv_plugin.steering.UnusedSteeringWarning")  # blocks without forwards
 def test_exceptions_leave_no_steering_and_no_hooks_behind() -> None:
     model = fresh_model("llama")
     before = hook_counts(model)
@@ -182,6 +183,7 @@ def test_exceptions_leave_no_steering_and_no_hooks_behind() -> None:
     assert hook_counts(model) == before and "generate" not in model.__dict__
 
 
+@pytest.mark.filterwarnings("ignore::fv_plugin.steering.UnusedSteeringWarning")  # blocks without forwards
 def test_nested_and_concurrent_steer_blocks_keep_hooks_until_the_last_exits() -> None:
     model = fresh_model("llama")
     before = hook_counts(model)

@@ -25,7 +25,7 @@ from fv_plugin.devices import execution_device, input_device
 from fv_plugin.extraction import head_vector
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import make_prompts
-from fv_plugin.runtime import SteeringEntry
+from fv_plugin.runtime import LayerDelta
 
 ROWS = [[5, 40, 41, 42, 43], [6, 50, 51]]
 
@@ -68,14 +68,14 @@ def test_vectors_and_patches_follow_the_device_each_layer_executes_on(
     assert execution_device(model.model.layers[1]) == torch.device("meta")
     assert execution_device(model.model.layers[0]) == torch.device("cpu") == input_device(model)
     delivered: list[tuple[int, torch.device]] = []
-    original = SteeringEntry.on
+    original = LayerDelta.for_batch
 
-    def spy(self: SteeringEntry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        copy = original(self, device, dtype)
+    def spy(self: LayerDelta, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        copy = original(self, batch, device, dtype)
         delivered.append((self.layer, copy.device))
         return copy
 
-    monkeypatch.setattr(SteeringEntry, "on", spy)
+    monkeypatch.setattr(LayerDelta, "for_batch", spy)
     arch = resolve_architecture(model)
     head = fv_plugin.FunctionVector(
         vector=torch.zeros(64), layer=2, heads=((2, 1),), head_values=torch.ones(1, 16), method="head_patch"

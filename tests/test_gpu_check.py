@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
 
-from fv_plugin.runtime import SteeringEntry
+from fv_plugin.runtime import LayerDelta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gpu_check
@@ -43,7 +43,9 @@ def test_the_steering_check_passes_on_a_correct_model(dtype: torch.dtype) -> Non
 
 
 def test_the_steering_check_fails_when_the_vector_is_not_added(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SteeringEntry, "on", lambda self, device, dtype: torch.zeros_like(self.vector, dtype=dtype))
+    monkeypatch.setattr(
+        LayerDelta, "for_batch", lambda self, batch, device, dtype: torch.zeros_like(self.rows, dtype=dtype)
+    )
     with pytest.raises(AssertionError, match="differs from input \\+ vector"):
         gpu_check.steering_check(tiny_model("llama"), char_tokenizer(), 1, torch.device("cpu"))
 

@@ -93,3 +93,62 @@ def test_too_large_and_unknown(tmp_path: Path) -> None:
         load_task(big)
     with pytest.raises(ValueError, match="neither a built-in task"):
         load_task("no-such-task")
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "match"),
+    [
+        ("deep.json", _deep(100_000), "nested too deeply"),
+        ("deep-pairs.json", '{"pairs": ' + _deep(50_000) + "}", "nested too deeply"),
+        (
+            "deep.jsonl",
+            '{"input": "a", "output": "b"}\n' + _deep(100_000) + "\n",
+            "line 2: the JSON is nested too deeply",
+        ),
+        ("deep-field.json", '[{"input": ' + _deep(500) + ', "output": "b"}, {"input": "c", "output": "d"}]', "item 0"),
+        ("huge-int.json", '[{"input": ' + "9" * 5000 + ', "output": "b"}]', "not valid JSON for a task"),
+        ("huge-float.json", '[{"input": 1e999, "output": "b"}, {"input": "c", "output": "d"}]', "got inf"),
+        ("number.json", '[{"input": 7, "output": "seven"}, {"input": "c", "output": "d"}]', "in quotes"),
+        ("nan.json", '[{"input": NaN, "output": "b"}, {"input": "c", "output": "d"}]', "got nan"),
+        ("escaped-nul.json", '[{"input": "a\\u0000b", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+0000"),
+        (
+            "escape.jsonl",
+            '{"input": "a", "output": "b"}\n{"input": "c\\u001b[31m", "output": "d"}\n',
+            r"line 2.*U\+001B",
+        ),
+        ("newline.json", '[{"input": "a\\nb", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+000A"),
+        ("raw-control.json", '[{"input": "a\x07", "output": "b"}]', "not valid JSON"),
+        ("surrogate.json", '[{"input": "a\\ud800", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+D800"),
+        ("nul.csv", "input,output\na,b\nc\x00,d\n", r"row 3: 'input' contains the control character U\+0000"),
+        ("wide.csv", "input,output\n" + "a" * 200_000 + ",b\n", "not a readable CSV"),
+        ("extra-cols.csv", "input,output\na,b,c,d\ne,,\n", "row 3: 'output' must be"),
+        ("scalar.json", "42", "JSON list"),
+        ("rows.json", '["a", "b"]', "item 0: expected an object"),
+        ("alt.json", '[{"input": "a", "output": "b", "alternatives": {"x": 1}}]', "alternatives"),
+    ],
+)
+def test_malformed_files_of_any_structure_get_errors_naming_the_file(
+    tmp_path: Path, filename: str, content: str, match: str
+) -> None:
+    path = tmp_path / filename
+    path.write_bytes(content.encode("utf-8", "surrogatepass"))
+    with pytest.raises(ValueError, match=match) as info:
+        load_task(path)
+    assert filename in str(info.value)
+
+
+def test_binary_and_byte_order_marked_files(tmp_path: Path) -> None:
+    binary = tmp_path / "blob.json"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="not UTF-8") as info:
+        load_task(binary)
+    assert "blob.json" in str(info.value)
+    marked = tmp_path / "bom.json"
+    marked.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps([{"input": "a", "output": "b"}, {"input": "c", "output": "d"}]).encode()
+    )
+    assert [p.output for p in load_task(marked).pairs] == ["b", "d"]

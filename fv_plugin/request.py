@@ -1,0 +1,238 @@
+"""A steering request: checked against the model before anything is touched, then bound to its hooks.
+
+Every front end (:func:`~fv_plugin.steer`, :class:`~fv_plugin.FunctionVectorProcessor`,
+:class:`~fv_plugin.SteeredModel`, and the vLLM plugin) takes the same arguments with the same meanings, and
+refuses a bad value with the same message; they all go through :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import torch
+from torch import nn
+
+from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.hooks import Attachment, get_attachment
+from fv_plugin.positions import POSITION_MODES
+from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta
+from fv_plugin.vector import FunctionVector
+
+__all__ = [
+    "NORMALIZE_MODES",
+    "Normalize",
+    "Pairs",
+    "SteeringRequest",
+    "VectorLike",
+    "bind",
+    "check_number",
+    "check_options",
+    "check_rows",
+    "check_strength",
+    "check_vector",
+    "model_arch",
+    "split_vectors",
+    "validate",
+]
+
+Normalize = Literal["absolute", "relative"]
+NORMALIZE_MODES: tuple[str, ...] = ("absolute", "relative")
+VectorLike: TypeAlias = "FunctionVector | tuple[FunctionVector, float]"
+Pairs: TypeAlias = "tuple[tuple[FunctionVector, float], ...]"
+
+
+def check_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return float(value)
+
+
+def check_strength(strength: object) -> float | torch.Tensor:
+    if isinstance(strength, torch.Tensor):
+        if strength.dim() == 0:
+            return check_number(float(strength), "strength")
+        if strength.dim() != 1 or strength.numel() == 0:
+            raise ValueError(f"a strength tensor must have shape [batch], got {tuple(strength.shape)}")
+        if not bool(torch.isfinite(strength).all()):
+            raise ValueError("strength contains NaN or inf values")
+        return strength.detach().float()
+    return check_number(strength, "strength")
+
+
+def check_options(positions: str, normalize: str) -> None:
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+
+
+def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
+    """``FunctionVector`` or ``(FunctionVector, weight)`` items -> ``(vector, weight)`` pairs."""
+    pairs: list[tuple[FunctionVector, float]] = []
+    for item in vectors:
+        if isinstance(item, FunctionVector):
+            pairs.append((item, 1.0))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], FunctionVector):
+            pairs.append((item[0], check_number(item[1], "a vector's strength")))
+        else:
+            raise TypeError(
+                f"vectors must be FunctionVector objects or (FunctionVector, strength) pairs, got {type(item).__name__}"
+            )
+    return pairs
+
+
+def check_rows(rows: object) -> list[list[tuple[FunctionVector, float]]]:
+    """``rows``: one sequence of vectors (or ``(vector, weight)`` pairs) per input row; an empty one: unsteered."""
+    if isinstance(rows, (str, bytes, FunctionVector)) or not isinstance(rows, Sequence) or len(rows) == 0:
+        raise TypeError(
+            "rows must be a non-empty list with one list of vectors per input row, e.g. [[fv_a], [], [fv_b]]"
+        )
+    checked = []
+    for index, row in enumerate(rows):
+        pair = isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], FunctionVector)
+        if pair or isinstance(row, (FunctionVector, str, bytes)) or not isinstance(row, Sequence):
+            raise TypeError(f"rows[{index}] must be a list of vectors (use [] for an unsteered row), got {row!r}")
+        checked.append(split_vectors(row))
+    return checked
+
+
+def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
+    if fv.size != arch.hidden_size:
+        raise ValueError(
+            f"function vector has size {fv.size} but the model's hidden size is {arch.hidden_size}; "
+            "was it made on another model?"
+        )
+    if fv.hidden_size is not None and fv.hidden_size != arch.hidden_size:
+        raise ValueError(f"function vector was saved for hidden size {fv.hidden_size}, model has {arch.hidden_size}")
+    if fv.model_type is not None and fv.model_type != arch.model_type:
+        raise ValueError(
+            f"function vector was made on a {fv.model_type!r} model but this model is {arch.model_type!r}; "
+            "map it across models first or rebuild it with metadata model_type=None to force it"
+        )
+    if not 0 <= fv.layer < arch.num_layers:
+        raise ValueError(f"function vector layer {fv.layer} is out of range: the model has {arch.num_layers} layers")
+    if fv.vector.device.type == "meta" or not bool(torch.isfinite(fv.vector).all()):
+        raise ValueError("function vector contains NaN, inf or meta values")
+    if fv.head_values is not None and fv.heads is not None:
+        heads = arch.num_heads
+        for layer, head in fv.heads:
+            if not 0 <= layer < arch.num_layers or heads is None or not 0 <= head < heads:
+                raise ValueError(f"head ({layer}, {head}) of the function vector does not exist in this model")
+
+
+def model_arch(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
+    """The model's architecture (the attached one, if it is attached)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
+    owner = get_attachment(model)
+    return owner.arch if owner is not None else resolve_architecture(model, arch)
+
+
+@dataclass(frozen=True)
+class SteeringRequest:
+    """A steering request validated against one model, not yet bound to its hooks.
+
+    ``rows`` holds one tuple of ``(vector, weight)`` pairs per input row; a request without per-row vectors has
+    a single row that every input row shares.
+    """
+
+    rows: tuple[Pairs, ...]
+    per_row: bool
+    strength: float | torch.Tensor
+    positions: str
+    normalize: str
+
+
+def validate(
+    model: nn.Module,
+    vectors: Sequence[object],
+    *,
+    rows: object = None,
+    strength: object,
+    positions: str,
+    normalize: str,
+    arch: ArchSpec | None,
+) -> SteeringRequest:
+    """Check everything against ``model`` before touching it."""
+    check_options(positions, normalize)
+    checked_strength = check_strength(strength)
+    if rows is not None and vectors:
+        raise ValueError("give the vectors either for every row (positional) or per row (rows=[...]), not both")
+    groups = check_rows(rows) if rows is not None else [split_vectors(vectors)]
+    if rows is not None and isinstance(checked_strength, torch.Tensor) and len(checked_strength) != len(groups):
+        raise ValueError(f"strength has {len(checked_strength)} values for {len(groups)} rows; give one per row")
+    resolved = model_arch(model, arch)
+    for fv, _ in (pair for group in groups for pair in group):
+        check_vector(fv, resolved)
+        if fv.is_head_patch and normalize == "relative":
+            raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
+    frozen = tuple(tuple(group) for group in groups)
+    return SteeringRequest(frozen, rows is not None, checked_strength, positions, normalize)
+
+
+def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:
+    sums: dict[int, torch.Tensor] = {}
+    for r, group in enumerate(request.rows):
+        for fv, weight in group:
+            if weight == 0.0 or fv.is_head_patch:
+                continue
+            vector = fv.vector.detach().double().cpu()
+            if request.normalize == "relative":  # scaled to the hidden state's norm when added
+                vector = vector / vector.norm().clamp_min(1e-12)
+            sums.setdefault(fv.layer, torch.zeros(len(request.rows), hidden, dtype=torch.float64))[r] += weight * vector
+    return {layer: LayerDelta(layer=layer, rows=rows) for layer, rows in sums.items()}
+
+
+def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
+    weights: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (vector, row in it, layer, head) -> per-row weights
+    values: dict[tuple[int, int, int, int], torch.Tensor] = {}
+    for r, group in enumerate(request.rows):
+        for fv, weight in group:
+            if weight == 0.0 or fv.head_values is None or fv.heads is None:
+                continue
+            for i, (layer, head) in enumerate(fv.heads):
+                key = (id(fv), i, layer, head)
+                weights.setdefault(key, torch.zeros(len(request.rows)))[r] += weight
+                values[key] = fv.head_values[i]
+    patches: dict[int, list[HeadPatch]] = {}
+    for key, row_weights in weights.items():
+        patches.setdefault(key[2], []).append(HeadPatch(head=key[3], value=values[key], weights=row_weights))
+    return {layer: tuple(items) for layer, items in patches.items()}
+
+
+def bind(
+    owner: Attachment,
+    request: SteeringRequest,
+    *,
+    window: tuple[int, int] | None = None,
+    schedule: Callable[[int], float] | None = None,
+    clock: object | None = None,
+) -> ActiveSteering | None:
+    """The active steering of ``request`` on an attached model (``None`` when it would add nothing)."""
+    if isinstance(request.strength, float) and request.strength == 0.0:
+        return None
+    deltas = _deltas(request, owner.arch.hidden_size)
+    patches = _head_patches(request)
+    if patches and not owner.head_hooks:
+        raise ValueError(
+            "this model's attention output projections were not found; head-level steering needs "
+            "ArchSpec(attn=..., out_proj=...)"
+        )
+    if not deltas and not patches:
+        return None
+    return ActiveSteering(
+        owner=owner,
+        deltas=deltas,
+        head_patches=patches,
+        strength=request.strength,
+        positions=request.positions,
+        normalize=request.normalize,
+        window=window,
+        schedule=schedule,
+        clock=clock,
+    )
