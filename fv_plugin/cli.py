@@ -79,7 +79,7 @@ def _tasks(names: Sequence[str]) -> list[Any]:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    from fv_plugin.config import MODES
+    from fv_plugin.config import MODES, PROTOCOLS
     from fv_plugin.experiments import DEFAULT_KS, DEFAULT_STRENGTHS
     from fv_plugin.models import DEFAULT_MODEL
 
@@ -101,6 +101,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-aie", type=int, default=25, help="shuffled prompts for the AIE")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="all queries / ICL-correct only"
+    )
+    parser.add_argument("--no-side-effects", action="store_true", help="skip the neutral-text measures")
+    parser.add_argument("--no-specificity", action="store_true", help="skip every vector on every task")
     return parser
 
 
@@ -124,6 +129,9 @@ def _eval(argv: Sequence[str]) -> int:
         heads=not args.no_heads,
         layer_sweep_test=not args.no_layer_sweep,
         layer_step=args.layer_step,
+        protocols=tuple(args.protocols),
+        side_effects=not args.no_side_effects,
+        specificity=not args.no_specificity,
     )
     model, tokenizer = load_model(args.model)
     out = Path(args.out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
 from fv_plugin.evaluation import evaluate
 from fv_plugin.hooks import record_layer_outputs
-from fv_plugin.tasks import Task
+from fv_plugin.tasks import Task, neutral_texts
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -36,12 +35,6 @@ __all__ = [
     "neutral_texts",
     "solve_ridge",
 ]
-
-
-def neutral_texts() -> list[str]:
-    """The built-in neutral English paragraphs (everyday prose, no task in them) used to fit maps."""
-    text = resources.files("fv_plugin").joinpath("data", "neutral.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[int | None]]:

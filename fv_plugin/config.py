@@ -18,6 +18,7 @@ __all__ = [
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
+    "PROTOCOLS",
     "EvalConfig",
     "ExtractionConfig",
     "Method",
@@ -29,6 +30,8 @@ Method = Literal["heads", "head_patch", "difference", "layer_mean"]
 METHODS: tuple[str, ...] = ("heads", "head_patch", "difference", "layer_mean")
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
+Protocol = Literal["all", "icl_correct"]
+PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
 NATURAL_TEMPLATES: tuple[str, ...] = (
     'The word "{x}" means',
     'When I think of "{x}", I think of',
@@ -117,6 +120,8 @@ class EvalConfig:
         max_new_tokens: for the continuation; default: the longest accepted answer's tokens plus one (natural
             mode: 12).
         batch_size: prompts per forward pass.
+        protocol: ``"all"`` scores every query; ``"icl_correct"`` (the paper's protocol) only the queries the
+            plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
     """
 
     mode: Mode = "zero_shot"
@@ -130,8 +135,13 @@ class EvalConfig:
     generate: bool = True
     max_new_tokens: int | None = None
     batch_size: int = 16
+    protocol: Protocol = "all"
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol == "icl_correct" and self.n_shots < 1:
+            raise ValueError("protocol 'icl_correct' filters queries by clean ICL: it needs n_shots >= 1")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.split not in ("train", "valid", "test"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from fv_plugin.extraction import head_vector
 from fv_plugin.mediation import HeadStatistics
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, make_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import VectorArg, kl_divergence, next_token_probs, sweep
+from fv_plugin.scoring import VectorArg, first_token_correct, kl_divergence, next_token_probs, sweep, wilson_interval
 from fv_plugin.steering import steer
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
@@ -47,6 +47,7 @@ __all__ = [
     "EvalRow",
     "contains_answer",
     "evaluate",
+    "icl_correct_inputs",
     "mode_prompts",
     "starts_with_answer",
     "sweep_k",
@@ -80,7 +81,9 @@ class EvalResult:
     """Scores of one task in one mode; ``rows`` has one :class:`EvalRow` per prompt.
 
     ``accuracy`` is first-token top-1 accuracy (in natural mode: the fraction of continuations that contain an
-    accepted answer). ``prob_shift`` is the mean steered minus unsteered answer probability.
+    accepted answer), with its 95% Wilson interval ``accuracy_ci`` (``exact_match_ci`` likewise). ``prob_shift``
+    is the mean steered minus unsteered answer probability. ``protocol`` says which queries were scored
+    (``"icl_correct"``: those the model answers correctly with clean ICL; NaN scores when there are none).
     """
 
     task: str
@@ -94,10 +97,19 @@ class EvalResult:
     prob_shift: float | None
     kl: float | None
     rows: tuple[EvalRow, ...]
+    accuracy_ci: tuple[float, float] = (0.0, 1.0)
+    exact_match_ci: tuple[float, float] | None = None
+    protocol: str = "all"
 
     @property
     def n(self) -> int:
         return len(self.rows)
+
+    def restricted(self, inputs: Collection[str], protocol: str = "icl_correct") -> EvalResult:
+        """The same result on the rows whose query is in ``inputs`` (e.g. the queries ICL gets right)."""
+        rows = [r for r in self.rows if r.input in inputs]
+        config = EvalConfig(mode=self.mode, strength=self.strength, generate=self.exact_match is not None)  # type: ignore[arg-type]
+        return dataclasses.replace(_summarize(self.task, config, (), rows), vectors=self.vectors, protocol=protocol)
 
     def to_dict(self, *, rows: bool = True) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -231,6 +243,9 @@ def evaluate(
     if getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first")
     prompts = mode_prompts(task, settings)
+    if settings.protocol == "icl_correct":
+        kept = icl_correct_inputs(model, tokenizer, task, settings)
+        prompts = [p for p in prompts if p.query.input in kept]
     rows: list[EvalRow] = []
     size = settings.batch_size
     for start in tqdm(range(0, len(prompts), size), desc=f"evaluate {task.name}", disable=not progress):
@@ -239,28 +254,41 @@ def evaluate(
 
 
 def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _summarize(task: str, config: EvalConfig, vectors: Sequence[VectorArg], rows: list[EvalRow]) -> EvalResult:
     natural = config.mode == "natural"
-    accuracy = _mean([float(r.exact_match if natural else bool(r.first_token_correct)) for r in rows])
+    hits = [bool(r.exact_match if natural else r.first_token_correct) for r in rows]
+    matches = [bool(r.exact_match) for r in rows]
     base = [r.base_answer_prob for r in rows if r.base_answer_prob is not None]
     kls = [r.kl for r in rows if r.kl is not None]
     answer_prob = _mean([r.answer_prob for r in rows])
+    generated = config.generate or natural
     return EvalResult(
         task=task,
         mode=config.mode,
         strength=float(config.strength),
         vectors=tuple(_name(v) for v in vectors),
-        accuracy=accuracy,
-        exact_match=_mean([float(r.exact_match) for r in rows]) if config.generate or natural else None,
+        accuracy=_mean([float(h) for h in hits]),
+        exact_match=_mean([float(m) for m in matches]) if generated else None,
         answer_prob=answer_prob,
         base_answer_prob=_mean(base) if base else None,
         prob_shift=answer_prob - _mean(base) if base else None,
         kl=_mean(kls) if kls else None,
         rows=tuple(rows),
+        accuracy_ci=wilson_interval(sum(hits), len(hits)),
+        exact_match_ci=wilson_interval(sum(matches), len(matches)) if generated else None,
+        protocol=config.protocol,
     )
+
+
+def icl_correct_inputs(model: nn.Module, tokenizer: Any, task: Task, config: EvalConfig = EvalConfig()) -> set[str]:
+    """The queries of ``config.split`` the plain model answers correctly (first token) with clean
+    ``config.n_shots``-shot ICL prompts: the queries the paper's protocol scores."""
+    icl = mode_prompts(task, dataclasses.replace(config, mode="icl", n=None))
+    correct = first_token_correct(model, tokenizer, icl, batch_size=config.batch_size)
+    return {prompt.query.input for prompt, ok in zip(icl, correct, strict=True) if ok}
 
 
 def _sweep(

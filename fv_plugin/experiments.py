@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from fv_plugin.analysis import TokenScore, similarity_matrix, top_tokens
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.compare import ModelComparison, compare_models
-from fv_plugin.config import MODES, EvalConfig, ExtractionConfig
-from fv_plugin.evaluation import EvalResult, evaluate, sweep_k, sweep_layers, sweep_strength
+from fv_plugin.config import MODES, PROTOCOLS, EvalConfig, ExtractionConfig
+from fv_plugin.evaluation import EvalResult, evaluate, icl_correct_inputs, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import extract_function_vector, layer_vectors
 from fv_plugin.mediation import HeadStatistics, head_statistics
 from fv_plugin.records import Sweep
+from fv_plugin.side_effects import Specificity, TextEffects, specificity, text_effects
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
@@ -53,6 +54,11 @@ class ExperimentConfig:
         strengths, ks: the strength and number-of-heads sweeps on the test split (``ks`` needs ``heads``).
         heads: run the paper's head analysis (the AIE map, the k sweep and the head-based vector).
         layer_sweep_test: sweep layers on the test split, every ``layer_step``-th layer.
+        protocols: ``"all"`` (every test query) and/or ``"icl_correct"`` (the paper's: only the queries the model
+            answers correctly with clean ICL), each reported with 95% intervals.
+        side_effects: measure each vector on neutral text at the sweep's strengths (KL, perplexity,
+            degeneration; :func:`~fv_plugin.side_effects.text_effects`).
+        specificity: apply every task's vector to every task's zero-shot and ICL prompts.
     """
 
     extraction: ExtractionConfig = ExtractionConfig()
@@ -64,11 +70,14 @@ class ExperimentConfig:
     heads: bool = True
     layer_sweep_test: bool = True
     layer_step: int = 1
+    protocols: tuple[str, ...] = PROTOCOLS
+    side_effects: bool = True
+    specificity: bool = True
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if m not in MODES] + [p for p in self.protocols if p not in PROTOCOLS]
         if bad:
-            raise ValueError(f"unknown modes {bad}; choose from {MODES}")
+            raise ValueError(f"unknown modes or protocols {bad}; choose from {MODES} and {PROTOCOLS}")
         if self.layer_step < 1:
             raise ValueError(f"layer_step must be >= 1, got {self.layer_step}")
 
@@ -86,8 +95,10 @@ class ExperimentConfig:
 class TaskReport:
     """Everything measured for one task.
 
-    ``results`` maps a mode to its unsteered and steered :class:`EvalResult`. ``heads_vector`` is the paper's
-    head-based vector (with the AIE matrix) when the head analysis ran.
+    ``results`` maps a mode to its unsteered and steered :class:`EvalResult` on every test query;
+    ``icl_correct`` holds the queries the model answers correctly with clean ICL (the paper's protocol scores
+    only those: :meth:`results_for`). ``heads_vector`` is the paper's head-based vector (with the AIE matrix)
+    when the head analysis ran; ``text`` the vector's effects on neutral text.
     """
 
     task: str
@@ -100,15 +111,28 @@ class TaskReport:
     tokens: tuple[TokenScore, ...] = ()
     head_tokens: tuple[TokenScore, ...] = ()
     seconds: float = 0.0
+    icl_correct: frozenset[str] | None = None
+    text: TextEffects | None = None
+
+    def results_for(self, protocol: str) -> dict[str, tuple[EvalResult, EvalResult]]:
+        """``results`` under ``protocol`` (``"all"`` or ``"icl_correct"``)."""
+        if protocol == "all":
+            return self.results
+        if self.icl_correct is None:
+            raise ValueError(f"the {protocol!r} protocol was not measured for {self.task!r}")
+        keep = self.icl_correct
+        return {mode: (b.restricted(keep), s.restricted(keep)) for mode, (b, s) in self.results.items()}
 
 
 @dataclass(frozen=True)
 class EvalReport:
-    """One model's :class:`TaskReport` per task, plus the cosine similarity of the tasks' vectors."""
+    """One model's :class:`TaskReport` per task, the cosine similarity of the tasks' vectors and, when measured,
+    every vector on every task (``specificity``)."""
 
     model: str
     tasks: tuple[TaskReport, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    specificity: Specificity | None = None
 
     @property
     def similarity(self) -> torch.Tensor:
@@ -172,6 +196,13 @@ def _task_report(
     if config.strengths:
         strength = sweep_strength(model, tokenizer, task, fv, config.strengths, n=config.n)
     heads = _head_analysis(model, tokenizer, task, fv.layer, config)
+    icl_correct = None
+    if "icl_correct" in config.protocols:
+        icl_correct = frozenset(icl_correct_inputs(model, tokenizer, task, config.eval_config("icl")))
+    text = None
+    if config.side_effects:
+        strengths = tuple(s for s in config.strengths if s > 0) or (1.0,)
+        text = text_effects(model, tokenizer, [fv], strengths)
     return TaskReport(
         task=task.name,
         vector=fv,
@@ -183,6 +214,8 @@ def _task_report(
         tokens=tuple(top_tokens(model, tokenizer, fv, 10)),
         head_tokens=heads.tokens if heads else (),
         seconds=time.perf_counter() - start,
+        icl_correct=icl_correct,
+        text=text,
     )
 
 
@@ -211,7 +244,14 @@ def evaluate_tasks(
         reports.append(_task_report(model, tokenizer, task, (vectors or {}).get(task.name), config))
         if on_task is not None:
             on_task(EvalReport(model=model_name, tasks=tuple(reports), settings=settings))
-    return EvalReport(model=model_name, tasks=tuple(reports), settings=settings)
+    spec = None
+    if config.specificity and len(tasks) > 1:
+        chosen = {t.task: t.vector for t in reports}
+        spec = specificity(model, tokenizer, tasks, chosen, modes=("zero_shot", "icl"), config=config.eval_config())
+    report = EvalReport(model=model_name, tasks=tuple(reports), settings=settings, specificity=spec)
+    if on_task is not None and spec is not None:
+        on_task(report)
+    return report
 
 
 def _fill_vectors(

@@ -16,6 +16,7 @@ import torch
 
 from fv_plugin.analysis import TokenScore, head_locations, layer_sweep
 from fv_plugin.compare import ModelComparison
+from fv_plugin.evaluation import EvalResult
 from fv_plugin.experiments import EvalReport, TaskReport
 from fv_plugin.vector import FunctionVector
 
@@ -44,6 +45,13 @@ def _task_json(t: TaskReport) -> dict[str, Any]:
     out["results"] = {
         mode: {"unsteered": base.to_dict(), "steered": steered.to_dict()} for mode, (base, steered) in t.results.items()
     }
+    if t.icl_correct is not None:
+        out["icl_correct_queries"] = sorted(t.icl_correct)
+        out["results_icl_correct"] = {
+            mode: {"unsteered": base.to_dict(rows=False), "steered": steered.to_dict(rows=False)}
+            for mode, (base, steered) in t.results_for("icl_correct").items()
+        }
+    out["text_effects"] = t.text.to_dict() if t.text is not None else None
     for name in ("strength", "layers", "k"):
         sweep = getattr(t, name)
         out[f"{name}_sweep"] = sweep.to_dict() if sweep is not None else None
@@ -67,38 +75,58 @@ def _tokens(scores: Sequence[TokenScore], k: int = 6) -> str:
     return ", ".join(f"`{s.token.strip() or repr(s.token)}`" for s in scores[:k])
 
 
-def write_eval_report(report: EvalReport, folder: str | Path) -> Path:
-    """Write ``report.json``, ``plots/*.png`` and ``summary.md`` into ``folder``; returns the summary's path."""
+def _task_plots(t: TaskReport, out: Path) -> dict[str, str]:
     from fv_plugin import viz
 
+    made = {}
+    if t.heads_vector is not None:
+        made["aie"] = _save(viz.plot_aie(t.heads_vector), out, f"{t.task}_aie.png")
+    if t.layers is not None:
+        made["layers"] = _save(viz.plot_sweep(t.layers), out, f"{t.task}_layers.png")
+    elif layer_sweep(t.vector) is not None:
+        made["layers"] = _save(viz.plot_layer_curve(t.vector), out, f"{t.task}_layers.png")
+    if t.strength is not None:
+        made["strength"] = _save(viz.plot_sweep(t.strength), out, f"{t.task}_strength.png")
+    if t.k is not None:
+        made["k"] = _save(viz.plot_sweep(t.k), out, f"{t.task}_k.png")
+    if t.tokens:
+        made["tokens"] = _save(viz.plot_top_tokens(list(t.tokens)), out, f"{t.task}_tokens.png")
+    if t.text is not None:
+        fig = viz.plot_text_effects(t.text, title=f"{t.task}: neutral text")
+        made["text"] = _save(fig, out, f"{t.task}_text.png")
+    return made
+
+
+def _report_plots(report: EvalReport, out: Path) -> dict[str, str]:
+    from fv_plugin import viz
+
+    made = {}
+    if len(report.tasks) > 1:
+        made["similarity"] = _save(
+            viz.plot_similarity(report.similarity, [t.task for t in report.tasks]), out, "similarity.png"
+        )
+    for mode in report.specificity.steered if report.specificity is not None else ():
+        assert report.specificity is not None
+        made[f"specificity_{mode}"] = _save(
+            viz.plot_specificity(report.specificity, mode), out, f"specificity_{mode}.png"
+        )
+    return made
+
+
+def write_eval_report(report: EvalReport, folder: str | Path) -> Path:
+    """Write ``report.json``, ``plots/*.png`` and ``summary.md`` into ``folder``; returns the summary's path."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"model": report.model, "settings": report.settings}
     data["tasks"] = [_task_json(t) for t in report.tasks]
     data["similarity"] = {"tasks": [t.task for t in report.tasks], "matrix": report.similarity.tolist()}
-    plots: dict[str, dict[str, str]] = {}
-    for t in report.tasks:
-        made = plots.setdefault(t.task, {})
-        if t.heads_vector is not None:
-            made["aie"] = _save(viz.plot_aie(t.heads_vector), out, f"{t.task}_aie.png")
-        if t.layers is not None:
-            made["layers"] = _save(viz.plot_sweep(t.layers), out, f"{t.task}_layers.png")
-        elif layer_sweep(t.vector) is not None:
-            made["layers"] = _save(viz.plot_layer_curve(t.vector), out, f"{t.task}_layers.png")
-        if t.strength is not None:
-            made["strength"] = _save(viz.plot_sweep(t.strength), out, f"{t.task}_strength.png")
-        if t.k is not None:
-            made["k"] = _save(viz.plot_sweep(t.k), out, f"{t.task}_k.png")
-        if t.tokens:
-            made["tokens"] = _save(viz.plot_top_tokens(list(t.tokens)), out, f"{t.task}_tokens.png")
-    similarity = None
-    if len(report.tasks) > 1:
-        fig = viz.plot_similarity(report.similarity, [t.task for t in report.tasks])
-        similarity = _save(fig, out, "similarity.png")
-    data["plots"] = plots
+    data["specificity"] = report.specificity.to_dict() if report.specificity is not None else None
+    plots = {t.task: _task_plots(t, out) for t in report.tasks}
+    shared = _report_plots(report, out)
+    data["plots"] = {**plots, "report": shared}
     (out / "report.json").write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
     summary = out / "summary.md"
-    summary.write_text(_eval_markdown(report, plots, similarity), encoding="utf-8")
+    summary.write_text(_eval_markdown(report, plots, shared), encoding="utf-8")
     return summary
 
 
@@ -114,61 +142,130 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _eval_markdown(report: EvalReport, plots: Mapping[str, Mapping[str, str]], similarity: str | None) -> str:
-    modes = list(report.tasks[0].results) if report.tasks else []
+def _cell(base: EvalResult, steered: EvalResult) -> str:
+    low, high = steered.accuracy_ci
+    return f"{_fmt(base.accuracy)} → **{_fmt(steered.accuracy)}** ({low:.2f}–{high:.2f})"
+
+
+def _accuracy_table(report: EvalReport, protocol: str) -> list[str]:
+    """One row per task (``unsteered → steered (95% interval of steered)``) and a mean row."""
+    modes = list(report.tasks[0].results)
     lines = [
-        f"# Function vectors on {report.model}",
-        "",
-        "Each task's vector is added after its layer at the final prompt token (and, for the continuation, at",
-        "every generated token). Scores are on the task's test split: first-token top-1 accuracy (natural text:",
-        "an accepted answer appears in the greedy continuation), unsteered → steered. `Δp` is the mean change in",
-        "the answer's first-token probability; `KL` the mean KL divergence (nats) from the unsteered to the",
-        "steered next-token distribution in zero-shot prompts.",
-        "",
-        "| task | method (layer) | " + " | ".join(modes) + " | exact match, zero-shot | Δp | KL |",
-        "|---|---|" + "---|" * (len(modes) + 3),
+        "| task | method (layer) | n | " + " | ".join(modes) + " | exact match, zero-shot | Δp | KL |",
+        "|---|---|---|" + "---|" * (len(modes) + 3),
     ]
-    for t in report.tasks:
-        cells = [f"{_fmt(base.accuracy)} → **{_fmt(steered.accuracy)}**" for base, steered in t.results.values()]
-        zero = t.results.get("zero_shot")
+    by_task = [(t, t.results_for(protocol)) for t in report.tasks]
+    for t, results in by_task:
+        cells = [_cell(base, steered) for base, steered in results.values()]
+        zero = results.get("zero_shot")
         em = f"{_fmt(zero[0].exact_match)} → {_fmt(zero[1].exact_match)}" if zero else "–"
-        shift = _fmt(zero[1].prob_shift) if zero else "–"
-        kl = _fmt(zero[1].kl) if zero else "–"
+        shift, kl = (_fmt(zero[1].prob_shift), _fmt(zero[1].kl)) if zero else ("–", "–")
+        n = next(iter(results.values()))[0].n
         method = f"{t.vector.method} ({t.vector.layer})"
-        lines.append(f"| {t.task} | {method} | " + " | ".join(cells) + f" | {em} | {shift} | {kl} |")
+        lines.append(f"| {t.task} | {method} | {n} | " + " | ".join(cells) + f" | {em} | {shift} | {kl} |")
+    means = []
+    for mode in modes:
+        base = _mean([r[mode][0].accuracy for _, r in by_task if r[mode][0].n])
+        steered = _mean([r[mode][1].accuracy for _, r in by_task if r[mode][1].n])
+        means.append(f"{base:.2f} → **{steered:.2f}**")
+    return [*lines, "| **mean** | | | " + " | ".join(means) + " | | | |"]
+
+
+def _text_table(report: EvalReport) -> list[str]:
+    rows = [t for t in report.tasks if t.text is not None]
+    if not rows:
+        return []
+    strengths = rows[0].text.strengths if rows[0].text else ()
+    head = ", ".join(f"s={s:g}" for s in strengths)
+    lines = [
+        "## Side effects on neutral text",
+        "",
+        f"Each vector added at every token of the {rows[0].text.n_texts if rows[0].text else 0} shipped neutral "
+        "paragraphs at each strength: perplexity relative to the plain model, mean KL divergence (nats per token)",
+        "from the plain next-token distribution, the strength at which perplexity has risen by 10%, and the",
+        "fraction of greedy continuations of the paragraphs' openings (24 tokens, steered) that end in a loop.",
+        "",
+        f"| task | perplexity ratio: {head} | KL: {head} | +10% perplexity at | degenerate: plain, {head} |",
+        "|---|---|---|---|---|",
+    ]
+    for t in rows:
+        x = t.text
+        assert x is not None
+        ratio = ", ".join(f"{r:.2f}" for r in x.perplexity_ratio)
+        kl = ", ".join(f"{k:.2f}" for k in x.kl)
+        rise = f"{x.rise_10:.2f}" if x.rise_10 is not None else f"> {max(x.strengths):g}"
+        bad = ", ".join(f"{d:.2f}" for d in (x.base_degenerate, *x.degenerate))
+        lines.append(f"| {t.task} | {ratio} | {kl} | {rise} | {bad} |")
+    return [*lines, ""]
+
+
+def _specificity_section(report: EvalReport, shared: Mapping[str, str]) -> list[str]:
+    spec = report.specificity
+    if spec is None:
+        return []
+    lines = [
+        "## Specificity: every vector on every task",
+        "",
+        "Accuracy change (steered − unsteered, first token, test split) of each task's vector (rows) on each",
+        "task's prompts (columns). The diagonal is the vector's own task; off the diagonal is what it changes",
+        "elsewhere (does the antonym vector break country → capital in-context learning?).",
+        "",
+    ]
+    for mode in spec.steered:
+        lines.append(
+            f"- {mode.replace('_', '-')} prompts: mean change off the diagonal {spec.off_diagonal_change(mode):+.2f}"
+        )
+    lines.append("")
+    lines += [f"![{name}]({path})" for name, path in shared.items() if name.startswith("specificity")]
+    return [*lines, ""]
+
+
+def _task_facts(t: TaskReport) -> list[str]:
+    facts = [f"vector: {t.vector.method}, layer {t.vector.layer}, norm {t.vector.norm():.1f}"]
+    if t.strength is not None:
+        facts.append(f"best strength {t.strength.best:g} (accuracy {max(t.strength.accuracy):.2f})")
+    if t.layers is not None:
+        facts.append(f"best test layer {int(t.layers.best)} (accuracy {max(t.layers.accuracy):.2f})")
+    if t.k is not None:
+        facts.append(f"heads form: best k {int(t.k.best)} (accuracy {max(t.k.accuracy):.2f})")
+    lines = ["- " + "; ".join(facts)]
+    if t.tokens:
+        lines.append(f"- top tokens of the vector: {_tokens(t.tokens)}")
+    if t.heads_vector is not None:
+        top = ", ".join(f"{h.layer}.{h.head} ({h.aie:.3f})" for h in head_locations(t.heads_vector)[:5])
+        lines.append(f"- top heads by AIE (layer.head): {top}")
+        if t.head_tokens:
+            lines.append(f"- top tokens of the heads form: {_tokens(t.head_tokens)}")
+    return [*lines, f"- time: {t.seconds:.0f} s"]
+
+
+_INTRO = """Each task's vector is added after its layer at the final prompt token (and, for the continuation, at
+every generated token). Scores are on the task's test split: first-token top-1 accuracy (natural text: an
+accepted answer appears in the greedy continuation), unsteered → steered, with the steered accuracy's 95%
+Wilson interval in brackets. `Δp` is the mean change in the answer's first-token probability; `KL` the mean
+KL divergence (nats) from the unsteered to the steered next-token distribution in zero-shot prompts."""
+
+
+def _eval_markdown(report: EvalReport, plots: Mapping[str, Mapping[str, str]], shared: Mapping[str, str]) -> str:
+    lines = [f"# Function vectors on {report.model}", "", _INTRO, ""]
     if report.tasks:
-        means = []
-        for mode in modes:
-            base = _mean([t.results[mode][0].accuracy for t in report.tasks])
-            steered = _mean([t.results[mode][1].accuracy for t in report.tasks])
-            means.append(f"{base:.2f} → **{steered:.2f}**")
-        lines.append("| **mean** | | " + " | ".join(means) + " | | | |")
-    lines += ["", "## Per task", ""]
+        lines += ["## Every test query", "", *_accuracy_table(report, "all"), ""]
+    if report.tasks and all(t.icl_correct is not None for t in report.tasks):
+        lines += [
+            "## The paper's protocol: the test queries 10-shot ICL answers correctly",
+            "",
+            *_accuracy_table(report, "icl_correct"),
+            "",
+        ]
+    lines += _text_table(report) + _specificity_section(report, shared)
+    lines += ["## Per task", ""]
     for t in report.tasks:
-        lines.append(f"### {t.task}")
-        lines.append("")
-        facts = [f"vector: {t.vector.method}, layer {t.vector.layer}, norm {t.vector.norm():.1f}"]
-        if t.strength is not None:
-            facts.append(f"best strength {t.strength.best:g} (accuracy {max(t.strength.accuracy):.2f})")
-        if t.layers is not None:
-            facts.append(f"best test layer {int(t.layers.best)} (accuracy {max(t.layers.accuracy):.2f})")
-        if t.k is not None:
-            facts.append(f"heads form: best k {int(t.k.best)} (accuracy {max(t.k.accuracy):.2f})")
-        lines.append("- " + "; ".join(facts))
-        if t.tokens:
-            lines.append(f"- top tokens of the vector: {_tokens(t.tokens)}")
-        if t.heads_vector is not None:
-            top = ", ".join(f"{h.layer}.{h.head} ({h.aie:.3f})" for h in head_locations(t.heads_vector)[:5])
-            lines.append(f"- top heads by AIE (layer.head): {top}")
-            if t.head_tokens:
-                lines.append(f"- top tokens of the heads form: {_tokens(t.head_tokens)}")
-        lines.append(f"- time: {t.seconds:.0f} s")
-        lines.append("")
+        lines += [f"### {t.task}", "", *_task_facts(t), ""]
         lines += [f"![{name}]({path})" for name, path in plots.get(t.task, {}).items()]
         lines.append("")
-    if similarity is not None:
-        lines += ["## Similarity of the tasks' vectors", "", f"![similarity]({similarity})", ""]
-    lines += ["## Settings", "", "```json", json.dumps(report.settings, indent=1), "```", ""]
+    if "similarity" in shared:
+        lines += ["## Similarity of the tasks' vectors", "", f"![similarity]({shared['similarity']})", ""]
+    lines += ["## Settings", "", "```json", json.dumps(report.settings, indent=1, default=_json_default), "```", ""]
     return "\n".join(lines)
 
 

@@ -25,11 +25,13 @@ from fv_plugin.vector import FunctionVector
 __all__ = [
     "PromptScores",
     "VectorArg",
+    "first_token_correct",
     "kl_divergence",
     "last_logits_only",
     "next_token_probs",
     "score_prompts",
     "sweep",
+    "wilson_interval",
     "zero_shot_scores",
 ]
 
@@ -126,6 +128,34 @@ def score_prompts(
 ) -> PromptScores:
     """Accuracy and answer probability on ``prompts`` steered at their final token (and KL, if ``kl``)."""
     return _Batches(model, tokenizer, prompts, batch_size).score(vectors, strength, normalize, kl and bool(vectors))
+
+
+def first_token_correct(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt], *, batch_size: int = 16
+) -> list[bool]:
+    """Per prompt: is the plain model's most likely next token the first token of an accepted answer?"""
+    correct: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        top = next_token_probs(model, enc).argmax(-1).tolist()
+        correct += [
+            token in {answer[0] for answer in answers} for token, answers in zip(top, enc.answer_tokens, strict=True)
+        ]
+    return correct
+
+
+def wilson_interval(successes: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for ``z=1.96``); ``(0, 1)`` when ``n == 0``.
+
+    It stays inside [0, 1] and behaves at 0 and 1 successes, where the normal approximation does not: with the
+    20-40 queries of a test split, an accuracy of 0.5 has an interval about 0.3 to 0.4 wide.
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def zero_shot_scores(

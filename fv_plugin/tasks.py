@@ -1,6 +1,8 @@
-"""Tasks: a name plus (input, output) pairs, read from the paper's JSON format, JSONL or CSV.
+"""Tasks: a name plus (input, output) pairs, read from the paper's JSON format, JSONL or CSV; and the package's
+neutral text.
 
-Built-in tasks ship as package data (``fv_plugin/data/tasks/*.json``), each with a fixed train/test split.
+Built-in tasks ship as package data (``fv_plugin/data/tasks/*.json``), each with a fixed train/test split; so do
+neutral English paragraphs (``fv_plugin/data/neutral.txt``) with no task in them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_PAIRS", "MAX_TASK_BYTES", "Pair", "Task", "builtin_tasks", "load_task"]
+__all__ = ["MAX_PAIRS", "MAX_TASK_BYTES", "Pair", "Task", "builtin_tasks", "load_task", "neutral_texts"]
 
 MAX_TASK_BYTES = 20 * 1024 * 1024
 MAX_PAIRS = 100_000
@@ -210,3 +212,10 @@ def load_task(name_or_path: str | Path, *, name: str | None = None) -> Task:
             "nor a task file (.json list of {'input', 'output'} objects, .jsonl or .csv)"
         )
     return _from_file(path, name)
+
+
+def neutral_texts() -> list[str]:
+    """The built-in neutral English paragraphs (everyday prose, no task in them): the text cross-model maps are
+    fitted on, and the general text side effects are measured on."""
+    text = resources.files("fv_plugin").joinpath("data", "neutral.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]

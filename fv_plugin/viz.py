@@ -13,6 +13,8 @@ plot                   data
 :func:`plot_top_tokens`  :func:`fv_plugin.analysis.top_tokens`
 :func:`plot_head_depths`  :func:`fv_plugin.analysis.head_locations` per model
 :func:`plot_transfer`  :class:`~fv_plugin.compare.TaskComparison` rows
+:func:`plot_specificity`  :class:`~fv_plugin.side_effects.Specificity` (one prompt mode)
+:func:`plot_text_effects`  :class:`~fv_plugin.side_effects.TextEffects`
 =====================  ==========================================================
 """
 
@@ -25,6 +27,7 @@ import torch
 
 from fv_plugin.analysis import HeadLocation, TokenScore, aie_matrix, layer_sweep, similarity_matrix
 from fv_plugin.records import Sweep
+from fv_plugin.side_effects import Specificity, TextEffects
 from fv_plugin.vector import FunctionVector
 
 if TYPE_CHECKING:
@@ -35,7 +38,9 @@ __all__ = [
     "plot_head_depths",
     "plot_layer_curve",
     "plot_similarity",
+    "plot_specificity",
     "plot_sweep",
+    "plot_text_effects",
     "plot_top_tokens",
     "plot_transfer",
 ]
@@ -202,4 +207,49 @@ def plot_transfer(
     ax.set_ylabel(ylabel)
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "transfer")
+    return fig
+
+
+def plot_specificity(spec: Specificity, mode: str = "zero_shot", *, title: str | None = None) -> Figure:
+    """Accuracy change (steered - unsteered) of each task's vector (rows) on each task's ``mode`` prompts."""
+    if mode not in spec.steered:
+        raise ValueError(f"no {mode!r} prompts were measured; measured: {sorted(spec.steered)}")
+    change = spec.change(mode)
+    n = len(spec.tasks)
+    fig = _figure(max(3.5, 1.7 + 0.5 * n), max(3.0, 1.3 + 0.45 * n))
+    ax = fig.add_subplot()
+    image = ax.imshow(change.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+    fig.colorbar(image, ax=ax, label="accuracy change")
+    ax.set_xticks(range(n), list(spec.tasks), rotation=60, ha="right")
+    ax.set_yticks(range(n), list(spec.tasks))
+    ax.set_xlabel(f"prompts ({mode.replace('_', '-')})")
+    ax.set_ylabel("vector")
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{float(change[i, j]):+.2f}", ha="center", va="center", fontsize=7)
+    ax.set_title(title or f"each vector on each task ({mode.replace('_', '-')})")
+    return fig
+
+
+def plot_text_effects(effects: TextEffects, *, title: str | None = None) -> Figure:
+    """Perplexity ratio, KL and degenerate fraction of neutral text against strength (the vector at every token)."""
+    fig = _figure(8.5, 3.0)
+    ppl, kl, bad = fig.subplots(1, 3)
+    ppl.plot(effects.strengths, effects.perplexity_ratio, marker="o")
+    ppl.axhline(1.1, color="grey", linewidth=0.8, linestyle=":", label="+10%")
+    if effects.rise_10 is not None:
+        ppl.axvline(effects.rise_10, color="grey", linewidth=0.8)
+    ppl.set_ylabel("perplexity / plain")
+    ppl.legend(loc="best", fontsize=8)
+    kl.plot(effects.strengths, effects.kl, marker="o")
+    kl.set_ylabel("KL from plain (nats / token)")
+    bad.plot(effects.strengths, effects.degenerate, marker="o")
+    bad.axhline(effects.base_degenerate, color="grey", linewidth=0.8, linestyle=":", label="plain")
+    bad.set_ylim(-0.02, 1.02)
+    bad.set_ylabel("degenerate continuations")
+    bad.legend(loc="best", fontsize=8)
+    for ax in (ppl, kl, bad):
+        ax.set_xlabel("strength")
+    fig.suptitle(title or "the vector on neutral text")
     return fig

@@ -139,6 +139,7 @@ def test_compare_models_and_its_report(tmp_path: Path) -> None:
 
 def test_eval_report_folder_holds_every_number_and_plot(tmp_path: Path) -> None:
     model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    other = fv_plugin.Task("shout", tuple(fv_plugin.Pair(p.input, p.input.upper()) for p in task.pairs))
     config = ExperimentConfig(
         extraction=fv_plugin.ExtractionConfig(method="difference", n_mean=4, n_aie=2, n_shots=2),
         modes=("zero_shot", "natural"),
@@ -147,19 +148,27 @@ def test_eval_report_folder_holds_every_number_and_plot(tmp_path: Path) -> None:
         n=3,
         n_natural=1,
     )
-    report = evaluate_tasks(model, tok, [task], config, model_name="tiny")
+    report = evaluate_tasks(model, tok, [task, other], config, model_name="tiny")
     summary = write_eval_report(report, tmp_path)
+    text = summary.read_text()
     data = json.loads((tmp_path / "report.json").read_text())
     got = data["tasks"][0]
     base, steered = report.tasks[0].results["zero_shot"]
     assert got["results"]["zero_shot"]["steered"]["accuracy"] == steered.accuracy
     assert got["results"]["zero_shot"]["unsteered"]["rows"][0]["prompt"] == base.rows[0].prompt
+    assert got["results"]["zero_shot"]["steered"]["accuracy_ci"] == list(steered.accuracy_ci)
     assert got["strength_sweep"]["values"] == [0.0, 1.0] and got["k_sweep"]["values"] == [1.0, 2.0]
     assert len(got["aie"]) == model.config.num_hidden_layers and got["head_locations"]
-    assert set(data["plots"]["reverse"]) == {"aie", "layers", "strength", "k", "tokens"}
-    for path in data["plots"]["reverse"].values():
-        assert (tmp_path / path).read_bytes()[:8] == PNG and f"]({path})" in summary.read_text()
-    assert "| reverse | difference (" in summary.read_text()
+    paper = report.tasks[0].results_for("icl_correct")["zero_shot"][1]
+    assert got["results_icl_correct"]["zero_shot"]["steered"]["n"] == paper.n == len(got["icl_correct_queries"])
+    assert got["text_effects"]["strengths"] == [1.0] and got["text_effects"]["perplexity"][0] > 0
+    assert set(data["plots"]["reverse"]) == {"aie", "layers", "strength", "k", "tokens", "text"}
+    assert set(data["plots"]["report"]) == {"similarity", "specificity_zero_shot", "specificity_icl"}
+    assert data["specificity"]["tasks"] == ["reverse", "shout"] and len(data["specificity"]["steered"]["icl"]) == 2
+    for path in [*data["plots"]["reverse"].values(), *data["plots"]["report"].values()]:
+        assert (tmp_path / path).read_bytes()[:8] == PNG and f"]({path})" in text
+    assert "| reverse | difference (" in text and "## The paper's protocol" in text
+    assert "## Side effects on neutral text" in text and "## Specificity" in text
 
 
 def test_cli_eval_and_compare_write_reports(tmp_path: Path) -> None:
