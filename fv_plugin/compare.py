@@ -109,8 +109,8 @@ class LinearMap:
 
     def apply(self, fv: FunctionVector, *, target: nn.Module | None = None) -> FunctionVector:
         """Model A's vector as a vector for model B at ``layer_b`` (linear part only)."""
-        if fv.is_head_patch:
-            raise ValueError("a head_patch vector lives in its model's heads; map a residual-stream form")
+        if fv.is_head_patch or fv.layer_vectors is not None:
+            raise ValueError("this vector lives in its model's heads or at several layers; map a single-layer form")
         if fv.size != self.weight.shape[0]:
             raise ValueError(f"the vector has size {fv.size}, the map expects {self.weight.shape[0]}")
         if fv.layer != self.layer_a:

@@ -339,8 +339,8 @@ def sweep_layers(
     ``fv`` is either one vector, moved to each layer as it is, or a function ``layer -> FunctionVector`` for
     forms that differ per layer (e.g. a difference of hidden states taken at that layer).
     """
-    if isinstance(fv, FunctionVector) and fv.is_head_patch:
-        raise ValueError("a head_patch vector's heads sit at their own layers; sweep a residual-stream form instead")
+    if isinstance(fv, FunctionVector) and (fv.is_head_patch or fv.layer_vectors is not None):
+        raise ValueError("this vector sits at its heads' own layers; sweep a single-layer form instead")
 
     def make(layer: float) -> tuple[list[VectorArg], float]:
         at = int(layer)

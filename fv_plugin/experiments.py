@@ -155,7 +155,7 @@ def _results(
 def _test_layer_sweep(
     model: nn.Module, tokenizer: Any, task: Task, fv: FunctionVector, config: ExperimentConfig
 ) -> Sweep | None:
-    if not config.layer_sweep_test or fv.is_head_patch:
+    if not config.layer_sweep_test or fv.is_head_patch or fv.layer_vectors is not None:
         return None
     if fv.method in ("difference", "layer_mean"):  # re-made at each layer
         form = cast(Literal["difference", "layer_mean"], fv.method)

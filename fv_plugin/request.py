@@ -114,10 +114,11 @@ def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
             f"function vector was made on a {fv.model_type!r} model but this model is {arch.model_type!r}; "
             "map it across models first or rebuild it with metadata model_type=None to force it"
         )
-    if not 0 <= fv.layer < arch.num_layers:
-        raise ValueError(f"function vector layer {fv.layer} is out of range: the model has {arch.num_layers} layers")
-    if fv.vector.device.type == "meta" or not bool(torch.isfinite(fv.vector).all()):
-        raise ValueError("function vector contains NaN, inf or meta values")
+    for layer, part in fv.parts().items():
+        if not 0 <= layer < arch.num_layers:
+            raise ValueError(f"function vector layer {layer} is out of range: the model has {arch.num_layers} layers")
+        if part.device.type == "meta" or not bool(torch.isfinite(part).all()):
+            raise ValueError("function vector contains NaN, inf or meta values")
     if fv.head_values is not None and fv.heads is not None:
         heads = arch.num_heads
         for layer, head in fv.heads:
@@ -181,10 +182,13 @@ def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:
         for fv, weight in group:
             if weight == 0.0 or fv.is_head_patch:
                 continue
-            vector = fv.vector.detach().double().cpu()
-            if request.normalize == "relative":  # scaled to the hidden state's norm when added
-                vector = vector / vector.norm().clamp_min(1e-12)
-            sums.setdefault(fv.layer, torch.zeros(len(request.rows), hidden, dtype=torch.float64))[r] += weight * vector
+            for layer, part in fv.parts().items():
+                vector = part.detach().double().cpu()
+                if request.normalize == "relative":  # scaled to the hidden state's norm when added
+                    vector = vector / vector.norm().clamp_min(1e-12)
+                sums.setdefault(layer, torch.zeros(len(request.rows), hidden, dtype=torch.float64))[r] += (
+                    weight * vector
+                )
     return {layer: LayerDelta(layer=layer, rows=rows) for layer, rows in sums.items()}
 
 

@@ -1,27 +1,25 @@
-"""The :class:`FunctionVector` value: a residual-stream vector for one layer, plus where it came from."""
+"""The :class:`FunctionVector` value: a residual-stream vector for one layer (or one per layer), plus where it
+came from. Its files are written and read by :mod:`fv_plugin.vector_files`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fv_plugin.config import METHODS, ExtractionConfig
+from fv_plugin import vector_files
+from fv_plugin.config import ExtractionConfig
 from fv_plugin.records import Sweep
+from fv_plugin.vector_files import WEIGHTS_NAME
 from fv_plugin.version import __version__
 
 __all__ = ["WEIGHTS_NAME", "FunctionVector"]
 
-WEIGHTS_NAME = "function_vector.safetensors"
-_FORMAT = "fv_plugin.FunctionVector"
-_FORMAT_VERSION = "2"  # 1: fv_plugin 0.1, metadata of its own in `extra`
 # Metadata fields that must agree for two vectors to be combined.
 _IDENTITY_FIELDS = ("model_type", "hidden_size", "model_name")
 
@@ -51,6 +49,9 @@ class FunctionVector:
         head_values: for the head-level form (``method="head_patch"``): one activation per entry of ``heads``,
             shape ``[k, head_dim]``, written into those heads' own slots of the attention output projection's
             input when steering (instead of adding ``vector``, which then holds their residual-stream sum).
+        layer_vectors: for a vector spread over several layers: one ``[hidden]`` vector per layer, each added
+            after its own layer when steering (``vector`` then holds their sum, ``layer`` the lowest layer);
+            e.g. each chosen head's contribution added after the head's own layer. See :meth:`from_layers`.
         aie: the ``[layers, heads]`` average indirect effects the heads were ranked by, if they were.
         layer_sweep: the validation sweep that chose ``layer``, if one did.
         config: the settings it was extracted with, if it was.
@@ -79,6 +80,15 @@ class FunctionVector:
     aie: torch.Tensor | None = None
     layer_sweep: Sweep | None = None
     config: ExtractionConfig | None = None
+    layer_vectors: Mapping[int, torch.Tensor] | None = None
+
+    @classmethod
+    def from_layers(cls, parts: Mapping[int, torch.Tensor], **fields: Any) -> FunctionVector:
+        """A vector added after several layers: ``parts`` maps a layer to its ``[hidden]`` vector."""
+        if not parts:
+            raise ValueError("from_layers needs at least one (layer, vector) part")
+        total = torch.stack([p.detach().float() for p in parts.values()]).sum(0)
+        return cls(vector=total, layer=min(parts), layer_vectors=dict(parts), **fields)
 
     def __post_init__(self) -> None:
         vec = self.vector
@@ -119,11 +129,42 @@ class FunctionVector:
             raise TypeError(f"layer_sweep must be an fv_plugin Sweep, got {type(self.layer_sweep).__name__}")
         if self.config is not None and not isinstance(self.config, ExtractionConfig):
             raise TypeError(f"config must be an ExtractionConfig, got {type(self.config).__name__}")
+        if self.layer_vectors is not None:
+            object.__setattr__(self, "layer_vectors", self._checked_parts(self.layer_vectors))
+
+    def _checked_parts(self, parts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if not parts or self.head_values is not None:
+            raise ValueError("layer_vectors must hold at least one layer, and not with head_values")
+        checked = {}
+        for layer, part in sorted(parts.items()):
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"layer_vectors keys must be non-negative ints (layers), got {layer!r}")
+            if not isinstance(part, torch.Tensor) or part.shape != self.vector.shape or not part.is_floating_point():
+                raise ValueError(
+                    f"layer_vectors[{layer}] must be a floating-point tensor of shape {tuple(self.vector.shape)}"
+                )
+            if part.device.type != "meta" and not bool(torch.isfinite(part).all()):
+                raise ValueError(f"layer_vectors[{layer}] contains NaN or inf values")
+            checked[layer] = part.detach()
+        if self.layer != min(checked):
+            raise ValueError(
+                f"a vector over layers {sorted(checked)} has layer {min(checked)} (its lowest), not {self.layer}"
+            )
+        return checked
 
     @property
     def is_head_patch(self) -> bool:
         """Whether steering writes head activations (head-level form) rather than adding ``vector``."""
         return self.head_values is not None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers it is added after."""
+        return tuple(self.layer_vectors) if self.layer_vectors is not None else (self.layer,)
+
+    def parts(self) -> dict[int, torch.Tensor]:
+        """What is added after each layer: ``{layer: [hidden]}`` (one entry for a single-layer vector)."""
+        return dict(self.layer_vectors) if self.layer_vectors is not None else {self.layer: self.vector}
 
     # ----------------------------------------------------------------- basics
     @property
@@ -134,8 +175,13 @@ class FunctionVector:
         return float(self.vector.float().norm())
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FunctionVector:
-        values = self.head_values.to(device=device, dtype=dtype) if self.head_values is not None else None
-        return dataclasses.replace(self, vector=self.vector.to(device=device, dtype=dtype), head_values=values)
+        return self._mapped(lambda t: t.to(device=device, dtype=dtype), heads_too=True)
+
+    def _mapped(self, fn: Callable[[torch.Tensor], torch.Tensor], *, heads_too: bool = False) -> FunctionVector:
+        """The same vector with ``fn`` applied to ``vector`` and each layer's part (and head values)."""
+        parts = {layer: fn(p) for layer, p in self.layer_vectors.items()} if self.layer_vectors is not None else None
+        values = fn(self.head_values) if heads_too and self.head_values is not None else self.head_values
+        return dataclasses.replace(self, vector=fn(self.vector), layer_vectors=parts, head_values=values)
 
     def __repr__(self) -> str:
         what = ", ".join(
@@ -158,9 +204,9 @@ class FunctionVector:
     def _check_compatible(self, other: FunctionVector) -> None:
         self._refuse_head_patch("arithmetic")
         other._refuse_head_patch("arithmetic")
-        if self.layer != other.layer:
+        if self.layers != other.layers:
             raise ValueError(
-                f"Cannot combine function vectors of different layers ({self.layer} and {other.layer}); "
+                f"Cannot combine function vectors of different layers ({list(self.layers)} and {list(other.layers)}); "
                 "steer with both instead: `steer(model, a, b)`."
             )
         for name in _IDENTITY_FIELDS:
@@ -170,14 +216,17 @@ class FunctionVector:
         if self.size != other.size:
             raise ValueError(f"Cannot combine function vectors of sizes {self.size} and {other.size}")
 
-    def _combined(self, other: FunctionVector, vector: torch.Tensor) -> FunctionVector:
+    def _combined(self, other: FunctionVector, sign: float) -> FunctionVector:
         def pick(name: str) -> Any:
             mine, theirs = getattr(self, name), getattr(other, name)
             return mine if theirs is None or mine == theirs else theirs if mine is None else None
 
+        theirs = other.parts()
+        parts = {at: p + sign * theirs[at].to(p) for at, p in self.parts().items()}
         return FunctionVector(
-            vector=vector,
+            vector=self.vector + sign * other.vector.to(self.vector),
             layer=self.layer,
+            layer_vectors=parts if self.layer_vectors is not None else None,
             model_type=pick("model_type"),
             hidden_size=pick("hidden_size"),
             model_name=pick("model_name"),
@@ -192,23 +241,23 @@ class FunctionVector:
         self._refuse_head_patch("scaling")
         if not math.isfinite(factor):
             raise ValueError(f"Cannot scale a function vector by {factor}")
-        return dataclasses.replace(self, vector=self.vector * float(factor))
+        return self._mapped(lambda t: t * float(factor))
 
     def __add__(self, other: object) -> FunctionVector:
         if not isinstance(other, FunctionVector):
             return NotImplemented
         self._check_compatible(other)
-        return self._combined(other, self.vector + other.vector.to(self.vector))
+        return self._combined(other, 1.0)
 
     def __sub__(self, other: object) -> FunctionVector:
         if not isinstance(other, FunctionVector):
             return NotImplemented
         self._check_compatible(other)
-        return self._combined(other, self.vector - other.vector.to(self.vector))
+        return self._combined(other, -1.0)
 
     def __neg__(self) -> FunctionVector:
         self._refuse_head_patch("negation")
-        return dataclasses.replace(self, vector=-self.vector)
+        return self._mapped(lambda t: -t)
 
     def __mul__(self, factor: float) -> FunctionVector:
         return self._scaled(factor)
@@ -222,39 +271,10 @@ class FunctionVector:
             return NotImplemented
         return self._scaled(1.0 / factor)
 
-    # --------------------------------------------------------------- file I/O
-    def _metadata(self) -> dict[str, str]:
-        meta: dict[str, Any] = {
-            "layer": self.layer,
-            "model_type": self.model_type,
-            "hidden_size": self.hidden_size if self.hidden_size is not None else self.size,
-            "model_name": self.model_name,
-            "task": self.task,
-            "heads": [list(h) for h in self.heads] if self.heads is not None else None,
-            "head_scores": list(self.head_scores) if self.head_scores is not None else None,
-            "k": self.k,
-            "prompt_template": self.prompt_template,
-            "method": self.method,
-            "library_version": self.library_version or _library_version(),
-            "extra": dict(self.extra),
-            "layer_sweep": self.layer_sweep.to_dict() if self.layer_sweep is not None else None,
-            "config": self.config.to_dict() if self.config is not None else None,
-        }
-        return {"format": _FORMAT, "format_version": _FORMAT_VERSION, "fv_metadata": json.dumps(meta)}
-
+    # --------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
         """Write the vector to a ``.safetensors`` file, metadata in its header (no pickle)."""
-        from safetensors.torch import save_file
-
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"vector": self.vector.detach().to("cpu").contiguous()}
-        if self.head_values is not None:
-            tensors["head_values"] = self.head_values.detach().to("cpu").contiguous()
-        if self.aie is not None:
-            tensors["aie"] = self.aie.contiguous()
-        save_file(tensors, str(target), metadata=self._metadata())
-        return target
+        return vector_files.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> FunctionVector:
@@ -264,42 +284,11 @@ class FunctionVector:
             ValueError: when the file is not an fv_plugin safetensors file (a pickle, random bytes, a truncated
                 file, another library's tensors).
         """
-        from safetensors import safe_open
+        return vector_files.load(cls, path, device=device)
 
-        source = Path(path)
-        if not source.is_file():
-            raise FileNotFoundError(f"No function vector file at {source}")
-        try:
-            with safe_open(str(source), framework="pt", device=str(device)) as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
-        except Exception as exc:  # safetensors raises its own error types for every kind of corruption
-            raise ValueError(
-                f"{source} is not a readable safetensors file ({type(exc).__name__}: {exc}). "
-                "Function vectors are saved with FunctionVector.save(); pickles are never loaded."
-            ) from exc
-        if header.get("format") != _FORMAT or "vector" not in tensors:
-            raise ValueError(
-                f"{source} is a safetensors file but not an fv_plugin FunctionVector "
-                f"(header format={header.get('format')!r}, tensors={sorted(tensors)})."
-            )
-        try:
-            meta = json.loads(header["fv_metadata"])
-            return cls(**_fields(meta, tensors, legacy=header.get("format_version") == "1"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: the fv_plugin metadata in its header is damaged ({exc}).") from exc
-
-    # ---------------------------------------------------- Hugging Face Hub I/O
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Save as a Hub-style folder: ``function_vector.safetensors`` plus a readable ``fv_config.json``."""
-        folder = Path(save_directory)
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"save_pretrained expects a directory, but {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        self.save(folder / WEIGHTS_NAME)
-        meta = json.loads(self._metadata()["fv_metadata"])
-        (folder / "fv_config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return folder
+        return vector_files.save_pretrained(self, save_directory)
 
     @classmethod
     def from_pretrained(
@@ -312,26 +301,9 @@ class FunctionVector:
         device: torch.device | str = "cpu",
     ) -> FunctionVector:
         """Load from a folder written by :meth:`save_pretrained` or from a Hub repository id."""
-        local = Path(dir_or_repo_id)
-        if local.is_dir():
-            weights = local / WEIGHTS_NAME
-            if not weights.is_file():
-                raise ValueError(f"{local} has no {WEIGHTS_NAME}; was it written by FunctionVector.save_pretrained?")
-            return cls.load(weights, device=device)
-        if local.is_file():
-            return cls.load(local, device=device)
-        from huggingface_hub import hf_hub_download
-
-        try:
-            weights_path = hf_hub_download(
-                repo_id=str(dir_or_repo_id), filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, token=token
-            )
-        except Exception as exc:
-            raise ValueError(
-                f"{dir_or_repo_id!r} is neither a local folder nor a Hub repository whose {WEIGHTS_NAME} could be "
-                f"downloaded ({type(exc).__name__}: {exc})."
-            ) from exc
-        return cls.load(weights_path, device=device)
+        return vector_files.from_pretrained(
+            cls, dir_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, device=device
+        )
 
     def push_to_hub(
         self,
@@ -343,54 +315,6 @@ class FunctionVector:
         revision: str | None = None,
     ) -> str:
         """Upload the :meth:`save_pretrained` folder to a Hub model repository; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
-            )
-        return str(info)
-
-
-def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, legacy: bool) -> dict[str, Any]:
-    """Constructor arguments from a file's metadata and tensors (files of fv_plugin 0.1, ``legacy``, kept the AIE
-    matrix, the layer sweep and the settings as strings in ``extra``: they become the typed fields)."""
-    extra = dict(meta.get("extra") or {})
-    legacy_aie = extra.pop("aie", None) if legacy else None
-    legacy_sweep = extra.pop("layer_sweep", None) if legacy else None
-    aie = tensors.get("aie")
-    if aie is None and legacy_aie is not None:
-        aie = torch.tensor(json.loads(legacy_aie), dtype=torch.float32)
-    sweep = meta.get("layer_sweep") or (json.loads(legacy_sweep) if legacy_sweep is not None else None)
-    config = meta.get("config") or (_legacy_config(meta, extra, chose_layer=sweep is not None) if legacy else None)
-    return {
-        "vector": tensors["vector"],
-        "layer": int(meta["layer"]),
-        **{name: meta.get(name) for name in ("model_type", "hidden_size", "model_name", "task", "k")},
-        **{name: meta.get(name) for name in ("prompt_template", "method", "library_version")},
-        "heads": tuple(tuple(h) for h in meta["heads"]) if meta.get("heads") is not None else None,
-        "head_scores": tuple(meta["head_scores"]) if meta.get("head_scores") is not None else None,
-        "extra": extra,
-        "head_values": tensors.get("head_values"),
-        "aie": aie,
-        "layer_sweep": Sweep.from_dict(sweep) if sweep is not None else None,
-        "config": ExtractionConfig.from_dict(config) if config else None,
-    }
-
-
-def _legacy_config(meta: Mapping[str, Any], extra: dict[str, str], *, chose_layer: bool) -> dict[str, Any] | None:
-    """fv_plugin 0.1 kept the extraction settings as strings in ``extra``: take them out as a config."""
-    settings: dict[str, Any] = {
-        name: int(extra.pop(name)) for name in ("seed", "n_shots", "n_mean", "n_aie") if name in extra
-    }
-    if not settings:
-        return None
-    method = meta.get("method")
-    settings["method"] = method if method in METHODS else "auto"
-    settings["layer"] = None if chose_layer else int(meta["layer"])
-    if meta.get("k") is not None:
-        settings["k"] = int(meta["k"])
-    return settings
+        return vector_files.push_to_hub(
+            self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision
+        )
