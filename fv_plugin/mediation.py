@@ -33,8 +33,10 @@ from fv_plugin.tasks import Task
 __all__ = [
     "HeadStatistics",
     "IndirectEffects",
+    "LastTokenReplay",
     "average_indirect_effect",
     "average_indirect_effect_naive",
+    "cache_kwarg",
     "head_statistics",
     "mean_head_activations",
     "statistics_prompts",
@@ -130,7 +132,7 @@ def _variants(n_layers: int, n_heads: int) -> torch.Tensor:
     return torch.cat([torch.tensor([[-1, -1]]), grid])  # row 0: unpatched
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -143,7 +145,7 @@ def _expand(value: Any, rows: int) -> Any:
     return value
 
 
-class _LastToken:
+class LastTokenReplay:
     """Re-runs one prompt's last token from any layer on, for many batch rows, on top of the prefix's KV cache.
 
     Built from an unpatched last-token forward that records every decoder layer's call; usable only when
@@ -154,6 +156,7 @@ class _LastToken:
         from transformers.cache_utils import Cache
 
         self.model, self.resolved, self.cache_type = model, resolved, Cache
+        self.length = int(ids.shape[1])  # the prompt's tokens; the replayed one sits at position length - 1
         prefix = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
         self.prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
         with record_layer_calls(resolved) as calls:
@@ -222,7 +225,7 @@ def average_indirect_effect(
         raise ValueError(f"heads_per_batch must be >= 1, got {heads_per_batch}")
     device = input_device(model)
     grid = _variants(n_layers, n_heads)[1:]
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     effects, bases = [], []
     for prompt in tqdm(prompts, desc="indirect effects", disable=not progress):
         enc = encode_prompts(tokenizer, [prompt])
@@ -230,7 +233,7 @@ def average_indirect_effect(
         answer = int(enc.answer_ids[0])
         if ids.shape[1] < 2:
             raise ValueError("prompts must have at least two tokens")
-        runner = _LastToken(model, resolved, ids, cache_kw)
+        runner = LastTokenReplay(model, resolved, ids, cache_kw)
         base = runner.reference.softmax(-1)[0, answer].cpu()
         probs = torch.empty(len(grid))
         for start in range(0, len(grid), heads_per_batch):

@@ -32,6 +32,7 @@ __all__ = [
     "expand_rows",
     "generate_call",
     "hook_scope",
+    "replay_call",
 ]
 
 
@@ -208,6 +209,19 @@ def activate(steerings: tuple[ActiveSteering, ...]) -> Iterator[None]:
         _ACTIVE.reset(token)
         if call_token is not None:
             _CALL.reset(call_token)
+
+
+@contextlib.contextmanager
+def replay_call(batch: int, past: int) -> Iterator[CallState]:
+    """A call whose forwards re-run only the last prompt token (at position ``past``) for ``batch`` rows, layer by
+    layer and without the base model (so its positions are set here, not by the base-model pre-hook)."""
+    info = ForwardInfo(batch=batch, length=1, past=past, mask=None)
+    state = CallState(in_generate=False, prompt=PromptInfo.from_forward(info), forward=info)
+    token = _CALL.set(state)
+    try:
+        yield state
+    finally:
+        _CALL.reset(token)
 
 
 @contextlib.contextmanager
