@@ -4,6 +4,7 @@ The public API is what this package exports (``fv_plugin.__all__``) and these su
 
 - ``fv_plugin.viz``: plots of the data the package returns (needs the ``viz`` extra, matplotlib);
 - ``fv_plugin.compare``: two models' vectors compared, and a vector mapped from one model into another;
+- ``fv_plugin.side_effects``: what a vector changes besides its task (other tasks, neutral text, repetition);
 - ``fv_plugin.experiments``: every measurement of a set of tasks (``fv eval``, ``fv compare``);
 - ``fv_plugin.report``: report folders (JSON, PNG, Markdown) of those experiments;
 - ``fv_plugin.benchmarks``: the ``fv bench`` commands (speed, memory, quality).
