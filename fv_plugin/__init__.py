@@ -27,7 +27,8 @@ from fv_plugin.attribution import attribution_patching, rank_agreement
 from fv_plugin.config import METHODS, MODES, EvalConfig, ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.evaluation import EvalResult, EvalRow, evaluate, sweep_k, sweep_layers, sweep_strength
-from fv_plugin.extraction import extract_function_vector, head_vector, layer_vectors
+from fv_plugin.extraction import extract_function_vector, layer_vectors
+from fv_plugin.heads import head_vector
 from fv_plugin.hooks import attach, detach, is_attached
 from fv_plugin.mediation import (
     HeadStatistics,

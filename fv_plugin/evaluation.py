@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fv_plugin.config import EvalConfig, with_overrides
 from fv_plugin.devices import input_device
-from fv_plugin.extraction import head_vector
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, make_prompts
 from fv_plugin.records import Sweep

@@ -28,7 +28,7 @@ from torch import nn
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
-from fv_plugin.devices import execution_device, input_device, input_dtype
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics, head_statistics
 from fv_plugin.prompts import make_prompts
 from fv_plugin.records import Sweep
@@ -43,7 +43,6 @@ __all__ = [
     "Method",
     "default_method",
     "extract_function_vector",
-    "head_vector",
     "layer_vectors",
 ]
 
@@ -60,56 +59,6 @@ FALLBACK_METHOD: Method = "difference"
 def default_method(model_type: str) -> Method:
     """The form ``method="auto"`` uses for a model family."""
     return DEFAULT_METHODS.get(model_type, FALLBACK_METHOD)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def _head_contribution(
-    model: nn.Module, resolved: ResolvedArch, means: torch.Tensor, layer: int, head: int
-) -> torch.Tensor:
-    """One head's residual-stream contribution at its mean activation, float32 ``[hidden]`` on the CPU."""
-    n_heads, dim = means.shape[1], means.shape[2]
-    proj = resolved.out_proj(layer)
-    # Quantized weights are int8 / packed uint8 and offloaded ones sit on meta: ask the module instead.
-    dtype = input_dtype(proj, fallback=_model_dtype(model))
-    device = execution_device(proj) or input_device(model)
-    if resolved.spec.attn_out_norm is None:
-        with_head = torch.zeros(1, 1, n_heads * dim)
-        with_head[..., head * dim : (head + 1) * dim] = means[layer, head]
-        without = torch.zeros_like(with_head)
-        post: Callable[[torch.Tensor], torch.Tensor] = proj
-    else:
-        with_head = means[layer].reshape(1, 1, n_heads * dim).clone()
-        without = with_head.clone()
-        without[..., head * dim : (head + 1) * dim] = 0
-        norm = resolved.layers[layer].get_submodule(resolved.spec.attn_out_norm)
-
-        def post(x: torch.Tensor) -> torch.Tensor:
-            return norm(proj(x))
-
-    out = post(torch.cat([with_head, without]).to(device=device, dtype=dtype)).float()
-    return (out[0, 0] - out[1, 0]).cpu()
-
-
-@torch.no_grad()
-def head_vector(
-    model: nn.Module, means: torch.Tensor, heads: Sequence[tuple[int, int]], *, arch: ArchSpec | None = None
-) -> torch.Tensor:
-    """Residual-stream contribution of ``heads`` at their mean activations, summed: float32 ``[hidden]``.
-
-    Each head's contribution is computed by calling the output projection itself on an input that holds only
-    that head's mean activation, minus the projection of zeros (so a bias is never counted once per head); this
-    works for quantized projections too. Where the attention output passes through a norm before the residual
-    add, a head's contribution is the norm of the mean attention output minus the norm of it without that head.
-    """
-    resolved = resolve_architecture(model, arch)
-    total = torch.zeros(resolved.hidden_size)
-    for layer, head in heads:
-        total += _head_contribution(model, resolved, means, layer, head)
-    return total
 
 
 def _metadata(resolved: ResolvedArch, model: nn.Module, task: Task, template: str) -> dict[str, Any]:

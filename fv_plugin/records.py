@@ -1,4 +1,5 @@
-"""Measurement records that travel with vectors and reports: a :class:`Sweep` of one setting.
+"""Measurement records that travel with vectors and reports: a :class:`Sweep` of one setting, and the
+:class:`Selection` of a vector among :class:`Candidate` s.
 
 Values only: :mod:`fv_plugin.scoring` measures them, :class:`~fv_plugin.FunctionVector` stores the sweep that
 chose its layer, and reports render them.
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Sweep"]
+__all__ = ["Candidate", "Selection", "Sweep"]
 
 
 @dataclass(frozen=True)
@@ -82,4 +83,73 @@ class Sweep:
             kl=tuple(float(v) for v in data.get("kl", ())),
             baseline_accuracy=float(baseline) if baseline is not None else None,
             split=str(data.get("split", "test")),
+        )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate vector scored on validation prompts: its form, heads ``k`` and ``layer`` where they apply,
+    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there."""
+
+    form: str
+    strength: float
+    accuracy: float
+    answer_prob: float
+    layer: int | None = None
+    k: int | None = None
+
+    def label(self) -> str:
+        parts = [self.form]
+        if self.k is not None:
+            parts.append(f"k={self.k}")
+        if self.layer is not None:
+            parts.append(f"L{self.layer}")
+        return " ".join([*parts, f"s={self.strength:g}"])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How ``method="auto"`` chose a task's vector: every candidate's validation scores and the one chosen.
+
+    Attributes:
+        candidates: every candidate scored.
+        chosen: index of the chosen one in ``candidates``.
+        baseline_accuracy: zero-shot validation accuracy without a vector.
+        n_queries: validation queries each candidate was scored on.
+        queries: where they came from (``"valid"``, or ``"valid+train"``: train queries asked zero-shot too).
+        rule: how the choice was made, in words.
+    """
+
+    candidates: tuple[Candidate, ...]
+    chosen: int
+    baseline_accuracy: float
+    n_queries: int
+    queries: str
+    rule: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.chosen < len(self.candidates):
+            raise ValueError(f"chosen={self.chosen} is not an index into {len(self.candidates)} candidates")
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    @property
+    def beats_zero_shot(self) -> bool:
+        return self.best.accuracy > self.baseline_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+        candidates = tuple(Candidate(**c) for c in data["candidates"])
+        return cls(
+            candidates=candidates,
+            chosen=int(data["chosen"]),
+            baseline_accuracy=float(data["baseline_accuracy"]),
+            n_queries=int(data["n_queries"]),
+            queries=str(data["queries"]),
+            rule=str(data["rule"]),
         )

@@ -14,7 +14,7 @@ import torch
 
 from fv_plugin import vector_files
 from fv_plugin.config import ExtractionConfig
-from fv_plugin.records import Sweep
+from fv_plugin.records import Selection, Sweep
 from fv_plugin.vector_files import WEIGHTS_NAME
 from fv_plugin.version import __version__
 
@@ -54,6 +54,7 @@ class FunctionVector:
             e.g. each chosen head's contribution added after the head's own layer. See :meth:`from_layers`.
         aie: the ``[layers, heads]`` average indirect effects the heads were ranked by, if they were.
         layer_sweep: the validation sweep that chose ``layer``, if one did.
+        selection: every candidate ``method="auto"`` scored on validation prompts, and the one it chose.
         config: the settings it was extracted with, if it was.
 
     Example:
@@ -81,6 +82,7 @@ class FunctionVector:
     layer_sweep: Sweep | None = None
     config: ExtractionConfig | None = None
     layer_vectors: Mapping[int, torch.Tensor] | None = None
+    selection: Selection | None = None
 
     @classmethod
     def from_layers(cls, parts: Mapping[int, torch.Tensor], **fields: Any) -> FunctionVector:
@@ -131,6 +133,8 @@ class FunctionVector:
             raise TypeError(f"config must be an ExtractionConfig, got {type(self.config).__name__}")
         if self.layer_vectors is not None:
             object.__setattr__(self, "layer_vectors", self._checked_parts(self.layer_vectors))
+        if self.selection is not None and not isinstance(self.selection, Selection):
+            raise TypeError(f"selection must be an fv_plugin Selection, got {type(self.selection).__name__}")
 
     def _checked_parts(self, parts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         if not parts or self.head_values is not None:

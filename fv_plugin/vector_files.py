@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fv_plugin.config import METHODS, ExtractionConfig
-from fv_plugin.records import Sweep
+from fv_plugin.records import Selection, Sweep
 from fv_plugin.version import __version__
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def metadata(fv: FunctionVector) -> dict[str, Any]:
         "extra": dict(fv.extra),
         "layer_sweep": fv.layer_sweep.to_dict() if fv.layer_sweep is not None else None,
         "config": fv.config.to_dict() if fv.config is not None else None,
+        "selection": fv.selection.to_dict() if fv.selection is not None else None,
     }
 
 
@@ -118,6 +119,7 @@ def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, leg
         "layer_sweep": Sweep.from_dict(sweep) if sweep is not None else None,
         "config": ExtractionConfig.from_dict(config) if config else None,
         "layer_vectors": parts or None,
+        "selection": Selection.from_dict(meta["selection"]) if meta.get("selection") else None,
     }
 
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import fv_plugin
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.devices import execution_device, input_device
-from fv_plugin.extraction import head_vector
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import make_prompts
 from fv_plugin.runtime import LayerDelta

@@ -13,7 +13,8 @@ from torch import nn
 import fv_plugin
 from fv_plugin.analysis import aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
 from fv_plugin.evaluation import contains_answer, evaluate, starts_with_answer, sweep_k, sweep_layers, sweep_strength
-from fv_plugin.extraction import extract_function_vector, head_vector, layer_vectors
+from fv_plugin.extraction import extract_function_vector, layer_vectors
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import make_prompts
 from fv_plugin.tasks import Pair, Task

@@ -14,7 +14,8 @@ from torch import nn
 import fv_plugin
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.benchmarks.extraction import measure_extraction
-from fv_plugin.extraction import extract_function_vector, head_vector
+from fv_plugin.extraction import extract_function_vector
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import average_indirect_effect, mean_head_activations
 from fv_plugin.prompts import PromptTemplate, encode_prompts, make_prompts
 from fv_plugin.scoring import zero_shot_scores

@@ -18,7 +18,7 @@ from torch import nn
 import fv_plugin
 from fv_plugin import models
 from fv_plugin.architectures import resolve_architecture
-from fv_plugin.extraction import head_vector
+from fv_plugin.heads import head_vector
 from fv_plugin.mediation import average_indirect_effect, average_indirect_effect_naive, mean_head_activations
 from fv_plugin.prompts import make_prompts
 
