@@ -26,8 +26,8 @@ __all__ = [
     "with_overrides",
 ]
 
-Method = Literal["heads", "head_patch", "difference", "layer_mean"]
-METHODS: tuple[str, ...] = ("heads", "head_patch", "difference", "layer_mean")
+Method = Literal["heads", "head_patch", "head_difference", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference", "layer_mean")
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
@@ -51,8 +51,9 @@ class ExtractionConfig:
     """How :func:`~fv_plugin.extract_function_vector` makes a vector.
 
     Attributes:
-        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"difference"`` (ICL minus
-            zero-shot), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
+        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"head_difference"`` (the heads'
+            ICL-minus-zero-shot activations added in their slots), ``"difference"`` (ICL minus zero-shot hidden
+            states), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
         k: number of heads for the head-based forms.
         layer: the layer whose output receives the vector; ``None`` chooses it on the validation split.
         layers: candidate layers for that choice (default: every layer).

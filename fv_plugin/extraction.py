@@ -8,6 +8,8 @@ Forms, all returned as a :class:`~fv_plugin.FunctionVector` (``method`` says whi
 - ``"head_patch"`` (the head-level form): the top-k heads' mean activations, written into those heads' own
   slots at the steered positions, the very intervention the AIE measures (``vector`` holds their sum for
   inspection; ``layer`` is the lowest head's layer; no layer sweep).
+- ``"head_difference"``: the top-k heads' mean activation with demonstrations minus without (the same queries
+  zero-shot), added to those heads' own slots, before the rest of their layer runs (no layer sweep).
 - ``"difference"``: mean last-token hidden state of ICL prompts minus that of zero-shot prompts at the layer.
 - ``"layer_mean"``: mean last-token hidden state of ICL prompts at the layer (the task-vector baseline).
 
@@ -154,6 +156,18 @@ def _build_head_patch(job: _Job) -> _Built:
     return _Built(at_layer=lambda _: vector, own_layer=min(h[0] for h in heads), fields=fields)
 
 
+def _build_head_difference(job: _Job) -> _Built:
+    stats = job.head_statistics()
+    if stats.zero_means is None:
+        raise ValueError("head_difference needs zero-shot head means: make the statistics with head_statistics()")
+    heads, fields = _head_fields(stats, job.config.k)
+    vector = head_vector(job.model, stats.means, heads, arch=job.arch)
+    vector = vector - head_vector(job.model, stats.zero_means, heads, arch=job.arch)
+    fields["head_values"] = torch.stack([stats.means[h] - stats.zero_means[h] for h in heads])
+    fields["head_mode"] = "add"
+    return _Built(at_layer=lambda _: vector, own_layer=min(h[0] for h in heads), fields=fields)
+
+
 def _build_states(job: _Job, method: Literal["difference", "layer_mean"]) -> _Built:
     wanted = [job.config.layer] if job.config.layer is not None else _candidate_layers(job)
     per_layer = task_state_vectors(
@@ -165,6 +179,7 @@ def _build_states(job: _Job, method: Literal["difference", "layer_mean"]) -> _Bu
 BUILDERS: dict[str, Callable[[_Job], _Built]] = {
     "heads": _build_heads,
     "head_patch": _build_head_patch,
+    "head_difference": _build_head_difference,
     "difference": lambda job: _build_states(job, "difference"),
     "layer_mean": lambda job: _build_states(job, "layer_mean"),
 }

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fv_plugin.activations import clean_prompts
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
@@ -289,7 +290,8 @@ def average_indirect_effect_naive(
 
 @dataclass(frozen=True)
 class HeadStatistics:
-    """One task's head statistics: mean activations on clean ICL prompts and every head's AIE on shuffled ones.
+    """One task's head statistics: mean activations on clean ICL prompts (``means``) and on the same queries
+    zero-shot (``zero_means``), and every head's AIE on shuffled-label ICL prompts.
 
     ``config`` holds the settings they were made with (``n_shots``, ``n_mean``, ``n_aie``, ``seed``,
     ``template``); :meth:`matches` says whether they can stand in for another extraction's.
@@ -299,6 +301,7 @@ class HeadStatistics:
     means: torch.Tensor  # [layers, heads, head_dim]
     effects: IndirectEffects
     config: ExtractionConfig
+    zero_means: torch.Tensor | None = None  # [layers, heads, head_dim]
 
     @property
     def aie(self) -> torch.Tensor:
@@ -313,12 +316,18 @@ class HeadStatistics:
 
 
 def statistics_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()) -> tuple[list[Prompt], list[Prompt]]:
-    """The prompts of :func:`head_statistics`: ``n_mean`` clean ICL prompts (``seed``) and ``n_aie`` shuffled-label
-    ones (``seed + 1``), all from the train split."""
-    common = {"n_shots": config.n_shots, "split": "train", "template": config.template}
-    clean = make_prompts(task, n=config.n_mean, seed=config.seed, **common)  # type: ignore[arg-type]
-    shuffled = make_prompts(task, n=config.n_aie, shuffle_labels=True, seed=config.seed + 1, **common)  # type: ignore[arg-type]
-    return clean, shuffled
+    """The ICL prompts of :func:`head_statistics`: the extraction's ``n_mean`` clean prompts
+    (:func:`~fv_plugin.activations.clean_prompts`) and ``n_aie`` shuffled-label ones (``seed + 1``), from train."""
+    shuffled = make_prompts(
+        task,
+        n=config.n_aie,
+        n_shots=config.n_shots,
+        split="train",
+        shuffle_labels=True,
+        template=config.template,
+        seed=config.seed + 1,
+    )
+    return clean_prompts(task, config), shuffled
 
 
 def head_statistics(
@@ -330,15 +339,20 @@ def head_statistics(
     arch: ArchSpec | None = None,
     progress: bool = False,
 ) -> HeadStatistics:
-    """Mean head activations and the exact AIE of every head for ``task`` (the paper's causal mediation).
+    """Mean head activations (ICL and zero-shot) and the exact AIE of every head for ``task`` (the paper's causal
+    mediation).
 
     Example:
         >>> stats = head_statistics(model, tok, load_task("antonym"))  # doctest: +SKIP
         >>> stats.top_heads(10)  # doctest: +SKIP
     """
     clean, shuffled = statistics_prompts(task, config)
-    means = mean_head_activations(model, tokenizer, clean, batch_size=config.batch_size, arch=arch, progress=progress)
+    zero = clean_prompts(task, config, n_shots=0)  # the same queries without demonstrations
+    means, zero_means = (
+        mean_head_activations(model, tokenizer, prompts, batch_size=config.batch_size, arch=arch, progress=progress)
+        for prompts in (clean, zero)
+    )
     effects = average_indirect_effect(
         model, tokenizer, shuffled, means, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
     )
-    return HeadStatistics(task=task.name, means=means, effects=effects, config=config)
+    return HeadStatistics(task=task.name, means=means, effects=effects, config=config, zero_means=zero_means)

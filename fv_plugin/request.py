@@ -194,7 +194,7 @@ def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:
 
 def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
     weights: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (vector, row in it, layer, head) -> per-row weights
-    values: dict[tuple[int, int, int, int], torch.Tensor] = {}
+    values: dict[tuple[int, int, int, int], tuple[torch.Tensor, bool]] = {}
     for r, group in enumerate(request.rows):
         for fv, weight in group:
             if weight == 0.0 or fv.head_values is None or fv.heads is None:
@@ -202,10 +202,11 @@ def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
             for i, (layer, head) in enumerate(fv.heads):
                 key = (id(fv), i, layer, head)
                 weights.setdefault(key, torch.zeros(len(request.rows)))[r] += weight
-                values[key] = fv.head_values[i]
+                values[key] = (fv.head_values[i], fv.head_mode == "add")
     patches: dict[int, list[HeadPatch]] = {}
     for key, row_weights in weights.items():
-        patches.setdefault(key[2], []).append(HeadPatch(head=key[3], value=values[key], weights=row_weights))
+        value, add = values[key]
+        patches.setdefault(key[2], []).append(HeadPatch(head=key[3], value=value, weights=row_weights, add=add))
     return {layer: tuple(items) for layer, items in patches.items()}
 
 

@@ -73,12 +73,13 @@ class LayerDelta:
 
 @dataclass(frozen=True, eq=False)
 class HeadPatch:
-    """Move head ``head``'s slot of a layer's output-projection input towards ``value``, by ``weights`` per input
-    row (``[R]``; ``R == 1``: the same for every row)."""
+    """Move head ``head``'s slot of a layer's output-projection input towards ``value`` (``add=False``) or add
+    ``value`` to it (``add=True``), by ``weights`` per input row (``[R]``; ``R == 1``: the same for every row)."""
 
     head: int
     value: torch.Tensor  # [head_dim]
     weights: torch.Tensor  # [R] float32
+    add: bool = False
 
 
 @dataclass
@@ -296,7 +297,7 @@ def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple
             slot = out[..., lo:hi]
             weights = expand_rows(patch.weights.to(x.device), call.forward.batch, "the steering")
             target = patch.value.to(device=x.device, dtype=x.dtype)
-            moved = slot + (coef * weights[:, None]).to(x.dtype)[..., None] * (target - slot)
+            moved = slot + (coef * weights[:, None]).to(x.dtype)[..., None] * (target if patch.add else target - slot)
             out = torch.cat([out[..., :lo], moved, out[..., hi:]], dim=-1)
     return (out, *args[1:])
 

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -46,9 +46,11 @@ class FunctionVector:
         method: how it was made (e.g. ``"heads"``, ``"layer_mean"``, ``"combination"``).
         library_version: fv_plugin version that made it.
         extra: further string metadata of your own (fv_plugin's own metadata has typed fields).
-        head_values: for the head-level form (``method="head_patch"``): one activation per entry of ``heads``,
-            shape ``[k, head_dim]``, written into those heads' own slots of the attention output projection's
-            input when steering (instead of adding ``vector``, which then holds their residual-stream sum).
+        head_values: for the head-level forms: one activation per entry of ``heads``, shape ``[k, head_dim]``,
+            written into (``head_mode="replace"``, ``method="head_patch"``) or added to (``head_mode="add"``,
+            ``method="head_difference"``) those heads' own slots of the attention output projection's input
+            when steering, instead of adding ``vector`` (which then holds their residual-stream contribution).
+        head_mode: ``"replace"`` (strength interpolates, 0 = off, 1 = replace) or ``"add"`` (strength scales).
         layer_vectors: for a vector spread over several layers: one ``[hidden]`` vector per layer, each added
             after its own layer when steering (``vector`` then holds their sum, ``layer`` the lowest layer);
             e.g. each chosen head's contribution added after the head's own layer. See :meth:`from_layers`.
@@ -78,6 +80,7 @@ class FunctionVector:
     library_version: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
     head_values: torch.Tensor | None = None
+    head_mode: Literal["replace", "add"] = "replace"
     aie: torch.Tensor | None = None
     layer_sweep: Sweep | None = None
     config: ExtractionConfig | None = None
@@ -123,6 +126,8 @@ class FunctionVector:
             if values.device.type != "meta" and not bool(torch.isfinite(values).all()):
                 raise ValueError("head_values contains NaN or inf values")
             object.__setattr__(self, "head_values", values.detach())
+        if self.head_mode not in ("replace", "add"):
+            raise ValueError(f"head_mode must be 'replace' or 'add', got {self.head_mode!r}")
         if self.aie is not None:
             if not isinstance(self.aie, torch.Tensor) or self.aie.dim() != 2 or not self.aie.is_floating_point():
                 raise ValueError("aie must be a floating-point tensor of shape [layers, heads]")
@@ -199,9 +204,9 @@ class FunctionVector:
 
     # ------------------------------------------------------------- arithmetic
     def _refuse_head_patch(self, op: str) -> None:
-        if self.is_head_patch:
+        if self.is_head_patch and (self.head_mode == "replace" or op == "arithmetic"):
             raise TypeError(
-                f"head-level function vectors (method='head_patch') do not support {op}: they write head "
+                f"head-level function vectors (method={self.method!r}) do not support {op}: they write head "
                 "activations instead of adding a vector. Steer with several, each with its own strength."
             )
 
@@ -245,7 +250,7 @@ class FunctionVector:
         self._refuse_head_patch("scaling")
         if not math.isfinite(factor):
             raise ValueError(f"Cannot scale a function vector by {factor}")
-        return self._mapped(lambda t: t * float(factor))
+        return self._mapped(lambda t: t * float(factor), heads_too=True)
 
     def __add__(self, other: object) -> FunctionVector:
         if not isinstance(other, FunctionVector):
@@ -261,7 +266,7 @@ class FunctionVector:
 
     def __neg__(self) -> FunctionVector:
         self._refuse_head_patch("negation")
-        return self._mapped(lambda t: -t)
+        return self._mapped(lambda t: -t, heads_too=True)
 
     def __mul__(self, factor: float) -> FunctionVector:
         return self._scaled(factor)

@@ -360,3 +360,39 @@ def test_auto_method_follows_the_family_table() -> None:
     model, tok = tiny_model("gpt2"), char_tokenizer()
     fv = extract_function_vector(model, tok, fv_plugin.load_task("capitalize"), n_mean=4, n_shots=2, layer=1)
     assert fv.method == default_method("gpt2") and default_method("llama") == DEFAULT_METHODS["llama"]
+
+
+def test_head_difference_adds_each_heads_icl_minus_zero_shot_mean_in_its_slot() -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    task = fv_plugin.load_task("capitalize")
+    config = fv_plugin.ExtractionConfig(method="head_difference", n_mean=6, n_aie=2, n_shots=3, k=3)
+    fv = extract_function_vector(model, tok, task, config)
+    assert fv.is_head_patch and fv.head_mode == "add" and fv.heads is not None and len(fv.heads) == 3
+    icl = mean_head_activations(model, tok, make_prompts(task, n=6, n_shots=3, split="train"))
+    zero = mean_head_activations(model, tok, make_prompts(task, n=6, n_shots=0, split="train"))
+    assert fv.head_values is not None
+    torch.testing.assert_close(fv.head_values, torch.stack([icl[h] - zero[h] for h in fv.heads]))
+    arch = resolve_architecture(model)
+    ids = torch.tensor([[5, 9, 14, 3, 22], [11, 12, 13, 60, 61]])
+    handles = []
+    for (layer, head), value in zip(fv.heads, fv.head_values, strict=True):
+
+        def hook(module: nn.Module, args: tuple, head: int = head, value: torch.Tensor = value) -> tuple:
+            x = args[0].clone()
+            x[:, -1, head * 16 : (head + 1) * 16] += 2.0 * value
+            return (x,)
+
+        handles.append(arch.out_proj(layer).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            reference = model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), fv_plugin.steer(model, fv, strength=2.0, positions="last_prompt"):
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, reference)
+    with torch.no_grad(), fv_plugin.steer(model, 2.0 * fv, positions="last_prompt"):  # additive: scales like one
+        torch.testing.assert_close(model(input_ids=ids).logits, reference)
+    with pytest.raises(TypeError, match="arithmetic"):
+        fv + fv
