@@ -65,6 +65,13 @@ class ExtractionConfig:
         template: the demonstration template.
         batch_size: prompts per forward pass.
         heads_per_batch: patched heads per forward pass in the AIE.
+        forms: the forms ``method="auto"`` chooses among.
+        ks: the numbers of heads it tries for the head-based forms.
+        strengths: the strengths it tries for the hidden-state forms (``difference``).
+        head_strengths: the strengths it tries for the additive head-based forms (``heads``,
+            ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
+        validation: the zero-shot queries it scores candidates on: the ``"valid"`` split, or ``"valid+train"``
+            (the train queries too, asked zero-shot: more signal on small tasks).
     """
 
     method: Method | Literal["auto"] = "auto"
@@ -79,10 +86,16 @@ class ExtractionConfig:
     template: str = DEFAULT_TEMPLATE
     batch_size: int = 16
     heads_per_batch: int = 64
+    forms: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
+    ks: tuple[int, ...] = (10, 20, 40)
+    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    validation: Literal["valid", "valid+train"] = "valid+train"
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
             raise ValueError(f"method must be 'auto' or one of {METHODS}, got {self.method!r}")
+        self._check_auto()
         for name, minimum in (("k", 1), ("n_shots", 1), ("n_mean", 1), ("n_aie", 1), ("batch_size", 1)):
             _at_least(getattr(self, name), minimum, name)
         _at_least(self.heads_per_batch, 1, "heads_per_batch")
@@ -93,6 +106,21 @@ class ExtractionConfig:
             if not self.layers:
                 raise ValueError("layers is empty: give the candidate layers or None for every layer")
         PromptTemplate(self.template)  # validates
+
+    def _check_auto(self) -> None:
+        for name in ("forms", "ks", "strengths", "head_strengths"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise ValueError(f"{name} is empty: method='auto' needs at least one")
+        unknown = [f for f in self.forms if f not in METHODS or f == "layer_mean"]
+        if unknown:
+            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {METHODS[:-1]}")
+        for k in self.ks:
+            _at_least(k, 1, "every k")
+        if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
+            raise ValueError("strengths must be positive")
+        if self.validation not in ("valid", "valid+train"):
+            raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -354,14 +354,6 @@ def test_attribution_patching_is_the_first_order_term_of_the_exact_effect() -> N
     assert rank_agreement(approx.aie, -approx.aie, k=3)[0] == pytest.approx(-1.0)
 
 
-def test_auto_method_follows_the_family_table() -> None:
-    from fv_plugin.extraction import DEFAULT_METHODS, default_method
-
-    model, tok = tiny_model("gpt2"), char_tokenizer()
-    fv = extract_function_vector(model, tok, fv_plugin.load_task("capitalize"), n_mean=4, n_shots=2, layer=1)
-    assert fv.method == default_method("gpt2") and default_method("llama") == DEFAULT_METHODS["llama"]
-
-
 def test_head_difference_adds_each_heads_icl_minus_zero_shot_mean_in_its_slot() -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     task = fv_plugin.load_task("capitalize")

@@ -1,0 +1,79 @@
+"""method="auto": the choice rule, what it records, and that the chosen vector is what it claims to be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from test_evaluation import reverse_task
+
+import fv_plugin
+from fv_plugin.auto import WeakVectorWarning, choose, validation_prompts
+from fv_plugin.records import Candidate
+
+
+def _c(form: str, acc: float, *, layer: int | None = None, s: float = 1.0, prob: float = 0.1) -> Candidate:
+    return Candidate(
+        form=form, strength=s, accuracy=acc, answer_prob=prob, layer=layer, k=10 if form != "difference" else None
+    )
+
+
+def test_choice_prefers_a_good_neighbourhood_then_the_papers_form_then_moderate_strength() -> None:
+    spike = [_c("difference", a, layer=i) for i, a in enumerate([0.1, 0.2, 0.9, 0.1, 0.5, 0.6, 0.6, 0.5])]
+    assert spike[choose(spike)].layer == 5  # a lone 0.9 between 0.2 and 0.1 loses to a steady 0.6 region
+    tie = [_c("difference", 0.5, layer=3), _c("head_difference", 0.5), _c("difference", 0.5, layer=4)]
+    tie_groups = [*tie, _c("difference", 0.5, layer=5)]
+    assert tie_groups[choose(tie_groups)].form == "head_difference"
+    strengths = [
+        _c("head_difference", 0.7, s=8.0),
+        _c("head_difference", 0.7, s=2.0),
+        _c("head_difference", 0.7, s=0.5),
+    ]
+    assert strengths[choose(strengths)].strength == 2.0
+    probs = [_c("head_patch", 0.7, prob=0.2), _c("head_patch", 0.7, prob=0.4)]
+    assert probs[choose(probs)].answer_prob == 0.4
+
+
+SMALL = dict(n_mean=6, n_aie=2, n_shots=3, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
+
+
+def test_auto_records_every_candidate_and_returns_the_one_it_scored() -> None:
+    model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    with pytest.warns(WeakVectorWarning, match="does not beat the model without a vector"):
+        fv = fv_plugin.extract_function_vector(model, tok, task, **SMALL)  # a random model: nothing beats it
+    sel = fv.selection
+    assert sel is not None and sel.queries == "valid+train"
+    layers = 3
+    expected = layers * 2 + 2 * 2 + 2 * 1 + 2 * 2 * 2  # difference, head_difference, head_patch, heads (L 0, 2)
+    assert len(sel.candidates) == expected
+    assert sel.n_queries == len(task.valid) + len(task.train)
+    best = sel.best
+    assert fv.method == best.form and fv.config is not None and fv.config.method == "auto"
+    # the oracle: the chosen form built explicitly, scaled by the chosen strength, scored with plain steering
+    form = fv_plugin.extract_function_vector(
+        model, tok, task, method=best.form, k=best.k or 10, layer=best.layer, **SMALL
+    )
+    scaled = form if best.form == "head_patch" else best.strength * form
+    assert torch.allclose(fv.vector, scaled.vector) and fv.layer == scaled.layer
+    prompts = validation_prompts(task, fv.config)
+    again = fv_plugin.score_prompts(model, tok, prompts, [fv])
+    assert again.accuracy == pytest.approx(best.accuracy) and again.answer_prob == pytest.approx(
+        best.answer_prob, rel=1e-4
+    )
+    assert sel.baseline_accuracy == pytest.approx(fv_plugin.score_prompts(model, tok, prompts).accuracy)
+
+
+def test_selection_travels_with_the_vector(tmp_path: Path) -> None:
+    model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    with pytest.warns(WeakVectorWarning):
+        fv = fv_plugin.extract_function_vector(
+            model, tok, task, forms=("difference",), validation="valid", **{**SMALL, "ks": (2,)}
+        )
+    assert fv.selection is not None and {c.form for c in fv.selection.candidates} == {"difference"}
+    assert fv.selection.n_queries == len(task.valid)
+    back = fv_plugin.FunctionVector.load(fv.save(tmp_path / "auto.safetensors"))
+    assert back.selection == fv.selection and back.config == fv.config
+    with pytest.raises(ValueError, match="cannot be chosen by 'auto'"):
+        fv_plugin.ExtractionConfig(forms=("layer_mean",))
