@@ -23,7 +23,7 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
-        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: best for the family)"
+        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: chosen on validation)"
     )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
@@ -43,6 +43,10 @@ def _extract(argv: Sequence[str]) -> int:
     after = zero_shot_scores(model, tokenizer, test, [fv])[0]
     with_demos = zero_shot_scores(model, tokenizer, icl)[0]
     print(f"task {task.name!r} on {args.model}: method {fv.method}, layer {fv.layer}, {elapsed:.1f} s")
+    if fv.selection is not None:
+        from fv_plugin.report import selection_table
+
+        print(selection_table(fv.selection))
     if fv.heads:
         pairs = zip(fv.heads, fv.head_scores or (), strict=False)
         print(
@@ -173,6 +177,12 @@ def _compare(argv: Sequence[str]) -> int:
     parser.add_argument("--heads-a", nargs="*", default=(), help="model A's head-based vectors (method heads)")
     parser.add_argument("--heads-b", nargs="*", default=(), help="model B's head-based vectors (method heads)")
     parser.add_argument("--no-heads", action="store_true", help="do not extract head-based vectors")
+    parser.add_argument(
+        "--method",
+        choices=("difference", "layer_mean", "heads"),
+        default="difference",
+        help="single-layer form to extract where no vector is given (a map carries one layer's vector)",
+    )
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--n", type=int, default=None, help="test prompts per task (default: all)")
     parser.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of the linear map")
@@ -188,7 +198,7 @@ def _compare(argv: Sequence[str]) -> int:
         tasks,
         vectors=(_load_vectors(args.vectors_a), _load_vectors(args.vectors_b)),
         head_vectors=heads,
-        extraction=ExtractionConfig(n_shots=args.n_shots, seed=args.seed),
+        extraction=ExtractionConfig(method=args.method, n_shots=args.n_shots, seed=args.seed),
         ridge=args.ridge,
         n=args.n,
     )

@@ -110,7 +110,10 @@ class LinearMap:
     def apply(self, fv: FunctionVector, *, target: nn.Module | None = None) -> FunctionVector:
         """Model A's vector as a vector for model B at ``layer_b`` (linear part only)."""
         if fv.is_head_patch or fv.layer_vectors is not None:
-            raise ValueError("this vector lives in its model's heads or at several layers; map a single-layer form")
+            raise ValueError(
+                f"the {fv.task or 'task'!r} vector ({fv.method}) lives in its model's heads or at several layers; a "
+                "map carries one layer's residual stream: map a single-layer form (method='difference')"
+            )
         if fv.size != self.weight.shape[0]:
             raise ValueError(f"the vector has size {fv.size}, the map expects {self.weight.shape[0]}")
         if fv.layer != self.layer_a:

@@ -278,11 +278,14 @@ def compare_tasks(
     *,
     vectors: tuple[dict[str, FunctionVector], dict[str, FunctionVector]] | None = None,
     head_vectors: tuple[dict[str, FunctionVector], dict[str, FunctionVector]] | None = None,
-    extraction: ExtractionConfig = ExtractionConfig(),
+    extraction: ExtractionConfig = ExtractionConfig(method="difference"),
     ridge: float = 1e-3,
     n: int | None = None,
 ) -> tuple[ModelComparison, dict[str, FunctionVector], dict[str, FunctionVector]]:
     """``fv compare``: fill in the vectors not given (per side ``(model, tokenizer, name)``) and compare.
+
+    A linear map carries one layer's residual stream, so the vectors must be single-layer forms (``extraction``
+    makes ``difference`` vectors by default).
 
     ``head_vectors=None`` skips the head-based vectors. Returns the comparison and each side's vectors.
     """

@@ -18,9 +18,10 @@ from fv_plugin.analysis import TokenScore, head_locations, layer_sweep
 from fv_plugin.compare import ModelComparison
 from fv_plugin.evaluation import EvalResult
 from fv_plugin.experiments import EvalReport, TaskReport
+from fv_plugin.records import Selection
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["write_comparison_report", "write_eval_report"]
+__all__ = ["selection_table", "write_comparison_report", "write_eval_report"]
 
 
 def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
@@ -32,6 +33,27 @@ def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
         "head_scores": list(fv.head_scores or ()),
         "model_name": fv.model_name,
     }
+
+
+def selection_table(selection: Selection, *, top: int = 8) -> str:
+    """Markdown: how ``method="auto"`` chose (the chosen candidate, the best of each form, the runners-up)."""
+    order = sorted(range(len(selection.candidates)), key=lambda i: -selection.candidates[i].accuracy)
+    best_of: dict[str, int] = {}
+    for i in order:
+        best_of.setdefault(selection.candidates[i].form, i)
+    shown = [selection.chosen, *best_of.values(), *order[:top]]
+    lines = [
+        f"{len(selection.candidates)} candidates scored on {selection.n_queries} zero-shot queries "
+        f"({selection.queries}); without a vector: {selection.baseline_accuracy:.2f}. Rule: {selection.rule}.",
+        "",
+        "| candidate | validation accuracy | answer probability | |",
+        "|---|---|---|---|",
+    ]
+    for i in dict.fromkeys(shown):  # in order, once each
+        c = selection.candidates[i]
+        mark = "**chosen**" if i == selection.chosen else ("best " + c.form if best_of.get(c.form) == i else "")
+        lines.append(f"| {c.label()} | {c.accuracy:.2f} | {c.answer_prob:.3f} | {mark} |")
+    return "\n".join(lines)
 
 
 def _save(fig: Any, folder: Path, name: str) -> str:
@@ -236,6 +258,8 @@ def _task_facts(t: TaskReport) -> list[str]:
         lines.append(f"- top heads by AIE (layer.head): {top}")
         if t.head_tokens:
             lines.append(f"- top tokens of the heads form: {_tokens(t.head_tokens)}")
+    if t.vector.selection is not None:
+        lines += ["", 'How `method="auto"` chose:', "", selection_table(t.vector.selection, top=5), ""]
     return [*lines, f"- time: {t.seconds:.0f} s"]
 
 

@@ -181,6 +181,7 @@ def test_cli_eval_and_compare_write_reports(tmp_path: Path) -> None:
     (tmp_path / "rev.json").write_text(json.dumps(rows))
     common = ["--tasks", str(tmp_path / "rev.json"), "--n", "2", "--n-shots", "2"]
     args = ["eval", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "e"), "--modes", "zero_shot"]
+    args += ["--method", "difference"]
     assert main([*args, *common, "--strengths", "1", "--ks", "1", "--n-mean", "3", "--n-aie", "2"]) == 0
     assert (tmp_path / "e" / "summary.md").exists() and (tmp_path / "e" / "vectors" / "rev.safetensors").exists()
     vectors = str(tmp_path / "e" / "vectors")
