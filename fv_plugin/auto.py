@@ -73,7 +73,9 @@ def _options(inputs: FormInputs) -> list[_Option]:
     meta = vector_metadata(inputs.resolved, inputs.model, inputs.task, config.template)
     total_heads = heads.aie.numel() if heads is not None else 0
     for form in config.forms:
-        ks: Sequence[int | None] = sorted({min(k, total_heads) for k in config.ks}) if form in HEAD_FORMS else [None]
+        ks: Sequence[int | None] = [None]
+        if form in HEAD_FORMS:
+            ks = [min(config.k, total_heads)] if form == "heads" else sorted({min(k, total_heads) for k in config.ks})
         for k in ks:
             built = BUILDERS[form](inputs.with_config(method=form, k=k or config.k, layer=None))
             strengths = config.strengths if form == "difference" else config.head_strengths

@@ -66,7 +66,8 @@ class ExtractionConfig:
         batch_size: prompts per forward pass.
         heads_per_batch: patched heads per forward pass in the AIE.
         forms: the forms ``method="auto"`` chooses among.
-        ks: the numbers of heads it tries for the head-based forms.
+        ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's form,
+            is tried with ``k`` heads at every other layer).
         strengths: the strengths it tries for the hidden-state forms (``difference``).
         head_strengths: the strengths it tries for the additive head-based forms (``heads``,
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
@@ -87,9 +88,9 @@ class ExtractionConfig:
     batch_size: int = 16
     heads_per_batch: int = 64
     forms: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
-    ks: tuple[int, ...] = (10, 20, 40)
-    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
-    head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    ks: tuple[int, ...] = (5, 10, 20, 40, 80)
+    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
 
     def __post_init__(self) -> None:

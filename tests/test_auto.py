@@ -36,7 +36,7 @@ def test_choice_prefers_a_good_neighbourhood_then_the_papers_form_then_moderate_
     assert probs[choose(probs)].answer_prob == 0.4
 
 
-SMALL = dict(n_mean=6, n_aie=2, n_shots=3, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
+SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
 
 
 def test_auto_records_every_candidate_and_returns_the_one_it_scored() -> None:
@@ -46,14 +46,14 @@ def test_auto_records_every_candidate_and_returns_the_one_it_scored() -> None:
     sel = fv.selection
     assert sel is not None and sel.queries == "valid+train"
     layers = 3
-    expected = layers * 2 + 2 * 2 + 2 * 1 + 2 * 2 * 2  # difference, head_difference, head_patch, heads (L 0, 2)
+    expected = layers * 2 + 2 * 2 + 2 * 1 + 1 * 2 * 2  # difference, head_difference, head_patch, heads (k, L 0, 2)
     assert len(sel.candidates) == expected
     assert sel.n_queries == len(task.valid) + len(task.train)
     best = sel.best
     assert fv.method == best.form and fv.config is not None and fv.config.method == "auto"
     # the oracle: the chosen form built explicitly, scaled by the chosen strength, scored with plain steering
     form = fv_plugin.extract_function_vector(
-        model, tok, task, method=best.form, k=best.k or 10, layer=best.layer, **SMALL
+        model, tok, task, **{**SMALL, "method": best.form, "k": best.k or 4, "layer": best.layer}
     )
     scaled = form if best.form == "head_patch" else best.strength * form
     assert torch.allclose(fv.vector, scaled.vector) and fv.layer == scaled.layer
