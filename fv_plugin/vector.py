@@ -286,6 +286,12 @@ class FunctionVector:
             head_values=head_values,
         )
 
+    def to_gguf(self, path: str | Path, *, model_hint: str | None = None) -> Path:
+        """Write a llama.cpp control-vector GGUF (``direction.{layer}``; llama.cpp adds it at every position)."""
+        from fv_plugin.export import to_gguf
+
+        return to_gguf(self, path, model_hint=model_hint)
+
     # ---------------------------------------------------- Hugging Face Hub I/O
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Save as a Hub-style folder: ``function_vector.safetensors`` plus a readable ``fv_config.json``."""
