@@ -48,12 +48,14 @@ class ModeResult:
     plain: float  # tokens/s
     steered: float  # tokens/s
     ratio: float  # median of the per-round ratios steered / plain
+    ratios: tuple[float, ...] = ()  # every round's ratio
     plain_plugin_off: float | None = None  # tokens/s of the plain requests on an engine with FV_PLUGIN_VLLM=0
 
     def line(self) -> str:
         text = (
             f"{self.mode:9s} {self.requests} requests x {self.tokens} tokens, {self.rounds} rounds: plain "
-            f"{self.plain:7.1f} tok/s, steered {self.steered:7.1f} tok/s, ratio {self.ratio:.3f}"
+            f"{self.plain:7.1f} tok/s, steered {self.steered:7.1f} tok/s, ratio {self.ratio:.3f} "
+            f"(rounds {min(self.ratios):.3f}-{max(self.ratios):.3f})"
         )
         if self.plain_plugin_off is not None:
             text += f"; plain with the plugin off {self.plain_plugin_off:7.1f} tok/s"
@@ -163,6 +165,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> ModeResult:
         plain=statistics.median(speeds["plain"]),
         steered=statistics.median(speeds["steered"]),
         ratio=statistics.median(ratios),
+        ratios=tuple(ratios),
         plain_plugin_off=statistics.median(off) if off else None,
     )
 

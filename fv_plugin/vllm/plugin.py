@@ -9,12 +9,13 @@ makes the model runner install the steering buffers and hooks right after loadin
 from __future__ import annotations
 
 import logging
+import os
 
 from fv_plugin.vllm.frontend import install_frontend
 from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.worker import install_worker
 
-__all__ = ["TESTED_VLLM", "register"]
+__all__ = ["TESTED_VLLM", "prefer_v1_runner", "register"]
 
 logger = logging.getLogger(__name__)
 TESTED_VLLM = ((0, 32), (0, 33))  # [first, last) (major, minor) versions the integration was tested with
@@ -43,6 +44,15 @@ def _check_version() -> None:
         )
 
 
+def prefer_v1_runner() -> None:
+    """Steering hooks into vLLM's v1 model runner. vLLM 0.32 picks its newer "Model Runner V2" on GPUs
+    with Triton unless ``VLLM_USE_V2_MODEL_RUNNER=0``: choose v1 here unless the user chose (worker processes
+    inherit the choice). A user-forced V2 runner makes the model load fail with a message saying so."""
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("fv_plugin: VLLM_USE_V2_MODEL_RUNNER=0 (steering supports vLLM's v1 model runner)")
+
+
 def register() -> None:
     """Install fv_plugin's steering in this vLLM process (safe to call more than once).
 
@@ -54,4 +64,5 @@ def register() -> None:
         logger.info("fv_plugin: steering is off (FV_PLUGIN_VLLM=0); steered requests will be refused")
         return
     _check_version()
+    prefer_v1_runner()
     install_worker()

@@ -9,7 +9,7 @@ last token, and a step may mix one request's prefill chunk with other requests' 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +101,7 @@ class TokenTable:
     index: np.ndarray  # [tokens, columns] int64
     absolute: np.ndarray  # [tokens, columns] float32
     relative: np.ndarray  # [tokens, columns] float32
-    layers: frozenset[int]
+    layers: Mapping[int, tuple[int, ...]]  # each steered layer -> the columns that may hold one of its vectors
     any_relative: bool
 
 
@@ -144,15 +144,19 @@ def build_table(
     index = np.zeros((tokens, columns), dtype=np.int64)
     absolute = np.zeros((tokens, columns), dtype=np.float32)
     relative = np.zeros((tokens, columns), dtype=np.float32)
-    layers: set[int] = set()
+    layers: dict[int, set[int]] = {}
     for i, plan, mask in live:
         lo, hi = int(starts[i]), int(starts[i + 1])
         target = relative if plan.relative else absolute
         for k, key in enumerate(plan.keys):
             index[lo:hi, k] = rows[key]
             target[lo:hi, k] = np.where(mask, np.float32(plan.strength), np.float32(0.0))
-            layers.add(key[0])
+            layers.setdefault(key[0], set()).add(k)
     table = TokenTable(
-        index=index, absolute=absolute, relative=relative, layers=frozenset(layers), any_relative=bool(relative.any())
+        index=index,
+        absolute=absolute,
+        relative=relative,
+        layers={layer: tuple(sorted(columns)) for layer, columns in layers.items()},
+        any_relative=bool(relative.any()),
     )
     return table, writes

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -68,9 +68,10 @@ class SteeringBuffers:
 
 @dataclass
 class StepState:
-    """What eager hooks read to skip work: the layers steered in the current step."""
+    """What eager hooks read to skip work: the layers steered in the current step, with the table columns that
+    may hold their vectors."""
 
-    layers: frozenset[int] = frozenset()
+    layers: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     any_relative: bool = False
 
 
@@ -78,8 +79,11 @@ def _buffer(module: nn.Module, name: str) -> torch.Tensor:
     return cast(torch.Tensor, getattr(module, f"fv_plugin_{name}"))
 
 
-def layer_delta(module: nn.Module, layer: int, stream: torch.Tensor, with_norm: bool) -> torch.Tensor:
-    """What to add to the output of ``layer`` (``stream`` is its residual stream, ``[tokens, hidden]``), float32."""
+def layer_delta(
+    module: nn.Module, layer: int, stream: torch.Tensor, with_norm: bool, columns: Sequence[int]
+) -> torch.Tensor:
+    """What to add to the output of ``layer`` (``stream`` is its residual stream, ``[tokens, hidden]``), float32,
+    from the table ``columns`` (all of them in a compiled graph; the ones this step uses in eager mode)."""
     count = stream.shape[0]
     index = _buffer(module, "index")[:count]
     vectors = _buffer(module, "vectors")
@@ -87,8 +91,9 @@ def layer_delta(module: nn.Module, layer: int, stream: torch.Tensor, with_norm: 
     if with_norm:
         coef = coef + _buffer(module, "relative")[:count] * stream.float().norm(dim=-1, keepdim=True)
     coef = torch.where(_buffer(module, "slot_layer")[index] == layer, coef, torch.zeros_like(coef))
-    delta = coef[:, 0:1] * vectors[index[:, 0]]
-    for k in range(1, index.shape[1]):
+    first, *rest = columns
+    delta = coef[:, first : first + 1] * vectors[index[:, first]]
+    for k in rest:
         delta = delta + coef[:, k : k + 1] * vectors[index[:, k]]
     return delta
 
@@ -116,8 +121,9 @@ def make_layer_hook(layer: int, state: StepState) -> Callable[[nn.Module, Any, A
         if not compiling and layer not in state.layers:
             return None  # eager and nothing to add here this step
         with_norm = compiling or state.any_relative
+        columns = range(_buffer(module, "index").shape[1]) if compiling else state.layers[layer]
         stream = hidden if residual is None or not with_norm else hidden + residual
-        steered = hidden + layer_delta(module, layer, stream, with_norm).to(hidden.dtype)
+        steered = hidden + layer_delta(module, layer, stream, with_norm, columns).to(hidden.dtype)
         return steered if isinstance(output, torch.Tensor) else (steered, residual)
 
     return hook
@@ -189,7 +195,7 @@ class StepWriter:
             self.buffers.absolute[: self.dirty].zero_()
             self.buffers.relative[: self.dirty].zero_()
             self.dirty = 0
-        self.state.layers, self.state.any_relative = frozenset(), False
+        self.state.layers, self.state.any_relative = {}, False
 
     def _write_vectors(self, writes: list[tuple[int, SlotKey]]) -> None:
         for row, (layer, data) in writes:
@@ -228,9 +234,9 @@ def _check_runner(runner: Any) -> None:
     missing = [name for name in _RUNNER_NEEDS if not hasattr(runner, name)]
     if missing:
         raise RuntimeError(
-            f"fv_plugin: vLLM's model runner {type(runner).__name__} lacks {missing}; the vLLM integration supports "
-            "vLLM's default (v1) GPU and CPU model runners of the tested vLLM versions. Set FV_PLUGIN_VLLM=0 to "
-            "serve without steering."
+            f"fv_plugin: vLLM's model runner {type(runner).__name__} lacks {missing}; the vLLM integration steers "
+            "through vLLM's v1 GPU and CPU model runners of the tested vLLM versions. Unset VLLM_USE_V2_MODEL_RUNNER "
+            "(or set it to 0), or set FV_PLUGIN_VLLM=0 to serve without steering."
         )
 
 
@@ -268,11 +274,36 @@ def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
     return writer
 
 
+def _compile_cache_factor() -> str:
+    """The plugin's part of the compile-cache key: its version and the shape of its tables."""
+    from fv_plugin import __version__
+
+    return f"fv_plugin-steering-{__version__}-columns-{PluginSettings.from_env().max_layers}"
+
+
+def _separate_compile_cache() -> None:
+    """Key vLLM's ahead-of-time compile cache on the plugin too: an artifact compiled without the hooks (vLLM alone,
+    or ``FV_PLUGIN_VLLM=0``) skips tracing when loaded, so it must never be loaded with steering on."""
+    from vllm.compilation import caching
+
+    original = caching.aot_compile_hash_factors
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def aot_compile_hash_factors(vllm_config: Any) -> list[str]:
+        return [*original(vllm_config), _compile_cache_factor()]
+
+    setattr(aot_compile_hash_factors, _PATCHED, True)
+    setattr(caching, "aot_compile_hash_factors", aot_compile_hash_factors)  # noqa: B010
+
+
 def install_worker() -> None:
-    """Make every vLLM worker install steering right after it loads its model (once per process; the settings are
-    read from the environment when the model loads)."""
+    """Make every vLLM worker install steering right after it loads its model, and key the compile cache on the
+    plugin (once per process; the settings are read from the environment when the model loads)."""
     from vllm.v1.worker.gpu_worker import Worker
 
+    _separate_compile_cache()
     if getattr(Worker, _PATCHED, False):
         return
     original = Worker.load_model

@@ -30,3 +30,11 @@ def test_new_vectors_in_a_later_batch_reach_the_compiled_graph(llm: Any) -> None
         Case("long", (d,), dict(strength=1.0, normalize="relative")),
     ]
     check_batch(llm, cases)
+
+
+def test_the_compile_cache_is_keyed_on_the_plugin(llm: Any) -> None:
+    # An ahead-of-time artifact compiled without the hooks skips tracing when loaded: it must have another key.
+    from vllm.compilation import caching
+
+    factors = caching.aot_compile_hash_factors(llm.llm_engine.vllm_config)
+    assert factors[-1].startswith("fv_plugin-steering-") and factors[-1].endswith("-columns-4")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -64,7 +65,7 @@ def test_the_table_of_a_mixed_step() -> None:
     ]
     starts = np.array([0, 4, 5, 8])  # a plain prefill, a decode token, a prefill chunk holding the last prompt token
     table, writes = build_table(plans, starts, np.array([0, 9, 2]), np.array([4, 6, 5]), SlotTable(8), 2)
-    assert len(writes) == 3 and table.layers == {1, 2, 3} and table.any_relative
+    assert len(writes) == 3 and table.layers == {1: (0,), 2: (0,), 3: (1,)} and table.any_relative
     assert not table.absolute[:4].any() and not table.relative[:4].any()
     assert table.absolute[4].tolist() == [0.5, 0.5]
     assert table.relative[5:8, 0].tolist() == [0.0, 0.0, 2.0]  # positions 2, 3, 4: only the last prompt token
@@ -187,3 +188,19 @@ def test_a_pipeline_stage_steers_only_the_layers_it_owns() -> None:
 def test_models_without_a_layer_range_are_refused() -> None:
     with pytest.raises(RuntimeError, match="FV_PLUGIN_VLLM=0"):
         find_decoder_layers(nn.Sequential(nn.Linear(2, 2)), 1)
+
+
+def test_a_runner_without_the_v1_internals_is_refused_with_the_fix() -> None:
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        install_steering(SimpleNamespace(get_model=ToyModel), PluginSettings())
+
+
+def test_the_plugin_chooses_the_v1_runner_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fv_plugin.vllm.plugin import prefer_v1_runner
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    prefer_v1_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    prefer_v1_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
