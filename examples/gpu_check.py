@@ -11,6 +11,12 @@ Checks, all on the embedded default model unless ``--model`` says otherwise:
                rest runs from CPU memory; steered logits equal the model fully on the GPU, cached == uncached
   extract      the default-form vector for a built-in task, and zero-shot accuracy with it
   overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
+  vllm         vLLM with its GPU defaults (compiled, full CUDA graphs for decode batches): one batch mixing plain
+               and per-request steered requests (two signed vectors at two layers, every positions mode, relative
+               normalization) gives the same greedy tokens as ``fv_plugin.steer`` on Hugging Face, float32. A
+               Python hook does not run when a CUDA graph is replayed, so this checks that each step's per-request
+               coefficients reach the graph's buffers before it runs (needs ``pip install "fv_plugin[vllm]"``;
+               skipped with a message when vLLM is missing)
 
 Run:  python examples/gpu_check.py [--model NAME] [--task antonym] [--skip overhead,extract]
 """
@@ -31,7 +37,7 @@ from torch import nn
 
 import fv_plugin
 
-CHECKS = ("fp16", "bf16", "4bit", "split", "extract", "overhead")
+CHECKS = ("fp16", "bf16", "4bit", "split", "extract", "overhead", "vllm")
 PROMPTS = ["Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:", "Q: up\nA:"]
 
 
@@ -189,6 +195,75 @@ def check_overhead(args: argparse.Namespace) -> str:
     return " ".join(result.report().split("\n")[1:]).replace("  ", " ")
 
 
+# ---------------------------------------------------------------------------------------------- vLLM
+def no_vllm_message() -> str | None:
+    """Why the vLLM check cannot run here, or ``None`` when vLLM is installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return 'vLLM is not installed (pip install "fv_plugin[vllm]"): the vllm check was skipped'
+    return None
+
+
+def vllm_cases(model: nn.Module, tokenizer: Any) -> list[tuple[list[int], tuple[Any, ...], dict[str, Any]]]:
+    """(prompt ids, vectors, steer options) of each request: each prompt plain, and steered in several ways."""
+    layers = int(model.config.num_hidden_layers)
+    a, b = (random_vector(model, layers // 3), 0.5), (random_vector(model, 2 * layers // 3), -0.25)
+    ids = [tokenizer(prompt)["input_ids"] for prompt in (*PROMPTS, "The capital of France is")]
+    return [
+        *((row, (), {}) for row in ids),
+        (ids[0], (a,), {"strength": 1.0}),
+        (ids[1], (a, b), {"strength": 1.5, "positions": "all"}),
+        (ids[2], (b,), {"strength": 2.0, "positions": "last_prompt"}),
+        (ids[1], (a,), {"strength": 0.3, "normalize": "relative"}),
+    ]
+
+
+def hf_reference(model: nn.Module, cases: list[tuple[list[int], tuple[Any, ...], dict[str, Any]]]) -> list[list[int]]:
+    device = next(model.parameters()).device
+    rows = []
+    for ids, vectors, options in cases:
+        x = torch.tensor([ids], device=device)
+        with torch.inference_mode(), fv_plugin.steer(model, *vectors, **options):
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)
+        rows.append(out[0, len(ids) :].tolist())
+    return rows
+
+
+def check_vllm(args: argparse.Namespace) -> str:
+    import tempfile
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from fv_plugin.vllm import steering
+
+    model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float32, device_map="cuda:0")
+    cases = vllm_cases(model, tokenizer)
+    expected = hf_reference(model, cases)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+        llm = LLM(model=folder, dtype="float32", gpu_memory_utilization=0.3, max_model_len=512, seed=0)
+        mode = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        params = [
+            SamplingParams(temperature=0, max_tokens=12, extra_args=steering(*v, **o) if v else None)
+            for _, v, o in cases
+        ]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _ in cases], params, use_tqdm=False)
+    got = [list(out.outputs[0].token_ids) for out in outputs]
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
+    assert not wrong, f"vLLM rows {wrong} differ from fv_plugin.steer: {[(got[i], expected[i]) for i in wrong]}"
+    plain = {tuple(ids): expected[i] for i, (ids, vectors, _) in enumerate(cases) if not vectors}
+    changed = sum(expected[i] != plain[tuple(ids)] for i, (ids, vectors, _) in enumerate(cases) if vectors)
+    assert changed, "no vector changed its row's tokens: the comparison would not show missing steering"
+    steered = sum(bool(vectors) for _, vectors, _ in cases)
+    return (
+        f"{len(cases)} requests == fv_plugin.steer ({changed}/{steered} steered rows differ from plain); "
+        f"cudagraph mode {mode}"
+    )
+
+
 def layer_of(model: nn.Module, args: argparse.Namespace) -> int:
     return args.layer if args.layer is not None else fv_plugin.resolve_architecture(model).num_layers // 3
 
@@ -230,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split": check_split,
         "extract": check_extract,
         "overhead": check_overhead,
+        "vllm": check_vllm,
     }
+    skipped = no_vllm_message()
+    if skipped is not None and "vllm" not in args.skip:
+        print(f"[skipped] {skipped}")
+        args.skip = args.skip | {"vllm"}
     outcomes = run_checks(args, checks)
     print(summary(outcomes))
     return 0 if all(o.ok for o in outcomes) else 1

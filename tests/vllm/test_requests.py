@@ -1,0 +1,216 @@
+"""Request arguments without an engine: what steering() writes, how the server parses, checks and resolves it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fv_plugin import FunctionVector
+from fv_plugin.vllm import steering
+from fv_plugin.vllm.frontend import Frontend, load_vector_folder, served_arch
+from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering, parse_request, resolve
+from fv_plugin.vllm.settings import PluginSettings
+
+ARCH = served_arch(hidden_size=8, num_layers=6, num_heads=2, model_type="llama")
+
+
+def vec(layer: int, seed: int, model_type: str | None = "llama") -> FunctionVector:
+    values = torch.randn(8, generator=torch.Generator().manual_seed(seed))
+    return FunctionVector(vector=values, layer=layer, model_type=model_type)
+
+
+def no_names(name: str) -> FunctionVector:
+    raise ValueError(f"no vector named {name!r}")
+
+
+def over_json(args: dict[str, Any]) -> dict[str, Any]:
+    """What the OpenAI-compatible server receives in vllm_xargs."""
+    loaded = json.loads(json.dumps(args))
+    for key, value in loaded.items():  # vllm_xargs: str | int | float | list[str | int | float]
+        items = value if isinstance(value, list) else [value]
+        assert all(isinstance(item, (str, int, float)) for item in items), key
+    return loaded
+
+
+def test_steering_is_flat_json_and_parses_back_to_the_same_pairs() -> None:
+    a, b = vec(1, 0), vec(4, 1, model_type=None)
+    args = over_json(steering(a, (b, -0.5), strength=2.0, positions="all", normalize="relative"))
+    request = parse_request(args, no_names)
+    assert request is not None
+    assert (request.strength, request.positions, request.normalize) == (2.0, "all", "relative")
+    assert [(fv.layer, fv.model_type, w) for fv, w in request.pairs] == [(1, "llama", 1.0), (4, None, -0.5)]
+    for (fv, _), original in zip(request.pairs, (a, b), strict=True):
+        assert torch.equal(fv.vector, original.vector)
+
+
+def test_names_are_looked_up_by_the_server() -> None:
+    named = {"antonym": vec(2, 3)}
+    frontend = Frontend(arch=ARCH, settings=PluginSettings(), named=named)
+    request = parse_request(over_json(steering("antonym", ("antonym", 2.0))), frontend.lookup)
+    assert request is not None and [w for _, w in request.pairs] == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"no vector named 'other'.*known: antonym"):
+        parse_request(steering("other"), frontend.lookup)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: steering(vec(1, 0), strength=float("nan")), ValueError, "finite"),
+        (lambda: steering(vec(1, 0), strength=torch.tensor([1.0, 2.0])), ValueError, "one strength"),
+        (lambda: steering(vec(1, 0), positions="everywhere"), ValueError, "positions must be one of"),
+        (lambda: steering(vec(1, 0), normalize="l2"), ValueError, "normalize must be one of"),
+        (lambda: steering(torch.ones(8)), TypeError, "FunctionVector"),
+        (lambda: steering((vec(1, 0), float("inf"))), ValueError, "finite"),
+    ],
+)
+def test_steering_refuses_what_steer_refuses(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_head_level_vectors_are_refused_with_the_alternative() -> None:
+    heads = dataclasses.replace(vec(1, 0), heads=((1, 0),), head_values=torch.ones(1, 4), method="head_patch")
+    with pytest.raises(ValueError, match=r"head_patch.*residual stream.*head_values=None"):
+        steering(heads)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({RESOLVED_KEY: {}}, "set by the server"),
+        ({"fv_strenght": 1.0}, "unknown steering argument"),
+        ({"fv_format": 2}, "fv_format 2"),
+        ({"fv_layers": [1, 2]}, "fv_layers has 2 values"),
+        ({"fv_layers": [1.0]}, "fv_layers must hold int"),
+        ({"fv_weights": "1"}, "fv_weights must be a list"),
+        ({"fv_vectors": ["not base64!"]}, "not base64"),
+        ({"fv_vectors": ["AAA="]}, "whole number of float32"),
+        ({"fv_strength": "2"}, "fv_strength must be a number"),
+        ({"fv_name_weights": [1.0]}, "without fv_names"),
+    ],
+)
+def test_malformed_arguments_say_what_is_wrong(change: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_request({**steering(vec(1, 0)), **change}, no_names)
+
+
+def test_plain_requests_have_no_steering() -> None:
+    assert parse_request(None, no_names) is None
+    assert parse_request({"other_plugin": 1}, no_names) is None
+
+
+@pytest.mark.parametrize(
+    ("fv", "message"),
+    [
+        (FunctionVector(vector=torch.ones(4), layer=1), "size 4 but the model's hidden size is 8"),
+        (FunctionVector(vector=torch.ones(8), layer=6), "layer 6 is out of range: the model has 6 layers"),
+        (FunctionVector(vector=torch.ones(8), layer=1, model_type="gpt2"), "made on a 'gpt2' model"),
+    ],
+)
+def test_resolve_checks_vectors_against_the_served_model(fv: FunctionVector, message: str) -> None:
+    request = parse_request(steering(fv), no_names)
+    assert request is not None
+    with pytest.raises(ValueError, match=message):
+        resolve(request, ARCH, max_layers=4)
+
+
+def resolved(*vectors: Any, **options: Any) -> ResolvedSteering | None:
+    request = parse_request(over_json(steering(*vectors, **options)), no_names)
+    assert request is not None
+    return resolve(request, ARCH, max_layers=2)
+
+
+def merged(result: ResolvedSteering | None, layer: int) -> torch.Tensor:
+    assert result is not None
+    data = result.vectors[result.layers.index(layer)]
+    return torch.from_numpy(np.frombuffer(data, dtype="<f4").copy())
+
+
+def test_vectors_at_one_layer_merge_with_their_weights() -> None:
+    a, b, c = vec(2, 0), vec(2, 1), vec(5, 2)
+    absolute = resolved(a, (b, -0.5), (c, 3.0), strength=2.0)
+    assert absolute is not None and absolute.layers == (2, 5) and not absolute.relative
+    torch.testing.assert_close(merged(absolute, 2), a.vector - 0.5 * b.vector)
+    torch.testing.assert_close(merged(absolute, 5), 3.0 * c.vector)
+    relative = resolved(a, (b, -0.5), normalize="relative", positions="all")
+    assert relative is not None and relative.relative and relative.positions == "all"
+    torch.testing.assert_close(merged(relative, 2), a.vector / a.vector.norm() - 0.5 * b.vector / b.vector.norm())
+
+
+def test_a_vector_over_several_layers_travels_as_one_entry_per_layer() -> None:
+    a, b = vec(2, 0), vec(5, 1)
+    layered = FunctionVector.from_layers({2: a.vector, 5: b.vector}, model_type="llama")
+    args = over_json(steering((layered, 2.0), normalize="relative"))
+    assert args["fv_layers"] == [2, 5] and args["fv_weights"] == [2.0, 2.0]
+    inline = parse_request(args, no_names)
+    named = parse_request(over_json(steering(("layered", 2.0), normalize="relative")), lambda name: layered)
+    for request in (inline, named):  # sent inline, or loaded by the server from FV_PLUGIN_VECTORS
+        assert request is not None
+        result = resolve(request, ARCH, max_layers=2)
+        assert result is not None and result.layers == (2, 5)
+        torch.testing.assert_close(merged(result, 2), 2.0 * a.vector / a.vector.norm())
+        torch.testing.assert_close(merged(result, 5), 2.0 * b.vector / b.vector.norm())
+        assert all(w == 2.0 for _, w in request.pairs)
+
+
+def test_nothing_to_add_is_a_plain_request() -> None:
+    assert resolved(vec(2, 0), strength=0.0) is None
+    assert resolved((vec(2, 0), 0.0)) is None
+    assert resolved() is None
+
+
+def test_more_layers_than_the_server_allows_are_refused() -> None:
+    with pytest.raises(ValueError, match="at most 2 per request; start the server with a larger"):
+        resolved(vec(1, 0), vec(2, 1), vec(3, 2))
+
+
+def test_resolved_steering_survives_the_trip_to_the_workers() -> None:
+    result = resolved(vec(1, 0), (vec(3, 1), -1.0), strength=0.5, positions="last_prompt")
+    assert result is not None
+    assert ResolvedSteering.from_args(result.to_args()) == result
+
+
+def test_salts_differ_exactly_when_cached_tokens_could_differ() -> None:
+    base = resolved(vec(1, 0), strength=1.0)
+    assert base is not None
+    assert base.salt(10) == base.salt(10) and base.salt(10).startswith("fv_plugin:")
+    assert base.salt(10) != base.salt(11)  # "generated" steers the last prompt token
+    others = [
+        resolved(vec(1, 0), strength=2.0),
+        resolved(vec(1, 1)),
+        resolved(vec(2, 0)),
+        resolved(vec(1, 0), normalize="relative"),
+    ]
+    assert len({base.salt(10), *(other.salt(10) for other in others if other is not None)}) == 5
+    everywhere = resolved(vec(1, 0), positions="all")
+    assert everywhere is not None and everywhere.salt(10) == everywhere.salt(11)
+    assert base.salt(10, "user").startswith("user|")
+
+
+def test_the_frontend_rewrites_arguments_and_salts() -> None:
+    frontend = Frontend(arch=ARCH, settings=PluginSettings(), named={})
+    args, salt = frontend.resolved_args({**steering(vec(1, 0)), "other_plugin": 3}, prompt_length=7)
+    assert set(args) == {"other_plugin", RESOLVED_KEY} and salt.startswith("fv_plugin:")
+    assert frontend.resolved_args({"other_plugin": 3}, 7) == ({"other_plugin": 3}, "")
+    off = Frontend(arch=ARCH, settings=PluginSettings(enabled=False), named={})
+    with pytest.raises(ValueError, match="turned off"):
+        off.resolved_args(steering(vec(1, 0)), 7)
+
+
+def test_settings_and_the_vector_folder(tmp_path: Any) -> None:
+    settings = PluginSettings.from_env({"FV_PLUGIN_VLLM": "off", "FV_PLUGIN_VLLM_MAX_LAYERS": "2"})
+    assert (settings.enabled, settings.max_layers, settings.vectors_folder) == (False, 2, None)
+    with pytest.raises(ValueError, match="positive integer"):
+        PluginSettings.from_env({"FV_PLUGIN_VLLM_MAX_LAYERS": "many"})
+    vec(1, 0).save(tmp_path / "alpha.safetensors")
+    assert set(load_vector_folder(tmp_path)) == {"alpha"}
+    (tmp_path / "broken.safetensors").write_bytes(b"not a vector")
+    with pytest.raises(ValueError, match=r"broken\.safetensors"):
+        load_vector_folder(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"):
+        load_vector_folder(tmp_path / "missing")

@@ -1,0 +1,206 @@
+"""The worker side without an engine: position rules, the vector table, and the hooks on a toy vLLM-style decoder
+(layers return ``(hidden, residual)``) checked against a plain reference written here."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering
+from fv_plugin.vllm.settings import PluginSettings
+from fv_plugin.vllm.tables import SlotTable, build_table, steered_positions
+from fv_plugin.vllm.worker import find_decoder_layers, install_steering
+
+HIDDEN, LAYERS = 8, 4
+
+
+@pytest.mark.parametrize("mode", ["generated", "last_prompt", "all"])
+@pytest.mark.parametrize("chunks", [[7], [3, 4], [1, 5, 1], [6, 1]])
+def test_chunked_prefill_steers_the_same_tokens_as_one_pass(mode: str, chunks: list[int]) -> None:
+    prompt, generated = 7, 3
+    whole = steered_positions(mode, 0, prompt + generated, prompt)
+    pieces, first = [], 0
+    for size in [*chunks, 1, 1, 1]:  # prefill chunks, then one token per decode step
+        pieces.append(steered_positions(mode, first, size, prompt))
+        first += size
+    assert np.array_equal(np.concatenate(pieces)[: prompt + generated], whole)
+    expected = {"generated": np.arange(10) >= 6, "last_prompt": np.arange(10) == 6, "all": np.ones(10, bool)}[mode]
+    assert np.array_equal(whole, expected)
+
+
+def test_slots_are_reused_and_the_least_recent_is_replaced() -> None:
+    table = SlotTable(3)
+    rows, writes = table.assign([(1, b"a"), (2, b"b")])
+    assert sorted(rows.values()) == [0, 1] and len(writes) == 2
+    rows, writes = table.assign([(1, b"a"), (3, b"c")])
+    assert rows[(1, b"a")] == 0 and writes == [(2, (3, b"c"))]
+    rows, writes = table.assign([(3, b"c"), (4, b"d")])  # (2, b"b") is the least recent: its row is taken
+    assert writes == [(1, (4, b"d"))] and rows[(3, b"c")] == 2
+    rows, writes = table.assign([(1, b"a"), (2, b"b"), (4, b"d")])  # never evict a key this step needs
+    assert len(set(rows.values())) == 3 and writes == [(2, (2, b"b"))]
+    with pytest.raises(RuntimeError, match="table holds 3"):
+        table.assign([(i, b"x") for i in range(4)])
+
+
+def resolved(layers: dict[int, torch.Tensor], strength: float, positions: str, relative: bool) -> ResolvedSteering:
+    ordered = sorted(layers)
+    vectors = tuple(layers[layer].numpy().astype("<f4").tobytes() for layer in ordered)
+    return ResolvedSteering(tuple(ordered), vectors, strength, positions, relative)
+
+
+def test_the_table_of_a_mixed_step() -> None:
+    from fv_plugin.vllm.tables import RequestPlan
+
+    v = torch.ones(HIDDEN)
+    plans = [
+        None,
+        RequestPlan.from_resolved(resolved({1: v, 3: 2 * v}, 0.5, "generated", False)),
+        RequestPlan.from_resolved(resolved({2: v}, 2.0, "last_prompt", True)),
+    ]
+    starts = np.array([0, 4, 5, 8])  # a plain prefill, a decode token, a prefill chunk holding the last prompt token
+    table, writes = build_table(plans, starts, np.array([0, 9, 2]), np.array([4, 6, 5]), SlotTable(8), 2)
+    assert len(writes) == 3 and table.layers == {1: (0,), 2: (0,), 3: (1,)} and table.any_relative
+    assert not table.absolute[:4].any() and not table.relative[:4].any()
+    assert table.absolute[4].tolist() == [0.5, 0.5]
+    assert table.relative[5:8, 0].tolist() == [0.0, 0.0, 2.0]  # positions 2, 3, 4: only the last prompt token
+
+
+class ToyLayer(nn.Module):
+    """A vLLM-style decoder layer: ``(hidden, residual) -> (f(hidden + residual), hidden + residual)``."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, HIDDEN)
+        nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = hidden if residual is None else hidden + residual
+        return torch.tanh(self.proj(stream)), stream
+
+
+class ToyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ToyLayer(i) for i in range(LAYERS))
+        self.start_layer, self.end_layer = 0, LAYERS
+
+    def forward(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream after every layer (Hugging Face's layer outputs)."""
+        residual, streams = None, []
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+            streams.append(hidden + residual)
+        return streams
+
+
+def reference(model: ToyModel, x: torch.Tensor, adds: dict[int, list[tuple[int, torch.Tensor, bool]]]) -> torch.Tensor:
+    """Plain re-implementation: after layer L add, per token, ``coef * v`` (times the stream's norm if relative)."""
+    stream = x
+    for index, layer in enumerate(model.layers):
+        out = stream + torch.tanh(layer.proj(stream))
+        norms = out.norm(dim=-1)
+        for token, vector, relative in adds.get(index, []):
+            out[token] = out[token] + (norms[token] if relative else 1.0) * vector
+        stream = out
+    return stream
+
+
+def fake_runner(model: ToyModel, requests: dict[str, Any], batch: list[tuple[str, int, int, int]]) -> Any:
+    """Only what the plugin reads of vLLM's model runner; ``batch``: (request, computed, scheduled, prompt)."""
+    starts = np.concatenate([[0], np.cumsum([scheduled for _, _, scheduled, _ in batch])])
+    return SimpleNamespace(
+        _model_forward=lambda *a, **k: None,
+        input_batch=SimpleNamespace(
+            num_reqs=len(batch),
+            req_ids=[name for name, *_ in batch],
+            num_computed_tokens_cpu=np.array([computed for _, computed, _, _ in batch]),
+            num_prompt_tokens=np.array([prompt for *_, prompt in batch]),
+        ),
+        query_start_loc=SimpleNamespace(np=starts),
+        requests=requests,
+        max_num_tokens=32,
+        max_num_reqs=4,
+        device="cpu",
+        get_model=lambda: model,
+        model_config=SimpleNamespace(
+            hf_text_config=SimpleNamespace(num_hidden_layers=LAYERS), get_hidden_size=lambda: HIDDEN
+        ),
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_hooks_add_each_requests_vectors_at_its_tokens(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    if compiled:  # the branch a compiled graph holds: always computed, zero where nothing is added
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    model = ToyModel()
+    a, b = torch.randn(HIDDEN), torch.randn(HIDDEN)
+    requests = {
+        "plain": SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None)),
+        "abs": params(resolved({1: a, 2: b}, 1.5, "generated", False)),
+        "rel": params(resolved({1: b}, 0.5, "all", True)),
+    }
+    batch = [("abs", 9, 1, 5), ("plain", 0, 3, 3), ("rel", 2, 2, 6)]  # a decode token, a prefill, a prefill chunk
+    runner = fake_runner(model, requests, batch)
+    install_steering(runner, PluginSettings(max_layers=2))
+    x = torch.randn(6, HIDDEN)
+    runner._model_forward()  # the wrapped forward writes this step's tables
+    got = model(x)[-1]
+    expected = reference(
+        model, x, {1: [(0, 1.5 * a, False), (4, 0.5 * b, True), (5, 0.5 * b, True)], 2: [(0, 1.5 * b, False)]}
+    )
+    torch.testing.assert_close(got, expected)
+    runner.input_batch.req_ids, runner.input_batch.num_reqs = ["plain"], 1  # a plain step clears every coefficient
+    runner.query_start_loc.np = np.array([0, 6])
+    runner._model_forward()
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
+
+
+def params(steering: ResolvedSteering) -> Any:
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={RESOLVED_KEY: steering.to_args()}))
+
+
+def test_unchecked_steering_runs_plain_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    model = ToyModel()
+    requests = {"raw": SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"fv_names": ["x"]}))}
+    runner = fake_runner(model, requests, [("raw", 0, 4, 4)])
+    install_steering(runner, PluginSettings())
+    runner._model_forward()
+    assert "did not check" in caplog.text
+    x = torch.randn(4, HIDDEN)
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
+
+
+def test_a_pipeline_stage_steers_only_the_layers_it_owns() -> None:
+    model = ToyModel()
+    model.start_layer, model.end_layer = 1, 3  # this rank runs layers 1 and 2
+    install_steering(fake_runner(model, {}, [("x", 0, 1, 1)]), PluginSettings())
+    hooked = [bool(layer._forward_hooks) and hasattr(layer, "fv_plugin_vectors") for layer in model.layers]
+    assert hooked == [False, True, True, False]
+
+
+def test_models_without_a_layer_range_are_refused() -> None:
+    with pytest.raises(RuntimeError, match="FV_PLUGIN_VLLM=0"):
+        find_decoder_layers(nn.Sequential(nn.Linear(2, 2)), 1)
+
+
+def test_a_runner_without_the_v1_internals_is_refused_with_the_fix() -> None:
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        install_steering(SimpleNamespace(get_model=ToyModel), PluginSettings())
+
+
+def test_the_plugin_chooses_the_v1_runner_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fv_plugin.vllm.plugin import prefer_v1_runner
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    prefer_v1_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    prefer_v1_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
