@@ -269,6 +269,7 @@ def make_app(model_name: str, settings: ExtractSettings | None = None, batching:
     engine = Engine(
         model, tokenizer, model_name=model_name, vectors=sets.get(model_name, {}), batching=batching or BatchLimits()
     )
+    engine.warm_up()
     extractor = Extractor(
         model,
         tokenizer,
@@ -310,12 +311,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-batch", type=int, default=BatchLimits.max_jobs, help="requests per generate")
-    parser.add_argument("--batch-window", type=float, default=BatchLimits.window_s, help="seconds to wait for more")
+    parser.add_argument(
+        "--batch-quiet",
+        type=float,
+        default=BatchLimits.quiet_s,
+        help="seconds without a new request end a batch's wait",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batching = BatchLimits(max_jobs=args.max_batch, window_s=args.batch_window)
+    batching = BatchLimits(max_jobs=args.max_batch, quiet_s=args.batch_quiet)
     launch(make_app(args.model, batching=batching), host=args.host, port=args.port)
 
 

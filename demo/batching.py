@@ -1,18 +1,17 @@
 """One ``generate`` for many users: a batcher that gathers waiting requests and streams each one its own rows.
 
 Gradio's own batching (``batch=True``) refuses generator functions, and the page streams, so the demo batches by
-itself. Every Steer request becomes a :class:`Job` (its rows: plain, steered, with demonstrations) handed to one
-:class:`Batcher`. Its worker thread takes the jobs that arrive within a short window (up to a number of jobs and a
-budget of padded prompt tokens), runs one greedy ``generate`` over all their rows -- per-row vectors through
-``fv_plugin.steer(model, rows=...)``, one nested block per positions mode, each giving ``[]`` to the other rows --
-and a streamer hands each job its own rows' tokens as they are generated. Each request reads its snapshots from
-its :class:`Ticket`; requests with different prompt lengths and numbers of new tokens share a batch (a job ends
-when its own rows do).
+itself. Every Steer request becomes a :class:`~demo.generation.Job` (its rows: plain, steered, with
+demonstrations) handed to one :class:`Batcher`. Its worker thread takes the jobs that arrive close together
+(up to a number of jobs and a budget of prompt tokens) and runs one greedy ``generate`` over all their rows
+(:func:`demo.generation.generate_batch`: per-row vectors, one steering processor per positions mode); a streamer
+hands each job its own rows' tokens as they are generated, and a pass-through logits processor the first step's
+probabilities. Each request reads its snapshots from its :class:`Ticket`; requests with different prompt lengths
+and numbers of new tokens share a batch (a job ends when its own rows do).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -23,37 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 import fv_plugin
+from demo.generation import Job, generate_batch
 
 logger = logging.getLogger("fv_demo")
-
-Pairs = tuple[tuple[fv_plugin.FunctionVector, float], ...]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One input row: its prompt's token ids and the ``(vector, weight)`` pairs added to it (none: unsteered)."""
-
-    ids: tuple[int, ...]
-    vectors: Pairs = ()
-
-
-@dataclass(frozen=True)
-class Job:
-    """One request: its rows, generated greedily with other requests' rows, and its steering options."""
-
-    rows: tuple[Row, ...]
-    strength: float = 1.0
-    positions: str = "generated"
-    max_new_tokens: int = 8
-
-    @property
-    def width(self) -> int:
-        """The longest prompt among the rows, in tokens."""
-        return max(len(row.ids) for row in self.rows)
 
 
 @dataclass(frozen=True)
@@ -70,12 +45,14 @@ class Update:
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """How the worker forms a batch: at most ``max_jobs`` requests and ``max_cells`` padded prompt tokens (rows
-    times the longest prompt; a larger request runs alone), waiting ``window_s`` after the first for others."""
+    """How the worker forms a batch: at most ``max_jobs`` requests and ``max_cells`` prompt tokens (rows times the
+    longest prompt; a larger request runs alone). After a request arrives it waits for others until none has come
+    for ``quiet_s``, and at most ``window_s`` in all: a burst of users is gathered, a lone user waits ``quiet_s``."""
 
     max_jobs: int = 8
     max_cells: int = 4096
-    window_s: float = 0.05
+    window_s: float = 0.5
+    quiet_s: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -171,60 +148,6 @@ class FirstStepProbs(LogitsProcessor):
         return scores
 
 
-@dataclass(frozen=True)
-class SteeringBlock:
-    """One ``fv_plugin.steer`` block of a batch: the rows of every job with these ``positions``; ``[]`` and
-    strength 0 for the other rows."""
-
-    positions: str
-    rows: tuple[Pairs, ...]
-    strength: torch.Tensor
-
-
-def steering_blocks(jobs: Sequence[Job]) -> list[SteeringBlock]:
-    """One block per positions mode that some job steers with (in the order they first appear)."""
-    modes = dict.fromkeys(job.positions for job in jobs if any(row.vectors for row in job.rows))
-    blocks = []
-    for mode in modes:
-        rows: list[Pairs] = []
-        strengths: list[float] = []
-        for job in jobs:
-            mine = job.positions == mode
-            rows += [row.vectors if mine else () for row in job.rows]
-            strengths += [job.strength if mine else 0.0] * len(job.rows)
-        blocks.append(SteeringBlock(mode, tuple(rows), torch.tensor(strengths)))
-    return blocks
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[rows, width]`` padded on the left, and their attention mask."""
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    return ids, mask
-
-
-def generate_batch(model: Any, jobs: Sequence[Job], slots: Sequence[Slot], *, pad_id: int) -> None:
-    """One greedy ``generate`` over every row of ``jobs``, streamed to ``slots`` (one per job, same order)."""
-    ids, mask = left_pad([row.ids for job in jobs for row in job.rows], pad_id)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode())
-        for block in steering_blocks(jobs):
-            rows = [list(vectors) for vectors in block.rows]
-            stack.enter_context(
-                fv_plugin.steer(model, rows=rows, strength=block.strength, positions=block.positions)  # type: ignore[arg-type]
-            )
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max(job.max_new_tokens for job in jobs),
-            do_sample=False,
-            pad_token_id=pad_id,
-            streamer=BatchStreamer(slots),
-            logits_processor=LogitsProcessorList([FirstStepProbs(slots)]),
-        )
-
-
 class Ticket:
     """A request's view of its job: iterate for every :class:`Update` snapshot, or :meth:`follow` the latest."""
 
@@ -285,7 +208,8 @@ class Batcher:
         limits: BatchLimits = BatchLimits(),
         timeout_s: float = 600.0,
     ) -> None:
-        self.model, self.pad_id, self.stop_ids, self.limits = model, pad_id, stop_ids, limits
+        self.model = fv_plugin.attach(model)  # the steering processors need it; attaching twice is a no-op
+        self.pad_id, self.stop_ids, self.limits = pad_id, stop_ids, limits
         self.timeout_s = timeout_s
         self.stats: deque[BatchStat] = deque(maxlen=1000)
         self._pending: deque[Pending] = deque()
@@ -320,16 +244,19 @@ class Batcher:
             self._run(batch)
 
     def _take(self) -> list[Pending]:
-        """Wait for a job, then up to the window for more; return the jobs that fit one batch, oldest first."""
+        """Wait for a job, then for more while they keep coming; return the jobs that fit one batch, oldest first."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
             deadline = time.monotonic() + self.limits.window_s
+            waiting, quiet_until = len(self._pending), time.monotonic() + self.limits.quiet_s
             while len(self._pending) < self.limits.max_jobs and not self._closed:
-                remaining = deadline - time.monotonic()
+                remaining = min(deadline, quiet_until) - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+                if len(self._pending) > waiting:  # someone came: wait a little longer for the next one
+                    waiting, quiet_until = len(self._pending), time.monotonic() + self.limits.quiet_s
             batch: list[Pending] = []
             while self._pending and len(batch) < self.limits.max_jobs and self._fits(batch, self._pending[0]):
                 batch.append(self._pending.popleft())
@@ -344,7 +271,9 @@ class Batcher:
         start = time.perf_counter()
         slots = self._slots(batch)
         try:
-            generate_batch(self.model, [p.job for p in batch], slots, pad_id=self.pad_id)
+            jobs = [p.job for p in batch]
+            watch = [FirstStepProbs(slots)]
+            generate_batch(self.model, jobs, pad_id=self.pad_id, streamer=BatchStreamer(slots), watch=watch)
         except Exception as exc:  # one request's failure must not take the others down
             if len(batch) > 1 and not any(slot.published for slot in slots):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(batch), exc)

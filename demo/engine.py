@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 import fv_plugin
-from demo.batching import Batcher, BatchLimits, Job, Row, Update
+from demo.batching import Batcher, BatchLimits, Update
+from demo.generation import Job, PrefixCache, Row
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 POSITIONS = fv_plugin.POSITION_MODES
@@ -87,9 +88,9 @@ class SteerView:
 
 @dataclass(frozen=True)
 class Demonstrations:
-    """The ICL row's prompt (``None`` when there is none) and a sentence for the page saying what it is."""
+    """The ICL row (``None`` when there is none) and a sentence for the page saying what it is."""
 
-    ids: tuple[int, ...] | None
+    row: Row | None
     note: str
 
 
@@ -155,6 +156,7 @@ class Engine:
         self.vectors = dict(vectors or {})
         self.limits = limits
         self.num_layers = fv_plugin.resolve_architecture(model).num_layers
+        self.prefixes = PrefixCache(self.model)
         self.batcher = Batcher(
             self.model, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids(model), limits=batching or BatchLimits()
         )
@@ -214,22 +216,39 @@ class Engine:
             return Demonstrations(
                 None, "No ICL column: the first vector does not record a built-in task, so there are no examples."
             )
-        demos = task.train[:N_DEMOS]
-        ids = tuple(self.tokenizer(demonstration_text(task) + prompt)["input_ids"])
+        demos = demonstration_text(task)
+        ids = tuple(self.tokenizer(demos + prompt)["input_ids"])
+        shots = len(task.train[:N_DEMOS])
         if len(ids) > self.limits.max_icl_tokens:
             return Demonstrations(
                 None,
-                f"No ICL column: the prompt after {len(demos)} demonstrations of *{task.name}* has {len(ids)} "
+                f"No ICL column: the prompt after {shots} demonstrations of *{task.name}* has {len(ids)} "
                 f"tokens, more than the {self.limits.max_icl_tokens} the demo allows.",
             )
-        return Demonstrations(ids, f"ICL: your prompt after {len(demos)} demonstrations of *{task.name}*.")
+        return Demonstrations(
+            self.icl_row(ids, demos), f"ICL: your prompt after {shots} demonstrations of *{task.name}*."
+        )
+
+    def icl_row(self, ids: tuple[int, ...], demos: str) -> Row:
+        """The ICL row, its demonstrations served from the prefix cache. Their last token is left out of the
+        cached part (its merge may depend on what follows); a prompt whose tokens do not start with the cached
+        ones is prefilled whole."""
+        cached = tuple(self.tokenizer(demos)["input_ids"])[:-1]
+        if not cached or ids[: len(cached)] != cached or len(ids) == len(cached):
+            return Row(ids)
+        return Row(ids[len(cached) :], prefix=self.prefixes.get(cached))
+
+    def warm_up(self) -> None:
+        """Prefill the demonstrations of every shared vector's task, so that no user waits for them."""
+        for task in {builtin_task(fv.task) for fv in self.vectors.values() if fv.task} - {None}:
+            self.demonstrations("Q: x\nA:", task)
 
     def job(self, request: SteerRequest) -> tuple[Job, Demonstrations]:
         """The request as rows for the batcher (plain, steered, ICL), with what the ICL row is."""
         ids = self.check_prompt(request.prompt)
         pairs = self.check_steering(request)
         demos = self.demonstrations(request.prompt, request.task)
-        rows = (Row(ids), Row(ids, pairs), *((Row(demos.ids),) if demos.ids is not None else ()))
+        rows = (Row(ids), Row(ids, pairs), *((demos.row,) if demos.row is not None else ()))
         job = Job(rows, float(request.strength), request.positions, int(request.max_new_tokens))
         return job, demos
 

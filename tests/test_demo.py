@@ -27,16 +27,17 @@ gr = pytest.importorskip("gradio")
 np = pytest.importorskip("numpy")
 
 from demo.app import NONE, OWN_LAYER, DemoApp, OwnVector, shows_errors  # noqa: E402
-from demo.batching import Batcher, BatchLimits, BatchStat, Job, Row  # noqa: E402
+from demo.batching import Batcher, BatchLimits, BatchStat  # noqa: E402
 from demo.engine import DemoError, Engine, Limits, SteerRequest, load_vector_set  # noqa: E402
 from demo.extractor import METHODS, Extractor, ExtractSettings  # noqa: E402
+from demo.generation import Job, Row  # noqa: E402
 from demo.ui import QUEUE_SIZE, build_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Q: abc\nA:"
 EOS = 2
 # Long enough that requests submitted together share one generate; short enough for serial runs.
-BATCHING = BatchLimits(window_s=0.25)
+BATCHING = BatchLimits(window_s=0.5, quiet_s=0.25)
 
 
 def vector(seed: int, layer: int = 1, scale: float = 30.0, task: str | None = None) -> fv_plugin.FunctionVector:
@@ -90,7 +91,7 @@ def mixed_requests(engine: Engine) -> list[SteerRequest]:
         SteerRequest(
             "Q: a longer prompt\nA:", ((c, 1.0),), 2.0, None, "last_prompt", 3, fv_plugin.load_task("antonym")
         ),
-        SteerRequest("Q: x\nA:", ((a, 1.0),), 1.0, 2, "all", 5, None),
+        SteerRequest("Q: xyz\nA:", ((a, 1.0),), 1.0, 0, "all", 5, None),
     ]
 
 
@@ -115,9 +116,9 @@ def batches_since(batcher: Batcher, seen: int, jobs: int) -> list[BatchStat]:
     return list(batcher.stats)[seen:]
 
 
-def test_requests_batched_together_each_get_what_they_get_alone(engine: Engine) -> None:
-    requests = mixed_requests(engine)
+def check_batch_against_rows_alone(engine: Engine, requests: list[SteerRequest]) -> None:
     jobs = [engine.job(request)[0] for request in requests]
+    assert [job.rows[-1].prefix is not None for job in jobs] == [r.task is not None for r in requests]  # cached
     seen = len(engine.batcher.stats)
     finals = [list(ticket)[-1] for ticket in [engine.batcher.submit(job) for job in jobs]]
     assert [s.jobs for s in batches_since(engine.batcher, seen, len(jobs))] == [len(jobs)]  # one generate
@@ -130,6 +131,17 @@ def test_requests_batched_together_each_get_what_they_get_alone(engine: Engine) 
             assert list(final.tokens[r]) == tokens, f"{request.prompt!r} row {r}"
             torch.testing.assert_close(final.probs[r], probs, atol=1e-6, rtol=0)
     assert all(final.tokens[1] != final.tokens[0] for final in finals)  # the vectors change greedy tokens
+
+
+def test_requests_batched_together_each_get_what_they_get_alone(engine: Engine) -> None:
+    check_batch_against_rows_alone(engine, mixed_requests(engine))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt2", "qwen2"])
+def test_batching_works_on_other_families(family: str) -> None:
+    vectors = {n: dataclasses.replace(vector(i, layer=i), model_type=None) for i, n in enumerate("cab")}
+    other = Engine(fresh_model(family, torch.float64), char_tokenizer(), model_name=family, vectors=vectors)
+    check_batch_against_rows_alone(other, mixed_requests(other))
 
 
 def test_concurrent_users_get_exactly_their_serial_results(engine: Engine) -> None:
@@ -182,6 +194,15 @@ def test_the_icl_column_comes_from_the_first_vectors_task(app: DemoApp, engine: 
     assert view.icl is None and "more than the 50" in view.note
 
 
+def test_warm_up_prefills_the_shared_vectors_demonstrations(engine: Engine) -> None:
+    fresh = Engine(engine.model, engine.tokenizer, model_name="t", vectors=engine.vectors)
+    assert len(fresh.prefixes) == 0
+    fresh.warm_up()
+    assert len(fresh.prefixes) == 2  # capitalize and antonym; vector "c" records no task
+    job, _ = fresh.job(mixed_requests(fresh)[0])
+    assert job.rows[2].prefix is not None and len(fresh.prefixes) == 2  # served from the cache
+
+
 def test_chart_data_are_each_rows_top_tokens(engine: Engine) -> None:
     probs = torch.softmax(3 * torch.randn(3, 128, generator=torch.Generator().manual_seed(0)), dim=-1)
     got = engine.token_probs(probs, per_row=5, limit=8)
@@ -207,7 +228,7 @@ def test_one_bad_request_does_not_fail_the_others_in_its_batch(engine: Engine) -
 
 
 def test_batches_respect_the_job_and_token_limits(engine: Engine) -> None:
-    limits = BatchLimits(max_jobs=2, max_cells=2 * 40, window_s=0.25)
+    limits = BatchLimits(max_jobs=2, max_cells=2 * 40, quiet_s=0.25)
     small = Engine(engine.model, engine.tokenizer, model_name="t", vectors=engine.vectors, batching=limits)
     request = SteerRequest(PROMPT, ((engine.vectors["c"], 1.0),), max_new_tokens=2)
     long = dataclasses.replace(request, prompt="Q: " + "x" * 40 + "\nA:")
@@ -216,6 +237,25 @@ def test_batches_respect_the_job_and_token_limits(engine: Engine) -> None:
     stats = batches_since(small.batcher, 0, 5)
     assert sum(s.jobs for s in stats) == 5 and all(s.jobs <= 2 for s in stats)
     assert [s.jobs for s in stats if s.width > 40] == [1]  # over the token budget with any other: alone
+
+
+def test_the_worker_gathers_a_burst_and_no_more(engine: Engine) -> None:
+    job, _ = engine.job(SteerRequest(PROMPT, ((engine.vectors["c"], 1.0),), max_new_tokens=1))
+
+    def arrivals(limits: BatchLimits, gaps: list[float]) -> list[int]:
+        batcher = Batcher(engine.model, pad_id=0, limits=limits)
+        tickets = [batcher.submit(job)]
+        for gap in gaps:
+            time.sleep(gap)
+            tickets.append(batcher.submit(job))
+        for ticket in tickets:
+            list(ticket)
+        return [s.jobs for s in batches_since(batcher, 0, len(tickets))]
+
+    # requests 0.2 s apart keep the wait going while each comes within quiet_s of the last
+    assert arrivals(BatchLimits(window_s=5.0, quiet_s=1.0), [0.2, 0.2]) == [3]
+    # a request after the window has closed waits for the next batch
+    assert arrivals(BatchLimits(window_s=0.1, quiet_s=0.1), [0.6]) == [1, 1]
 
 
 @pytest.mark.parametrize(
