@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,37 +27,60 @@ if __package__ in (None, ""):  # run as a script (python demo/app.py, or a Space
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gradio as gr
+import numpy as np
 import torch
 
 import fv_plugin
 import fv_plugin.viz
-from demo.engine import METHODS, POSITIONS, DemoError, Engine, ExtractSettings, available_vector_sets
+from demo.batching import BatchLimits
+from demo.engine import DemoError, Engine, SteerRequest, SteerView, TokenProbs, available_vector_sets, builtin_task
+from demo.extractor import Extractor, ExtractSettings
 
 logger = logging.getLogger("fv_demo")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NONE = "(none)"
 OWN_LAYER = "each vector's own layer"
-QUEUE_SIZE = 32
-CONCURRENCY = 4
-EXAMPLES = [
-    ["Q: hot\nA:", "antonym"],
-    ["Q: France\nA:", "country-capital"],
-    ["Q: run\nA:", "present-past"],
-    ["Q: mouse\nA:", "singular-plural"],
-    ["Q: apple\nA:", "capitalize"],
-]
-INTRO = """# Function vectors, live
-A **function vector** is one vector, taken from a model's activations on a few examples of a task, that makes the
-same model do the task without examples. Type a zero-shot prompt, pick a vector and press **Steer**: the left box
-is the plain model, the right box is the same call with the vector added to the residual stream
-(Todd et al., *Function Vectors in Large Language Models*, ICLR 2024). Model: **{model}**."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
+class OwnVector:
+    """A vector a user extracted in this session, and the task it came from (its ICL demonstrations)."""
+
+    fv: fv_plugin.FunctionVector
+    task: fv_plugin.Task
+
+
+Own = Mapping[str, OwnVector]
+
+
+def page_error(exc: Exception) -> gr.Error:
+    """The message a failure shows in the page (internal details only in the log)."""
+    if isinstance(exc, DemoError):
+        return gr.Error(str(exc))
+    if isinstance(exc, (ValueError, TypeError)):
+        return gr.Error(f"That did not work: {exc}")
+    logger.error("request failed", exc_info=exc)
+    return gr.Error(f"Something went wrong ({type(exc).__name__}); please try again.")
+
+
 def shows_errors(fn: F) -> F:
-    """Turn every failure into a message in the page instead of a dead request."""
+    """Turn every failure into a message in the page instead of a dead request (generators stay generators,
+    so that Gradio still streams them)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise page_error(exc) from exc
+
+        return streaming  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,26 +88,84 @@ def shows_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except DemoError as exc:
-            raise gr.Error(str(exc)) from exc
-        except (ValueError, TypeError) as exc:
-            raise gr.Error(f"That did not work: {exc}") from exc
         except Exception as exc:
-            logger.exception("request failed")
-            raise gr.Error(f"Something went wrong ({type(exc).__name__}); please try again.") from exc
+            raise page_error(exc) from exc
 
     return wrapper  # type: ignore[return-value]
 
 
-class DemoApp:
-    """The UI's callbacks, bound to one :class:`Engine` (every user shares it; each user's vectors are State)."""
+def render(probs: TokenProbs) -> np.ndarray:
+    """The probability chart as an RGB image (drawn once per request; the page gets it as a PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    def __init__(self, engine: Engine, cross_model: dict[str, dict[str, fv_plugin.FunctionVector]] | None = None):
+    fig = fv_plugin.viz.plot_token_probs(probs.tokens, probs.series, title="the first new token")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def status(view: SteerView, start: float) -> str:
+    """Where the request is: generating, or done (in how long, and with how many others in its batch)."""
+    if not view.done:
+        return "Generating…"
+    others = view.shared - 1
+    company = f", shared with {others} other request{'s' * (others != 1)}" if others else ""
+    return f"Done in {time.perf_counter() - start:.1f} s: one `generate` call{company}."
+
+
+def extract_figures(fv: fv_plugin.FunctionVector) -> tuple[Any, ...]:
+    """The Extract tab's figures of a new vector, in the order of ``demo.ui.EXTRACT_FIGURES``."""
+    heatmap = fv_plugin.viz.plot_aie(fv) if fv_plugin.aie_matrix(fv) is not None else None
+    curve = fv_plugin.viz.plot_layer_curve(fv) if fv.layer_sweep is not None else None
+    return (heatmap, curve)
+
+
+class DemoApp:
+    """The UI's callbacks, bound to one :class:`Engine` (every user shares it; each user's own vectors are
+    State) and one :class:`Extractor`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        extractor: Extractor,
+        cross_model: dict[str, dict[str, fv_plugin.FunctionVector]] | None = None,
+    ) -> None:
         self.engine = engine
+        self.extractor = extractor
         self.cross_model = cross_model or {}
 
-    def vector_names(self, user_vectors: dict[str, fv_plugin.FunctionVector] | None = None) -> list[str]:
-        return sorted({*self.engine.vectors, *(user_vectors or {})})
+    def vector_names(self, own: Own | None = None) -> list[str]:
+        return sorted({*self.engine.vectors, *(own or {})})
+
+    def task_for(self, name: str, own: Own | None) -> fv_plugin.Task | None:
+        """The task whose demonstrations fill the ICL column for vector ``name`` (``None``: unknown)."""
+        if own and name in own:
+            return own[name].task
+        fv = self.engine.vectors.get(name)
+        return builtin_task(fv.task) if fv is not None and fv.task else None
+
+    def request(
+        self,
+        prompt: str,
+        choices: list[tuple[str, float]],
+        layer: str,
+        strength: float,
+        positions: str,
+        max_new_tokens: float,
+        own: Own | None,
+    ) -> SteerRequest:
+        """The UI's values as a :class:`SteerRequest` (vectors by name, from the shared set and the user's own)."""
+        chosen = [(v, w) for v, w in choices if v and v != NONE]
+        pairs = self.engine.resolve(chosen, {name: mine.fv for name, mine in (own or {}).items()})
+        return SteerRequest(
+            prompt=prompt,
+            pairs=pairs,
+            strength=float(strength),
+            layer=None if layer in (None, "", OWN_LAYER) else int(layer),
+            positions=positions,
+            max_new_tokens=int(max_new_tokens),
+            task=self.task_for(chosen[0][0], own) if chosen else None,
+        )
 
     def steer(
         self,
@@ -96,61 +180,57 @@ class DemoApp:
         strength: float,
         positions: str,
         max_new_tokens: float,
-        user_vectors: dict[str, fv_plugin.FunctionVector] | None = None,
-    ) -> tuple[str, str]:
-        """(unsteered, steered) continuations of ``prompt``."""
-        choices = [(v, w) for v, w in ((vector1, weight1), (vector2, weight2), (vector3, weight3)) if v and v != NONE]
-        pairs = self.engine.resolve(choices, user_vectors)
-        at = None if layer in (None, "", OWN_LAYER) else int(layer)
-        result = self.engine.steer_pair(
-            prompt,
-            pairs,
-            strength=float(strength),
-            layer=at,
-            positions=positions,
-            max_new_tokens=int(max_new_tokens),
-        )
-        return result.unsteered, result.steered
+        own: Own | None = None,
+    ) -> Iterator[tuple[str, str, str, Any, str]]:
+        """Streams (unsteered, steered, ICL, probability chart, note) as the tokens arrive."""
+        choices = [(vector1, weight1), (vector2, weight2), (vector3, weight3)]
+        request = self.request(prompt, choices, layer, strength, positions, max_new_tokens, own)
+        image, start = None, time.perf_counter()
+        for view in self.engine.steer_stream(request):
+            chart: Any = gr.skip()
+            if image is None and view.probs is not None:
+                image = chart = render(view.probs)
+            elif view.done:
+                chart = image  # the last update carries the chart again, for API users
+            yield view.unsteered, view.steered, view.icl or "", chart, f"{view.note}  \n{status(view, start)}"
 
     def extract(
         self,
         builtin: str | None,
         upload: str | None,
         method: str,
-        user_vectors: dict[str, fv_plugin.FunctionVector] | None,
+        own: Own | None,
         progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - gradio's documented idiom
     ) -> tuple[Any, ...]:
-        """Extract a vector; returns the summary, the figures, the top tokens, the file and the updated vectors."""
+        """Extract a vector; returns the summary, the figures, the top tokens, the file, the user's vectors and
+        the updated vector choices."""
         if upload:
-            task = self.engine.check_task_file(upload)
+            task = self.extractor.check_task_file(upload)
         elif builtin:
             task = fv_plugin.load_task(builtin)
         else:
             raise DemoError("Pick a built-in task or upload a task file.")
         progress(0, desc="extracting")
-        result = self.engine.extract(task, method=method, progress=True)
+        result = self.extractor.extract(task, method=method, progress=True)
         fv = result.fv
         name = f"{task.name} ({fv.method}, yours)"
-        mine = {**(user_vectors or {}), name: fv}
+        mine = {**(own or {}), name: OwnVector(fv, task)}
         summary = (
             f"**{task.name}**: {fv.method} vector at layer {fv.layer}, extracted in {result.seconds:.1f} s.  \n"
             f"Zero-shot first-token accuracy on {result.n_test} test queries: **{result.before:.2f} → "
-            f"{result.after:.2f}** with the vector ({self.engine.settings.n_shots}-shot prompts: {result.icl:.2f}).  \n"
-            f"It is now in the Steer tab as *{name}*."
+            f"{result.after:.2f}** with the vector ({self.extractor.settings.n_shots}-shot prompts: "
+            f"{result.icl:.2f}).  \nIt is now in the Steer tab as *{name}*."
         )
-        heatmap = fv_plugin.viz.plot_aie(fv) if fv_plugin.aie_matrix(fv) is not None else None
-        curve = fv_plugin.viz.plot_layer_curve(fv) if fv.layer_sweep is not None else None
         scores = fv_plugin.top_tokens(self.engine.model, self.engine.tokenizer, fv, k=10)
         tokens = [[repr(t.token), round(t.logit, 2), round(t.prob, 4)] for t in scores]
-        folder = Path(tempfile.mkdtemp(prefix="fv-"))
-        path = fv.save(folder / f"{task.name}-{fv.method}.safetensors")
+        path = fv.save(Path(tempfile.mkdtemp(prefix="fv-")) / f"{task.name}-{fv.method}.safetensors")
         names = self.vector_names(mine)
         updates = [gr.update(choices=names), gr.update(choices=[NONE, *names]), gr.update(choices=[NONE, *names])]
-        return (summary, heatmap, curve, tokens, str(path), mine, *updates)
+        return (summary, *extract_figures(fv), tokens, str(path), mine, *updates)
 
-    def compare(self, user_vectors: dict[str, fv_plugin.FunctionVector] | None) -> tuple[Any, Any, str]:
+    def compare(self, own: Own | None) -> tuple[Any, Any, str]:
         """The similarity matrix of every available vector, and the cross-model view when there is one."""
-        pool = {**self.engine.vectors, **(user_vectors or {})}
+        pool = {**self.engine.vectors, **{name: mine.fv for name, mine in (own or {}).items()}}
         if not pool:
             raise DemoError("There are no vectors to compare yet: extract one first.")
         names = sorted(pool)
@@ -182,137 +262,29 @@ class DemoApp:
         return fig, text
 
 
-def build_app(app: DemoApp) -> gr.Blocks:
-    """The Blocks UI around ``app``'s callbacks."""
-    engine = app.engine
-    names = app.vector_names()
-    first = "antonym" if "antonym" in names else (names[0] if names else None)
-    layers = [OWN_LAYER, *(str(i) for i in range(engine.num_layers))]
-    limits = engine.limits
-    with gr.Blocks(title="Function vectors, live", analytics_enabled=False) as demo:
-        gr.Markdown(INTRO.format(model=engine.model_name))
-        user_vectors = gr.State({})
-        with gr.Tab("Steer"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    vector1 = gr.Dropdown(names, value=first, label="Vector", elem_id="vector1")
-                    weight1 = gr.Slider(-limits.max_weight, limits.max_weight, value=1.0, step=0.1, label="Weight")
-                    with gr.Accordion("Add more vectors (weights may be negative)", open=False):
-                        vector2 = gr.Dropdown([NONE, *names], value=NONE, label="Second vector")
-                        weight2 = gr.Slider(-limits.max_weight, limits.max_weight, value=1.0, step=0.1, label="Weight")
-                        vector3 = gr.Dropdown([NONE, *names], value=NONE, label="Third vector")
-                        weight3 = gr.Slider(-limits.max_weight, limits.max_weight, value=-1.0, step=0.1, label="Weight")
-                    strength = gr.Slider(0, limits.max_strength, value=1.0, step=0.1, label="Strength")
-                    layer = gr.Dropdown(layers, value=OWN_LAYER, label="Layer (the vector is added after it)")
-                    positions = gr.Radio(
-                        list(POSITIONS),
-                        value="last_prompt",
-                        label="Positions",
-                        info="last_prompt: the prompt's final token (as the vectors were chosen); generated: that and "
-                        "every new token (the paper's setting); all: every token",
-                    )
-                    new_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
-                with gr.Column(scale=2):
-                    prompt = gr.Textbox(
-                        value="Q: hot\nA:",
-                        lines=3,
-                        max_length=limits.max_prompt_chars,
-                        label="Prompt",
-                        elem_id="prompt",
-                    )
-                    run = gr.Button("Steer", variant="primary", elem_id="steer-button")
-                    with gr.Row():
-                        unsteered = gr.Textbox(label="Unsteered", lines=4, elem_id="unsteered")
-                        steered = gr.Textbox(label="Steered", lines=4, elem_id="steered")
-                    examples = [row for row in EXAMPLES if row[1] in names]
-                    if examples:
-                        gr.Examples(examples, inputs=[prompt, vector1])
-            run.click(
-                shows_errors(app.steer),
-                inputs=[
-                    prompt,
-                    vector1,
-                    weight1,
-                    vector2,
-                    weight2,
-                    vector3,
-                    weight3,
-                    layer,
-                    strength,
-                    positions,
-                    new_tokens,
-                    user_vectors,
-                ],
-                outputs=[unsteered, steered],
-                api_name="steer",
-            )
-        with gr.Tab("Extract"):
-            gr.Markdown(
-                "Extract a vector from examples: mean head activations over ICL prompts, each head's average "
-                "indirect effect (AIE) on shuffled-label prompts, the top heads, then a layer sweep. Small samples "
-                f"({engine.settings.n_mean} prompts for the means, {engine.settings.n_aie} for the AIE) keep it "
-                "quick; the library's defaults are larger."
-            )
-            with gr.Row():
-                task = gr.Dropdown(fv_plugin.builtin_tasks(), value="antonym", label="Built-in task")
-                upload = gr.File(
-                    label=f"…or a task file (.json/.jsonl/.csv of input/output pairs, ≤ {limits.max_upload_bytes:,} "
-                    "bytes)",
-                    file_types=[".json", ".jsonl", ".csv"],
-                    type="filepath",
-                )
-                method = gr.Radio(list(METHODS), value="heads", label="Method")
-            go = gr.Button("Extract", variant="primary")
-            summary = gr.Markdown()
-            with gr.Row():
-                heatmap = gr.Plot(label="Where it came from: AIE per head", show_label=False)
-                curve = gr.Plot(label="Which layer: validation accuracy", show_label=False)
-            with gr.Row():
-                tokens = gr.Dataframe(
-                    headers=["token", "logit", "probability"],
-                    label="Top tokens of the vector (final norm + unembedding)",
-                )
-                download = gr.File(label="Download the vector (.safetensors)")
-            go.click(
-                shows_errors(app.extract),
-                inputs=[task, upload, method, user_vectors],
-                outputs=[summary, heatmap, curve, tokens, download, user_vectors, vector1, vector2, vector3],
-                api_name="extract",
-                concurrency_limit=1,
-                concurrency_id="extract",
-            )
-        with gr.Tab("Compare"):
-            compare = gr.Button("Compare the available vectors")
-            similarity = gr.Plot(label="Similarity of the task vectors", show_label=False)
-            cross_text = gr.Markdown()
-            cross = gr.Plot(label="Across models", show_label=False)
-            compare.click(
-                shows_errors(app.compare),
-                inputs=[user_vectors],
-                outputs=[similarity, cross, cross_text],
-                api_name="compare",
-            )
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
-    return demo
-
-
-def make_app(model_name: str, settings: ExtractSettings | None = None) -> DemoApp:
+def make_app(model_name: str, settings: ExtractSettings | None = None, batching: BatchLimits | None = None) -> DemoApp:
     """Load ``model_name`` and its shipped vectors (if any) into a :class:`DemoApp`."""
     model, tokenizer = fv_plugin.load_model(model_name)
     sets = available_vector_sets()
     engine = Engine(
+        model, tokenizer, model_name=model_name, vectors=sets.get(model_name, {}), batching=batching or BatchLimits()
+    )
+    engine.warm_up()
+    extractor = Extractor(
         model,
         tokenizer,
         model_name=model_name,
-        vectors=sets.get(model_name, {}),
+        limits=engine.limits,
         settings=settings or ExtractSettings(),
         load_copy=lambda: fv_plugin.load_model(model_name),
     )
-    return DemoApp(engine, cross_model=sets)
+    return DemoApp(engine, extractor, cross_model=sets)
 
 
 def launch(app: DemoApp, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Start the server (``block=False`` returns at once; stop it with ``.close()``)."""
+    from demo.ui import build_app
+
     demo = build_app(app)
     demo.launch(
         server_name=host,
@@ -326,21 +298,31 @@ def launch(app: DemoApp, *, host: str = "127.0.0.1", port: int = 7860, block: bo
 
 
 def main(argv: list[str] | None = None) -> None:
+    env = os.environ.get
     parser = argparse.ArgumentParser(description="Function vectors, live (Gradio demo)")
     parser.add_argument(
         "--model",
-        default=os.environ.get("FV_DEMO_MODEL", DEFAULT_MODEL),
+        default=env("FV_DEMO_MODEL", DEFAULT_MODEL),
         help="embedded short name, local folder or Hub id (env FV_DEMO_MODEL; default %(default)s)",
     )
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
     parser.add_argument(
-        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address (env GRADIO_SERVER_NAME)"
+        "--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--max-batch", type=int, default=BatchLimits.max_jobs, help="requests per generate")
     parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT"
+        "--batch-quiet",
+        type=float,
+        default=BatchLimits.quiet_s,
+        help="seconds without a new request end a batch's wait",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    launch(make_app(args.model), host=args.host, port=args.port)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batching = BatchLimits(max_jobs=args.max_batch, quiet_s=args.batch_quiet)
+    launch(make_app(args.model, batching=batching), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

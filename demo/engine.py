@@ -1,16 +1,17 @@
-"""What the demo does, without the UI: steer a prompt, extract a vector, compare vectors.
+"""What the Steer tab does, without the UI: check a request, batch it with other users' requests, stream it back.
 
-Everything here uses fv_plugin's public API only. One :class:`Engine` holds the shared model; each request
-passes its own vectors and options, and steering lives in the request's own context (``fv_plugin.steer``), so
-concurrent users never see each other's vectors.
+Everything here uses fv_plugin's public API only. One :class:`Engine` holds the shared model. Each request
+becomes three rows of one batched ``generate`` (:mod:`demo.batching`): the plain model, the model steered by the
+request's vectors, and the plain model given demonstrations of the first vector's task (in-context learning,
+ICL). Steering is per row and lives in the worker's call (``fv_plugin.steer(model, rows=...)``), so concurrent
+users never see each other's vectors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,15 @@ from typing import Any
 import torch
 
 import fv_plugin
+from demo.batching import Batcher, BatchLimits, Update
+from demo.generation import Job, PrefixCache, Row
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 POSITIONS = fv_plugin.POSITION_MODES
-METHODS = ("heads", "difference")
+N_DEMOS = 10
+SERIES = ("plain", "steered", f"{N_DEMOS}-shot ICL")
+
+Pairs = tuple[tuple[fv_plugin.FunctionVector, float], ...]
 
 
 class DemoError(ValueError):
@@ -34,6 +40,7 @@ class Limits:
 
     max_prompt_chars: int = 2_000
     max_prompt_tokens: int = 512
+    max_icl_tokens: int = 1_024
     max_new_tokens: int = 64
     max_vectors: int = 3
     max_weight: float = 4.0
@@ -43,33 +50,48 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
-    """Small samples (the library defaults are 100 prompts for the means and 25 for the AIE) so that one
-    extraction takes about a minute on a busy 2-core CPU instead of several."""
+class SteerRequest:
+    """One user's Steer request; ``layer`` (if given) moves every vector there, ``task`` gives the
+    demonstrations of the ICL row (``None``: no ICL row)."""
 
-    n_mean: int = 8
-    n_aie: int = 2
-    n_shots: int = 10
-    k: int = 10
-    layer_stride: int = 3
+    prompt: str
+    pairs: Pairs
+    strength: float = 1.0
+    layer: int | None = None
+    positions: str = "generated"
+    max_new_tokens: int = 8
+    task: fv_plugin.Task | None = None
 
 
 @dataclass(frozen=True)
-class SteerResult:
+class TokenProbs:
+    """Next-token probabilities at the first generated position for the top tokens, one series per row."""
+
+    tokens: tuple[str, ...]
+    series: Mapping[str, tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class SteerView:
+    """What the page shows for one request so far: the three continuations (``icl`` is ``None`` when there are
+    no demonstrations), the probabilities once known, a note on the ICL row, whether it is finished, and how many
+    requests shared its ``generate``."""
+
     unsteered: str
     steered: str
+    icl: str | None
+    probs: TokenProbs | None
+    note: str
+    done: bool
+    shared: int = 1
 
 
 @dataclass(frozen=True)
-class Extraction:
-    """One extracted vector with its zero-shot accuracy on the task's test split, before and after."""
+class Demonstrations:
+    """The ICL row (``None`` when there is none) and a sentence for the page saying what it is."""
 
-    fv: fv_plugin.FunctionVector
-    before: float
-    after: float
-    icl: float
-    n_test: int
-    seconds: float
+    row: Row | None
+    note: str
 
 
 def load_vector_set(folder: Path) -> dict[str, fv_plugin.FunctionVector]:
@@ -87,15 +109,35 @@ def available_vector_sets(root: Path = VECTORS_DIR) -> dict[str, dict[str, fv_pl
     return {name: vectors for name, vectors in sets.items() if vectors}
 
 
+@functools.cache
+def builtin_task(name: str) -> fv_plugin.Task | None:
+    """The built-in task called ``name``, or ``None`` when there is none."""
+    return fv_plugin.load_task(name) if name in fv_plugin.builtin_tasks() else None
+
+
+def demonstration_text(task: fv_plugin.Task, n: int = N_DEMOS) -> str:
+    """The first ``n`` training pairs of ``task`` as ``Q: x\\nA: y\\n\\n`` demonstrations."""
+    template = fv_plugin.PromptTemplate()
+    return "".join(template.demo(pair) for pair in task.train[:n])
+
+
+def stop_ids(model: Any) -> frozenset[int]:
+    """The model's end-of-sequence ids (its generation config may list several)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
 class Engine:
-    """The shared model, the shipped vectors, and the demo's operations on them.
+    """The shared model, the shipped vectors, and the Steer tab's operations on them.
 
     Args:
         model, tokenizer: the model every user steers.
         model_name: the name shown in the UI and written into extracted vectors.
         vectors: the precomputed vectors available to everyone, by name.
-        load_copy: returns a second ``(model, tokenizer)`` for extractions, so that a long extraction never
-            holds hooks on the model that serves steering requests; defaults to a deep copy.
+        limits: per-request limits.
+        batching: how requests are gathered into one ``generate`` (default: :class:`BatchLimits`).
     """
 
     def __init__(
@@ -106,35 +148,34 @@ class Engine:
         model_name: str,
         vectors: Mapping[str, fv_plugin.FunctionVector] | None = None,
         limits: Limits = Limits(),
-        settings: ExtractSettings = ExtractSettings(),
-        load_copy: Callable[[], tuple[Any, Any]] | None = None,
+        batching: BatchLimits | None = None,
     ) -> None:
         self.model = fv_plugin.attach(model)  # hooks stay on: steer() blocks never add or remove them
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.vectors = dict(vectors or {})
         self.limits = limits
-        self.settings = settings
         self.num_layers = fv_plugin.resolve_architecture(model).num_layers
-        self._load_copy = load_copy
-        self._extract_model: tuple[Any, Any] | None = None
-        self._extract_lock = threading.Lock()
+        self.prefixes = PrefixCache(self.model)
+        self.batcher = Batcher(
+            self.model, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids(model), limits=batching or BatchLimits()
+        )
 
-    # ------------------------------------------------------------------ steering
-    def check_prompt(self, prompt: str) -> torch.Tensor:
-        """The prompt's token ids ``[1, seq]``, or a :class:`DemoError` saying what is wrong with it."""
+    # ------------------------------------------------------------------ checks
+    def check_prompt(self, prompt: str) -> tuple[int, ...]:
+        """The prompt's token ids, or a :class:`DemoError` saying what is wrong with it."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise DemoError("Type a prompt first, e.g. 'Q: hot\\nA:'.")
         if len(prompt) > self.limits.max_prompt_chars:
             raise DemoError(f"The prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}.")
-        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        if ids.shape[1] > self.limits.max_prompt_tokens:
-            raise DemoError(f"The prompt has {ids.shape[1]} tokens; the limit is {self.limits.max_prompt_tokens}.")
+        ids = tuple(self.tokenizer(prompt)["input_ids"])
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise DemoError(f"The prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}.")
         return ids
 
     def resolve(
         self, choices: Sequence[tuple[str, float]], extra: Mapping[str, fv_plugin.FunctionVector] | None = None
-    ) -> list[tuple[fv_plugin.FunctionVector, float]]:
+    ) -> Pairs:
         """``(name, weight)`` choices -> ``(vector, weight)`` pairs, from the shared vectors and the user's own."""
         pool = {**self.vectors, **(extra or {})}
         pairs = []
@@ -148,105 +189,97 @@ class Engine:
             pairs.append((pool[name], float(weight)))
         if len(pairs) > self.limits.max_vectors:
             raise DemoError(f"Pick at most {self.limits.max_vectors} vectors.")
-        return pairs
+        return tuple(pairs)
 
-    def steer_pair(
-        self,
-        prompt: str,
-        pairs: Sequence[tuple[fv_plugin.FunctionVector, float]],
-        *,
-        strength: float = 1.0,
-        layer: int | None = None,
-        positions: str = "generated",
-        max_new_tokens: int = 8,
-    ) -> SteerResult:
-        """Unsteered and steered continuations of ``prompt`` from one batched, greedy ``generate`` call.
-
-        Row 0 has strength 0 (the plain model), row 1 ``strength``; ``layer`` moves every vector to that layer.
-        """
-        ids = self.check_prompt(prompt)
-        if not pairs:
+    def check_steering(self, request: SteerRequest) -> Pairs:
+        """The request's pairs (moved to ``request.layer``), or a :class:`DemoError` naming the bad setting."""
+        if not request.pairs:
             raise DemoError("Pick at least one vector to steer with.")
-        if positions not in POSITIONS:
-            raise DemoError(f"Positions must be one of {POSITIONS}, got {positions!r}.")
-        if not 1 <= int(max_new_tokens) <= self.limits.max_new_tokens:
-            raise DemoError(f"New tokens must be between 1 and {self.limits.max_new_tokens}, got {max_new_tokens}.")
-        if not -self.limits.max_strength <= float(strength) <= self.limits.max_strength:
-            raise DemoError(f"Strength must be within ±{self.limits.max_strength}, got {strength}.")
-        if layer is not None:
-            if not 0 <= int(layer) < self.num_layers:
-                raise DemoError(f"Layer must be between 0 and {self.num_layers - 1}, got {layer}.")
-            pairs = [(dataclasses.replace(fv, layer=int(layer)), w) for fv, w in pairs]
-        batch = ids.repeat(2, 1)
-        rows = torch.tensor([0.0, float(strength)])
-        with torch.inference_mode(), fv_plugin.steer(self.model, *pairs, strength=rows, positions=positions):  # type: ignore[arg-type]
-            out = self.model.generate(
-                input_ids=batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=int(max_new_tokens),
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
+        if request.positions not in POSITIONS:
+            raise DemoError(f"Positions must be one of {POSITIONS}, got {request.positions!r}.")
+        if not 1 <= int(request.max_new_tokens) <= self.limits.max_new_tokens:
+            raise DemoError(
+                f"New tokens must be between 1 and {self.limits.max_new_tokens}, got {request.max_new_tokens}."
             )
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return SteerResult(unsteered=texts[0], steered=texts[1])
+        if not -self.limits.max_strength <= float(request.strength) <= self.limits.max_strength:
+            raise DemoError(f"Strength must be within ±{self.limits.max_strength}, got {request.strength}.")
+        if request.layer is None:
+            return request.pairs
+        if not 0 <= int(request.layer) < self.num_layers:
+            raise DemoError(f"Layer must be between 0 and {self.num_layers - 1}, got {request.layer}.")
+        return tuple((dataclasses.replace(fv, layer=int(request.layer)), w) for fv, w in request.pairs)
 
-    # ---------------------------------------------------------------- extraction
-    def check_task_file(self, path: str | Path) -> fv_plugin.Task:
-        """Load an uploaded task file within the demo's limits, or raise a :class:`DemoError` saying why not."""
-        file = Path(path)
-        size = file.stat().st_size
-        if size > self.limits.max_upload_bytes:
-            raise DemoError(f"The file has {size:,} bytes; the demo accepts up to {self.limits.max_upload_bytes:,}.")
+    # ------------------------------------------------------------------ the three rows
+    def demonstrations(self, prompt: str, task: fv_plugin.Task | None) -> Demonstrations:
+        """The ICL row for ``prompt``: ``N_DEMOS`` training pairs of ``task``, then the prompt."""
+        if task is None:
+            return Demonstrations(
+                None, "No ICL column: the first vector does not record a built-in task, so there are no examples."
+            )
+        demos = demonstration_text(task)
+        ids = tuple(self.tokenizer(demos + prompt)["input_ids"])
+        shots = len(task.train[:N_DEMOS])
+        if len(ids) > self.limits.max_icl_tokens:
+            return Demonstrations(
+                None,
+                f"No ICL column: the prompt after {shots} demonstrations of *{task.name}* has {len(ids)} "
+                f"tokens, more than the {self.limits.max_icl_tokens} the demo allows.",
+            )
+        return Demonstrations(
+            self.icl_row(ids, demos), f"ICL: your prompt after {shots} demonstrations of *{task.name}*."
+        )
+
+    def icl_row(self, ids: tuple[int, ...], demos: str) -> Row:
+        """The ICL row, its demonstrations served from the prefix cache. Their last token is left out of the
+        cached part (its merge may depend on what follows); a prompt whose tokens do not start with the cached
+        ones is prefilled whole."""
+        cached = tuple(self.tokenizer(demos)["input_ids"])[:-1]
+        if not cached or ids[: len(cached)] != cached or len(ids) == len(cached):
+            return Row(ids)
+        return Row(ids[len(cached) :], prefix=self.prefixes.get(cached))
+
+    def warm_up(self) -> None:
+        """Prefill the demonstrations of every shared vector's task, so that no user waits for them."""
+        for task in {builtin_task(fv.task) for fv in self.vectors.values() if fv.task} - {None}:
+            self.demonstrations("Q: x\nA:", task)
+
+    def job(self, request: SteerRequest) -> tuple[Job, Demonstrations]:
+        """The request as rows for the batcher (plain, steered, ICL), with what the ICL row is."""
+        ids = self.check_prompt(request.prompt)
+        pairs = self.check_steering(request)
+        demos = self.demonstrations(request.prompt, request.task)
+        rows = (Row(ids), Row(ids, pairs), *((demos.row,) if demos.row is not None else ()))
+        job = Job(rows, float(request.strength), request.positions, int(request.max_new_tokens))
+        return job, demos
+
+    # ------------------------------------------------------------------ serving
+    def steer_stream(self, request: SteerRequest) -> Iterator[SteerView]:
+        """Snapshots of the request's continuations as the shared batched ``generate`` produces them."""
+        job, demos = self.job(request)
+        probs: TokenProbs | None = None
         try:
-            task = fv_plugin.load_task(file)
-        except ValueError as exc:
-            raise DemoError(f"Could not read the task file: {str(exc).replace(str(file), file.name)}") from exc
-        if len(task) > self.limits.max_task_pairs:
-            raise DemoError(f"The task has {len(task)} pairs; the demo accepts up to {self.limits.max_task_pairs}.")
-        if len(task.train) < 2 or len(task.valid) < 1:
-            raise DemoError(f"The task has {len(task)} pairs; give at least 10 so it can be split for extraction.")
-        return task
+            for update in self.batcher.submit(job).follow():
+                if probs is None and update.probs is not None:
+                    probs = self.token_probs(update.probs)
+                yield self.view(update, probs, demos.note)
+        except TimeoutError as exc:
+            raise DemoError("The demo is too busy to answer right now; please try again in a minute.") from exc
 
-    def _extraction_model(self) -> tuple[Any, Any]:
-        if self._extract_model is None:
-            if self._load_copy is not None:
-                self._extract_model = self._load_copy()
-            else:
-                import copy
+    def steer(self, request: SteerRequest) -> SteerView:
+        """The finished continuations of ``request`` (what :meth:`steer_stream` ends with)."""
+        views = list(self.steer_stream(request))
+        return views[-1]
 
-                # fv_plugin drops the hooks a deep copy inherits the first time the copy is steered.
-                self._extract_model = (copy.deepcopy(self.model), self.tokenizer)
-        return self._extract_model
+    def view(self, update: Update, probs: TokenProbs | None, note: str) -> SteerView:
+        texts = [self.tokenizer.decode(list(tokens), skip_special_tokens=True) for tokens in update.tokens]
+        icl = texts[2] if len(texts) > 2 else None
+        return SteerView(texts[0], texts[1], icl, probs, note, update.done, update.shared)
 
-    def extract(self, task: fv_plugin.Task, *, method: str = "heads", progress: bool = False) -> Extraction:
-        """Extract a vector for ``task`` with the demo's small settings and score it on the test split.
-
-        Runs on a separate copy of the model, one extraction at a time. (fv_plugin's recording and patching hooks
-        act only in the thread that opened them; the copy keeps the serving model free of them altogether.)
-        """
-        if method not in METHODS:
-            raise DemoError(f"Method must be one of {METHODS}, got {method!r}.")
-        s = self.settings
-        with self._extract_lock:
-            model, tokenizer = self._extraction_model()
-            start = time.perf_counter()
-            fv = fv_plugin.extract_function_vector(
-                model,
-                tokenizer,
-                task,
-                method=method,  # type: ignore[arg-type]
-                n_mean=s.n_mean,
-                n_aie=s.n_aie,
-                n_shots=s.n_shots,
-                k=s.k,
-                layers=range(0, self.num_layers, s.layer_stride),
-                progress=progress,
-            )
-            fv = dataclasses.replace(fv, model_name=self.model_name)
-            seconds = time.perf_counter() - start
-            zero = fv_plugin.make_prompts(task, n_shots=0, split="test")
-            icl = fv_plugin.make_prompts(task, n_shots=s.n_shots, split="test")
-            before = fv_plugin.zero_shot_scores(model, tokenizer, zero)[0]
-            after = fv_plugin.zero_shot_scores(model, tokenizer, zero, [fv])[0]
-            with_demos = fv_plugin.zero_shot_scores(model, tokenizer, icl)[0]
-        return Extraction(fv=fv, before=before, after=after, icl=with_demos, n_test=len(zero), seconds=seconds)
+    def token_probs(self, probs: torch.Tensor, *, per_row: int = 5, limit: int = 8) -> TokenProbs:
+        """The ``limit`` most likely tokens among each row's top ``per_row``, and every row's probability of them."""
+        top = probs.topk(per_row, dim=-1).indices.flatten().tolist()
+        best = probs.max(dim=0).values
+        ids = sorted(set(top), key=lambda i: (-float(best[i]), i))[:limit]
+        tokens = tuple(self.tokenizer.decode([i]) for i in ids)
+        series = {label: tuple(float(probs[row, i]) for i in ids) for row, label in enumerate(SERIES[: len(probs)])}
+        return TokenProbs(tokens, series)

@@ -17,14 +17,26 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CHROMIUM = "/usr/bin/chromium"
+# Done: the status line says so and the chart image has loaded.
+FINISHED = """() => {
+    const note = document.querySelector('#steer-note');
+    const chart = document.querySelector('#probs-chart img');
+    return !!note && note.innerText.includes('Done in') && !!chart && chart.complete && chart.naturalWidth > 0;
+}"""
+
+CHART_SIZE = "() => { const i = document.querySelector('#probs-chart img'); return [i.naturalWidth, i.naturalHeight]; }"
 
 
 @dataclass(frozen=True)
 class BrowserRun:
-    """What the page showed after pressing Steer."""
+    """What the page showed after pressing Steer: the three continuations, the note under them, the size of
+    the probability chart as loaded (pixels), and the screenshot."""
 
     unsteered: str
     steered: str
+    icl: str
+    note: str
+    chart_size: tuple[int, int]
     screenshot: Path
 
 
@@ -37,7 +49,7 @@ def free_port() -> int:
 def steer_in_browser(
     url: str, out: Path, *, prompt: str = "Q: hot\nA:", timeout_s: float = 120.0, executable: str = CHROMIUM
 ) -> BrowserRun:
-    """Open ``url``, type ``prompt``, press Steer, wait for both outputs, save a screenshot at ``out``."""
+    """Open ``url``, type ``prompt``, press Steer, wait until the request is done, save a screenshot at ``out``."""
     from playwright.sync_api import sync_playwright
 
     timeout_ms = timeout_s * 1000
@@ -50,17 +62,17 @@ def steer_in_browser(
             box.wait_for(timeout=timeout_ms)
             box.fill(prompt)
             page.locator("#steer-button").click()
-            steered = page.locator("#steered textarea")
-            page.wait_for_function(
-                "() => document.querySelector('#steered textarea').value.length > 0",
-                timeout=timeout_ms,
-            )
-            page.wait_for_timeout(1500)  # let the outputs' loading state fade before the screenshot
+            page.wait_for_function(FINISHED, timeout=timeout_ms)
+            page.wait_for_timeout(500)  # let the last update settle before the screenshot
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out), full_page=True)
+            size = page.evaluate(CHART_SIZE)
             return BrowserRun(
                 unsteered=page.locator("#unsteered textarea").input_value(),
-                steered=steered.input_value(),
+                steered=page.locator("#steered textarea").input_value(),
+                icl=page.locator("#icl textarea").input_value(),
+                note=page.locator("#steer-note").inner_text(),
+                chart_size=(int(size[0]), int(size[1])),
                 screenshot=out,
             )
         finally:
@@ -81,7 +93,7 @@ def main() -> None:
         run = steer_in_browser(f"http://127.0.0.1:{port}/", args.out, prompt=args.prompt)
     finally:
         demo.close()
-    print(f"unsteered: {run.unsteered!r}\nsteered:   {run.steered!r}\nsaved {run.screenshot}")
+    print(f"unsteered: {run.unsteered!r}\nsteered:   {run.steered!r}\nICL:       {run.icl!r}\nsaved {run.screenshot}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ plot                   data
 :func:`plot_transfer`  :class:`~fv_plugin.compare.TaskComparison` rows
 :func:`plot_specificity`  :class:`~fv_plugin.side_effects.Specificity` (one prompt mode)
 :func:`plot_text_effects`  :class:`~fv_plugin.side_effects.TextEffects`
+:func:`plot_token_probs`  next-token probabilities of a few tokens under several settings
 =====================  ==========================================================
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "plot_specificity",
     "plot_sweep",
     "plot_text_effects",
+    "plot_token_probs",
     "plot_top_tokens",
     "plot_transfer",
 ]
@@ -252,4 +254,34 @@ def plot_text_effects(effects: TextEffects, *, title: str | None = None) -> Figu
     for ax in (ppl, kl, bad):
         ax.set_xlabel("strength")
     fig.suptitle(title or "the vector on neutral text")
+    return fig
+
+
+def plot_token_probs(
+    tokens: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str | None = None
+) -> Figure:
+    """Grouped horizontal bars of next-token probabilities: one group per token (listed first at the top), one bar
+    per series, e.g. ``{"plain": [...], "steered": [...], "10-shot ICL": [...]}`` for the same prompt.
+
+    Tokens are labelled with ``repr`` so that leading spaces and newlines show.
+    """
+    if not tokens or not series:
+        raise ValueError("nothing to plot: give at least one token and one series")
+    for name, values in series.items():
+        if len(values) != len(tokens):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(tokens)} tokens")
+        if not all(0.0 <= float(v) <= 1.0 for v in values):
+            raise ValueError(f"series {name!r} has values outside [0, 1]; pass probabilities, not logits")
+    fig = _figure(6.0, max(2.6, 1.0 + 0.45 * len(tokens)))
+    ax = fig.add_subplot()
+    height = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * height
+        ax.barh([t + offset for t in range(len(tokens))], [float(v) for v in values], height=height, label=name)
+    ax.set_yticks(range(len(tokens)), [repr(t) for t in tokens])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability of the next token")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "next-token probabilities")
     return fig
