@@ -26,6 +26,7 @@ from fv_plugin.activations import (
 from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, layer_sweep, similarity_matrix, top_tokens
 from fv_plugin.architectures import ArchSpec, ResolvedArch, register_architecture, resolve_architecture
 from fv_plugin.attribution import attribution_patching, rank_agreement
+from fv_plugin.auto import WeakVectorWarning
 from fv_plugin.config import METHODS, MODES, EvalConfig, ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.evaluation import EvalResult, EvalRow, evaluate, sweep_k, sweep_layers, sweep_strength
@@ -42,9 +43,9 @@ from fv_plugin.mediation import (
 from fv_plugin.models import EMBEDDED_MODELS, load_model
 from fv_plugin.positions import POSITION_MODES
 from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts
-from fv_plugin.records import Sweep
+from fv_plugin.records import Candidate, Selection, Sweep
 from fv_plugin.scoring import PromptScores, score_prompts, zero_shot_scores
-from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, steer
+from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, UnusedSteeringWarning, steer
 from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
@@ -55,6 +56,7 @@ __all__ = [
     "MODES",
     "POSITION_MODES",
     "ArchSpec",
+    "Candidate",
     "EvalConfig",
     "EvalResult",
     "EvalRow",
@@ -68,10 +70,13 @@ __all__ = [
     "PromptScores",
     "PromptTemplate",
     "ResolvedArch",
+    "Selection",
     "SteeredModel",
     "Sweep",
     "Task",
     "TokenScore",
+    "UnusedSteeringWarning",
+    "WeakVectorWarning",
     "__version__",
     "aie_matrix",
     "attach",

@@ -10,7 +10,8 @@ from conftest import char_tokenizer, tiny_model
 from test_evaluation import reverse_task
 
 import fv_plugin
-from fv_plugin.auto import WeakVectorWarning, choose, validation_prompts
+from fv_plugin import WeakVectorWarning
+from fv_plugin.auto import choose, validation_prompts
 from fv_plugin.records import Candidate
 
 

@@ -312,13 +312,24 @@ def test_extract_head_patch_form() -> None:
     )
 
 
-def test_quality_bench_reports_every_form(tmp_path: Path) -> None:
-    from fv_plugin.benchmarks.quality import QUALITY_COLUMNS, measure_quality, quality_table
+def test_quality_bench_reports_every_form_on_both_protocols(tmp_path: Path) -> None:
+    from fv_plugin.benchmarks.quality import COLUMNS, measure_quality, quality_table
 
-    row = measure_quality(tiny_model("llama"), char_tokenizer(), "first-letter", n_shots=3, k=3)
-    assert set(QUALITY_COLUMNS) <= set(row.scores) and all(0.0 <= v <= 1.0 for v in row.scores.values())
+    model, tok = tiny_model("llama"), char_tokenizer()
+    base = fv_plugin.ExtractionConfig(n_mean=4, n_aie=2, n_shots=3, k=3, ks=(2,), strengths=(1.0,))
+    with pytest.warns(fv_plugin.WeakVectorWarning):
+        row = measure_quality(model, tok, "first-letter", base=base)
+    assert set(COLUMNS) == set(row.scores)
+    task = fv_plugin.load_task("first-letter")
+    icl = fv_plugin.evaluate(model, tok, task, mode="icl", n_shots=3, generate=False)
+    assert row.scores["ICL"].accuracy == pytest.approx(icl.accuracy) and row.scores["ICL"].n == icl.n
+    kept = row.scores["ICL"].icl_correct_n
+    assert kept == sum(bool(r.first_token_correct) for r in icl.rows)
+    if kept:  # ICL on the queries ICL gets right is right by definition
+        assert row.scores["ICL"].icl_correct == 1.0
     table = quality_table([row])
-    assert table.count("\n") == 3 and "first-letter" in table and "**mean**" in table
+    assert table.count("\n") == 5 and "first-letter" in table and "% of ICL" in table
+    assert "first-letter" in quality_table([row], protocol="icl_correct")
 
 
 def test_attribution_patching_is_the_first_order_term_of_the_exact_effect() -> None:

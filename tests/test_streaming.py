@@ -18,8 +18,7 @@ from conftest import char_tokenizer, tiny_model
 from transformers import TextIteratorStreamer
 
 import fv_plugin
-from fv_plugin import FunctionVector, FunctionVectorProcessor, SteeredModel
-from fv_plugin.steering import UnusedSteeringWarning
+from fv_plugin import FunctionVector, FunctionVectorProcessor, SteeredModel, UnusedSteeringWarning
 
 GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
 

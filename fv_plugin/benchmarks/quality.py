@@ -1,112 +1,154 @@
-"""``fv bench quality``: test accuracy of every form of vector and of the baselines, per task."""
+"""``fv bench quality``: how much of in-context learning each form of vector recovers, per task, both protocols.
+
+For each task (test split, zero-shot prompts steered at the last prompt token, first-token accuracy with 95%
+Wilson intervals): the model zero-shot and with 10 demonstrations (ICL), then each vector: the layer-mean
+baseline and ``difference`` (layer chosen on validation, strength 1), the paper's ``heads`` (k=10, layer chosen
+on validation, strength 1), ``head_difference`` (k and strength chosen on validation: the best mediation-based
+form measured) and ``auto`` (the library's default). Every score is reported on every test query and, as in the
+paper, on the queries the model answers correctly with 10-shot ICL. Head statistics are computed once per task.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fv_plugin.config import ExtractionConfig
+from fv_plugin.config import EvalConfig, ExtractionConfig
+from fv_plugin.evaluation import EvalResult, evaluate, icl_correct_inputs
 from fv_plugin.extraction import extract_function_vector
 from fv_plugin.mediation import head_statistics
 from fv_plugin.models import DEFAULT_MODEL, load_model
-from fv_plugin.prompts import make_prompts
-from fv_plugin.scoring import zero_shot_scores
 from fv_plugin.tasks import builtin_tasks, load_task
 
-__all__ = ["QUALITY_COLUMNS", "QualityRow", "add_arguments", "measure_quality", "quality_table", "run"]
+__all__ = ["COLUMNS", "FORMS", "QualityRow", "Score", "add_arguments", "measure_quality", "quality_table", "run"]
 
-QUALITY_COLUMNS = (
-    "zero-shot",
-    "ICL",
-    "shuffled ICL",
-    "shuffled + FV",
-    "heads",
-    "head_patch",
-    "head_patch k=40",
-    "difference",
-    "layer_mean",
-)
+FORMS: dict[str, dict[str, Any]] = {
+    "layer_mean": {"method": "layer_mean"},
+    "difference": {"method": "difference"},
+    "heads (paper)": {"method": "heads", "k": 10},
+    "head_difference": {"method": "auto", "forms": ("head_difference",)},
+    "auto": {"method": "auto"},
+}
+COLUMNS = ("zero-shot", "ICL", *FORMS)
+
+
+@dataclass(frozen=True)
+class Score:
+    """An accuracy, its 95% interval and the number of queries, on every query and on the ICL-correct ones."""
+
+    accuracy: float
+    interval: tuple[float, float]
+    n: int
+    icl_correct: float
+    icl_correct_n: int
 
 
 @dataclass(frozen=True)
 class QualityRow:
-    """Test first-token accuracies of one task; ``layers`` gives each form's layer."""
+    """One task: a :class:`Score` per column, and each vector's form, layer and strength."""
 
     task: str
-    n_test: int
-    scores: dict[str, float]
-    layers: dict[str, int]
+    scores: dict[str, Score]
+    chosen: dict[str, str]
     seconds: float
 
 
+def _score(result: EvalResult, kept: set[str]) -> Score:
+    paper = result.restricted(kept)
+    return Score(result.accuracy, result.accuracy_ci, result.n, paper.accuracy, paper.n)
+
+
+def _describe(fv: Any) -> str:
+    best = fv.selection.best if fv.selection is not None else None
+    strength = f", s={best.strength:g}" if best is not None else ""
+    k = f" k={fv.k}" if fv.k is not None and fv.method != "difference" else ""
+    return f"{fv.method}{k} L{fv.layer}{strength}"
+
+
 def measure_quality(
-    model: torch.nn.Module, tokenizer: Any, task_name: str, *, n_shots: int = 10, seed: int = 0, k: int = 10
+    model: torch.nn.Module, tokenizer: Any, task_name: str, *, base: ExtractionConfig = ExtractionConfig()
 ) -> QualityRow:
-    """Zero-shot, ICL, shuffled-label ICL, and zero-shot with each form of vector, on the task's test split."""
+    """Every column of :data:`COLUMNS` for one task (see the module); ``base``: the extraction settings."""
     start = time.perf_counter()
     task = load_task(task_name)
-    config = ExtractionConfig(n_shots=n_shots, seed=seed, k=k)
-    zero = make_prompts(task, n_shots=0, split="test", seed=seed)
-    icl = make_prompts(task, n_shots=n_shots, split="test", seed=seed)
-    shuffled_test = make_prompts(task, n_shots=n_shots, split="test", shuffle_labels=True, seed=seed)
-    stats = head_statistics(model, tokenizer, task, config)
-    forms: dict[str, dict[str, Any]] = {
-        "heads": {"method": "heads"},
-        "head_patch": {"method": "head_patch"},
-        "head_patch k=40": {"method": "head_patch", "k": min(40, stats.aie.numel())},
-        "difference": {"method": "difference"},
-        "layer_mean": {"method": "layer_mean"},
-    }
+    stats = head_statistics(model, tokenizer, task, base)
+    config = EvalConfig(seed=base.seed, n_shots=base.n_shots, template=base.template, generate=False)
+    kept = icl_correct_inputs(model, tokenizer, task, config)
     scores = {
-        "zero-shot": zero_shot_scores(model, tokenizer, zero)[0],
-        "ICL": zero_shot_scores(model, tokenizer, icl)[0],
-        "shuffled ICL": zero_shot_scores(model, tokenizer, shuffled_test)[0],
+        "zero-shot": _score(evaluate(model, tokenizer, task, config), kept),
+        "ICL": _score(evaluate(model, tokenizer, task, config, mode="icl"), kept),
     }
-    layers: dict[str, int] = {}
-    for name, options in forms.items():
-        fv = extract_function_vector(model, tokenizer, task, dataclasses.replace(config, **options), statistics=stats)
-        scores[name] = zero_shot_scores(model, tokenizer, zero, [fv])[0]
-        layers[name] = fv.layer
-        if name == "heads":
-            scores["shuffled + FV"] = zero_shot_scores(model, tokenizer, shuffled_test, [fv])[0]
-    return QualityRow(task.name, len(zero), scores, layers, time.perf_counter() - start)
+    chosen = {}
+    for name, options in FORMS.items():
+        fv = extract_function_vector(model, tokenizer, task, dataclasses.replace(base, **options), statistics=stats)
+        scores[name] = _score(evaluate(model, tokenizer, task, config, vectors=[fv]), kept)
+        chosen[name] = _describe(fv)
+    return QualityRow(task.name, scores, chosen, time.perf_counter() - start)
 
 
-def quality_table(rows: Sequence[QualityRow]) -> str:
-    """A Markdown table of :func:`measure_quality` rows with a mean row."""
-    head = "| task | n | " + " | ".join(QUALITY_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(QUALITY_COLUMNS) + 2)]
+def _mean(values: Sequence[float]) -> float:
+    kept = [v for v in values if v == v]  # NaN where no query is ICL-correct
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
+    """Markdown: one row per task, a mean row, the share of ICL, and how often a form beats the layer mean."""
+    paper = protocol == "icl_correct"
+    head = "| task | n | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for row in rows:
+        first = row.scores["zero-shot"]
         cells = []
-        for col in QUALITY_COLUMNS:
-            at = f" (L{row.layers[col]})" if col in row.layers and not col.startswith("head_patch") else ""
-            cells.append(f"{row.scores[col]:.2f}{at}")
-        lines.append(f"| {row.task} | {row.n_test} | " + " | ".join(cells) + " |")
+        for col in COLUMNS:
+            s = row.scores[col]
+            low, high = s.interval
+            cells.append(f"{s.icl_correct:.2f}" if paper else f"{s.accuracy:.2f} ({low:.2f}–{high:.2f})")
+        n = first.icl_correct_n if paper else first.n
+        lines.append(f"| {row.task} | {n} | " + " | ".join(cells) + " |")
     if rows:
-        means = [sum(r.scores[c] for r in rows) / len(rows) for c in QUALITY_COLUMNS]
-        lines.append("| **mean** | | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+        value = (lambda s: s.icl_correct) if paper else (lambda s: s.accuracy)
+        means = {c: _mean([value(r.scores[c]) for r in rows]) for c in COLUMNS}
+        lines.append("| **mean** | | " + " | ".join(f"**{means[c]:.2f}**" for c in COLUMNS) + " |")
+        share = [f"{means[c] / means['ICL']:.0%}" if c not in ("zero-shot", "ICL") else "" for c in COLUMNS]
+        lines.append("| **% of ICL** | | " + " | ".join(share) + " |")
+        wins = [
+            f"{sum(value(r.scores[c]) >= value(r.scores['layer_mean']) for r in rows)}/{len(rows)}"
+            if c not in ("zero-shot", "ICL", "layer_mean")
+            else ""
+            for c in COLUMNS
+        ]
+        lines.append("| **≥ layer_mean** | | " + " | ".join(wins) + " |")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
-    parser.add_argument("--tasks", default="all", help="comma-separated built-in tasks (default: all)")
-    parser.add_argument("--k", type=int, default=10, help="heads of the heads / head_patch forms")
+    parser.add_argument("--tasks", default="all", help="comma-separated built-in tasks or task files (default: all)")
+    parser.add_argument("--out", default=None, help="also write every row as JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
 
 
 def run(args: argparse.Namespace) -> list[QualityRow]:
     model, tokenizer = load_model(args.model)
     names = builtin_tasks() if args.tasks == "all" else args.tasks.split(",")
-    rows = []
-    print(f"model: {args.model}; first-token accuracy on each task's test split; (Lx) = layer", flush=True)
+    rows: list[QualityRow] = []
+    print(f"model: {args.model}; first-token accuracy on each task's test split (95% interval)", flush=True)
     for name in names:
-        rows.append(measure_quality(model, tokenizer, name, k=args.k))
-        print(quality_table(rows[-1:]).splitlines()[-2] + f"  <- {rows[-1].seconds:.0f} s", flush=True)
-    print(quality_table(rows))
+        rows.append(measure_quality(model, tokenizer, name, base=ExtractionConfig(seed=args.seed)))
+        last = rows[-1]
+        print(quality_table([last]).splitlines()[2] + f"  <- {last.seconds:.0f} s; {last.chosen}", flush=True)
+        if args.out:
+            data = [dataclasses.asdict(r) for r in rows]
+            Path(args.out).write_text(json.dumps({"model": args.model, "rows": data}, indent=1), encoding="utf-8")
+    print("\nEvery test query:\n" + quality_table(rows))
+    paper = quality_table(rows, protocol="icl_correct")
+    print("\nThe paper's protocol (queries 10-shot ICL answers correctly):\n" + paper)
     return rows
