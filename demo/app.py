@@ -33,8 +33,22 @@ import torch
 import fv_plugin
 import fv_plugin.viz
 from demo.batching import BatchLimits
-from demo.engine import DemoError, Engine, SteerRequest, SteerView, TokenProbs, available_vector_sets, builtin_task
+from demo.effects import effects_table, extract_figures, side_effects_note, text_sentence
+from demo.engine import (
+    VECTORS_DIR,
+    DemoError,
+    Engine,
+    ShippedEffects,
+    SteerRequest,
+    SteerView,
+    TokenProbs,
+    available_vector_sets,
+    builtin_task,
+    load_side_effects,
+)
 from demo.extractor import Extractor, ExtractSettings
+from fv_plugin.report import selection_table
+from fv_plugin.side_effects import TextEffects
 
 logger = logging.getLogger("fv_demo")
 
@@ -47,10 +61,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class OwnVector:
-    """A vector a user extracted in this session, and the task it came from (its ICL demonstrations)."""
+    """A vector a user extracted in this session, the task it came from (its ICL demonstrations), and what it
+    does to neutral text."""
 
     fv: fv_plugin.FunctionVector
     task: fv_plugin.Task
+    text: TextEffects | None = None
 
 
 Own = Mapping[str, OwnVector]
@@ -113,13 +129,6 @@ def status(view: SteerView, start: float) -> str:
     return f"Done in {time.perf_counter() - start:.1f} s: one `generate` call{company}."
 
 
-def extract_figures(fv: fv_plugin.FunctionVector) -> tuple[Any, ...]:
-    """The Extract tab's figures of a new vector, in the order of ``demo.ui.EXTRACT_FIGURES``."""
-    heatmap = fv_plugin.viz.plot_aie(fv) if fv_plugin.aie_matrix(fv) is not None else None
-    curve = fv_plugin.viz.plot_layer_curve(fv) if fv.layer_sweep is not None else None
-    return (heatmap, curve)
-
-
 class DemoApp:
     """The UI's callbacks, bound to one :class:`Engine` (every user shares it; each user's own vectors are
     State) and one :class:`Extractor`."""
@@ -129,10 +138,12 @@ class DemoApp:
         engine: Engine,
         extractor: Extractor,
         cross_model: dict[str, dict[str, fv_plugin.FunctionVector]] | None = None,
+        side_effects: ShippedEffects | None = None,
     ) -> None:
         self.engine = engine
         self.extractor = extractor
         self.cross_model = cross_model or {}
+        self.side_effects = side_effects
 
     def vector_names(self, own: Own | None = None) -> list[str]:
         return sorted({*self.engine.vectors, *(own or {})})
@@ -214,21 +225,37 @@ class DemoApp:
         result = self.extractor.extract(task, method=method, progress=True)
         fv = result.fv
         name = f"{task.name} ({fv.method}, yours)"
-        mine = {**(own or {}), name: OwnVector(fv, task)}
+        mine = {**(own or {}), name: OwnVector(fv, task, result.text)}
         summary = (
             f"**{task.name}**: {fv.method} vector at layer {fv.layer}, extracted in {result.seconds:.1f} s.  \n"
             f"Zero-shot first-token accuracy on {result.n_test} test queries: **{result.before:.2f} → "
             f"{result.after:.2f}** with the vector ({self.extractor.settings.n_shots}-shot prompts: "
-            f"{result.icl:.2f}).  \nIt is now in the Steer tab as *{name}*."
+            f"{result.icl:.2f}).  \n{text_sentence(result.text)}  \nIt is now in the Steer tab as *{name}*."
         )
+        if fv.selection is not None:
+            summary += "\n\n**How `auto` chose** (validation):\n\n" + selection_table(fv.selection, top=4)
         scores = fv_plugin.top_tokens(self.engine.model, self.engine.tokenizer, fv, k=10)
         tokens = [[repr(t.token), round(t.logit, 2), round(t.prob, 4)] for t in scores]
         path = fv.save(Path(tempfile.mkdtemp(prefix="fv-")) / f"{task.name}-{fv.method}.safetensors")
         names = self.vector_names(mine)
         updates = [gr.update(choices=names), gr.update(choices=[NONE, *names]), gr.update(choices=[NONE, *names])]
-        return (summary, *extract_figures(fv), tokens, str(path), mine, *updates)
+        return (summary, *extract_figures(fv, result.text), tokens, str(path), mine, *updates)
 
-    def compare(self, own: Own | None) -> tuple[Any, Any, str]:
+    def compare(self, own: Own | None) -> tuple[Any, Any, str, Any, Any, str]:
+        """The similarity matrix of every available vector, the cross-model view when there is one, and what the
+        shipped vectors (and the user's) change besides their task: specificity plots and neutral-text table."""
+        figure, cross, text = self.geometry(own)
+        spec = self.side_effects.specificity if self.side_effects is not None else None
+        zero = fv_plugin.viz.plot_specificity(spec, "zero_shot") if spec is not None else None
+        icl = fv_plugin.viz.plot_specificity(spec, "icl") if spec is not None else None
+        effects = dict(self.side_effects.text) if self.side_effects is not None else {}
+        effects |= {name: mine.text for name, mine in (own or {}).items() if mine.text is not None}
+        note = "Side effects: none measured for these vectors (demo/build_vectors.py measures them)."
+        if spec is not None or effects:
+            note = side_effects_note(spec) + "\n\n" + effects_table(effects)
+        return figure, cross, text, zero, icl, note
+
+    def geometry(self, own: Own | None) -> tuple[Any, Any, str]:
         """The similarity matrix of every available vector, and the cross-model view when there is one."""
         pool = {**self.engine.vectors, **{name: mine.fv for name, mine in (own or {}).items()}}
         if not pool:
@@ -266,6 +293,7 @@ def make_app(model_name: str, settings: ExtractSettings | None = None, batching:
     """Load ``model_name`` and its shipped vectors (if any) into a :class:`DemoApp`."""
     model, tokenizer = fv_plugin.load_model(model_name)
     sets = available_vector_sets()
+    side_effects = load_side_effects(VECTORS_DIR / model_name)
     engine = Engine(
         model, tokenizer, model_name=model_name, vectors=sets.get(model_name, {}), batching=batching or BatchLimits()
     )
@@ -278,7 +306,7 @@ def make_app(model_name: str, settings: ExtractSettings | None = None, batching:
         settings=settings or ExtractSettings(),
         load_copy=lambda: fv_plugin.load_model(model_name),
     )
-    return DemoApp(engine, extractor, cross_model=sets)
+    return DemoApp(engine, extractor, cross_model=sets, side_effects=side_effects)
 
 
 def launch(app: DemoApp, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:

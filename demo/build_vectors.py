@@ -1,36 +1,43 @@
-"""Build the demo's precomputed function vectors: one per built-in task, for each embedded model.
+"""Build the demo's precomputed function vectors and what they change besides their task, for one embedded model.
 
-Each is ``extract_function_vector(model, tokenizer, load_task(task), n_mean=32)``: the library's defaults
-(``method="auto"``, which is ``"difference"`` for both embedded models; 10-shot prompts; layer chosen by the
-validation sweep over every layer) except 32 ICL prompts for the mean instead of 100, to keep the build short on a
-CPU. Saved as ``demo/vectors/<model>/<task>.safetensors``. The shipped files were made with these commands (on a
-shared 2-core CPU under other jobs' load, 2 to 26 minutes per task, so not every built-in task was built):
+Each vector is ``extract_function_vector(model, tokenizer, load_task(task), n_mean=32)``: the library's defaults
+(``method="auto"``: form, layer and strength chosen on zero-shot validation queries; 10-shot prompts) except 32
+ICL prompts for the means instead of 100, to keep the build short on a CPU. Saved as
+``demo/vectors/<model>/<task>.safetensors``, with ``side_effects.json`` beside them: every vector on every task's
+zero-shot and 10-shot test prompts (:func:`fv_plugin.side_effects.specificity`) and each vector on the neutral
+paragraphs (:func:`fv_plugin.side_effects.text_effects`), which the Compare tab shows. The shipped files were made
+with (a shared 2-core CPU; the command prints each task's time):
 
     nice -n 10 python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
         english-french capitalize present-past singular-plural
     nice -n 10 python demo/build_vectors.py --model gemma-3-270m --tasks antonym country-capital capitalize
 
-Without ``--tasks`` it builds every built-in task.
+Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
+already in the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fv_plugin
+from fv_plugin.side_effects import specificity, text_effects
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
+SIDE_EFFECTS = "side_effects.json"
+TEXT_STRENGTHS = (0.5, 1.0, 2.0, 4.0)
 
 
-def build(model_name: str, tasks: list[str], out_dir: Path, n_mean: int) -> None:
-    model, tokenizer = fv_plugin.load_model(model_name)
+def build(model: Any, tokenizer: Any, model_name: str, tasks: list[str], out_dir: Path, n_mean: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in tasks:
         start = time.perf_counter()
@@ -38,7 +45,18 @@ def build(model_name: str, tasks: list[str], out_dir: Path, n_mean: int) -> None
         # Name the model by its short name, not by the local folder it was loaded from.
         fv = dataclasses.replace(fv, model_name=model_name)
         path = fv.save(out_dir / f"{name}.safetensors")
-        print(f"{name}: layer {fv.layer}, method {fv.method}, {time.perf_counter() - start:.1f} s -> {path.name}")
+        print(f"{name}: {fv.method}, layer {fv.layer}, {time.perf_counter() - start:.1f} s -> {path.name}", flush=True)
+
+
+def measure_side_effects(model: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
+    """Specificity of the folder's vectors on their tasks, and each vector's effects on neutral text."""
+    vectors = {p.stem: fv_plugin.FunctionVector.load(p) for p in sorted(folder.glob("*.safetensors"))}
+    tasks = [fv_plugin.load_task(name) for name in vectors if name in fv_plugin.builtin_tasks()]
+    start = time.perf_counter()
+    spec = specificity(model, tokenizer, tasks, vectors) if len(tasks) > 1 else None
+    text = {name: text_effects(model, tokenizer, [fv], TEXT_STRENGTHS).to_dict() for name, fv in vectors.items()}
+    print(f"side effects of {len(vectors)} vectors: {time.perf_counter() - start:.1f} s", flush=True)
+    return {"specificity": spec.to_dict() if spec is not None else None, "text_effects": text}
 
 
 def main() -> None:
@@ -46,9 +64,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded model short name")
     parser.add_argument("--n-mean", type=int, default=32, help="ICL prompts averaged (library default: 100)")
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: every built-in task)")
+    parser.add_argument("--side-effects-only", action="store_true", help="only recompute side_effects.json")
     args = parser.parse_args()
-    tasks = args.tasks or fv_plugin.builtin_tasks()
-    build(args.model, tasks, VECTORS_DIR / args.model, args.n_mean)
+    model, tokenizer = fv_plugin.load_model(args.model)
+    folder = VECTORS_DIR / args.model
+    if not args.side_effects_only:
+        build(model, tokenizer, args.model, args.tasks or fv_plugin.builtin_tasks(), folder, args.n_mean)
+    data = measure_side_effects(model, tokenizer, folder)
+    (folder / SIDE_EFFECTS).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

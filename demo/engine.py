@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import fv_plugin
 from demo.batching import Batcher, BatchLimits, Update
 from demo.generation import Job, PrefixCache, Row
+from fv_plugin.side_effects import Specificity, TextEffects
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 POSITIONS = fv_plugin.POSITION_MODES
@@ -107,6 +109,24 @@ def available_vector_sets(root: Path = VECTORS_DIR) -> dict[str, dict[str, fv_pl
         return {}
     sets = {folder.name: load_vector_set(folder) for folder in sorted(root.iterdir()) if folder.is_dir()}
     return {name: vectors for name, vectors in sets.items() if vectors}
+
+
+@dataclass(frozen=True)
+class ShippedEffects:
+    """What the shipped vectors change besides their task (``side_effects.json``, made by build_vectors.py)."""
+
+    specificity: Specificity | None
+    text: dict[str, TextEffects]
+
+
+def load_side_effects(folder: Path) -> ShippedEffects | None:
+    """The shipped vectors' side effects in ``folder``, or ``None`` when they were not measured."""
+    path = folder / "side_effects.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    spec = Specificity.from_dict(data["specificity"]) if data.get("specificity") else None
+    return ShippedEffects(spec, {name: TextEffects.from_dict(t) for name, t in data.get("text_effects", {}).items()})
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from typing import Any
 
 import fv_plugin
 from demo.engine import DemoError, Limits
+from fv_plugin.side_effects import TextEffects, text_effects
 
 METHODS = ("auto", *fv_plugin.METHODS)
 
@@ -32,6 +33,11 @@ class ExtractSettings:
     n_shots: int = 10
     k: int = 10
     layer_stride: int = 3
+    ks: tuple[int, ...] = (10, 40)  # method="auto": its grids, kept small
+    strengths: tuple[float, ...] = (1.0, 2.0)
+    head_strengths: tuple[float, ...] = (1.0, 4.0)
+    text_paragraphs: int = 12  # side effects on the first neutral paragraphs, at these strengths
+    text_strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Extraction:
     icl: float
     n_test: int
     seconds: float
+    text: TextEffects
 
 
 class Extractor:
@@ -118,6 +125,9 @@ class Extractor:
                 n_shots=s.n_shots,
                 k=s.k,
                 layers=range(0, self.num_layers, s.layer_stride),
+                ks=s.ks,
+                strengths=s.strengths,
+                head_strengths=s.head_strengths,
                 progress=progress,
             )
             fv = dataclasses.replace(fv, model_name=self.model_name)
@@ -127,4 +137,6 @@ class Extractor:
             before = fv_plugin.zero_shot_scores(model, tokenizer, zero)[0]
             after = fv_plugin.zero_shot_scores(model, tokenizer, zero, [fv])[0]
             with_demos = fv_plugin.zero_shot_scores(model, tokenizer, icl)[0]
-        return Extraction(fv, task, before, after, with_demos, len(zero), seconds)
+            texts = fv_plugin.neutral_texts()[: s.text_paragraphs]
+            text = text_effects(model, tokenizer, [fv], s.text_strengths, texts=texts, new_tokens=16)
+        return Extraction(fv, task, before, after, with_demos, len(zero), seconds, text)

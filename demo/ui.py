@@ -21,7 +21,11 @@ EXAMPLES = [
     ["Q: apple\nA:", "capitalize"],
 ]
 # The Extract tab's figures of a new vector, in the order demo.app.extract_figures returns them.
-EXTRACT_FIGURES = ("Where it came from: AIE per head", "Which layer: validation accuracy")
+EXTRACT_FIGURES = (
+    "Where it came from: AIE per head",
+    "Which layer: validation accuracy",
+    "What else it changes: neutral text",
+)
 INTRO = f"""# Function vectors, live
 A **function vector** is one vector, taken from a model's activations on a few examples of a task, that makes the
 same model do the task without examples (Todd et al., *Function Vectors in Large Language Models*, ICLR 2024).
@@ -142,10 +146,12 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
 def extract_tab(app: DemoApp, own: gr.State, vector_dropdowns: list[gr.Dropdown]) -> None:
     settings, limits = app.extractor.settings, app.engine.limits
     gr.Markdown(
-        "Extract a vector from examples. `auto` uses the form measured best for this model; `heads` is the "
-        "paper's: mean head activations over ICL prompts, each head's average indirect effect (AIE) on "
-        f"shuffled-label prompts, the top heads. Then a layer sweep. Small samples ({settings.n_mean} prompts for "
-        f"the means, {settings.n_aie} for the AIE) keep it quick; the library's defaults are larger."
+        "Extract a vector from examples. `auto` tries every form (the hidden-state difference, the paper's head "
+        "vectors) at several layers and strengths on zero-shot validation queries and keeps the best; `heads` is "
+        "the paper's: mean head activations over ICL prompts, each head's average indirect effect (AIE) on "
+        f"shuffled-label prompts, the top heads. Small samples and grids ({settings.n_mean} prompts for the "
+        f"means, {settings.n_aie} for the AIE) keep it quick; the library's defaults are larger. Then what else "
+        "the vector changes: perplexity and looping on neutral text."
     )
     with gr.Row():
         task = gr.Dropdown(fv_plugin.builtin_tasks(), value="antonym", label="Built-in task")
@@ -179,9 +185,13 @@ def compare_tab(app: DemoApp, own: gr.State) -> None:
     similarity = gr.Plot(label="Similarity of the task vectors", show_label=False)
     cross_text = gr.Markdown()
     cross = gr.Plot(label="Across models", show_label=False)
+    effects_text = gr.Markdown()
+    with gr.Row():
+        zero = gr.Plot(label="Each vector on each task, zero-shot", show_label=False)
+        icl = gr.Plot(label="Each vector on each task, 10-shot", show_label=False)
     compare.click(
         shows_errors(app.compare),
         inputs=[own],
-        outputs=[similarity, cross, cross_text],
+        outputs=[similarity, cross, cross_text, zero, icl, effects_text],
         api_name="compare",
     )

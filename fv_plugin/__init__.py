@@ -46,7 +46,7 @@ from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_promp
 from fv_plugin.records import Candidate, Selection, Sweep
 from fv_plugin.scoring import PromptScores, score_prompts, zero_shot_scores
 from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, UnusedSteeringWarning, steer
-from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task
+from fv_plugin.tasks import Pair, Task, builtin_tasks, load_task, neutral_texts
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
 
@@ -101,6 +101,7 @@ __all__ = [
     "make_prompts",
     "mean_head_activations",
     "mean_last_token_hidden_state",
+    "neutral_texts",
     "rank_agreement",
     "register_architecture",
     "resolve_architecture",

@@ -76,6 +76,14 @@ class Specificity:
     def to_dict(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "unsteered": dict(self.unsteered), "steered": dict(self.steered)}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Specificity:
+        return cls(
+            tasks=tuple(data["tasks"]),
+            unsteered={mode: tuple(map(float, row)) for mode, row in data["unsteered"].items()},
+            steered={mode: tuple(tuple(map(float, r)) for r in rows) for mode, rows in data["steered"].items()},
+        )
+
 
 def specificity(
     model: nn.Module,
@@ -144,6 +152,21 @@ class TextEffects:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "perplexity_ratio": list(self.perplexity_ratio), "rise_10": self.rise_10}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TextEffects:
+        def floats(name: str) -> tuple[float, ...]:
+            return tuple(float(v) for v in data[name])
+
+        return cls(
+            strengths=floats("strengths"),
+            kl=floats("kl"),
+            perplexity=floats("perplexity"),
+            base_perplexity=float(data["base_perplexity"]),
+            degenerate=floats("degenerate"),
+            base_degenerate=float(data["base_degenerate"]),
+            n_texts=int(data["n_texts"]),
+        )
 
 
 def rise_strength(strengths: Sequence[float], ratios: Sequence[float], level: float) -> float | None:

@@ -331,7 +331,7 @@ def test_task_files_are_checked(app: DemoApp, tmp_path: Path) -> None:
 
 def test_extract_runs_on_a_copy_and_reports_everything(app: DemoApp) -> None:
     before = hook_counts(app.engine.model)
-    summary, heatmap, curve, tokens, path, mine, *updates = app.extract("capitalize", None, "heads", {})
+    summary, heatmap, curve, text_plot, tokens, path, mine, *updates = app.extract("capitalize", None, "heads", {})
     assert hook_counts(app.engine.model) == before  # the shared model never carried the extraction's hooks
     assert app.extractor.copy is not None and app.extractor.copy[0] is not app.engine.model
     (name,) = mine
@@ -340,6 +340,10 @@ def test_extract_runs_on_a_copy_and_reports_everything(app: DemoApp) -> None:
     assert mine[name].task == fv_plugin.load_task("capitalize")
     assert "capitalize" in summary and "→" in summary
     assert heatmap is not None and curve is not None and len(tokens) == 10
+    effects = mine[name].text
+    assert effects is not None and effects.strengths == app.extractor.settings.text_strengths
+    ratio = list(text_plot.axes[0].lines[0].get_ydata())  # the figure draws exactly the measured ratios
+    assert ratio == pytest.approx(list(effects.perplexity_ratio)) and "On neutral text" in summary
     assert torch.equal(fv_plugin.FunctionVector.load(path).vector, fv.vector)
     assert name in updates[0]["choices"] and NONE in updates[1]["choices"]
     # the user's new vector steers like any other, with its task's demonstrations in the ICL column
@@ -358,13 +362,36 @@ def test_extract_refuses_bad_uploads_in_the_page(app: DemoApp, tmp_path: Path) -
         shows_errors(app.extract)("capitalize", None, "best", {})
 
 
+def test_compare_shows_the_side_effects_of_the_shipped_vectors(app: DemoApp, tmp_path: Path) -> None:
+    from demo.engine import load_side_effects
+    from fv_plugin.side_effects import Specificity, TextEffects
+
+    *_, zero, icl, note = app.compare({})
+    assert zero is None and icl is None and "none measured" in note
+    spec = Specificity(
+        ("a", "b"),
+        {"zero_shot": (0.0, 0.5), "icl": (1.0, 0.5)},
+        {"zero_shot": ((0.75, 0.5), (0.0, 1.0)), "icl": ((1.0, 0.25), (0.5, 0.5))},
+    )
+    effects = TextEffects((1.0, 2.0), (0.1, 0.3), (11.0, 14.0), 10.0, (0.0, 0.25), 0.0, 12)
+    data = {"specificity": spec.to_dict(), "text_effects": {"a": effects.to_dict()}}
+    (tmp_path / "side_effects.json").write_text(json.dumps(data))
+    shipped = load_side_effects(tmp_path)
+    assert shipped is not None and shipped.specificity == spec and shipped.text["a"] == effects
+    *_, zero, icl, note = DemoApp(app.engine, app.extractor, side_effects=shipped).compare({})
+    drawn = np.asarray(icl.axes[0].images[0].get_array())
+    assert drawn.tolist() == spec.change("icl").tolist()
+    assert "| a | 1.10, 1.40 |" in note and "icl -0.38" in note  # off the diagonal: ((0.25 - 0.5) + (0.5 - 1.0)) / 2
+    assert load_side_effects(tmp_path / "missing") is None
+
+
 def test_compare_and_the_cross_model_view(app: DemoApp) -> None:
     engine = app.engine
-    figure, cross, text = app.compare({})
+    figure, cross, text, *_ = app.compare({})
     assert figure is not None and cross is None and "needs the precomputed vectors of two models" in text
     other = {name: vector(10 + i, scale=1.0) for i, name in enumerate(["a", "b", "c", "d"])}
     mine = dict(engine.vectors)
-    _, cross, text = DemoApp(engine, app.extractor, cross_model={"tiny": mine, "other": other}).compare({})
+    _, cross, text, *_ = DemoApp(engine, app.extractor, cross_model={"tiny": mine, "other": other}).compare({})
 
     # oracle: numpy's Pearson correlation of the pairwise cosines of the three shared tasks
     def cosines(vs: dict) -> list[float]:
@@ -375,7 +402,7 @@ def test_compare_and_the_cross_model_view(app: DemoApp) -> None:
     assert cross is not None and "Pearson correlation of the 3 task-pair similarities" in text
     assert f"**{want:.2f}**" in text
     two = {"a": other["a"], "b": other["b"]}
-    _, cross, text = DemoApp(engine, app.extractor, cross_model={"tiny": mine, "other": two}).compare({})
+    _, cross, text, *_ = DemoApp(engine, app.extractor, cross_model={"tiny": mine, "other": two}).compare({})
     assert cross is None and "share fewer than three tasks" in text
     empty = DemoApp(Engine(engine.model, engine.tokenizer, model_name="t"), app.extractor)
     with pytest.raises(DemoError, match="no vectors to compare"):

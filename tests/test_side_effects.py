@@ -135,3 +135,15 @@ def test_specificity_puts_each_vector_on_each_task() -> None:
         assert spec.off_diagonal_change(mode) == pytest.approx(float(expected))
     with pytest.raises(ValueError, match="no vector for the tasks"):
         specificity(model, tok, tasks, {"reverse": vectors["reverse"]})
+
+
+def test_side_effect_records_round_trip_through_json() -> None:
+    import json
+
+    from fv_plugin.side_effects import Specificity, TextEffects
+
+    spec = Specificity(("a", "b"), {"icl": (0.5, 1.0)}, {"icl": ((0.5, 0.0), (0.25, 1.0))})
+    assert Specificity.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    effects = TextEffects((1.0, 2.0), (0.1, 0.4), (11.0, 13.0), 10.0, (0.0, 0.5), 0.0, 3)
+    back = TextEffects.from_dict(json.loads(json.dumps(effects.to_dict())))
+    assert back == effects and back.rise_10 == pytest.approx(effects.rise_10)
