@@ -5,6 +5,7 @@ Playwright). The oracle is a serial run: the same request served alone through t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -86,13 +87,12 @@ def test_extract_through_gradio_client_then_steer_with_the_new_vector(
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
     with pytest.raises(gradio_client.exceptions.AppError, match=r"pairs\.jsonl, line 2: missing 'output'"):
         client.predict("antonym", gradio_client.handle_file(str(bad)), "auto", api_name="/extract")
-    summary, _, curve, tokens, path, *_ = client.predict("antonym", None, "auto", api_name="/extract")
-    assert "antonym (difference, yours)" in summary and curve is not None and len(tokens["data"]) == 10
-    assert Path(path).stat().st_size > 0
+    summary, _, _, text, tokens, path, *_ = client.predict("antonym", None, "auto", api_name="/extract")
+    (name,) = re.findall(r"\*(antonym \([\w_]+, yours\))\*", summary)  # the form auto chose
+    assert "How `auto` chose" in summary and "On neutral text" in summary
+    assert text is not None and len(tokens["data"]) == 10 and Path(path).stat().st_size > 0
     # the same session can now steer with its own vector, and its ICL column uses the task it came from
-    plain, steered, _, _, note = client.predict(
-        *ui_args("Q: hot\nA:", "antonym (difference, yours)"), api_name="/steer"
-    )
+    plain, steered, _, _, note = client.predict(*ui_args("Q: hot\nA:", name), api_name="/steer")
     assert plain != steered and "of *antonym*" in note
 
 
