@@ -3,8 +3,8 @@
 The head statistics and the hidden-state means are computed once; every candidate (each form of
 ``config.forms``, at each number of heads, layer and strength of the config's grids) is then only a set of
 zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
-The choice (:func:`choose`): the highest validation accuracy, where a single-layer candidate's accuracy is
-averaged with its neighbouring layers' (so one lucky layer does not win); ties go to the head-based forms (the
+The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
+single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to the head-based forms (the
 paper's), then to the strength closest to 1, then to the higher answer probability. The chosen strength is
 built into the vector (steer it at strength 1). Every candidate's scores are kept in ``fv.selection``; a vector
 that does not beat the zero-shot model on validation gets a warning.
@@ -34,8 +34,8 @@ __all__ = ["RULE", "WeakVectorWarning", "auto_vector", "choose", "validation_pro
 logger = logging.getLogger(__name__)
 
 RULE = (
-    "highest validation accuracy (single-layer candidates: averaged with the neighbouring layers); ties: "
-    "head-based forms, then the strength closest to 1, then the higher answer probability"
+    "highest validation accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on "
+    "each side); ties: head-based forms, then the strength closest to 1, then the higher answer probability"
 )
 
 
@@ -95,8 +95,8 @@ def _vector(built: Built, form: str, layer: int | None, meta: dict[str, Any]) ->
     return FunctionVector(vector=built.at_layer(layer), layer=layer, method=form, **meta, **built.fields)
 
 
-def choose(candidates: Sequence[Candidate]) -> int:
-    """The index of the candidate :data:`RULE` picks."""
+def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
+    """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side."""
     groups: dict[tuple[str, int | None, float], dict[int, float]] = {}
     for c in candidates:
         if c.layer is not None:
@@ -106,7 +106,7 @@ def choose(candidates: Sequence[Candidate]) -> int:
         if c.layer is None:
             return c.accuracy
         curve = groups[(c.form, c.k, c.strength)]
-        near = [curve[at] for at in (c.layer - 1, c.layer, c.layer + 1) if at in curve]
+        near = [curve[at] for at in range(c.layer - smooth_layers, c.layer + smooth_layers + 1) if at in curve]
         return sum(near) / len(near)
 
     def key(i: int) -> tuple[float, bool, float, float]:
@@ -129,7 +129,7 @@ def auto_vector(inputs: FormInputs) -> FunctionVector:
         for o, s in zip(options, scores, strict=True)
     )
     baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
-    index = choose(candidates)
+    index = choose(candidates, config.smooth_layers)
     selection = Selection(candidates, index, baseline, len(prompts), config.validation, RULE)
     chosen = options[index]
     logger.info("auto: %s (validation accuracy %.2f)", candidates[index].label(), candidates[index].accuracy)

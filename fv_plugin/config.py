@@ -73,6 +73,8 @@ class ExtractionConfig:
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
         validation: the zero-shot queries it scores candidates on: the ``"valid"`` split, or ``"valid+train"``
             (the train queries too, asked zero-shot: more signal on small tasks).
+        smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
+            validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
     """
 
     method: Method | Literal["auto"] = "auto"
@@ -92,6 +94,7 @@ class ExtractionConfig:
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
+    smooth_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
@@ -120,6 +123,7 @@ class ExtractionConfig:
             _at_least(k, 1, "every k")
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
             raise ValueError("strengths must be positive")
+        _at_least(self.smooth_layers, 0, "smooth_layers")
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 

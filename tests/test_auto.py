@@ -23,7 +23,9 @@ def _c(form: str, acc: float, *, layer: int | None = None, s: float = 1.0, prob:
 
 def test_choice_prefers_a_good_neighbourhood_then_the_papers_form_then_moderate_strength() -> None:
     spike = [_c("difference", a, layer=i) for i, a in enumerate([0.1, 0.2, 0.9, 0.1, 0.5, 0.6, 0.6, 0.5])]
-    assert spike[choose(spike)].layer == 5  # a lone 0.9 between 0.2 and 0.1 loses to a steady 0.6 region
+    assert spike[choose(spike)].layer == 2  # without smoothing the best layer wins
+    assert spike[choose(spike, smooth_layers=1)].layer == 5  # a lone 0.9 between 0.2 and 0.1 loses to 0.6s
+    assert spike[choose(spike, smooth_layers=3)].layer == 7  # layers 4-7 average 0.55, the best window
     tie = [_c("difference", 0.5, layer=3), _c("head_difference", 0.5), _c("difference", 0.5, layer=4)]
     tie_groups = [*tie, _c("difference", 0.5, layer=5)]
     assert tie_groups[choose(tie_groups)].form == "head_difference"
