@@ -4,10 +4,10 @@ The head statistics and the hidden-state means are computed once; every candidat
 ``config.forms``, at each number of heads, layer and strength of the config's grids) is then only a set of
 zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
 The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
-single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to the head-based forms (the
-paper's), then to the strength closest to 1, then to the higher answer probability. The chosen strength is
-built into the vector (steer it at strength 1). Every candidate's scores are kept in ``fv.selection``; a vector
-that does not beat the zero-shot model on validation gets a warning.
+single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to
+the head-based forms (the paper's), then to the strength closest to 1, then to the higher answer probability.
+The chosen strength is built into the vector (steer it at strength 1). Every candidate's scores are kept in
+``fv.selection``; a vector that does not beat the zero-shot model on validation gets a warning.
 """
 
 from __future__ import annotations

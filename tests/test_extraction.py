@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -313,7 +315,8 @@ def test_extract_head_patch_form() -> None:
 
 
 def test_quality_bench_reports_every_form_on_both_protocols(tmp_path: Path) -> None:
-    from fv_plugin.benchmarks.quality import COLUMNS, measure_quality, quality_table
+    from fv_plugin.benchmarks.quality import COLUMNS, load_rows, measure_quality, quality_table
+    from fv_plugin.scoring import wilson_interval
 
     model, tok = tiny_model("llama"), char_tokenizer()
     base = fv_plugin.ExtractionConfig(n_mean=4, n_aie=2, n_shots=3, k=3, ks=(2,), strengths=(1.0,))
@@ -329,7 +332,19 @@ def test_quality_bench_reports_every_form_on_both_protocols(tmp_path: Path) -> N
         assert row.scores["ICL"].icl_correct == 1.0
     table = quality_table([row])
     assert table.count("\n") == 5 and "first-letter" in table and "% of ICL" in table
-    assert "first-letter" in quality_table([row], protocol="icl_correct")
+    saved = tmp_path / "quality.json"  # what --out writes, and --render reads back
+    saved.write_text(json.dumps({"model": "tiny", "rows": [dataclasses.asdict(row)]}), encoding="utf-8")
+    assert load_rows(saved) == [row]
+    with pytest.raises(ValueError, match="not a file written by fv bench quality"):
+        load_rows(tmp_path)
+    paper = quality_table([row], protocol="icl_correct")
+    assert "first-letter" in paper
+    icl_cell = paper.splitlines()[2].split(" | ")[3]  # task, n, zero-shot, ICL
+    if kept:  # 1.00 with the Wilson interval of kept out of kept
+        low, high = wilson_interval(kept, kept)
+        assert icl_cell == f"1.00 ({low:.2f}–{high:.2f})"
+    else:
+        assert icl_cell == "–"
 
 
 def test_attribution_patching_is_the_first_order_term_of_the_exact_effect() -> None:

@@ -26,9 +26,20 @@ from fv_plugin.evaluation import EvalResult, evaluate, icl_correct_inputs
 from fv_plugin.extraction import extract_function_vector
 from fv_plugin.mediation import head_statistics
 from fv_plugin.models import DEFAULT_MODEL, load_model
+from fv_plugin.scoring import wilson_interval
 from fv_plugin.tasks import builtin_tasks, load_task
 
-__all__ = ["COLUMNS", "FORMS", "QualityRow", "Score", "add_arguments", "measure_quality", "quality_table", "run"]
+__all__ = [
+    "COLUMNS",
+    "FORMS",
+    "QualityRow",
+    "Score",
+    "add_arguments",
+    "load_rows",
+    "measure_quality",
+    "quality_table",
+    "run",
+]
 
 FORMS: dict[str, dict[str, Any]] = {
     "layer_mean": {"method": "layer_mean"},
@@ -49,6 +60,13 @@ class Score:
     n: int
     icl_correct: float
     icl_correct_n: int
+
+    @property
+    def icl_correct_interval(self) -> tuple[float, float]:
+        """The 95% Wilson interval of ``icl_correct``."""
+        if self.icl_correct_n == 0:
+            return (0.0, 1.0)
+        return wilson_interval(round(self.icl_correct * self.icl_correct_n), self.icl_correct_n)
 
 
 @dataclass(frozen=True)
@@ -109,8 +127,8 @@ def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
         cells = []
         for col in COLUMNS:
             s = row.scores[col]
-            low, high = s.interval
-            cells.append(f"{s.icl_correct:.2f}" if paper else f"{s.accuracy:.2f} ({low:.2f}–{high:.2f})")
+            value, (low, high) = (s.icl_correct, s.icl_correct_interval) if paper else (s.accuracy, s.interval)
+            cells.append(f"{value:.2f} ({low:.2f}–{high:.2f})" if value == value else "–")
         n = first.icl_correct_n if paper else first.n
         lines.append(f"| {row.task} | {n} | " + " | ".join(cells) + " |")
     if rows:
@@ -129,14 +147,42 @@ def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
     return "\n".join(lines)
 
 
+def load_rows(path: str | Path) -> list[QualityRow]:
+    """The rows a run wrote with ``--out`` (to print its tables again: ``fv bench quality --render FILE``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [
+            QualityRow(
+                r["task"],
+                {c: Score(**{**s, "interval": tuple(s["interval"])}) for c, s in r["scores"].items()},
+                r["chosen"],
+                r["seconds"],
+            )
+            for r in data["rows"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a file written by fv bench quality --out ({error})") from error
+
+
+def _print_tables(rows: Sequence[QualityRow]) -> None:
+    print("\nEvery test query:\n" + quality_table(rows))
+    paper = quality_table(rows, protocol="icl_correct")
+    print("\nThe paper's protocol (queries 10-shot ICL answers correctly):\n" + paper)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     parser.add_argument("--tasks", default="all", help="comma-separated built-in tasks or task files (default: all)")
     parser.add_argument("--out", default=None, help="also write every row as JSON here")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
+    parser.add_argument("--render", default=None, help="only print the tables of a file an earlier --out wrote")
 
 
 def run(args: argparse.Namespace) -> list[QualityRow]:
+    if args.render:
+        rows = load_rows(args.render)
+        _print_tables(rows)
+        return rows
     model, tokenizer = load_model(args.model)
     names = builtin_tasks() if args.tasks == "all" else args.tasks.split(",")
     rows: list[QualityRow] = []
@@ -148,7 +194,5 @@ def run(args: argparse.Namespace) -> list[QualityRow]:
         if args.out:
             data = [dataclasses.asdict(r) for r in rows]
             Path(args.out).write_text(json.dumps({"model": args.model, "rows": data}, indent=1), encoding="utf-8")
-    print("\nEvery test query:\n" + quality_table(rows))
-    paper = quality_table(rows, protocol="icl_correct")
-    print("\nThe paper's protocol (queries 10-shot ICL answers correctly):\n" + paper)
+    _print_tables(rows)
     return rows
