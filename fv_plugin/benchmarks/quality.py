@@ -127,8 +127,8 @@ def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
         cells = []
         for col in COLUMNS:
             s = row.scores[col]
-            value, (low, high) = (s.icl_correct, s.icl_correct_interval) if paper else (s.accuracy, s.interval)
-            cells.append(f"{value:.2f} ({low:.2f}–{high:.2f})" if value == value else "–")
+            point, (low, high) = (s.icl_correct, s.icl_correct_interval) if paper else (s.accuracy, s.interval)
+            cells.append(f"{point:.2f} ({low:.2f}–{high:.2f})" if point == point else "–")
         n = first.icl_correct_n if paper else first.n
         lines.append(f"| {row.task} | {n} | " + " | ".join(cells) + " |")
     if rows:
@@ -180,9 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[QualityRow]:
     if args.render:
-        rows = load_rows(args.render)
-        _print_tables(rows)
-        return rows
+        saved = load_rows(args.render)
+        _print_tables(saved)
+        return saved
     model, tokenizer = load_model(args.model)
     names = builtin_tasks() if args.tasks == "all" else args.tasks.split(",")
     rows: list[QualityRow] = []
