@@ -8,9 +8,12 @@ zero-shot and 10-shot test prompts (:func:`fv_plugin.side_effects.specificity`) 
 paragraphs (:func:`fv_plugin.side_effects.text_effects`), which the Compare tab shows. The shipped files were made
 with (a shared 2-core CPU; the command prints each task's time):
 
-    nice -n 10 python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
+    python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
         english-french capitalize present-past singular-plural
-    nice -n 10 python demo/build_vectors.py --model gemma-3-270m --tasks antonym country-capital capitalize
+
+Gemma 3's three vectors (antonym, country-capital, capitalize) come from an earlier version of this script, whose
+default form was ``difference`` at the validation-chosen layer; ``--model gemma-3-270m --tasks antonym
+country-capital capitalize`` rebuilds them with ``auto``.
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
 already in the folder.
