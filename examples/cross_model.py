@@ -20,8 +20,9 @@ def main() -> None:
     task = fv_plugin.load_task(args.task)
     smol, smol_tok = fv_plugin.load_model("smollm2-135m-instruct")
     gemma, gemma_tok = fv_plugin.load_model("gemma-3-270m")
-    fv_a = fv_plugin.extract_function_vector(smol, smol_tok, task, n_mean=40)
-    fv_b = fv_plugin.extract_function_vector(gemma, gemma_tok, task, n_mean=40)
+    # The map sends one layer's residual stream to another's: compare single-layer residual vectors.
+    fv_a = fv_plugin.extract_function_vector(smol, smol_tok, task, method="difference", n_mean=40)
+    fv_b = fv_plugin.extract_function_vector(gemma, gemma_tok, task, method="difference", n_mean=40)
     mapping = fit_linear_map(smol, smol_tok, fv_a.layer, gemma, gemma_tok, fv_b.layer)
     mapped = mapping.apply(fv_a, target=gemma)
     cosine = float(fv_plugin.similarity_matrix([mapped, fv_b])[0, 1])

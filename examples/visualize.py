@@ -35,10 +35,9 @@ def main() -> None:
     viz.plot_top_tokens(tokens).savefig(out / "antonym_tokens.png")
     print("its top tokens:", [t.token for t in tokens])
 
-    # One vector per task (the default form, at a fixed layer so they are comparable), and their similarity.
-    vectors = [
-        fv_plugin.extract_function_vector(model, tok, fv_plugin.load_task(name), layer=18, n_mean=30) for name in TASKS
-    ]
+    # One vector per task, of one form at one layer so that they are comparable, and their similarity.
+    same_form = fv_plugin.ExtractionConfig(method="difference", layer=18, n_mean=30)
+    vectors = [fv_plugin.extract_function_vector(model, tok, fv_plugin.load_task(name), same_form) for name in TASKS]
     matrix = fv_plugin.similarity_matrix(vectors)
     viz.plot_similarity(matrix, list(TASKS)).savefig(out / "similarity.png")
     for name, row in zip(TASKS, matrix.tolist(), strict=True):
