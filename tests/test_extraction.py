@@ -414,3 +414,14 @@ def test_head_difference_adds_each_heads_icl_minus_zero_shot_mean_in_its_slot() 
         torch.testing.assert_close(model(input_ids=ids).logits, reference)
     with pytest.raises(TypeError, match="arithmetic"):
         fv + fv
+
+
+def test_quality_table_of_a_task_the_model_cannot_do_even_with_demonstrations() -> None:
+    from fv_plugin.benchmarks.quality import COLUMNS, QualityRow, Score, quality_table
+
+    zero = Score(0.0, (0.0, 0.15), 22, float("nan"), 0)  # ICL gets no query right: no paper-protocol queries
+    row = QualityRow("synonym", {c: zero for c in COLUMNS}, {}, 1.0)
+    table = quality_table([row])
+    share = table.splitlines()[4]  # header, rule, task, mean, % of ICL
+    assert share.startswith("| **% of ICL** |") and "%" not in share.removeprefix("| **% of ICL** |")
+    assert "| synonym | 0 | – | – |" in quality_table([row], protocol="icl_correct")

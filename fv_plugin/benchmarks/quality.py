@@ -135,7 +135,8 @@ def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
         value = (lambda s: s.icl_correct) if paper else (lambda s: s.accuracy)
         means = {c: _mean([value(r.scores[c]) for r in rows]) for c in COLUMNS}
         lines.append("| **mean** | | " + " | ".join(f"**{means[c]:.2f}**" for c in COLUMNS) + " |")
-        share = [f"{means[c] / means['ICL']:.0%}" if c not in ("zero-shot", "ICL") else "" for c in COLUMNS]
+        icl = means["ICL"]
+        share = [f"{means[c] / icl:.0%}" if icl > 0 and c not in ("zero-shot", "ICL") else "" for c in COLUMNS]
         lines.append("| **% of ICL** | | " + " | ".join(share) + " |")
         wins = [
             f"{sum(value(r.scores[c]) >= value(r.scores['layer_mean']) for r in rows)}/{len(rows)}"
