@@ -2,7 +2,8 @@
 
 Every front end (:func:`~fv_plugin.steer`, :class:`~fv_plugin.FunctionVectorProcessor`,
 :class:`~fv_plugin.SteeredModel`, and the vLLM plugin) takes the same arguments with the same meanings, and
-refuses a bad value with the same message; they all go through :func:`validate`.
+refuses a bad value with the same message; they all go through :func:`validate`. What a request adds after each
+layer is merged by :func:`fv_plugin.merge.merge`, the rule vLLM and GGUF export use too.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def validate(
 
 def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:
     """Each row's vectors merged (:func:`~fv_plugin.merge.merge`), stacked per layer into ``[rows, hidden]``."""
-    merged = [merge([p for p in group if not p[0].is_head_patch], request.normalize) for group in request.rows]
+    added = [[(fv, weight) for fv, weight in group if not fv.is_head_patch] for group in request.rows]
+    merged = [merge(pairs, request.normalize) for pairs in added]
     deltas = {}
     for layer in sorted({layer for row in merged for layer in row.deltas}):
         rows = torch.zeros(len(merged), hidden, dtype=torch.float64)
