@@ -146,7 +146,7 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
 def extract_tab(app: DemoApp, own: gr.State, vector_dropdowns: list[gr.Dropdown]) -> None:
     settings, limits = app.extractor.settings, app.engine.limits
     gr.Markdown(
-        "Extract a vector from examples. `auto` tries every form (the hidden-state difference, the paper's head "
+        "Extract a vector from examples. `auto` tries every method (the hidden-state difference, the paper's head "
         "vectors) at several layers and strengths on zero-shot validation queries and keeps the best; `heads` is "
         "the paper's: mean head activations over ICL prompts, each head's average indirect effect (AIE) on "
         f"shuffled-label prompts, the top heads. Small samples and grids ({settings.n_mean} prompts for the "

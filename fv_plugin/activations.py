@@ -1,6 +1,6 @@
 """Reading activations: last-token hidden states of prompts at chosen layers, and a task's hidden-state vectors.
 
-:func:`task_state_vectors` is the one place the hidden-state forms are computed: the mean last-token state of
+:func:`task_state_vectors` is the one place the hidden-state methods' vectors are computed: the mean last-token state of
 clean ICL prompts (``layer_mean``, the task-vector baseline) and that mean minus the mean over the same queries
 zero-shot (``difference``, the ICL-minus-zero-shot vector).
 """

@@ -23,7 +23,7 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
-        "--method", choices=METHODS, default="auto", help="form of the vector (auto: chosen on validation)"
+        "--method", choices=METHODS, default="auto", help="how the vector is made (auto: chosen on validation)"
     )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
@@ -91,7 +91,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
     parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
     parser.add_argument("--vectors", nargs="*", default=(), help="vector files or folders (else extracted)")
-    parser.add_argument("--method", default="auto", help="form to extract when a task has no vector")
+    parser.add_argument("--method", default="auto", help="method to extract with when a task has no vector")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--strengths", nargs="*", type=float, default=list(DEFAULT_STRENGTHS))
@@ -181,7 +181,7 @@ def _compare(argv: Sequence[str]) -> int:
         "--method",
         choices=("difference", "layer_mean", "heads"),
         default="difference",
-        help="single-layer form to extract where no vector is given (a map carries one layer's vector)",
+        help="single-layer method to extract with where no vector is given (a map carries one layer's vector)",
     )
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--n", type=int, default=None, help="test prompts per task (default: all)")

@@ -8,6 +8,7 @@ which :func:`with_overrides` turns into a new config.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
@@ -53,10 +54,10 @@ class ExtractionConfig:
     """How :func:`~fv_plugin.extract_function_vector` makes a vector.
 
     Attributes:
-        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"head_difference"`` (the heads'
+        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level method), ``"head_difference"`` (the heads'
             ICL-minus-zero-shot activations added in their slots), ``"difference"`` (ICL minus zero-shot hidden
             states), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
-        k: number of heads for the head-based forms.
+        k: number of heads for the head-based methods.
         layer: the layer whose output receives the vector; ``None`` chooses it on the validation prompts.
         layers: candidate layers for that choice (default: every layer).
         strength: strength used while choosing the layer.
@@ -67,13 +68,14 @@ class ExtractionConfig:
         template: the demonstration template.
         batch_size: prompts per forward pass.
         heads_per_batch: patched heads per forward pass in the AIE.
-        forms: the forms ``method="auto"`` chooses among.
-        ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's form,
+        methods: the methods ``method="auto"`` chooses among (``forms=``, its former name, is still accepted
+            when constructing, with a ``DeprecationWarning``).
+        ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's method,
             is tried with ``k`` heads at every other layer).
-        strengths: the strengths it tries for the hidden-state forms (``difference``).
-        head_strengths: the strengths it tries for the additive head-based forms (``heads``,
+        strengths: the strengths it tries for the hidden-state methods (``difference``).
+        head_strengths: the strengths it tries for the additive head-based methods (``heads``,
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
-        validation: the zero-shot queries every choice (``auto``'s candidates, an explicit form's layer) is scored
+        validation: the zero-shot queries every choice (``auto``'s candidates, an explicit method's layer) is scored
             on: the ``"valid"`` split, or ``"valid+train"``
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
@@ -92,14 +94,22 @@ class ExtractionConfig:
     template: str = DEFAULT_TEMPLATE
     batch_size: int = 16
     heads_per_batch: int = 64
-    forms: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
+    methods: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
     ks: tuple[int, ...] = (5, 10, 20, 40, 80)
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
+    forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, forms: tuple[str, ...] | None) -> None:
+        if forms is not None:
+            warnings.warn(
+                "ExtractionConfig(forms=...) is deprecated; use methods=... (the same tuple)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "methods", forms)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self._check_auto()
@@ -115,13 +125,13 @@ class ExtractionConfig:
         PromptTemplate(self.template)  # validates
 
     def _check_auto(self) -> None:
-        for name in ("forms", "ks", "strengths", "head_strengths"):
+        for name in ("methods", "ks", "strengths", "head_strengths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: method='auto' needs at least one")
-        unknown = [f for f in self.forms if f not in AUTO_METHODS]
+        unknown = [f for f in self.methods if f not in AUTO_METHODS]
         if unknown:
-            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {AUTO_METHODS}")
+            raise ValueError(f"methods {unknown} cannot be chosen by 'auto'; choose from {AUTO_METHODS}")
         for k in self.ks:
             _at_least(k, 1, "every k")
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
@@ -135,8 +145,12 @@ class ExtractionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractionConfig:
+        """Inverse of :meth:`to_dict` (also reads ``forms``, the former name of ``methods``)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "forms" in data and "methods" not in data:
+            values["methods"] = tuple(data["forms"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -201,7 +215,8 @@ def with_overrides(config: C, overrides: Mapping[str, Any], *, what: str) -> C:
     if not overrides:
         return config
     known = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
-    unknown = sorted(set(overrides) - known)
+    renamed = {"forms": "methods"}  # deprecated names, accepted for one release
+    unknown = sorted(set(overrides) - known - {old for old, new in renamed.items() if new in known})
     if unknown:
         raise TypeError(f"{what} got unknown setting(s) {unknown}; valid settings: {sorted(known)}")
     return dataclasses.replace(config, **overrides)  # type: ignore[type-var]

@@ -318,10 +318,10 @@ def sweep_layers(
     """Next-token scores with the vector added after each of ``layers``.
 
     ``fv`` is either one vector, moved to each layer as it is, or a function ``layer -> FunctionVector`` for
-    forms that differ per layer (e.g. a difference of hidden states taken at that layer).
+    methods whose vector differs per layer (e.g. a difference of hidden states taken at that layer).
     """
     if isinstance(fv, FunctionVector) and (fv.is_head_patch or fv.layer_vectors is not None):
-        raise ValueError("this vector sits at its heads' own layers; sweep a single-layer form instead")
+        raise ValueError("this vector sits at its heads' own layers; sweep a single-layer method's vector instead")
 
     def make(layer: float) -> tuple[list[VectorArg], float]:
         at = int(layer)

@@ -284,8 +284,8 @@ def compare_tasks(
 ) -> tuple[ModelComparison, dict[str, FunctionVector], dict[str, FunctionVector]]:
     """``fv compare``: fill in the vectors not given (per side ``(model, tokenizer, name)``) and compare.
 
-    A linear map carries one layer's residual stream, so the vectors must be single-layer forms (``extraction``
-    makes ``difference`` vectors by default).
+    A linear map carries one layer's residual stream, so the vectors must be made by single-layer methods
+    (``extraction`` makes ``difference`` vectors by default).
 
     ``head_vectors=None`` skips the head-based vectors. Returns the comparison and each side's vectors.
     """

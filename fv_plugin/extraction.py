@@ -1,8 +1,8 @@
 """Extracting a function vector: head statistics or hidden-state means -> a vector -> the layer it works at.
 
-Every form (:mod:`fv_plugin.forms`) is returned as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
-which. A single-layer form's layer is chosen by a sweep on the validation prompts unless given; ``method="auto"``
-chooses the form, the layer and the strength on the same prompts (:mod:`fv_plugin.auto`), with the same scorer.
+Every method (:mod:`fv_plugin.methods`) returns as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
+which. A single-layer method's layer is chosen by a sweep on the validation prompts unless given; ``method="auto"``
+chooses the method, the layer and the strength on the same prompts (:mod:`fv_plugin.auto`), with the same scorer.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.auto import auto_vector
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
-from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
+from fv_plugin.methods import BUILDERS, Built, MethodInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.scoring import score_prompts
@@ -43,7 +43,7 @@ def layer_vectors(
     arch: ArchSpec | None = None,
     **overrides: Any,
 ) -> dict[int, FunctionVector]:
-    """The hidden-state forms at every layer in ``layers`` (default: all) from one pass over the prompts.
+    """The hidden-state methods' vectors at every layer in ``layers`` (default: all) from one pass over the prompts.
 
     Uses the same prompts as :func:`extract_function_vector` with the same settings, so entry ``L`` equals
     ``extract_function_vector(..., method=method, layer=L)``'s vector. Handy for layer sweeps.
@@ -56,7 +56,7 @@ def layer_vectors(
     return {at: FunctionVector(vector=v, layer=at, method=method, **meta) for at, v in per_layer.items()}
 
 
-def _layer_sweep(job: FormInputs, built: Built, meta: dict[str, Any]) -> Sweep:
+def _layer_sweep(job: MethodInputs, built: Built, meta: dict[str, Any]) -> Sweep:
     """Accuracy on the validation prompts every choice reads (:func:`~fv_plugin.prompt_sets.validation_prompts`)
     with the vector after each candidate layer at the config's strength, scored as ``method="auto"`` scores its
     candidates."""
@@ -102,11 +102,11 @@ def extract_function_vector(
         task: the task (see :func:`~fv_plugin.load_task`).
         config: the settings (:class:`~fv_plugin.ExtractionConfig`); any of its fields may also be given as a
             keyword (``method="heads", k=20``) and overrides it. ``method="auto"`` (the default) chooses the
-            form, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
-            candidate's scores are kept in ``fv.selection``); an explicit form with ``layer=None`` chooses the
+            method, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
+            candidate's scores are kept in ``fv.selection``); an explicit method with ``layer=None`` chooses the
             layer by a sweep on the validation prompts (``config.validation``) over ``layers`` (default: every layer).
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
-            across forms instead of recomputing them.
+            across methods instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
         progress: show progress bars.
 
@@ -122,9 +122,9 @@ def extract_function_vector(
     resolved = resolve_architecture(model, arch)
     check_layers(resolved, [settings.layer] if settings.layer is not None else [])
     _check_statistics(statistics, task, settings)
-    job = FormInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
+    job = MethodInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
     if settings.method == "auto":
-        if settings.layer is not None:  # the single-layer forms are tried at that layer only
+        if settings.layer is not None:  # the single-layer methods are tried at that layer only
             job = job.with_config(layers=(settings.layer,))
         return auto_vector(job)
     built = BUILDERS[settings.method](job)

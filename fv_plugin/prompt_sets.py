@@ -4,7 +4,7 @@
   hidden-state means. With ``n_shots=0``: the same queries zero-shot (``difference``, ``head_difference``).
 - :func:`shuffled_prompts`: ``n_aie`` train queries whose demonstrations' labels are permuted (``seed + 1``); the AIE.
 - :func:`validation_prompts`: zero-shot queries from valid, or valid and train (``ExtractionConfig.validation``);
-  every choice: the form, layer, number of heads and strength of ``method="auto"``, and an explicit form's layer.
+  every choice: the method, layer, number of heads and strength of ``method="auto"``, and an explicit method's layer.
 - :func:`eval_prompts`: queries from ``EvalConfig.split`` (test by default) in one prompt mode; reports only:
   :func:`~fv_plugin.evaluate`, the evaluation sweeps, side effects, ``fv extract``'s printed accuracy.
 

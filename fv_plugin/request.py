@@ -73,10 +73,10 @@ def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float
         if isinstance(item, FunctionVector):
             pairs.append((item, 1.0))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], FunctionVector):
-            pairs.append((item[0], check_number(item[1], "a vector's strength")))
+            pairs.append((item[0], check_number(item[1], "a vector's weight")))
         else:
             raise TypeError(
-                f"vectors must be FunctionVector objects or (FunctionVector, strength) pairs, got {type(item).__name__}"
+                f"vectors must be FunctionVector objects or (FunctionVector, weight) pairs, got {type(item).__name__}"
             )
     return pairs
 

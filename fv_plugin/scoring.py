@@ -20,13 +20,14 @@ import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.devices import input_device
+from fv_plugin.merge import Normalize
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.steering import steer
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 VectorArg = FunctionVector | tuple[FunctionVector, float]
-Normalize = Literal["absolute", "relative"]
 
 
 def correct_first_token(token: int, answer_tokens: Sequence[Sequence[int]]) -> bool:

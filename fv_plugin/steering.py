@@ -20,9 +20,9 @@ from transformers import LogitsProcessor
 
 from fv_plugin.architectures import ArchSpec
 from fv_plugin.hooks import attach, get_attachment
+from fv_plugin.merge import Normalize
 from fv_plugin.positions import Positions
 from fv_plugin.request import (
-    Normalize,
     check_options,
     check_rows,
     check_strength,

@@ -57,7 +57,7 @@ class FunctionVector:
         method: how it was made (e.g. ``"heads"``, ``"layer_mean"``, ``"combination"``).
         library_version: fv_plugin version that made it.
         extra: further string metadata of your own (fv_plugin's own metadata has typed fields).
-        head_values: for the head-level forms: one activation per entry of ``heads``, shape ``[k, head_dim]``,
+        head_values: for the head-level methods: one activation per entry of ``heads``, shape ``[k, head_dim]``,
             written into (``head_mode="replace"``, ``method="head_patch"``) or added to (``head_mode="add"``,
             ``method="head_difference"``) those heads' own slots of the attention output projection's input
             when steering, instead of adding ``vector`` (which then holds their residual-stream contribution).
@@ -174,7 +174,7 @@ class FunctionVector:
 
     @property
     def is_head_patch(self) -> bool:
-        """Whether steering writes head activations (head-level form) rather than adding ``vector``."""
+        """Whether steering writes head activations (head-level method) rather than adding ``vector``."""
         return self.head_values is not None
 
     @property

@@ -96,7 +96,7 @@ def test_auto_and_the_layer_choice_count_alternatives() -> None:
     want = [_oracle(model, task.valid, per_layer[at]) for at in range(3)]
     assert list(layer_sweep.accuracy) == pytest.approx(want)
     with pytest.warns(fv_plugin.WeakVectorWarning):  # nothing beats a plain model that is always right
-        auto = fv_plugin.extract_function_vector(model, tok, task, forms=("difference",), strengths=(1.0,), **small)
+        auto = fv_plugin.extract_function_vector(model, tok, task, methods=("difference",), strengths=(1.0,), **small)
     assert auto.selection is not None and auto.selection.baseline_accuracy == 1.0
     assert [c.accuracy for c in auto.selection.candidates] == pytest.approx(want)
 
@@ -139,7 +139,7 @@ def test_every_choice_reads_the_validation_prompts_and_never_the_test_split(
     small = dict(n_mean=4, n_aie=2, n_shots=2, k=2, ks=(2,), template=TEMPLATE, validation=validation)
     fv_plugin.extract_function_vector(model, tok, task, method="difference", **small)
     with pytest.warns(fv_plugin.WeakVectorWarning):
-        fv_plugin.extract_function_vector(model, tok, task, forms=("difference", "head_patch"), **small)
+        fv_plugin.extract_function_vector(model, tok, task, methods=("difference", "head_patch"), **small)
     config = fv_plugin.ExtractionConfig(**small)  # type: ignore[arg-type]
     want = [p.text for p in validation_prompts(task, config)]
     assert seen == {"auto": [want], "layer": [want]}

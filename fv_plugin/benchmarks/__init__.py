@@ -4,7 +4,7 @@ imported only when its command runs.
 
 - ``overhead`` (:mod:`.overhead`): tokens/s of plain vs attached-idle vs steered generation, batch 1 and 8.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
-- ``quality`` (:mod:`.quality`): test accuracy of every form of vector and the baselines, per task.
+- ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -22,7 +22,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "overhead": ("overhead", "tokens/s of plain vs attached-idle vs steered generation (batch 1 and 8)"),
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
-    "quality": ("quality", "test accuracy of every form of vector and the baselines, per task"),
+    "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),

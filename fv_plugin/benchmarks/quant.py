@@ -1,7 +1,7 @@
 """``fv bench quant``: the default function vector of quantized models against the float32 one.
 
 For each configuration (float32, 8-bit, 4-bit nf4, 4-bit fp4) a fresh subprocess loads the model, extracts the
-default-form vector for a task, and scores zero-shot accuracy on the task's test split with it; its peak memory
+default-method vector for a task, and scores zero-shot accuracy on the task's test split with it; its peak memory
 is the growth of that process's resident set over what it held before loading the model (torch allocations are
 invisible to ``tracemalloc``). float32 runs first and chooses the layer; the quantized runs reuse that layer, so
 the cosine compares vectors at the same place.
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {CONFIGS}")
     rows: list[QuantRow] = []
-    print(f"model: {args.model}; default-form vector; first-token accuracy on the test split", flush=True)
+    print(f"model: {args.model}; default-method vector; first-token accuracy on the test split", flush=True)
     for task in args.tasks.split(","):
         rows += run_task(args.model, task.strip(), configs, seed=args.seed, n_mean=args.n_mean, n_shots=args.n_shots)
     print(quant_table(rows))
