@@ -23,7 +23,7 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
-        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: chosen on validation)"
+        "--method", choices=METHODS, default="auto", help="form of the vector (auto: chosen on validation)"
     )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
