@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import torch
 
+from fv_plugin.config import DEFAULT_MODEL
+
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
@@ -35,8 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class EmbeddedModelMissingError(ImportError):

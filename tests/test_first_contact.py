@@ -3,6 +3,10 @@ strengths the model's dtype cannot hold, task files with newlines and with their
 
 from __future__ import annotations
 
+import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,9 @@ from conftest import VOCAB, tiny_model
 from transformers import PreTrainedTokenizerFast
 
 import fv_plugin
+from fv_plugin import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _right_padding_tokenizer_without_pad() -> PreTrainedTokenizerFast:
@@ -53,3 +60,90 @@ def test_a_tokenizer_without_pad_or_eos_token_is_left_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="neither a pad token nor an end-of-text token"):
         fv_plugin.models.ready_for_batches(tiny_model("llama"), tokenizer)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is None
+
+
+# ------------------------------------------------------------------------------------------- command line
+HELP_IMPORTS = """
+import contextlib, io, sys
+from fv_plugin import cli
+for args in (["--help"], *[[command, "--help"] for command in cli.COMMANDS]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        cli.main(args)
+    assert "usage: fv" in out.getvalue() and "--help" in out.getvalue(), (args, out.getvalue())
+print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "safetensors", "tqdm"}))
+"""
+
+
+def test_help_of_fv_and_every_command_imports_neither_torch_nor_transformers() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_importing_the_package_is_lazy_and_every_public_name_resolves() -> None:
+    code = "import sys, fv_plugin; print('torch' in sys.modules); print(fv_plugin.Task.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "fv_plugin.tasks"]
+    from fv_plugin import FunctionVector, steer
+
+    assert steer is fv_plugin.steering.steer and FunctionVector is fv_plugin.vector.FunctionVector
+    # The names type checkers see (the TYPE_CHECKING imports) are the names the package exports.
+    tree = ast.parse((ROOT / "fv_plugin" / "__init__.py").read_text(encoding="utf-8"))
+    checked = {
+        alias.name: node.module
+        for block in tree.body
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert set(checked) | {"__version__"} == set(fv_plugin.__all__)
+    for name, module in checked.items():
+        assert getattr(fv_plugin, name) is getattr(importlib.import_module(str(module)), name), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        _ = fv_plugin.nothing_here
+
+
+def _bad_task(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"input": "hot", "output": "cold"}, {"input": "up"}]', encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the task files were checked")
+
+    monkeypatch.setattr(fv_plugin.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["extract", "eval", "compare"])
+def test_a_bad_task_file_fails_in_one_line_before_any_model_loads(
+    command: str, tmp_path: Path, no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task = str(_bad_task(tmp_path))
+    argv = [command, "--task" if command == "extract" else "--tasks", task, "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fv: error: ") and err.count("\n") == 1, err
+    assert "bad.json, item 1" in err and "'output'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_before_or_after_the_command_prints_the_traceback(
+    where: str, tmp_path: Path, no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["extract", "--task", str(_bad_task(tmp_path)), "--out", str(tmp_path / "v.safetensors")]
+    argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError" in err
+    assert err.rstrip().splitlines()[-1].startswith("fv: error: ")
+
+
+def test_a_missing_vector_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["export", "--vector", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err.startswith("fv: error: ")
