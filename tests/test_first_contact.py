@@ -147,3 +147,51 @@ def test_verbose_before_or_after_the_command_prints_the_traceback(
 def test_a_missing_vector_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["export", "--vector", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x")]) == 1
     assert capsys.readouterr().err.startswith("fv: error: ")
+
+
+# ------------------------------------------------------------------------- strengths the dtype cannot hold
+def _norm_1000(layer: int = 1) -> fv_plugin.FunctionVector:
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    return fv_plugin.FunctionVector(vector=vector * (1000.0 / vector.norm()), layer=layer)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "too_strong", "fine"),
+    [(torch.float32, 1e30, 1e3), (torch.float16, 1e5, 1.0)],
+)
+def test_a_strength_the_model_dtype_cannot_hold_is_refused_before_the_model_runs(
+    dtype: torch.dtype, too_strong: float, fine: float
+) -> None:
+    model = tiny_model("llama", dtype)
+    fv = _norm_1000()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    forwards: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        cases = {
+            "steer": lambda: fv_plugin.steer(model, fv, strength=too_strong).__enter__(),
+            "pair weight": lambda: fv_plugin.steer(model, (fv, too_strong)).__enter__(),
+            "per-row": lambda: fv_plugin.steer(model, rows=[[fv], [(fv, too_strong)]]).__enter__(),
+            "row strengths": lambda: fv_plugin.steer(model, fv, strength=torch.tensor([0.0, too_strong])).__enter__(),
+            "processor": lambda: fv_plugin.attach(model).generate(
+                input_ids=ids,
+                max_new_tokens=2,
+                logits_processor=[fv_plugin.FunctionVectorProcessor(fv, strength=too_strong)],
+            ),
+            "SteeredModel": lambda: fv_plugin.SteeredModel(model, [fv], strength=too_strong).generate(
+                input_ids=ids, max_new_tokens=2
+            ),
+            "SteeredModel call": lambda: fv_plugin.SteeredModel(model).generate(
+                input_ids=ids, max_new_tokens=2, steering=[(fv, too_strong)]
+            ),
+        }
+        for name, run in cases.items():
+            with pytest.raises(ValueError, match=f"more than {dtype} can hold"):
+                run()
+            assert forwards == [], name
+        with fv_plugin.steer(model, fv, strength=fine):  # a large but representable strength still steers
+            out = model(input_ids=ids).logits
+        assert bool(torch.isfinite(out).all()) and forwards == [1]
+    finally:
+        handle.remove()
+        fv_plugin.detach(model)
