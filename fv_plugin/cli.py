@@ -17,7 +17,11 @@ def _extract_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fv extract", description="Extract a function vector for a task.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
-    parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
+    parser.add_argument(
+        "--task", required=True, help="built-in task name, task file (.json/.jsonl/.csv) or folder of split files"
+    )
+    parser.add_argument("--valid", default=None, help="the task's own validation file (--task is then its train file)")
+    parser.add_argument("--test", default=None, help="the task's own test file (--task is then its train file)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
         "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: chosen on validation)"
@@ -35,7 +39,7 @@ def _extract(argv: Sequence[str]) -> int:
 
     args = _extract_parser().parse_args(argv)
     config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
-    task = load_task(args.task)  # a bad task file fails here, before the model loads
+    task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
@@ -97,7 +101,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fv eval", description="Evaluate function vectors and write a report.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
-    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, files or folders, or 'all'")
     parser.add_argument("--vectors", nargs="*", default=(), help="vector files or folders (else extracted)")
     parser.add_argument("--method", default="auto", help="form to extract when a task has no vector")
     parser.add_argument("--out", required=True, help="report folder")
@@ -176,7 +180,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fv compare", description="Compare two models' function vectors.")
     parser.add_argument("--model-a", default="smollm2-135m-instruct")
     parser.add_argument("--model-b", default="gemma-3-270m")
-    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, files or folders, or 'all'")
     parser.add_argument("--vectors-a", nargs="*", default=(), help="model A's vector files or folders")
     parser.add_argument("--vectors-b", nargs="*", default=(), help="model B's vector files or folders")
     parser.add_argument("--heads-a", nargs="*", default=(), help="model A's head-based vectors (method heads)")

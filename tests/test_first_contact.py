@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
+import logging
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, char_tokenizer, tiny_model
 from transformers import PreTrainedTokenizerFast
 
 import fv_plugin
@@ -195,3 +198,166 @@ def test_a_strength_the_model_dtype_cannot_hold_is_refused_before_the_model_runs
     finally:
         handle.remove()
         fv_plugin.detach(model)
+
+
+# --------------------------------------------------------------------------------------------- pipelines
+def test_steered_model_in_a_pipeline_without_the_unsupported_model_message(caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import pipeline
+
+    model, tokenizer = tiny_model("llama"), char_tokenizer()
+    fv = fv_plugin.FunctionVector(vector=torch.randn(64, generator=torch.Generator().manual_seed(3)) * 40, layer=1)
+    options = dict(max_new_tokens=6, do_sample=False, return_full_text=False)
+    library = logging.getLogger("transformers")  # it logs to its own handler and does not propagate
+    library.addHandler(caplog.handler)
+    try:
+        steered = pipeline("text-generation", model=fv_plugin.SteeredModel(model, [fv]), tokenizer=tokenizer)
+        got = steered("the quick brown fox", **options)[0]["generated_text"]
+    finally:
+        library.removeHandler(caplog.handler)
+    assert "is not supported for text-generation" not in caplog.text, caplog.text[:300]
+    assert type(steered.model) is fv_plugin.SteeredModel and isinstance(steered.model, type(model))
+    plain = pipeline("text-generation", model=model, tokenizer=tokenizer)("the quick brown fox", **options)
+    ids = tokenizer("the quick brown fox", return_tensors="pt")
+    with fv_plugin.steer(model, fv):  # the oracle: the same generation steered directly
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert got == expected and got != plain[0]["generated_text"]
+
+
+# ------------------------------------------------------------------------------------ task files and splits
+GERMAN = [
+    ("dog", "Hund\n"),
+    ("cat", "Katze"),
+    ("house", "Haus\n"),
+    ("tree", "Baum"),
+    ("water", "Wasser"),
+    ("sun", "Sonne"),
+]
+QA = [
+    ("Where does a fish live?\nA. tree\nB. river\nC. sky", "B"),
+    ("What do you wear on your feet?\nA. shoes\nB. hat\nC. gloves", "A"),
+    ("What is cold?\nA. fire\nB. sun\nC. ice", "C"),
+    ("What do bees make?\nA. milk\nB. honey\nC. wool", "B"),
+    ("Which one is a fruit?\nA. apple\nB. stone\nC. chair", "A"),
+    ("Which one flies?\nA. cow\nB. fish\nC. bird", "C"),
+]
+
+
+def _write_rows(path: Path, rows: list[tuple[str, str]], **extra: list[str]) -> Path:
+    items = [{"input": x, "output": y, **{k: v[i] for k, v in extra.items()}} for i, (x, y) in enumerate(rows)]
+    path.write_text(json.dumps(items), encoding="utf-8")
+    return path
+
+
+def test_task_fields_may_hold_newlines_inside_and_lose_them_at_the_ends(tmp_path: Path) -> None:
+    german = fv_plugin.load_task(_write_rows(tmp_path / "english_german.json", GERMAN))
+    assert [p.output for p in german.pairs] == [y.strip() for _, y in GERMAN]
+    qa = fv_plugin.load_task(_write_rows(tmp_path / "commonsense_qa.json", QA))
+    assert [p.input for p in qa.pairs] == [x for x, _ in QA]
+    csv_file = tmp_path / "windows.csv"
+    csv_file.write_bytes(b'input,output\r\n"two\r\nlines",a\r\nthree,b\r\n')
+    assert fv_plugin.load_task(csv_file).pairs[0].input == "two\nlines"
+    # Prompts keep the template around such fields, and the answer's tokens are the whole answer.
+    prompts = fv_plugin.make_prompts(qa, n_shots=2, split="train")
+    tokenizer = char_tokenizer()
+    encoded = fv_plugin.encode_prompts(tokenizer, prompts)
+    for prompt, answers in zip(prompts, encoded.answer_tokens, strict=True):
+        demos = "".join(f"Q: {d.input}\nA: {d.output}\n\n" for d in prompt.demos)
+        assert prompt.text == demos + f"Q: {prompt.query.input}\nA:"
+        assert prompt.answer == " " + prompt.query.output
+        assert answers[0] == tuple(tokenizer.convert_tokens_to_ids(list(prompt.answer)))
+
+
+def test_an_answer_with_a_newline_inside_is_scored_on_its_first_token_and_matched_whole() -> None:
+    from fv_plugin.evaluation import starts_with_answer
+
+    pair = fv_plugin.Pair(input="write two lines", output="first\nsecond")
+    task = fv_plugin.Task("lines", (pair, fv_plugin.Pair(input="one", output="uno")))
+    prompts = [p for split in ("train", "test") for p in fv_plugin.make_prompts(task, n_shots=0, split=split)]
+    (prompt,) = [p for p in prompts if p.query == pair]
+    encoded = fv_plugin.encode_prompts(char_tokenizer(), [prompt])
+    assert int(encoded.answer_ids[0]) == char_tokenizer().convert_tokens_to_ids(" ")  # what the model says next
+    assert starts_with_answer(" first\nsecond\n\nQ: more", prompt.answers)
+    assert not starts_with_answer(" first second", prompt.answers)
+
+
+def _pairs(rows: list[tuple[str, str]]) -> tuple[fv_plugin.Pair, ...]:
+    return tuple(fv_plugin.Pair(input=x, output=y.strip()) for x, y in rows)
+
+
+def test_without_its_own_splits_a_task_is_split_50_20_30_by_a_seeded_shuffle() -> None:
+    pairs = tuple(fv_plugin.Pair(input=f"in {i}", output=f"out {i % 7}") for i in range(40))
+    task = fv_plugin.Task("numbers", pairs)
+    order = list(range(40))
+    random.Random("numbers:0").shuffle(order)  # the documented rule, written out
+    assert task.test == tuple(pairs[i] for i in order[:12])
+    assert task.valid == tuple(pairs[i] for i in order[12:20])
+    assert task.train == tuple(pairs[i] for i in order[20:])
+
+
+def test_a_task_with_its_own_splits_uses_them_exactly(tmp_path: Path) -> None:
+    train, valid, test = GERMAN[:3], GERMAN[3:4], GERMAN[4:]
+    expected = (_pairs(train), _pairs(valid), _pairs(test))
+    # In the API: one split name per pair, or the three parts.
+    labels = ("train",) * 3 + ("valid",) + ("test",) * 2
+    by_label = fv_plugin.Task("de", _pairs(GERMAN), splits=labels)
+    by_parts = fv_plugin.Task.from_splits("de", *expected)
+    # In files: a folder of split files (any of the three formats), split files, or a "split" field.
+    folder = tmp_path / "de"
+    folder.mkdir()
+    _write_rows(folder / "train.json", train)
+    (folder / "validation.jsonl").write_text(json.dumps({"input": valid[0][0], "output": valid[0][1]}) + "\n")
+    (folder / "test.csv").write_text("input,output\n" + "".join(f"{x},{y.strip()}\n" for x, y in test))
+    from_folder = fv_plugin.load_task(folder)
+    from_files = fv_plugin.load_task(folder / "train.json", valid=folder / "validation.jsonl", test=folder / "test.csv")
+    names = ["train", "train", "train", "dev", "test", "test"]
+    from_field = fv_plugin.load_task(_write_rows(tmp_path / "marked.json", GERMAN, split=names))
+    for task in (by_label, by_parts, from_folder, from_files, from_field):
+        assert (task.train, task.valid, task.test) == expected, task.source
+    assert from_folder.name == from_files.name == "de"
+
+
+@pytest.mark.parametrize(
+    ("rows", "extra", "match"),
+    [
+        (GERMAN, dict(split=["train", "test", "train", "", "test", "train"]), "item 3: no .split. field"),
+        (GERMAN, dict(split=["train", "test", "holdout", "train", "test", "train"]), "'split' must be one of"),
+        (GERMAN, dict(split=["test"] * 6), "no train pairs"),
+    ],
+)
+def test_bad_split_fields_are_clear_errors(
+    tmp_path: Path, rows: list[tuple[str, str]], extra: dict[str, list[str]], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        fv_plugin.load_task(_write_rows(tmp_path / "task.json", rows, **extra))
+
+
+def test_a_folder_without_a_train_file_is_a_clear_error(tmp_path: Path) -> None:
+    _write_rows(tmp_path / "test.json", GERMAN)
+    with pytest.raises(ValueError, match="no train file"):
+        fv_plugin.load_task(tmp_path)
+    with pytest.raises(ValueError, match="splits must be a tuple"):
+        fv_plugin.Task("de", _pairs(GERMAN), splits=("train",))
+
+
+def test_fv_extract_takes_a_task_with_its_own_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[fv_plugin.Task] = []
+    real = fv_plugin.tasks.load_task
+
+    def record(*args: object, **kwargs: object) -> fv_plugin.Task:
+        seen.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return seen[-1]
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stop
+
+    monkeypatch.setattr(fv_plugin.tasks, "load_task", record)
+    monkeypatch.setattr(fv_plugin.models, "load_model", stop)
+    train = _write_rows(tmp_path / "train.json", GERMAN[:4])
+    test = _write_rows(tmp_path / "test.json", GERMAN[4:])
+    with pytest.raises(Stop):
+        cli.main(["extract", "--task", str(train), "--test", str(test), "--out", str(tmp_path / "v.safetensors")])
+    assert seen[0].train == _pairs(GERMAN[:4]) and seen[0].test == _pairs(GERMAN[4:]) and seen[0].valid == ()
