@@ -130,7 +130,7 @@ def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
 
 def model_arch(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
     """The model's architecture (the attached one, if it is attached)."""
-    if not isinstance(model, nn.Module):
+    if not issubclass(type(model), nn.Module):  # type(): a SteeredModel reports its wrapped model's class
         raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
     owner = get_attachment(model)
     return owner.arch if owner is not None else resolve_architecture(model, arch)

@@ -216,6 +216,8 @@ def test_steered_model_in_a_pipeline_without_the_unsupported_model_message(caplo
         library.removeHandler(caplog.handler)
     assert "is not supported for text-generation" not in caplog.text, caplog.text[:300]
     assert type(steered.model) is fv_plugin.SteeredModel and isinstance(steered.model, type(model))
+    with pytest.raises(TypeError, match="wrapped_model"):  # our own functions still see the wrapper
+        fv_plugin.attach(steered.model)
     plain = pipeline("text-generation", model=model, tokenizer=tokenizer)("the quick brown fox", **options)
     ids = tokenizer("the quick brown fox", return_tensors="pt")
     with fv_plugin.steer(model, fv):  # the oracle: the same generation steered directly
