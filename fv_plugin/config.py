@@ -17,6 +17,9 @@ from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
     "AUTO_METHODS",
+    "DEFAULT_KS",
+    "DEFAULT_MODEL",
+    "DEFAULT_STRENGTHS",
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
@@ -35,6 +38,10 @@ Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
+# The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 NATURAL_TEMPLATES: tuple[str, ...] = (
     'The word "{x}" means',
     'When I think of "{x}", I think of',

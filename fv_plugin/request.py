@@ -2,15 +2,16 @@
 
 Every front end (:func:`~fv_plugin.steer`, :class:`~fv_plugin.FunctionVectorProcessor`,
 :class:`~fv_plugin.SteeredModel`, and the vLLM plugin) takes the same arguments with the same meanings, and
-refuses a bad value with the same message; they all go through :func:`validate`. On Hugging Face models they,
-and candidate scoring (:func:`~fv_plugin.selection.score_candidates`), steer through one context,
-:func:`steering_context`: validate, keep the model attached, bind, make active for the block. What a request adds
-after each layer is merged by :func:`fv_plugin.merge.merge`, the rule vLLM and GGUF export use too.
+refuses a bad value with the same message; they all go through :func:`validate`. What a request adds after each
+layer is merged by :func:`fv_plugin.merge.merge`, the rule vLLM and GGUF export use too. On Hugging Face models
+the front ends, and candidate scoring (:func:`~fv_plugin.selection.score_candidates`), steer through one context,
+:func:`steering_context`: validate, keep the model attached, bind, make active for the block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
+from fv_plugin.devices import input_dtype
 from fv_plugin.hooks import Attachment, attached, get_attachment
 from fv_plugin.merge import NORMALIZE_MODES, Normalize, check_normalize, check_number, merge
 from fv_plugin.positions import POSITION_MODES
@@ -34,6 +36,7 @@ __all__ = [
     "bind",
     "check_number",
     "check_options",
+    "check_representable",
     "check_rows",
     "check_strength",
     "check_vector",
@@ -123,7 +126,7 @@ def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
 
 def model_arch(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
     """The model's architecture (the attached one, if it is attached)."""
-    if not isinstance(model, nn.Module):
+    if not issubclass(type(model), nn.Module):  # type(): a SteeredModel reports its wrapped model's class
         raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
     owner = get_attachment(model)
     return owner.arch if owner is not None else resolve_architecture(model, arch)
@@ -168,7 +171,47 @@ def validate(
         if fv.is_head_patch and mode == "relative":
             raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
     frozen = tuple(tuple(group) for group in groups)
-    return SteeringRequest(frozen, rows is not None, checked_strength, positions, mode)
+    request = SteeringRequest(frozen, rows is not None, checked_strength, positions, mode)
+    check_representable(request, input_dtype(model))
+    return request
+
+
+def _magnitudes(fv: FunctionVector, normalize: str) -> tuple[float, float]:
+    """(largest entry, norm) of what ``fv`` adds at weight 1 (a unit vector with ``normalize="relative"``)."""
+    if fv.head_values is not None:  # written into head slots; nothing added after the layer
+        values = fv.head_values.detach().double()
+        return float(values.abs().max()), float(values.norm())
+    if normalize == "relative":
+        return 1.0, 1.0
+    parts = [part.detach().double() for part in fv.parts().values()]
+    return max(float(p.abs().max()) for p in parts), max(float(p.norm()) for p in parts)
+
+
+def check_representable(request: SteeringRequest, dtype: torch.dtype) -> None:
+    """Refuse a request whose added vector could be non-finite in ``dtype`` (the model's) before anything runs.
+
+    Per row, the strength times the weighted sum of its vectors bounds what is added: its entries must fit
+    ``dtype``, and its squared norm (what the next layer's normalization computes, in float32 at least) must be
+    finite too. With ``normalize="relative"`` a vector counts as unit length (the hidden state's norm is unknown).
+    """
+    if not dtype.is_floating_point:
+        return
+    largest = float(torch.finfo(dtype).max)
+    squares = float(torch.finfo(torch.promote_types(dtype, torch.float32)).max)
+    strength = request.strength
+    scale = float(strength.abs().max()) if isinstance(strength, torch.Tensor) else abs(strength)
+    for group in request.rows:
+        entries = norms = 0.0
+        for fv, weight in group:
+            entry, norm = _magnitudes(fv, request.normalize)
+            entries, norms = entries + abs(weight) * entry, norms + abs(weight) * norm
+        limit = min(largest / max(entries, 1e-300), math.sqrt(squares) / max(norms, 1e-300))
+        if scale > limit:
+            raise ValueError(
+                f"strength {scale:g} times these vectors (and weights) adds values up to {entries * scale:.3g} "
+                f"(norm {norms * scale:.3g}), more than {dtype} can hold: the model would compute inf or NaN. "
+                f"Use a strength (times weight) below {limit:.3g}"
+            )
 
 
 def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:

@@ -267,6 +267,12 @@ class SteeredModel:
         with self._context(steering, rows, {}):
             return self.wrapped_model(*args, **kwargs)
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The wrapped model's class, as transparent proxies report it: ``isinstance(steered, PreTrainedModel)``
+        holds and transformers' pipelines accept the wrapper. ``type(steered)`` is still :class:`SteeredModel`."""
+        return type(self.__dict__["wrapped_model"])
+
     def __getattr__(self, name: str) -> Any:
         model = self.__dict__.get("wrapped_model")
         if model is None:  # during unpickling / before __init__: no recursion
