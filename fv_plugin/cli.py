@@ -24,7 +24,7 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", default=None, help="the task's own test file (--task is then its train file)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
-        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: chosen on validation)"
+        "--method", choices=METHODS, default="auto", help="form of the vector (auto: chosen on validation)"
     )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
@@ -34,7 +34,7 @@ def _extract_parser() -> argparse.ArgumentParser:
 
 
 def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.config import ExtractionConfig
+    from fv_plugin.config import EvalConfig, ExtractionConfig
     from fv_plugin.tasks import load_task
 
     args = _extract_parser().parse_args(argv)
@@ -43,7 +43,7 @@ def _extract(argv: Sequence[str]) -> int:
 
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
-    from fv_plugin.prompts import make_prompts
+    from fv_plugin.prompt_sets import eval_prompts
     from fv_plugin.scoring import zero_shot_scores
 
     model, tokenizer = load_model(args.model)
@@ -51,8 +51,8 @@ def _extract(argv: Sequence[str]) -> int:
     fv = extract_function_vector(model, tokenizer, task, config, progress=True)
     elapsed = time.perf_counter() - start
     fv.save(args.out)
-    test = make_prompts(task, n_shots=0, split="test", seed=args.seed)
-    icl = make_prompts(task, n_shots=args.n_shots, split="test", seed=args.seed)
+    test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=args.seed))
+    icl = eval_prompts(task, EvalConfig(mode="icl", n_shots=args.n_shots, seed=args.seed))
     before = zero_shot_scores(model, tokenizer, test)[0]
     after = zero_shot_scores(model, tokenizer, test, [fv])[0]
     with_demos = zero_shot_scores(model, tokenizer, icl)[0]
