@@ -34,7 +34,7 @@ def _extract_parser() -> argparse.ArgumentParser:
 
 
 def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.config import ExtractionConfig
+    from fv_plugin.config import EvalConfig, ExtractionConfig
     from fv_plugin.tasks import load_task
 
     args = _extract_parser().parse_args(argv)
