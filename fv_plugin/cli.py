@@ -41,7 +41,6 @@ def _extract(argv: Sequence[str]) -> int:
     config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
-    from fv_plugin.config import EvalConfig
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
     from fv_plugin.prompt_sets import eval_prompts
