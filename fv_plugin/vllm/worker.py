@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fv_plugin.vllm.head_worker import HeadBuffers, HeadWriter, install_head_hooks
 from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering
 from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.tables import RequestPlan, SlotKey, SlotTable, TokenTable, build_table
@@ -129,7 +130,7 @@ def make_layer_hook(layer: int, state: StepState) -> Callable[[nn.Module, Any, A
     return hook
 
 
-def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan | None:
+def _plan_of(req_id: str, params: Any, hidden: int, columns: int, heads: HeadWriter) -> RequestPlan | None:
     args = getattr(params, "extra_args", None)
     if not args:
         return None
@@ -147,7 +148,7 @@ def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan
     except (KeyError, TypeError, ValueError) as exc:
         logger.error("fv_plugin: request %s has damaged steering (%s); it runs unsteered", req_id, exc)
         return None
-    if len(plan.keys) > columns or any(len(vector) != 4 * hidden for _, vector in plan.keys):
+    if len(plan.keys) > columns or any(len(vector) != 4 * hidden for _, vector in plan.keys) or not heads.fits(plan):
         logger.error("fv_plugin: request %s does not fit this worker's steering tables; it runs unsteered", req_id)
         return None
     return plan
@@ -156,10 +157,10 @@ def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan
 class StepWriter:
     """Writes each step's steering into the buffers, from the runner's batch, before the model runs."""
 
-    def __init__(self, buffers: SteeringBuffers, state: StepState, *, hidden: int) -> None:
-        self.buffers, self.state, self.hidden = buffers, state, hidden
+    def __init__(self, buffers: SteeringBuffers, state: StepState, *, hidden: int, heads: HeadWriter) -> None:
+        self.buffers, self.state, self.hidden, self.heads = buffers, state, hidden, heads
         self.columns = int(buffers.index.shape[1])
-        self.slots = SlotTable(int(buffers.vectors.shape[0]))
+        self.slots: SlotTable[SlotKey] = SlotTable(int(buffers.vectors.shape[0]))
         self.plans: dict[str, RequestPlan | None] = {}
         self.dirty = 0  # rows of the coefficient buffers that may hold non-zero values
 
@@ -169,7 +170,7 @@ class StepWriter:
                 self.plans = {key: plan for key, plan in self.plans.items() if key in requests}
             cached = requests.get(req_id)
             params = getattr(cached, "sampling_params", None)
-            self.plans[req_id] = _plan_of(req_id, params, self.hidden, self.columns)
+            self.plans[req_id] = _plan_of(req_id, params, self.hidden, self.columns, self.heads)
         return self.plans[req_id]
 
     def prepare(self, runner: Any) -> None:
@@ -179,18 +180,18 @@ class StepWriter:
         if not any(plans):
             self.clear()
             return
-        table, writes = build_table(
-            plans,
-            runner.query_start_loc.np[: count + 1],
-            batch.num_computed_tokens_cpu[:count],
-            batch.num_prompt_tokens[:count],
-            self.slots,
-            self.columns,
-        )
+        starts = runner.query_start_loc.np[: count + 1]
+        computed, prompt_lengths = batch.num_computed_tokens_cpu[:count], batch.num_prompt_tokens[:count]
+        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns)
         self._write_vectors(writes)
         self._upload(table)
+        self.heads.prepare(plans, starts, computed, prompt_lengths)
 
     def clear(self) -> None:
+        self.heads.clear()
+        self._clear_residual()
+
+    def _clear_residual(self) -> None:
         if self.dirty:
             self.buffers.absolute[: self.dirty].zero_()
             self.buffers.relative[: self.dirty].zero_()
@@ -204,7 +205,7 @@ class StepWriter:
 
     def _upload(self, table: TokenTable) -> None:
         if not table.layers:
-            self.clear()
+            self._clear_residual()
             return
         count = table.index.shape[0]
         self.buffers.index[:count].copy_(torch.from_numpy(table.index))
@@ -240,6 +241,26 @@ def _check_runner(runner: Any) -> None:
         )
 
 
+def _head_writer(runner: Any, settings: PluginSettings, layers: nn.ModuleList, start: int, end: int) -> HeadWriter:
+    """Head-level buffers and the output-projection pre-hooks of the layers this rank owns."""
+    text_config = runner.model_config.hf_text_config
+    buffers = HeadBuffers.allocate(
+        rows=int(runner.max_num_reqs) * settings.max_heads,
+        head_dim=int(runner.model_config.get_head_size()),
+        tokens=int(runner.max_num_tokens),
+        columns=settings.max_heads,
+        device=torch.device(runner.device),
+    )
+    state = install_head_hooks(
+        {at: layers[at] for at in range(start, end)},
+        model_type=str(text_config.model_type),
+        head_dim=int(buffers.values.shape[1]),
+        num_heads=int(text_config.num_attention_heads),
+        buffers=buffers,
+    )
+    return HeadWriter(buffers, state)
+
+
 def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
     """Give the layers of ``runner``'s model this rank owns their buffers and hooks; wrap its forward."""
     _check_runner(runner)
@@ -258,7 +279,7 @@ def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
     for layer in range(start, end):
         buffers.register_on(layers[layer])
         layers[layer].register_forward_hook(make_layer_hook(layer, state))
-    writer = StepWriter(buffers, state, hidden=hidden)
+    writer = StepWriter(buffers, state, hidden=hidden, heads=_head_writer(runner, settings, layers, start, end))
     first = getattr(runner, "fv_plugin_writer", None) is None
     runner.fv_plugin_writer = writer
     if first:
