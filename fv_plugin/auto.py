@@ -3,11 +3,12 @@
 The head statistics and the hidden-state means are computed once; every candidate (each form of
 ``config.forms``, at each number of heads, layer and strength of the config's grids) is then only a set of
 zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
-The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
-single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to
-the head-based forms (the paper's), then to the strength closest to 1, then to the higher answer probability.
-The chosen strength is built into the vector (steer it at strength 1). Every candidate's scores are kept in
-``fv.selection``; a vector that does not beat the zero-shot model on validation gets a warning.
+``config.portable`` leaves out the head-level forms. The choice (:func:`choose`): the highest validation
+accuracy (``config.smooth_layers`` > 0 averages a single-layer candidate's accuracy with its neighbouring
+layers', so one lucky layer does not win); ties go to the head-based forms (the paper's), then to the strength
+closest to 1, then to the higher answer probability. The chosen strength is built into the vector (steer it at
+strength 1). Every candidate's scores are kept in ``fv.selection``; a vector that does not beat the zero-shot
+model on validation gets a warning.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ class _Option:
 
 def _options(inputs: FormInputs) -> list[_Option]:
     config, options = inputs.config, []
-    heads = inputs.head_statistics() if any(f in HEAD_FORMS for f in config.forms) else None
+    heads = inputs.head_statistics() if any(f in HEAD_FORMS for f in config.auto_forms) else None
     inputs = dataclasses.replace(inputs, statistics=heads)
     meta = vector_metadata(inputs.resolved, inputs.model, inputs.task, config.template)
     total_heads = heads.aie.numel() if heads is not None else 0
-    for form in config.forms:
+    for form in config.auto_forms:
         ks: Sequence[int | None] = [None]
         if form in HEAD_FORMS:
             ks = [min(config.k, total_heads)] if form == "heads" else sorted({min(k, total_heads) for k in config.ks})

@@ -29,8 +29,15 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="auto chooses among residual-stream forms only (exportable to llama.cpp with fv export)",
+    )
     args = parser.parse_args(argv)
-    config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
+    config = ExtractionConfig(
+        method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed, portable=args.portable
+    )
     model, tokenizer = load_model(args.model)
     task = load_task(args.task)
     start = time.perf_counter()
@@ -225,7 +232,10 @@ def _export(argv: Sequence[str]) -> int:
     if len(weights) != len(args.vector):
         parser.error(f"--weights has {len(weights)} values for {len(args.vector)} vectors")
     pairs = [(FunctionVector.load(path), weight) for path, weight in zip(args.vector, weights, strict=True)]
-    path = to_gguf(pairs, args.out, model_hint=args.model_hint)
+    try:
+        path = to_gguf(pairs, args.out, model_hint=args.model_hint)
+    except ValueError as exc:  # e.g. a head-level vector: the message names the portable choice
+        raise SystemExit(f"fv export: {exc}") from exc
     print(f"wrote {path} (llama.cpp adds it at every position: --control-vector {path})")
     return 0
 

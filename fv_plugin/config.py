@@ -15,9 +15,11 @@ from typing import Any, Literal, TypeVar
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
+    "HEAD_LEVEL_METHODS",
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
+    "PORTABLE_METHODS",
     "PROTOCOLS",
     "EvalConfig",
     "ExtractionConfig",
@@ -28,6 +30,10 @@ __all__ = [
 
 Method = Literal["heads", "head_patch", "head_difference", "difference", "layer_mean"]
 METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference", "layer_mean")
+# Forms that act on attention-head slots (not a residual-stream vector): only fv_plugin's hooks and its vLLM plugin
+# serve them; llama.cpp control vectors and other single-vector consumers cannot.
+HEAD_LEVEL_METHODS: tuple[str, ...] = ("head_patch", "head_difference")
+PORTABLE_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in HEAD_LEVEL_METHODS)
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
@@ -75,6 +81,9 @@ class ExtractionConfig:
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
+        portable: make a vector every consumer can serve: ``method="auto"`` then chooses among the residual-stream
+            forms only (:data:`PORTABLE_METHODS`: one vector added after a layer, as llama.cpp control vectors
+            and other single-vector tools take), never a head-level form (:data:`HEAD_LEVEL_METHODS`).
     """
 
     method: Method | Literal["auto"] = "auto"
@@ -95,6 +104,12 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
+    portable: bool = False
+
+    @property
+    def auto_forms(self) -> tuple[str, ...]:
+        """The forms ``method="auto"`` chooses among: ``forms``, without the head-level ones when ``portable``."""
+        return tuple(f for f in self.forms if not (self.portable and f in HEAD_LEVEL_METHODS))
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
@@ -124,6 +139,17 @@ class ExtractionConfig:
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
             raise ValueError("strengths must be positive")
         _at_least(self.smooth_layers, 0, "smooth_layers")
+        if not isinstance(self.portable, bool):
+            raise TypeError(f"portable must be True or False, got {self.portable!r}")
+        if self.portable and self.method in HEAD_LEVEL_METHODS:
+            raise ValueError(
+                f"portable=True makes a residual-stream vector, but method={self.method!r} is head-level; "
+                f"choose one of {PORTABLE_METHODS} or 'auto'"
+            )
+        if self.portable and not self.auto_forms:
+            raise ValueError(
+                f"portable=True leaves no form to choose among forms={self.forms}; add one of {PORTABLE_METHODS}"
+            )
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 
