@@ -271,7 +271,7 @@ def test_models_without_a_layer_range_are_refused() -> None:
         find_decoder_layers(nn.Sequential(nn.Linear(2, 2)), 1)
 
 
-def test_a_runner_without_the_v1_internals_is_refused_with_the_fix() -> None:
+def test_a_runner_without_the_internals_is_refused_with_the_fix() -> None:
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
         install_steering(SimpleNamespace(get_model=ToyModel), PluginSettings())
 
@@ -280,8 +280,62 @@ def test_the_plugin_chooses_the_v1_runner_unless_the_user_chose(monkeypatch: pyt
     from fv_plugin.vllm.plugin import prefer_v1_runner
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    prefer_v1_runner()
+    prefer_v1_runner(known=())  # vLLM 0.34: only V2, no such variable
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    prefer_v1_runner(known=("VLLM_USE_V2_MODEL_RUNNER",))
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    prefer_v1_runner()
+    prefer_v1_runner(known=("VLLM_USE_V2_MODEL_RUNNER",))
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+class FakeV2Runner:
+    """Only what the plugin reads of vLLM's Model Runner V2: requests arrive through ``add_requests`` (their
+    sampling parameters are not kept), each step's batch comes from ``prepare_inputs``."""
+
+    def __init__(self, model: ToyModel) -> None:
+        self.model, self.max_num_tokens, self.max_num_reqs, self.device = model, 32, 4, "cpu"
+        self.model_config = fake_runner(model, {}, []).model_config
+        self.req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(4, dtype=np.int32)))
+        self.rows: dict[str, int] = {}
+
+    def get_model(self) -> ToyModel:
+        return self.model
+
+    def add_requests(self, scheduler_output: Any) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            self.rows[new.req_id] = len(self.rows)
+            self.req_states.prompt_len.np[self.rows[new.req_id]] = new.prompt_len
+
+    def _remove_request(self, req_id: str) -> bool:
+        return self.rows.pop(req_id, None) is not None
+
+    def prepare_inputs(self, batch: list[tuple[str, int, int]]) -> Any:
+        """``batch``: (request, computed, scheduled)."""
+        return SimpleNamespace(
+            num_reqs=len(batch),
+            req_ids=[name for name, _, _ in batch],
+            idx_mapping_np=np.array([self.rows[name] for name, _, _ in batch]),
+            query_start_loc_np=np.concatenate([[0], np.cumsum([n for _, _, n in batch])]),
+            num_computed_tokens_np=np.array([computed for _, computed, _ in batch]),
+        )
+
+
+def test_model_runner_v2_steers_the_same_tokens() -> None:
+    torch.manual_seed(2)
+    model, a = ToyModel(), torch.randn(HIDDEN)
+    runner = FakeV2Runner(model)
+    install_steering(runner, PluginSettings(max_layers=2))
+    steered = params(resolved({1: a}, 1.5, "generated", False)).sampling_params
+    new = [SimpleNamespace(req_id="plain", prompt_len=3, sampling_params=None)]
+    new.append(SimpleNamespace(req_id="abs", prompt_len=5, sampling_params=steered))
+    runner.add_requests(SimpleNamespace(scheduled_new_reqs=new))
+    runner.prepare_inputs([("plain", 0, 3), ("abs", 3, 2)])  # "abs": positions 3 and 4 (its last prompt token)
+    x = torch.randn(5, HIDDEN)
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {1: [(4, 1.5 * a, False)]}))
+    runner._remove_request("abs")  # a finished request is forgotten: a new one with its id runs plain
+    runner.add_requests(
+        SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="abs", prompt_len=1, sampling_params=None)])
+    )
+    runner.prepare_inputs([("abs", 0, 5)])
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
