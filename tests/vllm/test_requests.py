@@ -269,3 +269,18 @@ def test_settings_and_the_vector_folder(tmp_path: Any) -> None:
         load_vector_folder(tmp_path)
     with pytest.raises(ValueError, match="not a folder"):
         load_vector_folder(tmp_path / "missing")
+
+
+def test_the_vllm_bench_makes_valid_head_level_requests() -> None:
+    from types import SimpleNamespace
+
+    from fv_plugin.benchmarks.vllm import _head_vectors
+
+    text = SimpleNamespace(num_attention_heads=2, num_hidden_layers=6)
+    config = SimpleNamespace(hf_text_config=text, get_head_size=lambda: 4, get_hidden_size=lambda: 8)
+    for mode in ("head_difference", "head_patch"):
+        vectors = _head_vectors(3, config, 4, mode, seed=0)
+        assert len(vectors) == 3 and all(fv.method == mode for fv in vectors)
+        for fv in vectors:  # heads at layers 4 and 5 only (the last layer caps the range), each once
+            assert {layer for layer, _ in fv.heads or ()} <= {4, 5} and len(set(fv.heads or ())) == len(fv.heads or ())
+            assert resolved_heads(dataclasses.replace(fv, model_type="llama")) is not None
