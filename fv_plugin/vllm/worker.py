@@ -280,7 +280,8 @@ def _compile_cache_factor() -> str:
     """The plugin's part of the compile-cache key: its version and the shape of its tables."""
     from fv_plugin.version import __version__
 
-    return f"fv_plugin-steering-{__version__}-columns-{PluginSettings.from_env().max_layers}"
+    settings = PluginSettings.from_env()
+    return f"fv_plugin-steering-{__version__}-columns-{settings.max_layers}-heads-{settings.max_heads}"
 
 
 def _separate_compile_cache() -> None:

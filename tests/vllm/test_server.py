@@ -135,13 +135,13 @@ def bad_request(name: str) -> tuple[dict[str, Any], str]:
     }[name]
 
 
-def post_raw(url: str, body: dict[str, Any]) -> tuple[int, str]:
+def post_raw(url: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, str]:
     """POST JSON as any client may send it (Python's json writes NaN, which the openai client refuses to send)."""
     request = urllib.request.Request(
         f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -183,11 +183,11 @@ def test_a_burst_of_64_requests_each_gets_its_answer_and_the_server_stays_up(ser
 
     def send(job: tuple[str, dict[str, Any] | None, Case | None, str | None]) -> tuple[int, Any]:
         prompt, args, _, _ = job
-        body: dict[str, Any] = {"model": "m", "prompt": list(token_ids(prompt)), "max_tokens": 10, "temperature": 0}
+        body: dict[str, Any] = {"model": "m", "prompt": list(token_ids(prompt)), "max_tokens": 4, "temperature": 0}
         body["return_token_ids"] = True
         if args is not None:
             body["vllm_xargs"] = args
-        status, text = post_raw(server, body)
+        status, text = post_raw(server, body, timeout=900.0)  # 48 requests at once on a small shared CPU
         return status, json.loads(text)
 
     with ThreadPoolExecutor(64) as pool:
@@ -196,6 +196,6 @@ def test_a_burst_of_64_requests_each_gets_its_answer_and_the_server_stays_up(ser
         if case is None:
             assert status == 400 and message in body["error"]["message"], (status, body)
         else:
-            assert status == 200 and body["choices"][0]["token_ids"] == hf_tokens(case), (case, body)
+            assert status == 200 and body["choices"][0]["token_ids"] == hf_tokens(case)[:4], (case, body)
     with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
         assert response.status == 200
