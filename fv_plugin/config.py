@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
+    "AUTO_METHODS",
+    "DEFAULT_KS",
+    "DEFAULT_MODEL",
+    "DEFAULT_STRENGTHS",
     "HEAD_LEVEL_METHODS",
     "METHODS",
     "MODES",
@@ -28,16 +32,21 @@ __all__ = [
     "with_overrides",
 ]
 
-Method = Literal["heads", "head_patch", "head_difference", "difference", "layer_mean"]
-METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference", "layer_mean")
+Method = Literal["auto", "heads", "head_patch", "head_difference", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = get_args(Method)  # "auto", the default, first
+AUTO_METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference")  # what "auto" chooses among
 # Forms that act on attention-head slots (not a residual-stream vector): only fv_plugin's hooks and its vLLM plugin
 # serve them; llama.cpp control vectors and other single-vector consumers cannot.
 HEAD_LEVEL_METHODS: tuple[str, ...] = ("head_patch", "head_difference")
-PORTABLE_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in HEAD_LEVEL_METHODS)
+PORTABLE_METHODS: tuple[str, ...] = ("heads", "difference", "layer_mean")  # one vector added after a layer
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
+# The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 NATURAL_TEMPLATES: tuple[str, ...] = (
     'The word "{x}" means',
     'When I think of "{x}", I think of',
@@ -61,7 +70,7 @@ class ExtractionConfig:
             ICL-minus-zero-shot activations added in their slots), ``"difference"`` (ICL minus zero-shot hidden
             states), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
         k: number of heads for the head-based forms.
-        layer: the layer whose output receives the vector; ``None`` chooses it on the validation split.
+        layer: the layer whose output receives the vector; ``None`` chooses it on the validation prompts.
         layers: candidate layers for that choice (default: every layer).
         strength: strength used while choosing the layer.
         n_shots: demonstrations per ICL prompt.
@@ -77,7 +86,8 @@ class ExtractionConfig:
         strengths: the strengths it tries for the hidden-state forms (``difference``).
         head_strengths: the strengths it tries for the additive head-based forms (``heads``,
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
-        validation: the zero-shot queries it scores candidates on: the ``"valid"`` split, or ``"valid+train"``
+        validation: the zero-shot queries every choice (``auto``'s candidates, an explicit form's layer) is scored
+            on: the ``"valid"`` split, or ``"valid+train"``
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
@@ -86,7 +96,7 @@ class ExtractionConfig:
             and other single-vector tools take), never a head-level form (:data:`HEAD_LEVEL_METHODS`).
     """
 
-    method: Method | Literal["auto"] = "auto"
+    method: Method = "auto"
     k: int = 10
     layer: int | None = None
     layers: tuple[int, ...] | None = None
@@ -112,8 +122,8 @@ class ExtractionConfig:
         return tuple(f for f in self.forms if not (self.portable and f in HEAD_LEVEL_METHODS))
 
     def __post_init__(self) -> None:
-        if self.method != "auto" and self.method not in METHODS:
-            raise ValueError(f"method must be 'auto' or one of {METHODS}, got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self._check_auto()
         for name, minimum in (("k", 1), ("n_shots", 1), ("n_mean", 1), ("n_aie", 1), ("batch_size", 1)):
             _at_least(getattr(self, name), minimum, name)
@@ -131,9 +141,9 @@ class ExtractionConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: method='auto' needs at least one")
-        unknown = [f for f in self.forms if f not in METHODS or f == "layer_mean"]
+        unknown = [f for f in self.forms if f not in AUTO_METHODS]
         if unknown:
-            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {METHODS[:-1]}")
+            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {AUTO_METHODS}")
         for k in self.ks:
             _at_least(k, 1, "every k")
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):

@@ -1,8 +1,8 @@
 """Extracting a function vector: head statistics or hidden-state means -> a vector -> the layer it works at.
 
 Every form (:mod:`fv_plugin.forms`) is returned as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
-which. A single-layer form's layer is chosen by a zero-shot sweep on the task's validation split unless given;
-``method="auto"`` chooses the form, the layer and the strength on validation prompts (:mod:`fv_plugin.auto`).
+which. A single-layer form's layer is chosen by a sweep on the validation prompts unless given; ``method="auto"``
+chooses the form, the layer and the strength on the same prompts (:mod:`fv_plugin.auto`), with the same scorer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from fv_plugin.auto import auto_vector
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
 from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
-from fv_plugin.prompts import make_prompts
+from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import sweep
+from fv_plugin.scoring import score_prompts
+from fv_plugin.selection import score_candidates
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
@@ -56,16 +57,23 @@ def layer_vectors(
 
 
 def _layer_sweep(job: FormInputs, built: Built, meta: dict[str, Any]) -> Sweep:
-    """Zero-shot validation accuracy with the vector after each candidate layer (at the config's strength)."""
+    """Accuracy on the validation prompts every choice reads (:func:`~fv_plugin.prompt_sets.validation_prompts`)
+    with the vector after each candidate layer at the config's strength, scored as ``method="auto"`` scores its
+    candidates."""
     config = job.config
-    valid = make_prompts(job.task, n_shots=0, split="valid", template=config.template, seed=config.seed)
-
-    def make(at: float) -> tuple[list[FunctionVector], float]:
-        return [FunctionVector(vector=built.at_layer(int(at)), layer=int(at), **meta)], config.strength
-
-    layers = [float(at) for at in candidate_layers(job)]
-    options = {"task": job.task.name, "split": "valid", "batch_size": config.batch_size, "progress": job.progress}
-    return sweep(job.model, job.tokenizer, valid, "layer", layers, make, **options)  # type: ignore[arg-type]
+    prompts = validation_prompts(job.task, config)
+    layers = candidate_layers(job)
+    candidates = [[(FunctionVector(vector=built.at_layer(at), layer=at, **meta), config.strength)] for at in layers]
+    scores = score_candidates(job.model, job.tokenizer, prompts, candidates, arch=job.arch)
+    return Sweep(
+        task=job.task.name,
+        parameter="layer",
+        values=tuple(float(at) for at in layers),
+        accuracy=tuple(s.accuracy for s in scores),
+        answer_prob=tuple(s.answer_prob for s in scores),
+        baseline_accuracy=score_prompts(job.model, job.tokenizer, prompts, batch_size=config.batch_size).accuracy,
+        split=config.validation,
+    )
 
 
 def _check_statistics(statistics: HeadStatistics | None, task: Task, config: ExtractionConfig) -> None:
@@ -96,7 +104,7 @@ def extract_function_vector(
             keyword (``method="heads", k=20``) and overrides it. ``method="auto"`` (the default) chooses the
             form, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
             candidate's scores are kept in ``fv.selection``); an explicit form with ``layer=None`` chooses the
-            layer by a zero-shot sweep on the validation split over ``layers`` (default: every layer).
+            layer by a sweep on the validation prompts (``config.validation``) over ``layers`` (default: every layer).
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
             across forms instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
