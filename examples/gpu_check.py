@@ -13,10 +13,17 @@ Checks, all on the embedded default model unless ``--model`` says otherwise:
   overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
   vllm         vLLM with its GPU defaults (compiled, full CUDA graphs for decode batches): one batch mixing plain
                and per-request steered requests (two signed vectors at two layers, every positions mode, relative
-               normalization) gives the same greedy tokens as ``fv_plugin.steer`` on Hugging Face, float32. A
-               Python hook does not run when a CUDA graph is replayed, so this checks that each step's per-request
-               coefficients reach the graph's buffers before it runs (needs ``pip install "fv_plugin[vllm]"``;
-               skipped with a message when vLLM is missing)
+               normalization, a head_difference and a head_patch vector, alone and with a residual-stream vector)
+               gives the same greedy tokens as ``fv_plugin.steer`` on Hugging Face, float32. A Python hook does not
+               run when a CUDA graph is replayed, so this checks that each step's per-request coefficients reach the
+               graph's buffers before it runs (needs ``pip install "fv_plugin[vllm]"``; skipped with a message when
+               vLLM is missing). The plugin prefers vLLM's v1 model runner where vLLM still has it (0.32, 0.33)
+  vllm-v2      the same batch on vLLM's Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``; vLLM 0.34 has only V2)
+
+Expected output on a GPU (the first line names the GPU; times vary), e.g.:
+  [ok] vllm (...): 11 requests == fv_plugin.steer (8/8 steered rows differ from plain); runner v1; cudagraph mode ...
+  [ok] vllm-v2 (...): 11 requests == fv_plugin.steer (8/8 steered rows differ from plain); runner V2; cudagraph ...
+  8/8 checks passed
 
 Run:  python examples/gpu_check.py [--model NAME] [--task antonym] [--skip overhead,extract]
 """
@@ -37,7 +44,7 @@ from torch import nn
 
 import fv_plugin
 
-CHECKS = ("fp16", "bf16", "4bit", "split", "extract", "overhead", "vllm")
+CHECKS = ("fp16", "bf16", "4bit", "split", "extract", "overhead", "vllm", "vllm-v2")
 PROMPTS = ["Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:", "Q: up\nA:"]
 
 
@@ -203,10 +210,30 @@ def no_vllm_message() -> str | None:
     return None
 
 
+def head_vector(model: nn.Module, layer: int, mode: str, seed: int) -> fv_plugin.FunctionVector:
+    """A random head-level vector on every third head of ``layer`` and ``layer + 1`` (heads on every rank)."""
+    arch = fv_plugin.resolve_architecture(model)
+    heads_count = int(arch.num_heads or 1)
+    head_dim = int(getattr(model.config, "head_dim", None) or arch.hidden_size // heads_count)
+    heads = tuple((at, head) for at in (layer, layer + 1) for head in range(0, heads_count, 3))
+    gen = torch.Generator().manual_seed(seed)
+    values = 10.0 * torch.nn.functional.normalize(torch.randn(len(heads), head_dim, generator=gen), dim=-1)
+    method = "head_difference" if mode == "add" else "head_patch"
+    return fv_plugin.FunctionVector(
+        vector=torch.zeros(arch.hidden_size),
+        layer=layer,
+        heads=heads,
+        head_values=values,
+        head_mode=mode,
+        method=method,
+    )
+
+
 def vllm_cases(model: nn.Module, tokenizer: Any) -> list[tuple[list[int], tuple[Any, ...], dict[str, Any]]]:
     """(prompt ids, vectors, steer options) of each request: each prompt plain, and steered in several ways."""
     layers = int(model.config.num_hidden_layers)
     a, b = (random_vector(model, layers // 3), 0.5), (random_vector(model, 2 * layers // 3), -0.25)
+    diff, patch = head_vector(model, layers // 4, "add", 1), head_vector(model, layers // 2, "replace", 2)
     ids = [tokenizer(prompt)["input_ids"] for prompt in (*PROMPTS, "The capital of France is")]
     return [
         *((row, (), {}) for row in ids),
@@ -214,6 +241,10 @@ def vllm_cases(model: nn.Module, tokenizer: Any) -> list[tuple[list[int], tuple[
         (ids[1], (a, b), {"strength": 1.5, "positions": "all"}),
         (ids[2], (b,), {"strength": 2.0, "positions": "last_prompt"}),
         (ids[1], (a,), {"strength": 0.3, "normalize": "relative"}),
+        (ids[0], (diff,), {"strength": 1.0}),
+        (ids[2], (patch, a), {"strength": 1.0, "positions": "all"}),
+        (ids[1], ((diff, 0.5), patch), {"strength": 1.5}),
+        (ids[2], ((diff, -1.0),), {"strength": 1.0, "positions": "last_prompt"}),
     ]
 
 
@@ -228,7 +259,9 @@ def hf_reference(model: nn.Module, cases: list[tuple[list[int], tuple[Any, ...],
     return rows
 
 
-def check_vllm(args: argparse.Namespace) -> str:
+def check_vllm(args: argparse.Namespace, runner: str = "default") -> str:
+    """``runner="v2"``: ask vLLM for its Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``)."""
+    import os
     import tempfile
 
     from vllm import LLM, SamplingParams
@@ -244,8 +277,12 @@ def check_vllm(args: argparse.Namespace) -> str:
         tokenizer.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
+        if runner == "v2":
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
         llm = LLM(model=folder, dtype="float32", gpu_memory_utilization=0.3, max_model_len=512, seed=0)
-        mode = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        config = llm.llm_engine.vllm_config
+        mode = config.compilation_config.cudagraph_mode
+        used = "V2" if getattr(config, "use_v2_model_runner", True) else "v1"
         params = [
             SamplingParams(temperature=0, max_tokens=12, extra_args=steering(*v, **o) if v else None)
             for _, v, o in cases
@@ -260,7 +297,7 @@ def check_vllm(args: argparse.Namespace) -> str:
     steered = sum(bool(vectors) for _, vectors, _ in cases)
     return (
         f"{len(cases)} requests == fv_plugin.steer ({changed}/{steered} steered rows differ from plain); "
-        f"cudagraph mode {mode}"
+        f"runner {used}; cudagraph mode {mode}"
     )
 
 
@@ -306,11 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "extract": check_extract,
         "overhead": check_overhead,
         "vllm": check_vllm,
+        "vllm-v2": lambda a: check_vllm(a, runner="v2"),  # last: it sets VLLM_USE_V2_MODEL_RUNNER=1
     }
     skipped = no_vllm_message()
-    if skipped is not None and "vllm" not in args.skip:
+    if skipped is not None and not {"vllm", "vllm-v2"} <= args.skip:
         print(f"[skipped] {skipped}")
-        args.skip = args.skip | {"vllm"}
+        args.skip = args.skip | {"vllm", "vllm-v2"}
     outcomes = run_checks(args, checks)
     print(summary(outcomes))
     return 0 if all(o.ok for o in outcomes) else 1

@@ -4,11 +4,12 @@
 The head statistics and the hidden-state means are computed once; every candidate (each method of
 ``config.methods``, at each number of heads, layer and strength of the config's grids) is then only a set of
 zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
-The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
-single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to
-the head-based methods (the paper's), then to the strength closest to 1, then to the higher answer probability.
-The chosen strength is built into the vector (steer it at strength 1). Every candidate's scores are kept in
-``fv.selection``; a vector that does not beat the zero-shot model on validation gets a warning.
+``config.portable`` leaves out the head-level methods. The choice (:func:`choose`): the highest validation
+accuracy (``config.smooth_layers`` > 0 averages a single-layer candidate's accuracy with its neighbouring
+layers', so one lucky layer does not win); ties go to the head-based methods (the paper's), then to the strength
+closest to 1, then to the higher answer probability. The chosen strength is built into the vector (steer it at
+strength 1). Every candidate's scores are kept in ``fv.selection``; a vector that does not beat the zero-shot
+model on validation gets a warning.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ class _Option:
 
 def _options(inputs: MethodInputs) -> list[_Option]:
     config, options = inputs.config, []
-    heads = inputs.head_statistics() if any(f in HEAD_METHODS for f in config.methods) else None
+    heads = inputs.head_statistics() if any(f in HEAD_METHODS for f in config.auto_methods) else None
     inputs = dataclasses.replace(inputs, statistics=heads)
     meta = vector_metadata(inputs.resolved, inputs.model, inputs.task, config.template)
     total_heads = heads.aie.numel() if heads is not None else 0
-    for method in config.methods:
+    for method in config.auto_methods:
         ks: Sequence[int | None] = [None]
         if method in HEAD_METHODS:
             ks = [min(config.k, total_heads)] if method == "heads" else sorted({min(k, total_heads) for k in config.ks})

@@ -30,6 +30,11 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="auto chooses among residual-stream forms only (exportable to llama.cpp with fv export)",
+    )
     return parser
 
 
@@ -38,7 +43,9 @@ def _extract(argv: Sequence[str]) -> int:
     from fv_plugin.tasks import load_task
 
     args = _extract_parser().parse_args(argv)
-    config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
+    config = ExtractionConfig(
+        method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed, portable=args.portable
+    )
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
     from fv_plugin.extraction import extract_function_vector
@@ -245,7 +252,10 @@ def _export(argv: Sequence[str]) -> int:
     from fv_plugin.vector import FunctionVector
 
     pairs = [(FunctionVector.load(path), weight) for path, weight in zip(args.vector, weights, strict=True)]
-    path = to_gguf(pairs, args.out, model_hint=args.model_hint)
+    try:
+        path = to_gguf(pairs, args.out, model_hint=args.model_hint)
+    except ValueError as exc:  # e.g. a head-level vector: the message names the portable choice
+        raise SystemExit(f"fv export: {exc}") from exc
     print(f"wrote {path} (llama.cpp adds it at every position: --control-vector {path})")
     return 0
 

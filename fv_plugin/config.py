@@ -20,9 +20,11 @@ __all__ = [
     "DEFAULT_KS",
     "DEFAULT_MODEL",
     "DEFAULT_STRENGTHS",
+    "HEAD_LEVEL_METHODS",
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
+    "PORTABLE_METHODS",
     "PROTOCOLS",
     "EvalConfig",
     "ExtractionConfig",
@@ -34,6 +36,10 @@ __all__ = [
 Method = Literal["auto", "heads", "head_patch", "head_difference", "difference", "layer_mean"]
 METHODS: tuple[str, ...] = get_args(Method)  # "auto", the default, first
 AUTO_METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference")  # what "auto" chooses among
+# Forms that act on attention-head slots (not a residual-stream vector): only fv_plugin's hooks and its vLLM plugin
+# serve them; llama.cpp control vectors and other single-vector consumers cannot.
+HEAD_LEVEL_METHODS: tuple[str, ...] = ("head_patch", "head_difference")
+PORTABLE_METHODS: tuple[str, ...] = ("heads", "difference", "layer_mean")  # one vector added after a layer
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
@@ -87,6 +93,9 @@ class ExtractionConfig:
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
+        portable: make a vector every consumer can serve: ``method="auto"`` then chooses among the residual-stream
+            forms only (:data:`PORTABLE_METHODS`: one vector added after a layer, as llama.cpp control vectors
+            and other single-vector tools take), never a head-level form (:data:`HEAD_LEVEL_METHODS`).
     """
 
     method: Method = "auto"
@@ -108,6 +117,12 @@ class ExtractionConfig:
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
     forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
+    portable: bool = False
+
+    @property
+    def auto_methods(self) -> tuple[str, ...]:
+        """What ``method="auto"`` chooses among: ``methods``, without the head-level ones when ``portable``."""
+        return tuple(m for m in self.methods if not (self.portable and m in HEAD_LEVEL_METHODS))
 
     def __post_init__(self, forms: tuple[str, ...] | None) -> None:
         if forms is not None:
@@ -144,6 +159,17 @@ class ExtractionConfig:
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
             raise ValueError("strengths must be positive")
         _at_least(self.smooth_layers, 0, "smooth_layers")
+        if not isinstance(self.portable, bool):
+            raise TypeError(f"portable must be True or False, got {self.portable!r}")
+        if self.portable and self.method in HEAD_LEVEL_METHODS:
+            raise ValueError(
+                f"portable=True makes a residual-stream vector, but method={self.method!r} is head-level; "
+                f"choose one of {PORTABLE_METHODS} or 'auto'"
+            )
+        if self.portable and not self.auto_methods:
+            raise ValueError(
+                f"portable=True leaves no method to choose among methods={self.methods}; add one of {PORTABLE_METHODS}"
+            )
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 

@@ -4,7 +4,9 @@ llama.cpp (``--control-vector FILE``) reads tensors named ``direction.N``, one-d
 model's hidden size, and adds ``direction.N`` to the output of decoder block ``N`` (0-based), the same place
 fv_plugin adds a vector with ``layer=N``. Its loader refuses ``direction.0`` and has no slot for block 0, so a
 vector at layer 0 cannot be exported. It adds the vector at every position of the sequence (prompt included),
-which is fv_plugin's ``positions="all"``, with no per-token strength.
+which is fv_plugin's ``positions="all"``, with no per-token strength, and with no condition: a control vector
+cannot be gated (it is added at every token of every prompt). Head-level vectors cannot be exported (llama.cpp has
+no head slots): make a portable one with ``fv extract --portable`` (``ExtractionConfig(portable=True)``).
 
 The metadata follows the files llama.cpp users share: ``general.architecture = "controlvector"``,
 ``controlvector.model_hint`` (the vectors' ``model_type``, when known) and ``controlvector.layer_count`` (the
@@ -21,7 +23,7 @@ import torch
 
 from fv_plugin.merge import Additive, check_number, merge
 
-__all__ = ["GGUF_INSTALL", "control_vector_directions", "to_gguf"]
+__all__ = ["GGUF_INSTALL", "control_vector_directions", "head_level_refusal", "to_gguf"]
 
 logger = logging.getLogger(__name__)
 GGUF_INSTALL = 'pip install "fv_plugin[gguf]"'
@@ -73,16 +75,34 @@ def _check(pairs: list[tuple[Exported, float]]) -> None:
         raise ValueError(f"the vectors were made on different model types {sorted(types)}: one file serves one model")
     for fv, _ in pairs:
         if fv.is_head_patch:
-            raise ValueError(
-                f"head-level function vectors (method={fv.method!r}) act on attention-head activations, which a "
-                "llama.cpp control vector cannot express; export dataclasses.replace(fv, head_values=None) "
-                "to add their summed output (fv.vector) instead"
-            )
+            raise ValueError(head_level_refusal(fv))
         if 0 in fv.parts():
             raise ValueError(
                 "llama.cpp control vectors have no slot for the output of block 0 (its loader refuses "
                 "direction.0); steer at layer 1 or later to export"
             )
+
+
+def head_level_refusal(fv: Exported) -> str:
+    """Why a head-level vector cannot be exported, and the portable choice with its measured validation accuracy
+    (from the candidates ``auto`` scored, ``fv.selection``, when the vector has them)."""
+    from fv_plugin.config import PORTABLE_METHODS
+    from fv_plugin.records import Selection
+
+    what = f"head-level function vectors (method={fv.method!r}) write attention-head slots, which a llama.cpp "
+    what += "control vector (one vector added to a block's output) cannot express. Extract a portable vector: "
+    what += "`fv extract --portable` or ExtractionConfig(portable=True) makes method='auto' choose among "
+    what += f"the residual-stream forms {PORTABLE_METHODS} only"
+    found = getattr(fv, "selection", None)
+    selection = found if isinstance(found, Selection) else None
+    best = selection.best_of(PORTABLE_METHODS) if selection is not None else None
+    if selection is None or best is None:
+        return what + " (this vector holds no record of portable candidates, so their accuracy is not known here)"
+    return (
+        f"{what}. On this vector's {selection.n_queries} validation queries the best portable candidate "
+        f"({best.label()}) scored {best.accuracy:.2f}, against {selection.best.accuracy:.2f} for the chosen "
+        f"{selection.best.label()} and {selection.baseline_accuracy:.2f} zero-shot"
+    )
 
 
 def control_vector_directions(vectors: object) -> dict[int, torch.Tensor]:

@@ -143,6 +143,12 @@ class Selection:
     def best(self) -> Candidate:
         return self.candidates[self.chosen]
 
+    def best_of(self, methods: tuple[str, ...]) -> Candidate | None:
+        """The most accurate candidate of the given methods (ties: the higher answer probability); ``None`` if none
+        was scored."""
+        found = [c for c in self.candidates if c.method in methods]
+        return max(found, key=lambda c: (c.accuracy, c.answer_prob)) if found else None
+
     @property
     def beats_zero_shot(self) -> bool:
         return self.best.accuracy > self.baseline_accuracy

@@ -80,3 +80,15 @@ def test_selection_travels_with_the_vector(tmp_path: Path) -> None:
     assert back.selection == fv.selection and back.config == fv.config
     with pytest.raises(ValueError, match="cannot be chosen by 'auto'"):
         fv_plugin.ExtractionConfig(methods=("layer_mean",))
+
+
+def test_portable_auto_chooses_among_residual_stream_forms_only() -> None:
+    model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    with pytest.warns(WeakVectorWarning):
+        fv = fv_plugin.extract_function_vector(model, tok, task, portable=True, **{**SMALL, "ks": (2,)})
+    assert fv.selection is not None and not fv.is_head_patch
+    assert {c.method for c in fv.selection.candidates} == {"difference", "heads"}  # the default forms, portable
+    with pytest.raises(ValueError, match="method='head_patch' is head-level"):
+        fv_plugin.ExtractionConfig(method="head_patch", portable=True)
+    with pytest.raises(ValueError, match="leaves no method"):
+        fv_plugin.ExtractionConfig(methods=("head_patch", "head_difference"), portable=True)

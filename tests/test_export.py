@@ -81,10 +81,23 @@ def test_bad_input_is_refused(tmp_path: Path, vectors: list[object], message: st
     assert not (tmp_path / "bad.gguf").exists()
 
 
-def test_head_level_vectors_are_refused(tmp_path: Path) -> None:
+def test_head_level_vectors_are_refused_with_the_portable_choice_and_its_accuracy(tmp_path: Path) -> None:
+    from fv_plugin.records import Candidate, Selection
+
     fv = dataclasses.replace(vector(1, 0), heads=((1, 0),), head_values=torch.ones(1, 4), method="head_patch")
-    with pytest.raises(ValueError, match="head_patch"):
+    with pytest.raises(ValueError, match=r"head_patch.*fv extract --portable.*not known here"):
         fv.to_gguf(tmp_path / "heads.gguf")
+    candidates = (
+        Candidate("head_patch", 1.0, 0.96, 0.5, k=10),
+        Candidate("difference", 2.0, 0.62, 0.3, layer=4),
+        Candidate("heads", 4.0, 0.71, 0.2, layer=3, k=10),
+        Candidate("head_difference", 2.0, 0.9, 0.4, k=5),
+    )
+    chosen = dataclasses.replace(fv, selection=Selection(candidates, 0, 0.1, 50, "valid+train", "rule"))
+    message = r"portable=True.*best portable candidate \(heads k=10 L3 s=4\) scored 0\.71, against 0\.96"
+    with pytest.raises(ValueError, match=message):
+        chosen.to_gguf(tmp_path / "heads.gguf")
+    assert not (tmp_path / "heads.gguf").exists()
 
 
 def test_other_objects_are_refused(tmp_path: Path) -> None:
@@ -104,6 +117,10 @@ def test_the_cli_exports_saved_vectors(tmp_path: Path, capsys: pytest.CaptureFix
     np.testing.assert_allclose(tensors["direction.4"], (a.vector - b.vector).numpy(), rtol=1e-6, atol=1e-7)
     with pytest.raises(SystemExit):
         cli_main(["export", "--vector", str(tmp_path / "a.safetensors"), "--weights", "1", "2", "--out", str(out)])
+    heads = dataclasses.replace(a, heads=((1, 0),), head_values=torch.ones(1, 4), method="head_difference")
+    heads.save(tmp_path / "heads.safetensors")
+    with pytest.raises(SystemExit, match=r"fv export: head-level.*--portable"):
+        cli_main(["export", "--vector", str(tmp_path / "heads.safetensors"), "--out", str(tmp_path / "h.gguf")])
 
 
 def test_a_vector_over_several_layers_gives_one_direction_per_layer(tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ from fv_plugin import FunctionVector
 from fv_plugin.export import to_gguf
 from fv_plugin.merge import merge
 from fv_plugin.vllm.frontend import served_arch
+from fv_plugin.vllm.head_worker import HeadBuffers, HeadState, HeadWriter
 from fv_plugin.vllm.requests import RESOLVED_KEY, parse_request, resolve, steering
+from fv_plugin.vllm.runners import v1_batch
 from fv_plugin.vllm.worker import SteeringBuffers, StepState, StepWriter, layer_delta
 
 HIDDEN, LAYERS, TOKENS, STRENGTH = 64, 5, 6, 1.5
@@ -137,7 +139,9 @@ def vllm_worker(pairs: list[tuple[FunctionVector, float]], normalize: str) -> Ad
         requests={"r": SimpleNamespace(sampling_params=params)},
         query_start_loc=SimpleNamespace(np=np.array([0, TOKENS])),
     )
-    StepWriter(buffers, state, hidden=HIDDEN).prepare(runner)
+    head_buffers = HeadBuffers.allocate(rows=4, head_dim=4, tokens=TOKENS, columns=4, device=torch.device("cpu"))
+    heads = HeadWriter(head_buffers, HeadState())  # no head-level vectors here: the writer stays empty
+    StepWriter(buffers, state, hidden=HIDDEN, heads=heads).prepare(v1_batch(runner))
     stream = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1)) * 3
     out: Additions = {}
     for layer, columns in state.layers.items():

@@ -1,7 +1,8 @@
 """``fv bench vllm``: throughput of steered against plain requests on one vLLM engine.
 
-Each round sends the same concurrent requests twice, once plain and once each with its own vector, alternating
-which goes first so that drift (other jobs, thermal state) hits both equally. Every request generates exactly
+Each round sends the same concurrent requests twice, once plain and once each with its own vector (a mix of forms:
+residual-stream vectors, ``head_difference`` and ``head_patch`` vectors of 10 heads, in turn), alternating which
+goes first so that drift (other jobs, thermal state) hits both equally. Every request generates exactly
 ``--tokens`` tokens (``ignore_eos``), so both batches do the same work. Reported per mode (eager, compiled):
 median tokens/s of each and the median of the per-round ratios steered / plain (the goal is >= 0.95).
 
@@ -33,6 +34,7 @@ from fv_plugin.vector import FunctionVector
 __all__ = ["ModeResult", "main", "measure", "run_mode"]
 
 MODES = ("eager", "compiled")
+FORMS = ("residual", "head_difference", "head_patch")
 PROMPT = "Q: {word}\nA:"
 WORDS = ("hot", "big", "fast", "old", "up", "wet", "dark", "loud", "rich", "soft", "tall", "early", "open", "full")
 
@@ -79,6 +81,31 @@ def _vectors(count: int, hidden: int, layer: int, norm: float) -> list[FunctionV
     return vectors
 
 
+def _head_vectors(count: int, config: Any, layer: int, mode: str, seed: int) -> list[FunctionVector]:
+    """``count`` random head-level vectors of 10 heads each, at ``layer`` and the two layers after it."""
+    text = config.hf_text_config
+    heads, head_dim = int(text.num_attention_heads), int(config.get_head_size())
+    last = int(text.num_hidden_layers) - 1
+    generator = torch.Generator().manual_seed(seed)
+    vectors = []
+    for _ in range(count):
+        picks = torch.randperm(3 * heads, generator=generator)[:10].tolist()
+        chosen = tuple(sorted((min(layer + p // heads, last), p % heads) for p in picks))
+        chosen = tuple(dict.fromkeys(chosen))
+        values = torch.nn.functional.normalize(torch.randn(len(chosen), head_dim, generator=generator), dim=-1)
+        vectors.append(
+            FunctionVector(
+                vector=torch.zeros(int(config.get_hidden_size())),
+                layer=chosen[0][0],
+                heads=chosen,
+                head_values=4.0 * values,
+                head_mode="add" if mode == "head_difference" else "replace",
+                method=mode,
+            )
+        )
+    return vectors
+
+
 def _timed(llm: Any, prompts: list[str], params: list[Any]) -> float:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -95,7 +122,18 @@ def _batches(args: argparse.Namespace, llm: Any) -> tuple[list[str], dict[str, l
     config = llm.llm_engine.model_config
     layer = args.layer if args.layer is not None else int(config.hf_text_config.num_hidden_layers) // 3
     prompts = [PROMPT.format(word=WORDS[i % len(WORDS)]) + " " * (i // len(WORDS)) for i in range(args.requests)]
-    vectors = _vectors(args.requests, int(config.get_hidden_size()), layer, args.norm)
+    forms = [form.strip() for form in args.forms.split(",") if form.strip()]
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown or not forms:
+        raise ValueError(f"--forms {args.forms!r}: choose among {FORMS}")
+    counts = [sum(i % len(forms) == f for i in range(args.requests)) for f in range(len(forms))]
+    made = {
+        form: _vectors(count, int(config.get_hidden_size()), layer, args.norm)
+        if form == "residual"
+        else _head_vectors(count, config, layer, form, seed=f)
+        for f, (form, count) in enumerate(zip(forms, counts, strict=True))
+    }
+    vectors = [made[forms[i % len(forms)]][i // len(forms)] for i in range(args.requests)]
     plain = [SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True) for _ in prompts]
     steered = [
         SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, extra_args=steering(fv))
@@ -137,7 +175,18 @@ def _child(args: argparse.Namespace, mode: str, *, plugin_off: bool) -> dict[str
     handle, result_path = tempfile.mkstemp(suffix=".json")
     os.close(handle)
     command = [sys.executable, "-m", "fv_plugin.benchmarks.vllm", "--child", result_path, "--mode", mode]
-    for name in ("model", "dtype", "requests", "tokens", "rounds", "norm", "gpu_memory_utilization", "max_model_len"):
+    names = (
+        "model",
+        "dtype",
+        "requests",
+        "tokens",
+        "rounds",
+        "norm",
+        "forms",
+        "gpu_memory_utilization",
+        "max_model_len",
+    )
+    for name in names:
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.layer is not None:
         command += ["--layer", str(args.layer)]
@@ -179,7 +228,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved plain/steered rounds")
     parser.add_argument("--layer", type=int, default=None, help="layer of the vectors (default: a third of the depth)")
-    parser.add_argument("--norm", type=float, default=8.0, help="norm of each random vector")
+    parser.add_argument("--norm", type=float, default=8.0, help="norm of each random residual-stream vector")
+    parser.add_argument(
+        "--forms", default=",".join(FORMS), help=f"comma-separated forms the requests take in turn, from {FORMS}"
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--plugin-off", action="store_true", help="also time plain requests with FV_PLUGIN_VLLM=0")

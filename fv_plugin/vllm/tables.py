@@ -9,16 +9,29 @@ last token, and a step may mix one request's prefill chunk with other requests' 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from fv_plugin.vllm.requests import ResolvedSteering
 
-__all__ = ["RequestPlan", "SlotKey", "SlotTable", "TokenTable", "build_table", "steered_positions"]
+__all__ = [
+    "HeadKey",
+    "HeadTable",
+    "RequestPlan",
+    "SlotKey",
+    "SlotTable",
+    "TokenTable",
+    "build_head_table",
+    "build_table",
+    "steered_positions",
+]
 
 SlotKey = tuple[int, bytes]  # (layer, little-endian float32 vector)
+HeadKey = tuple[int, int, bool, bytes]  # (layer, head, replace, little-endian float32 [head_dim] value)
+Key = TypeVar("Key", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,8 @@ class RequestPlan:
     strength: float
     positions: str
     relative: bool
+    heads: tuple[HeadKey, ...] = ()  # head slot ``heads[j]`` moves by ``strength * head_weights[j]``
+    head_weights: tuple[float, ...] = ()
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedSteering) -> RequestPlan:
@@ -38,6 +53,8 @@ class RequestPlan:
             strength=resolved.strength,
             positions=resolved.positions,
             relative=resolved.relative,
+            heads=tuple((e.layer, e.head, e.replace, e.value) for e in resolved.heads),
+            head_weights=tuple(e.weight for e in resolved.heads),
         )
 
 
@@ -57,8 +74,8 @@ def steered_positions(mode: str, first: int, count: int, prompt_length: int) -> 
     raise ValueError(f"unknown positions mode {mode!r}")
 
 
-class SlotTable:
-    """Which ``(layer, vector)`` each row of the device's vector table holds.
+class SlotTable(Generic[Key]):
+    """Which key (``(layer, vector)``, or a head entry) each row of a device's vector table holds.
 
     A key keeps its row while requests use it; a new key takes a free row or the least recently used one that
     the current step does not need. With ``size >= requests per step * columns`` a step always fits.
@@ -66,12 +83,12 @@ class SlotTable:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.keys: list[SlotKey | None] = [None] * size
-        self.where: dict[SlotKey, int] = {}
+        self.keys: list[Key | None] = [None] * size
+        self.where: dict[Key, int] = {}
         self.used = np.full(size, -1, dtype=np.int64)
         self.step = 0
 
-    def assign(self, keys: Iterable[SlotKey]) -> tuple[dict[SlotKey, int], list[tuple[int, SlotKey]]]:
+    def assign(self, keys: Iterable[Key]) -> tuple[dict[Key, int], list[tuple[int, Key]]]:
         """Row of each key this step, and the ``(row, key)`` pairs that must be written to the device."""
         self.step += 1
         needed = list(dict.fromkeys(keys))
@@ -80,7 +97,7 @@ class SlotTable:
         for key in needed:
             if key in self.where:
                 self.used[self.where[key]] = self.step
-        writes: list[tuple[int, SlotKey]] = []
+        writes: list[tuple[int, Key]] = []
         for key in needed:
             if key not in self.where:
                 row = int(np.argmin(self.used))  # free rows hold -1; rows of this step hold the current step
@@ -125,7 +142,7 @@ def build_table(
     starts: np.ndarray,
     computed: np.ndarray,
     prompt_lengths: np.ndarray,
-    slots: SlotTable,
+    slots: SlotTable[SlotKey],
     columns: int,
 ) -> tuple[TokenTable, list[tuple[int, SlotKey]]]:
     """The token table of a step with requests ``plans`` (``None``: plain) in batch order, and the vector-table
@@ -159,4 +176,43 @@ def build_table(
         layers={layer: tuple(sorted(columns)) for layer, columns in layers.items()},
         any_relative=bool(relative.any()),
     )
+    return table, writes
+
+
+@dataclass(frozen=True)
+class HeadTable:
+    """Per-token head-level steering of one step: column ``k`` of token ``t`` moves the head slot held by row
+    ``index[t, k]`` of the head table, by ``coef[t, k]`` (zero where nothing moves). A request's entries touch
+    distinct head slots, so at most one column of a token acts on a given slot."""
+
+    index: np.ndarray  # [tokens, columns] int64
+    coef: np.ndarray  # [tokens, columns] float32
+    layers: Mapping[int, tuple[int, ...]]  # each layer with head entries -> the columns that may hold them
+
+
+def build_head_table(
+    plans: Sequence[RequestPlan | None],
+    starts: np.ndarray,
+    computed: np.ndarray,
+    prompt_lengths: np.ndarray,
+    slots: SlotTable[HeadKey],
+    columns: int,
+) -> tuple[HeadTable, list[tuple[int, HeadKey]]]:
+    """The head table of a step (arguments as :func:`build_table`'s; ``columns``: head entries per request), and
+    the head-table rows to write before it runs. The coefficient is ``float32(strength) * float32(weight)``, the
+    product ``fv_plugin.steer`` forms."""
+    live = [item for item in _live(plans, starts, computed, prompt_lengths) if item[1].heads]
+    rows, writes = slots.assign(key for _, plan, _ in live for key in plan.heads)
+    tokens = int(starts[len(plans)])
+    index = np.zeros((tokens, columns), dtype=np.int64)
+    coef = np.zeros((tokens, columns), dtype=np.float32)
+    layers: dict[int, set[int]] = {}
+    for i, plan, mask in live:
+        lo, hi = int(starts[i]), int(starts[i + 1])
+        for k, (key, weight) in enumerate(zip(plan.heads, plan.head_weights, strict=True)):
+            index[lo:hi, k] = rows[key]
+            value = np.float32(plan.strength) * np.float32(weight)
+            coef[lo:hi, k] = np.where(mask, value, np.float32(0.0))
+            layers.setdefault(key[0], set()).add(k)
+    table = HeadTable(index=index, coef=coef, layers={at: tuple(sorted(ks)) for at, ks in layers.items()})
     return table, writes

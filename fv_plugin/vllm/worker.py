@@ -9,10 +9,12 @@ layer this rank owns gets the same persistent buffers and a forward hook:
   vectors it adds and with which coefficient (see :class:`~fv_plugin.vllm.tables.TokenTable`).
 
 The hook adds ``sum_k coef[t, k] * vectors[index[t, k]]`` (over the columns whose vector belongs to this layer) to
-the layer's output. Compiled graphs and CUDA graphs read the buffers, so only their contents change: the runner's
-``_model_forward`` is wrapped to write each step's tables (from each request's resolved steering, its prompt
-length and its computed-token count) before the model runs, outside any captured region. In eager mode the hook
-returns at once on layers nothing steers this step, so plain batches pay almost nothing.
+the layer's output. Compiled graphs and CUDA graphs read the buffers, so only their contents change: the model
+runner (v1 or V2, :mod:`fv_plugin.vllm.runners`) is wrapped to write each step's tables (from each request's
+resolved steering, its prompt length and its computed-token count) before the model runs, outside any captured
+region. Head-level vectors have buffers and pre-hooks of their own on the attention output projections
+(:mod:`fv_plugin.vllm.head_worker`). In eager mode the hooks return at once on layers nothing steers this step, so
+plain batches pay almost nothing.
 
 vLLM's decoder layers return ``(hidden, residual)`` and leave the add to the next layer's fused norm: Hugging
 Face's layer output is their sum, and adding the vector to ``hidden`` adds it to that sum.
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fv_plugin.vllm.head_worker import HeadBuffers, HeadWriter, install_head_hooks
 from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering
+from fv_plugin.vllm.runners import StepBatch, check_runner, wrap_runner
 from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.tables import RequestPlan, SlotKey, SlotTable, TokenTable, build_table
 
@@ -38,7 +42,6 @@ __all__ = ["SteeringBuffers", "StepState", "StepWriter", "find_decoder_layers", 
 
 logger = logging.getLogger(__name__)
 _PATCHED = "fv_plugin_patched"
-_RUNNER_NEEDS = ("_model_forward", "input_batch", "query_start_loc", "requests", "max_num_tokens", "max_num_reqs")
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def make_layer_hook(layer: int, state: StepState) -> Callable[[nn.Module, Any, A
     return hook
 
 
-def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan | None:
+def _plan_of(req_id: str, params: Any, hidden: int, columns: int, heads: HeadWriter) -> RequestPlan | None:
     args = getattr(params, "extra_args", None)
     if not args:
         return None
@@ -147,7 +150,7 @@ def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan
     except (KeyError, TypeError, ValueError) as exc:
         logger.error("fv_plugin: request %s has damaged steering (%s); it runs unsteered", req_id, exc)
         return None
-    if len(plan.keys) > columns or any(len(vector) != 4 * hidden for _, vector in plan.keys):
+    if len(plan.keys) > columns or any(len(vector) != 4 * hidden for _, vector in plan.keys) or not heads.fits(plan):
         logger.error("fv_plugin: request %s does not fit this worker's steering tables; it runs unsteered", req_id)
         return None
     return plan
@@ -156,41 +159,39 @@ def _plan_of(req_id: str, params: Any, hidden: int, columns: int) -> RequestPlan
 class StepWriter:
     """Writes each step's steering into the buffers, from the runner's batch, before the model runs."""
 
-    def __init__(self, buffers: SteeringBuffers, state: StepState, *, hidden: int) -> None:
-        self.buffers, self.state, self.hidden = buffers, state, hidden
+    def __init__(self, buffers: SteeringBuffers, state: StepState, *, hidden: int, heads: HeadWriter) -> None:
+        self.buffers, self.state, self.hidden, self.heads = buffers, state, hidden, heads
         self.columns = int(buffers.index.shape[1])
-        self.slots = SlotTable(int(buffers.vectors.shape[0]))
-        self.plans: dict[str, RequestPlan | None] = {}
+        self.slots: SlotTable[SlotKey] = SlotTable(int(buffers.vectors.shape[0]))
+        self.plans: dict[str, tuple[int, RequestPlan | None]] = {}  # request -> (id of its params, plan)
         self.dirty = 0  # rows of the coefficient buffers that may hold non-zero values
 
     def plan(self, req_id: str, requests: Mapping[str, Any]) -> RequestPlan | None:
-        if req_id not in self.plans:
+        params = getattr(requests.get(req_id), "sampling_params", None)
+        found = self.plans.get(req_id)
+        if found is None or found[0] != id(params):  # new, or a new request that reuses a finished one's id
             if len(self.plans) > 2 * len(requests) + 64:  # forget finished requests
                 self.plans = {key: plan for key, plan in self.plans.items() if key in requests}
-            cached = requests.get(req_id)
-            params = getattr(cached, "sampling_params", None)
-            self.plans[req_id] = _plan_of(req_id, params, self.hidden, self.columns)
-        return self.plans[req_id]
+            found = (id(params), _plan_of(req_id, params, self.hidden, self.columns, self.heads))
+            self.plans[req_id] = found
+        return found[1]
 
-    def prepare(self, runner: Any) -> None:
-        batch = runner.input_batch
-        count = int(batch.num_reqs)
-        plans = [self.plan(req_id, runner.requests) for req_id in batch.req_ids[:count]]
+    def prepare(self, batch: StepBatch) -> None:
+        plans = [self.plan(req_id, batch.requests) for req_id in batch.req_ids]
         if not any(plans):
             self.clear()
             return
-        table, writes = build_table(
-            plans,
-            runner.query_start_loc.np[: count + 1],
-            batch.num_computed_tokens_cpu[:count],
-            batch.num_prompt_tokens[:count],
-            self.slots,
-            self.columns,
-        )
+        starts, computed, prompt_lengths = batch.starts, batch.computed, batch.prompt_lengths
+        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns)
         self._write_vectors(writes)
         self._upload(table)
+        self.heads.prepare(plans, starts, computed, prompt_lengths)
 
     def clear(self) -> None:
+        self.heads.clear()
+        self._clear_residual()
+
+    def _clear_residual(self) -> None:
         if self.dirty:
             self.buffers.absolute[: self.dirty].zero_()
             self.buffers.relative[: self.dirty].zero_()
@@ -204,7 +205,7 @@ class StepWriter:
 
     def _upload(self, table: TokenTable) -> None:
         if not table.layers:
-            self.clear()
+            self._clear_residual()
             return
         count = table.index.shape[0]
         self.buffers.index[:count].copy_(torch.from_numpy(table.index))
@@ -230,19 +231,29 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.ModuleLis
     )
 
 
-def _check_runner(runner: Any) -> None:
-    missing = [name for name in _RUNNER_NEEDS if not hasattr(runner, name)]
-    if missing:
-        raise RuntimeError(
-            f"fv_plugin: vLLM's model runner {type(runner).__name__} lacks {missing}; the vLLM integration steers "
-            "through vLLM's v1 GPU and CPU model runners of the tested vLLM versions. Unset VLLM_USE_V2_MODEL_RUNNER "
-            "(or set it to 0), or set FV_PLUGIN_VLLM=0 to serve without steering."
-        )
+def _head_writer(runner: Any, settings: PluginSettings, layers: nn.ModuleList, start: int, end: int) -> HeadWriter:
+    """Head-level buffers and the output-projection pre-hooks of the layers this rank owns."""
+    text_config = runner.model_config.hf_text_config
+    buffers = HeadBuffers.allocate(
+        rows=int(runner.max_num_reqs) * settings.max_heads,
+        head_dim=int(runner.model_config.get_head_size()),
+        tokens=int(runner.max_num_tokens),
+        columns=settings.max_heads,
+        device=torch.device(runner.device),
+    )
+    state = install_head_hooks(
+        {at: layers[at] for at in range(start, end)},
+        model_type=str(text_config.model_type),
+        head_dim=int(buffers.values.shape[1]),
+        num_heads=int(text_config.num_attention_heads),
+        buffers=buffers,
+    )
+    return HeadWriter(buffers, state)
 
 
 def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
     """Give the layers of ``runner``'s model this rank owns their buffers and hooks; wrap its forward."""
-    _check_runner(runner)
+    check_runner(runner)
     model = runner.get_model()
     text_config = runner.model_config.hf_text_config
     layers, start, end = find_decoder_layers(model, int(text_config.num_hidden_layers))
@@ -258,18 +269,9 @@ def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
     for layer in range(start, end):
         buffers.register_on(layers[layer])
         layers[layer].register_forward_hook(make_layer_hook(layer, state))
-    writer = StepWriter(buffers, state, hidden=hidden)
-    first = getattr(runner, "fv_plugin_writer", None) is None
-    runner.fv_plugin_writer = writer
-    if first:
-        original = runner._model_forward
-
-        @functools.wraps(original)
-        def _model_forward(*args: Any, **kwargs: Any) -> Any:
-            runner.fv_plugin_writer.prepare(runner)
-            return original(*args, **kwargs)
-
-        runner._model_forward = _model_forward
+    writer = StepWriter(buffers, state, hidden=hidden, heads=_head_writer(runner, settings, layers, start, end))
+    runner.fv_plugin_writer = writer  # a reloaded model gets a new writer; the runner calls the latest
+    wrap_runner(runner, lambda batch: runner.fv_plugin_writer.prepare(batch))
     logger.info("fv_plugin: steering hooks on decoder layers %d..%d", start, end - 1)
     return writer
 
@@ -278,7 +280,8 @@ def _compile_cache_factor() -> str:
     """The plugin's part of the compile-cache key: its version and the shape of its tables."""
     from fv_plugin.version import __version__
 
-    return f"fv_plugin-steering-{__version__}-columns-{PluginSettings.from_env().max_layers}"
+    settings = PluginSettings.from_env()
+    return f"fv_plugin-steering-{__version__}-columns-{settings.max_layers}-heads-{settings.max_heads}"
 
 
 def _separate_compile_cache() -> None:

@@ -83,6 +83,26 @@ def random_vector(layer: int, seed: int, scale: float = 1.0) -> FunctionVector:
     return FunctionVector(vector=vector, layer=layer, model_type="llama", task=f"random-{layer}-{seed}")
 
 
+@functools.cache
+def head_vector(heads: tuple[tuple[int, int], ...], seed: int, scale: float, mode: str = "add") -> FunctionVector:
+    """A random head-level vector: ``head_difference`` (``mode="add"``) or ``head_patch`` (``"replace"``), each head's
+    value of norm ``scale`` (SmolLM2's head slots have norms of about 1-3)."""
+    values = torch.randn(len(heads), 64, generator=torch.Generator().manual_seed(seed))
+    values = values / values.norm(dim=-1, keepdim=True) * scale
+    method = "head_difference" if mode == "add" else "head_patch"
+    layer = min(at for at, _ in heads)
+    return FunctionVector(
+        vector=torch.zeros(576),
+        layer=layer,
+        model_type="llama",
+        heads=heads,
+        head_values=values,
+        head_mode=mode,
+        method=method,
+        task=f"{method}-{seed}",
+    )
+
+
 @dataclass(frozen=True)
 class Case:
     """One request: a prompt and how ``fv_plugin.steer`` steers it (no vectors: plain)."""
@@ -96,11 +116,25 @@ class Case:
         return bool(self.vectors)
 
 
+def head_vectors() -> tuple[FunctionVector, FunctionVector]:
+    """A ``head_difference`` and a ``head_patch`` vector whose heads sit on every rank of three (heads 0-2, 3-5 and
+    6-8 of 9) and share one head slot, (12, 7)."""
+    diff = head_vector(((8, 2), (8, 4), (12, 7), (20, 0)), 11, 12.0, "add")
+    patch = head_vector(((6, 5), (12, 7), (12, 1)), 12, 10.0, "replace")
+    return diff, patch
+
+
 def mixed_batch() -> list[Case]:
     """Plain rows; one vector; two signed vectors at two layers; every positions mode; per-request strengths;
-    relative normalization; a long prompt whose prefill is split into chunks."""
+    relative normalization; a long prompt whose prefill is split into chunks; head-level vectors of both forms,
+    alone, together (one head slot shared) and with residual-stream vectors."""
     a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
+    diff, patch = head_vectors()
     return [
+        Case("hot", (diff,), dict(strength=1.0)),
+        Case("story", (patch, (a, 0.5)), dict(strength=1.0, positions="all")),
+        Case("long", ((diff, 0.5), patch), dict(strength=1.5)),
+        Case("capital", ((diff, -1.0),), dict(strength=1.0, positions="last_prompt")),
         Case("hot"),
         Case("hot", (a,), dict(strength=1.0)),
         Case("big", (a, (b, -0.5)), dict(strength=1.5, positions="all")),

@@ -37,4 +37,4 @@ def test_the_compile_cache_is_keyed_on_the_plugin(llm: Any) -> None:
     from vllm.compilation import caching
 
     factors = caching.aot_compile_hash_factors(llm.llm_engine.vllm_config)
-    assert factors[-1].startswith("fv_plugin-steering-") and factors[-1].endswith("-columns-4")
+    assert factors[-1].startswith("fv_plugin-steering-") and factors[-1].endswith("-columns-4-heads-40")

@@ -73,10 +73,65 @@ def test_steering_refuses_what_steer_refuses(call: Any, error: type[Exception], 
         call()
 
 
-def test_head_level_vectors_are_refused_with_the_alternative() -> None:
-    heads = dataclasses.replace(vec(1, 0), heads=((1, 0),), head_values=torch.ones(1, 4), method="head_patch")
-    with pytest.raises(ValueError, match=r"head_patch.*residual stream.*head_values=None"):
-        steering(heads)
+def head_vec(heads: tuple[tuple[int, int], ...], seed: int, mode: str = "add") -> FunctionVector:
+    values = torch.randn(len(heads), 4, generator=torch.Generator().manual_seed(seed))
+    method = "head_difference" if mode == "add" else "head_patch"
+    base = vec(min(layer for layer, _ in heads), seed)
+    return dataclasses.replace(base, heads=heads, head_values=values, head_mode=mode, method=method)
+
+
+def test_head_level_vectors_travel_as_head_entries() -> None:
+    diff, patch = head_vec(((1, 0), (3, 1)), 0, "add"), head_vec(((3, 1), (2, 0)), 1, "replace")
+    args = over_json(steering(vec(2, 5), (diff, 2.0), (patch, 0.5), strength=1.5))
+    assert args["fv_layers"] == [2] and args["fv_head_heads"] == [1, 0, 3, 1, 3, 1, 2, 0]
+    request = parse_request(args, no_names)
+    assert request is not None
+    result = resolve(request, ARCH, max_layers=2, head_dim=4)
+    assert result is not None and result.layers == (2,) and ResolvedSteering.from_args(result.to_args()) == result
+    entries = {(e.layer, e.head): e for e in result.heads}
+    assert sorted(entries) == [(1, 0), (2, 0), (3, 1)]
+    one = entries[(1, 0)]
+    assert (one.replace, one.weight) == (False, 2.0)
+    assert np.array_equal(np.frombuffer(one.value, dtype="<f4"), diff.head_values[0].numpy())
+    # (3, 1): add 2.0 * 1.5 * d, then move half... of the way to p: folded into one replacement, applied in order
+    folded = entries[(3, 1)]
+    d, p, slot = diff.head_values[1].double(), patch.head_values[0].double(), torch.randn(4).double()
+    expected = slot + 1.5 * 2.0 * d
+    expected = expected + 1.5 * 0.5 * (p - expected)
+    value = torch.from_numpy(np.frombuffer(folded.value, dtype="<f4").copy()).double()
+    assert folded.replace
+    torch.testing.assert_close(slot + 1.5 * folded.weight * (value - slot), expected, rtol=1e-5, atol=1e-5)
+    named = parse_request(over_json(steering(("diff", 2.0))), lambda name: diff)
+    assert named is not None
+    by_name = resolve(named, ARCH, max_layers=2, head_dim=4)
+    assert by_name is not None and by_name.heads == tuple(
+        e for e in resolve(parse_request(steering((diff, 2.0)), no_names), ARCH, max_layers=2, head_dim=4).heads
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: resolved_heads(head_vec(((1, 2),), 0)), r"head \(1, 2\) of the function vector does not exist"),
+        (lambda: resolved_heads(head_vec(((1, 0),), 0), head_dim=8), "have size 4 but this model's heads have size 8"),
+        (lambda: resolved_heads(head_vec(((1, 0), (2, 0), (3, 0)), 0), max_heads=2), "FV_PLUGIN_VLLM_MAX_HEADS"),
+        (lambda: steering(head_vec(((1, 0),), 0), normalize="relative"), "normalize='relative'"),
+        (lambda: parse_request({**steering(head_vec(((1, 0),), 0)), "fv_head_modes": ["swap"]}, no_names), "swap"),
+        (
+            lambda: parse_request({**steering(head_vec(((1, 0),), 0)), "fv_head_heads": [1]}, no_names),
+            "one \\[layer, head\\] pair",
+        ),
+    ],
+)
+def test_bad_head_level_vectors_say_what_is_wrong(build: Any, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def resolved_heads(fv: FunctionVector, head_dim: int = 4, max_heads: int = 40) -> ResolvedSteering | None:
+    request = parse_request(steering(fv), no_names)
+    assert request is not None
+    return resolve(request, ARCH, max_layers=2, head_dim=head_dim, max_heads=max_heads)
 
 
 @pytest.mark.parametrize(
@@ -214,3 +269,18 @@ def test_settings_and_the_vector_folder(tmp_path: Any) -> None:
         load_vector_folder(tmp_path)
     with pytest.raises(ValueError, match="not a folder"):
         load_vector_folder(tmp_path / "missing")
+
+
+def test_the_vllm_bench_makes_valid_head_level_requests() -> None:
+    from types import SimpleNamespace
+
+    from fv_plugin.benchmarks.vllm import _head_vectors
+
+    text = SimpleNamespace(num_attention_heads=2, num_hidden_layers=6)
+    config = SimpleNamespace(hf_text_config=text, get_head_size=lambda: 4, get_hidden_size=lambda: 8)
+    for mode in ("head_difference", "head_patch"):
+        vectors = _head_vectors(3, config, 4, mode, seed=0)
+        assert len(vectors) == 3 and all(fv.method == mode for fv in vectors)
+        for fv in vectors:  # heads at layers 4 and 5 only (the last layer caps the range), each once
+            assert {layer for layer, _ in fv.heads or ()} <= {4, 5} and len(set(fv.heads or ())) == len(fv.heads or ())
+            assert resolved_heads(dataclasses.replace(fv, model_type="llama")) is not None

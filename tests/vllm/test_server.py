@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 import torch
-from engine_cases import Case, checkpoint, hf_tokens, mixed_batch, random_vector, require_vllm, token_ids
+from engine_cases import (
+    Case,
+    checkpoint,
+    head_vectors,
+    hf_tokens,
+    mixed_batch,
+    random_vector,
+    require_vllm,
+    token_ids,
+)
 
 from fv_plugin import FunctionVector
 from fv_plugin.vllm import steering
@@ -126,13 +135,13 @@ def bad_request(name: str) -> tuple[dict[str, Any], str]:
     }[name]
 
 
-def post_raw(url: str, body: dict[str, Any]) -> tuple[int, str]:
+def post_raw(url: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, str]:
     """POST JSON as any client may send it (Python's json writes NaN, which the openai client refuses to send)."""
     request = urllib.request.Request(
         f"{url}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -147,3 +156,46 @@ def test_a_bad_request_gets_http_400_and_the_server_goes_on(server: str, name: s
     assert message in json.loads(text)["error"]["message"]
     case = Case("hot", (random_vector(10, 1, 0.6),), dict(strength=1.0))
     assert complete(server, "hot", xargs(case)) == hf_tokens(case)
+
+
+def bad_head_request(name: str) -> tuple[dict[str, Any], str]:
+    """Head-level arguments that must be refused (written by hand: steering() itself refuses the first)."""
+    diff = head_vectors()[0]
+    return {
+        "relative heads": ({**steering(diff), "fv_normalize": "relative"}, "normalize='relative'"),
+        "no such head": ({**steering(diff), "fv_head_heads": [8, 9, 8, 4, 12, 7, 20, 0]}, "head (8, 9)"),
+        "head size": ({**steering(diff), "fv_head_counts": [8]}, "fv_head_heads must hold one"),
+    }[name]
+
+
+def test_a_burst_of_64_requests_each_gets_its_answer_and_the_server_stays_up(server: str) -> None:
+    bad = [bad_request(name) for name in BAD] + [bad_head_request(n) for n in ("relative heads", "no such head")]
+    bad += [bad_head_request("head size")]
+    good = mixed_batch()  # plain, residual-stream and head-level requests
+    jobs: list[tuple[str, dict[str, Any] | None, Case | None, str | None]] = []
+    for i in range(64):
+        if i % 4 == 3:  # a quarter bad, every kind of refusal
+            args, message = bad[(i // 4) % len(bad)]
+            jobs.append(("hot", args, None, message))
+        else:
+            case = good[i % len(good)]
+            jobs.append((case.prompt, xargs(case), case, None))
+
+    def send(job: tuple[str, dict[str, Any] | None, Case | None, str | None]) -> tuple[int, Any]:
+        prompt, args, _, _ = job
+        body: dict[str, Any] = {"model": "m", "prompt": list(token_ids(prompt)), "max_tokens": 4, "temperature": 0}
+        body["return_token_ids"] = True
+        if args is not None:
+            body["vllm_xargs"] = args
+        status, text = post_raw(server, body, timeout=900.0)  # 48 requests at once on a small shared CPU
+        return status, json.loads(text)
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(send, jobs))
+    for (_, _, case, message), (status, body) in zip(jobs, answers, strict=True):
+        if case is None:
+            assert status == 400 and message in body["error"]["message"], (status, body)
+        else:
+            assert status == 200 and body["choices"][0]["token_ids"] == hf_tokens(case)[:4], (case, body)
+    with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
+        assert response.status == 200

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.tables import SlotTable, build_table, steered_positions
 from fv_plugin.vllm.worker import find_decoder_layers, install_steering
 
-HIDDEN, LAYERS = 8, 4
+HIDDEN, LAYERS, HEAD_DIM = 8, 4, 4
 
 
 @pytest.mark.parametrize("mode", ["generated", "last_prompt", "all"])
@@ -72,16 +73,19 @@ def test_the_table_of_a_mixed_step() -> None:
 
 
 class ToyLayer(nn.Module):
-    """A vLLM-style decoder layer: ``(hidden, residual) -> (f(hidden + residual), hidden + residual)``."""
+    """A vLLM-style decoder layer: ``(hidden, residual) -> (f(hidden + residual), hidden + residual)``, whose ``f``
+    runs an attention output projection (``self_attn.o_proj``, two heads of ``HEAD_DIM``) on its input."""
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         self.proj = nn.Linear(HIDDEN, HIDDEN)
         nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(seed))
+        self.self_attn = nn.Module()
+        self.self_attn.o_proj = nn.Linear(HIDDEN, HIDDEN, bias=False)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         stream = hidden if residual is None else hidden + residual
-        return torch.tanh(self.proj(stream)), stream
+        return torch.tanh(self.proj(self.self_attn.o_proj(stream))), stream
 
 
 class ToyModel(nn.Module):
@@ -99,11 +103,25 @@ class ToyModel(nn.Module):
         return streams
 
 
-def reference(model: ToyModel, x: torch.Tensor, adds: dict[int, list[tuple[int, torch.Tensor, bool]]]) -> torch.Tensor:
-    """Plain re-implementation: after layer L add, per token, ``coef * v`` (times the stream's norm if relative)."""
+HeadMoves = dict[int, list[tuple[int, int, torch.Tensor, float, bool]]]  # layer -> (token, head, value, c, replace)
+
+
+def reference(
+    model: ToyModel,
+    x: torch.Tensor,
+    adds: dict[int, list[tuple[int, torch.Tensor, bool]]],
+    heads: HeadMoves | None = None,
+) -> torch.Tensor:
+    """Plain re-implementation: after layer L add, per token, ``coef * v`` (times the stream's norm if relative);
+    before layer L's output projection move head slots as ``fv_plugin.steer`` does."""
     stream = x
     for index, layer in enumerate(model.layers):
-        out = stream + torch.tanh(layer.proj(stream))
+        inner = stream.clone()
+        for token, head, value, c, replace in (heads or {}).get(index, []):
+            slot = inner[token, head * HEAD_DIM : (head + 1) * HEAD_DIM]
+            inner[token, head * HEAD_DIM : (head + 1) * HEAD_DIM] = slot + c * (value - slot if replace else value)
+        attended = nn.functional.linear(inner, layer.self_attn.o_proj.weight)  # the module itself is hooked
+        out = stream + torch.tanh(layer.proj(attended))
         norms = out.norm(dim=-1)
         for token, vector, relative in adds.get(index, []):
             out[token] = out[token] + (norms[token] if relative else 1.0) * vector
@@ -129,7 +147,9 @@ def fake_runner(model: ToyModel, requests: dict[str, Any], batch: list[tuple[str
         device="cpu",
         get_model=lambda: model,
         model_config=SimpleNamespace(
-            hf_text_config=SimpleNamespace(num_hidden_layers=LAYERS), get_hidden_size=lambda: HIDDEN
+            hf_text_config=SimpleNamespace(num_hidden_layers=LAYERS, num_attention_heads=2, model_type="llama"),
+            get_hidden_size=lambda: HIDDEN,
+            get_head_size=lambda: HEAD_DIM,
         ),
     )
 
@@ -162,7 +182,68 @@ def test_hooks_add_each_requests_vectors_at_its_tokens(monkeypatch: pytest.Monke
     torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
 
 
-def params(steering: ResolvedSteering) -> Any:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_head_entries_move_each_requests_head_slots(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    from fv_plugin.vllm.head_requests import HeadEntry
+
+    if compiled:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(1)
+    model = ToyModel()
+    a, u, w = torch.randn(HIDDEN), torch.randn(HEAD_DIM), torch.randn(HEAD_DIM)
+
+    def entry(layer: int, head: int, replace: bool, weight: float, value: torch.Tensor) -> HeadEntry:
+        return HeadEntry(layer, head, replace, weight, value.numpy().astype("<f4").tobytes())
+
+    mixed = dataclasses.replace(
+        resolved({2: a}, 2.0, "generated", False), heads=(entry(1, 0, False, 0.5, u), entry(1, 1, True, 0.25, w))
+    )
+    patch = dataclasses.replace(
+        resolved({}, 1.0, "all", False), heads=(entry(1, 1, True, 1.0, u), entry(3, 0, False, -1.0, w))
+    )
+    requests = {"mixed": params(mixed), "patch": params(patch), "plain": params(None)}
+    batch = [("patch", 0, 2, 2), ("plain", 0, 2, 2), ("mixed", 3, 2, 4)]  # "mixed": positions 3 (last prompt), 4
+    runner = fake_runner(model, requests, batch)
+    install_steering(runner, PluginSettings(max_layers=2, max_heads=2))
+    x = torch.randn(6, HIDDEN)
+    runner._model_forward()
+    heads: HeadMoves = {
+        1: [(0, 1, u, 1.0, True), (1, 1, u, 1.0, True), *((t, 0, u, 1.0, False) for t in (4, 5))]
+        + [(t, 1, w, 0.5, True) for t in (4, 5)],
+        3: [(0, 0, w, -1.0, False), (1, 0, w, -1.0, False)],
+    }
+    expected = reference(model, x, {2: [(4, 2.0 * a, False), (5, 2.0 * a, False)]}, heads)
+    torch.testing.assert_close(model(x)[-1], expected)
+    runner.input_batch.req_ids, runner.input_batch.num_reqs = ["plain"], 1  # a plain step clears the head table
+    runner.query_start_loc.np = np.array([0, 6])
+    runner._model_forward()
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
+
+
+def test_a_tensor_parallel_rank_moves_only_the_heads_it_owns() -> None:
+    from fv_plugin.vllm.head_worker import HeadBuffers, HeadState, install_head_hooks, moved_slots
+
+    layer = nn.Module()
+    layer.self_attn = nn.Module()
+    proj = nn.Linear(HEAD_DIM, HIDDEN, bias=False)  # rank 1 of 2: its input holds head 1 only
+    proj.input_is_parallel, proj.tp_rank, proj.input_size_per_partition = True, 1, HEAD_DIM
+    layer.self_attn.o_proj = proj
+    buffers = HeadBuffers.allocate(rows=2, head_dim=HEAD_DIM, tokens=2, columns=2, device=torch.device("cpu"))
+    install_head_hooks({0: layer}, model_type="llama", head_dim=HEAD_DIM, num_heads=2, buffers=buffers)
+    assert proj.fv_plugin_local_heads.tolist() == [1]
+    buffers.values[:2] = torch.tensor([[1.0] * HEAD_DIM, [2.0] * HEAD_DIM])
+    buffers.layer[:2], buffers.head[:2], buffers.replace[:2] = torch.tensor([0, 0]), torch.tensor([0, 1]), 1.0
+    buffers.index[:] = torch.tensor([[0, 1], [0, 1]])
+    buffers.coef[:] = torch.tensor([[1.0, 0.5], [1.0, 0.0]])
+    x = torch.zeros(2, HEAD_DIM)
+    moved = moved_slots(proj, 0, x, None)  # head 0 belongs to rank 0: its entries never reach this rank
+    assert moved[0].tolist() == [1.0] * HEAD_DIM and moved[1].tolist() == [0.0] * HEAD_DIM
+    assert isinstance(HeadState().layers, dict)
+
+
+def params(steering: ResolvedSteering | None) -> Any:
+    if steering is None:
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None))
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={RESOLVED_KEY: steering.to_args()}))
 
 
@@ -190,7 +271,7 @@ def test_models_without_a_layer_range_are_refused() -> None:
         find_decoder_layers(nn.Sequential(nn.Linear(2, 2)), 1)
 
 
-def test_a_runner_without_the_v1_internals_is_refused_with_the_fix() -> None:
+def test_a_runner_without_the_internals_is_refused_with_the_fix() -> None:
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER"):
         install_steering(SimpleNamespace(get_model=ToyModel), PluginSettings())
 
@@ -199,8 +280,62 @@ def test_the_plugin_chooses_the_v1_runner_unless_the_user_chose(monkeypatch: pyt
     from fv_plugin.vllm.plugin import prefer_v1_runner
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    prefer_v1_runner()
+    prefer_v1_runner(known=())  # vLLM 0.34: only V2, no such variable
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    prefer_v1_runner(known=("VLLM_USE_V2_MODEL_RUNNER",))
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    prefer_v1_runner()
+    prefer_v1_runner(known=("VLLM_USE_V2_MODEL_RUNNER",))
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+class FakeV2Runner:
+    """Only what the plugin reads of vLLM's Model Runner V2: requests arrive through ``add_requests`` (their
+    sampling parameters are not kept), each step's batch comes from ``prepare_inputs``."""
+
+    def __init__(self, model: ToyModel) -> None:
+        self.model, self.max_num_tokens, self.max_num_reqs, self.device = model, 32, 4, "cpu"
+        self.model_config = fake_runner(model, {}, []).model_config
+        self.req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(4, dtype=np.int32)))
+        self.rows: dict[str, int] = {}
+
+    def get_model(self) -> ToyModel:
+        return self.model
+
+    def add_requests(self, scheduler_output: Any) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            self.rows[new.req_id] = len(self.rows)
+            self.req_states.prompt_len.np[self.rows[new.req_id]] = new.prompt_len
+
+    def _remove_request(self, req_id: str) -> bool:
+        return self.rows.pop(req_id, None) is not None
+
+    def prepare_inputs(self, batch: list[tuple[str, int, int]]) -> Any:
+        """``batch``: (request, computed, scheduled)."""
+        return SimpleNamespace(
+            num_reqs=len(batch),
+            req_ids=[name for name, _, _ in batch],
+            idx_mapping_np=np.array([self.rows[name] for name, _, _ in batch]),
+            query_start_loc_np=np.concatenate([[0], np.cumsum([n for _, _, n in batch])]),
+            num_computed_tokens_np=np.array([computed for _, computed, _ in batch]),
+        )
+
+
+def test_model_runner_v2_steers_the_same_tokens() -> None:
+    torch.manual_seed(2)
+    model, a = ToyModel(), torch.randn(HIDDEN)
+    runner = FakeV2Runner(model)
+    install_steering(runner, PluginSettings(max_layers=2))
+    steered = params(resolved({1: a}, 1.5, "generated", False)).sampling_params
+    new = [SimpleNamespace(req_id="plain", prompt_len=3, sampling_params=None)]
+    new.append(SimpleNamespace(req_id="abs", prompt_len=5, sampling_params=steered))
+    runner.add_requests(SimpleNamespace(scheduled_new_reqs=new))
+    runner.prepare_inputs([("plain", 0, 3), ("abs", 3, 2)])  # "abs": positions 3 and 4 (its last prompt token)
+    x = torch.randn(5, HIDDEN)
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {1: [(4, 1.5 * a, False)]}))
+    runner._remove_request("abs")  # a finished request is forgotten: a new one with its id runs plain
+    runner.add_requests(
+        SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="abs", prompt_len=1, sampling_params=None)])
+    )
+    runner.prepare_inputs([("abs", 0, 5)])
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
