@@ -1,13 +1,18 @@
 """``method="auto"``: a task's form, layer and strength, chosen on zero-shot validation prompts.
 
-The head statistics and the hidden-state means are computed once; every candidate (each form of
-``config.forms``, at each number of heads, layer and strength of the config's grids) is then only a set of
-zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
-The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
-single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to
-the head-based forms (the paper's), then to the strength closest to 1, then to the higher answer probability.
-The chosen strength is built into the vector (steer it at strength 1). Every candidate's scores are kept in
-``fv.selection``; a vector that does not beat the zero-shot model on validation gets a warning.
+The head statistics and the hidden-state means are computed once, in the same passes over the prompts; every
+candidate (each form of ``config.forms``, at each number of heads, layer and strength of the config's grids) is
+then only a set of zero-shot validation forwards, and those re-run only the last token
+(:func:`~fv_plugin.selection.score_candidates`). Scoring runs in two rounds: every candidate on the first
+``config.screen_queries`` validation queries, then the ``config.finalists`` best (and each form's best two) on
+the rest; the validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not
+grow with the task file.
+The choice (:func:`choose`, among the candidates scored on every query): the highest validation accuracy
+(``config.smooth_layers`` > 0 averages a single-layer candidate's accuracy with its neighbouring layers', so one
+lucky layer does not win); ties go to the head-based forms (the paper's), then to the strength closest to 1,
+then to the higher answer probability. The chosen strength is built into the vector (steer it at strength 1).
+Every candidate's scores are kept in ``fv.selection``; a vector that does not beat the zero-shot model on
+validation gets a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +35,12 @@ from fv_plugin.selection import score_candidates
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
 
-__all__ = ["RULE", "WeakVectorWarning", "auto_vector", "choose", "validation_prompts"]
+__all__ = ["RULE", "WeakVectorWarning", "auto_vector", "choose", "ranked", "validation_prompts"]
 
 logger = logging.getLogger(__name__)
 
 RULE = (
+    "first round: every candidate on a few validation queries, the best on all; then the "
     "highest validation accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on "
     "each side); ties: head-based forms, then the strength closest to 1, then the higher answer probability"
 )
@@ -44,7 +51,8 @@ class WeakVectorWarning(UserWarning):
 
 
 def validation_prompts(task: Any, config: ExtractionConfig) -> list[Prompt]:
-    """The zero-shot queries candidates are scored on (``config.validation``)."""
+    """The zero-shot queries candidates are scored on (``config.validation``), in a seeded order that mixes the
+    splits, at most ``config.max_validation`` of them."""
     splits = ("valid", "train") if config.validation == "valid+train" else ("valid",)
     prompts: list[Prompt] = []
     for split in splits:
@@ -52,7 +60,8 @@ def validation_prompts(task: Any, config: ExtractionConfig) -> list[Prompt]:
             prompts += make_prompts(task, n_shots=0, split=split, template=config.template, seed=config.seed)
     if not prompts:
         raise ValueError(f"task {task.name!r} has no validation queries; give it more pairs")
-    return prompts
+    random.Random(config.seed).shuffle(prompts)
+    return prompts[: config.max_validation]
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,14 @@ def _vector(built: Built, form: str, layer: int | None, meta: dict[str, Any]) ->
     return FunctionVector(vector=built.at_layer(layer), layer=layer, method=form, **meta, **built.fields)
 
 
-def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
-    """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side."""
+def ranked(candidates: Sequence[Candidate], smooth_layers: int = 0) -> list[int]:
+    """Indices of the candidates scored on the most queries, best first by :data:`RULE`; ``smooth_layers``:
+    neighbours averaged on each side."""
+    most = max((c.n_queries or 0) for c in candidates)
+    pool = [i for i, c in enumerate(candidates) if (c.n_queries or 0) == most]
     groups: dict[tuple[str, int | None, float], dict[int, float]] = {}
-    for c in candidates:
+    for i in pool:
+        c = candidates[i]
         if c.layer is not None:
             groups.setdefault((c.form, c.k, c.strength), {})[c.layer] = c.accuracy
 
@@ -113,7 +126,40 @@ def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
         c = candidates[i]
         return (round(smoothed(c), 9), c.form in HEAD_FORMS, -abs(math.log(c.strength)), c.answer_prob)
 
-    return max(range(len(candidates)), key=key)
+    return sorted(pool, key=key, reverse=True)
+
+
+def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
+    """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side."""
+    return ranked(candidates, smooth_layers)[0]
+
+
+def _score(inputs: FormInputs, options: Sequence[_Option], prompts: Sequence[Prompt]) -> list[Candidate]:
+    """Every option on the first ``screen_queries`` prompts; the finalists on the rest too."""
+    config = inputs.config
+    rows = [[(o.vector, o.strength)] for o in options]
+    screen, rest = prompts[: config.screen_queries], prompts[config.screen_queries :]
+    run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress}
+    first = score_candidates(inputs.model, inputs.tokenizer, screen, rows, name="candidates", **run)
+    found = [
+        Candidate(o.form, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k, n_queries=len(screen))
+        for o, s in zip(options, first, strict=True)
+    ]
+    if not rest:
+        return found
+    order = ranked(found, config.smooth_layers)
+    kept = order[: config.finalists]
+    for form in config.forms:
+        kept += [i for i in order if found[i].form == form][:2]
+    kept = sorted(set(kept))
+    more = score_candidates(inputs.model, inputs.tokenizer, rest, [rows[i] for i in kept], name="finalists", **run)
+    n = len(prompts)
+    for i, s in zip(kept, more, strict=True):
+        c = found[i]
+        accuracy = (c.accuracy * len(screen) + s.accuracy * len(rest)) / n
+        prob = (c.answer_prob * len(screen) + s.answer_prob * len(rest)) / n
+        found[i] = dataclasses.replace(c, accuracy=accuracy, answer_prob=prob, n_queries=n)
+    return found
 
 
 def auto_vector(inputs: FormInputs) -> FunctionVector:
@@ -121,13 +167,7 @@ def auto_vector(inputs: FormInputs) -> FunctionVector:
     config = inputs.config
     options = _options(inputs)
     prompts = validation_prompts(inputs.task, config)
-    scores = score_candidates(
-        inputs.model, inputs.tokenizer, prompts, [[(o.vector, o.strength)] for o in options], arch=inputs.arch
-    )
-    candidates = tuple(
-        Candidate(o.form, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k)
-        for o, s in zip(options, scores, strict=True)
-    )
+    candidates = tuple(_score(inputs, options, prompts))
     baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
     index = choose(candidates, config.smooth_layers)
     selection = Selection(candidates, index, baseline, len(prompts), config.validation, RULE)

@@ -75,6 +75,10 @@ class ExtractionConfig:
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
+        max_validation: at most this many validation queries (a seeded sample), so a large task file costs
+            what a small one does; ``None``: every one.
+        screen_queries: ``method="auto"`` scores every candidate on this many validation queries first...
+        finalists: ...and only this many of the best (plus each form's best two) on the rest.
     """
 
     method: Method | Literal["auto"] = "auto"
@@ -95,6 +99,9 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
+    max_validation: int | None = 64
+    screen_queries: int = 12
+    finalists: int = 24
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
@@ -124,6 +131,10 @@ class ExtractionConfig:
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
             raise ValueError("strengths must be positive")
         _at_least(self.smooth_layers, 0, "smooth_layers")
+        for name in ("screen_queries", "finalists"):
+            _at_least(getattr(self, name), 1, name)
+        if self.max_validation is not None:
+            _at_least(self.max_validation, 1, "max_validation")
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 

@@ -15,13 +15,13 @@ from torch import nn
 
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, resolve_architecture
-from fv_plugin.auto import auto_vector
+from fv_plugin.auto import auto_vector, validation_prompts
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
 from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
-from fv_plugin.prompts import make_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import sweep
+from fv_plugin.scoring import VectorArg
+from fv_plugin.selection import score_candidates
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
@@ -56,16 +56,24 @@ def layer_vectors(
 
 
 def _layer_sweep(job: FormInputs, built: Built, meta: dict[str, Any]) -> Sweep:
-    """Zero-shot validation accuracy with the vector after each candidate layer (at the config's strength)."""
+    """Zero-shot validation accuracy with the vector after each candidate layer (at the config's strength), on
+    the validation queries ``auto`` uses, each prompt's prefix run once (the first row: no vector)."""
     config = job.config
-    valid = make_prompts(job.task, n_shots=0, split="valid", template=config.template, seed=config.seed)
-
-    def make(at: float) -> tuple[list[FunctionVector], float]:
-        return [FunctionVector(vector=built.at_layer(int(at)), layer=int(at), **meta)], config.strength
-
-    layers = [float(at) for at in candidate_layers(job)]
-    options = {"task": job.task.name, "split": "valid", "batch_size": config.batch_size, "progress": job.progress}
-    return sweep(job.model, job.tokenizer, valid, "layer", layers, make, **options)  # type: ignore[arg-type]
+    prompts = validation_prompts(job.task, config)
+    layers = candidate_layers(job)
+    rows: list[list[VectorArg]] = [[]]
+    rows += [[(FunctionVector(vector=built.at_layer(at), layer=at, **meta), config.strength)] for at in layers]
+    run: dict[str, Any] = {"arch": job.arch, "progress": job.progress, "name": "layer sweep"}
+    scores = score_candidates(job.model, job.tokenizer, prompts, rows, **run)
+    return Sweep(
+        task=job.task.name,
+        parameter="layer",
+        values=tuple(float(at) for at in layers),
+        accuracy=tuple(s.accuracy for s in scores[1:]),
+        answer_prob=tuple(s.answer_prob for s in scores[1:]),
+        baseline_accuracy=scores[0].accuracy,
+        split=config.validation,
+    )
 
 
 def _check_statistics(statistics: HeadStatistics | None, task: Task, config: ExtractionConfig) -> None:
@@ -84,7 +92,7 @@ def extract_function_vector(
     *,
     statistics: HeadStatistics | None = None,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> FunctionVector:
     """Extract a function vector for ``task`` from ``model``.
@@ -100,7 +108,8 @@ def extract_function_vector(
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
             across forms instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
-        progress: show progress bars.
+        progress: show a progress bar per stage (default: on, unless the environment sets ``FV_PROGRESS=0``;
+            bars show only on a terminal or in a notebook).
 
     Returns:
         A :class:`FunctionVector` whose fields record the heads, their AIE, the AIE matrix, the layer sweep and

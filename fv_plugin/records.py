@@ -89,7 +89,8 @@ class Sweep:
 @dataclass(frozen=True)
 class Candidate:
     """One candidate vector scored on validation prompts: its form, heads ``k`` and ``layer`` where they apply,
-    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there."""
+    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there (on ``n_queries`` of the
+    validation queries: a candidate dropped after the first round was scored on fewer; ``None``: on all)."""
 
     form: str
     strength: float
@@ -97,6 +98,7 @@ class Candidate:
     answer_prob: float
     layer: int | None = None
     k: int | None = None
+    n_queries: int | None = None
 
     def label(self) -> str:
         parts = [self.form]
