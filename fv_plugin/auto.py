@@ -28,6 +28,7 @@ from typing import Any
 
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.forms import BUILDERS, HEAD_FORMS, Built, FormInputs, candidate_layers, vector_metadata
+from fv_plugin.progress import stage
 from fv_plugin.prompts import Prompt, make_prompts
 from fv_plugin.records import Candidate, Selection
 from fv_plugin.scoring import score_prompts
@@ -168,7 +169,8 @@ def auto_vector(inputs: FormInputs) -> FunctionVector:
     options = _options(inputs)
     prompts = validation_prompts(inputs.task, config)
     candidates = tuple(_score(inputs, options, prompts))
-    baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
+    with stage("validation baseline", progress=inputs.progress):
+        baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
     index = choose(candidates, config.smooth_layers)
     selection = Selection(candidates, index, baseline, len(prompts), config.validation, RULE)
     chosen = options[index]

@@ -34,7 +34,7 @@ def _extract(argv: Sequence[str]) -> int:
     model, tokenizer = load_model(args.model)
     task = load_task(args.task)
     start = time.perf_counter()
-    fv = extract_function_vector(model, tokenizer, task, config, progress=True)
+    fv = extract_function_vector(model, tokenizer, task, config)  # a bar per stage unless FV_PROGRESS=0
     elapsed = time.perf_counter() - start
     fv.save(args.out)
     test = make_prompts(task, n_shots=0, split="test", seed=args.seed)
@@ -234,15 +234,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fv", description="Function-vector steering for Hugging Face models")
     parser.add_argument("command", choices=["extract", "eval", "compare", "export", "bench"], help="what to run")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage's time and the choices made")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    verbose = args.verbose or any(a in ("-v", "--verbose") for a in args.rest)  # before or after the command
+    rest = [a for a in args.rest if a not in ("-v", "--verbose")]
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     commands = {"extract": _extract, "eval": _eval, "compare": _compare, "export": _export}
     if args.command in commands:
-        return commands[args.command](args.rest)
+        return commands[args.command](rest)
     from fv_plugin.benchmarks import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

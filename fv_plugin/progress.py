@@ -11,6 +11,7 @@ Bars are on by default. ``progress=False`` on a call turns them off, and so does
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ __all__ = ["PROGRESS_ENV", "StageLog", "StageRecord", "progress_enabled", "recor
 
 PROGRESS_ENV = "FV_PROGRESS"
 
+logger = logging.getLogger(__name__)
+
 
 def progress_enabled(progress: bool | None = None) -> bool:
     """``progress`` if given, else the environment: bars are on unless ``FV_PROGRESS`` is ``0``/``false``/``no``."""
@@ -34,14 +37,15 @@ def progress_enabled(progress: bool | None = None) -> bool:
 
 @dataclass(frozen=True)
 class StageRecord:
-    """One stage: its name, seconds, and the work the log's counter saw (``tokens``: token passes through the
-    decoder stack, a token run through ``m`` of ``L`` layers counting ``m / L``; ``logit_rows``: rows the
-    unembedding ran for)."""
+    """One stage: its name, wall-clock and CPU seconds, and the work the log's counter saw (``tokens``: token
+    passes through the decoder stack, a token run through ``m`` of ``L`` layers counting ``m / L``;
+    ``logit_rows``: rows the unembedding ran for)."""
 
     name: str
     seconds: float
     tokens: float = 0.0
     logit_rows: int = 0
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads): steadier than seconds on a shared machine
 
 
 @dataclass
@@ -60,6 +64,7 @@ class StageLog:
             sum(s.seconds for s in self.stages),
             sum(s.tokens for s in self.stages),
             sum(s.logit_rows for s in self.stages),
+            sum(s.cpu_seconds for s in self.stages),
         )
 
 
@@ -83,14 +88,16 @@ def stage(name: str, total: int | None = None, *, unit: str = "it", progress: bo
     allows and the output is a terminal or notebook; the stage is recorded when a :func:`recording` is open."""
     log = _LOG.get()
     before = log.count() if log is not None else (0.0, 0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     # disable=None: tqdm itself hides the bar when the output is not a terminal (a pipe, a log file, CI)
     bar = tqdm(total=total, desc=name, unit=unit, disable=None if progress_enabled(progress) else True, leave=False)
     try:
         yield bar
     finally:
         bar.close()
+        seconds = time.perf_counter() - start
+        logger.info("%s: %.1f s", name, seconds)
         if log is not None:
             after = log.count()
-            seconds = time.perf_counter() - start
-            log.stages.append(StageRecord(name, seconds, after[0] - before[0], after[1] - before[1]))
+            work = (after[0] - before[0], after[1] - before[1])
+            log.stages.append(StageRecord(name, seconds, *work, cpu_seconds=time.process_time() - cpu))

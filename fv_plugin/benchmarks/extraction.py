@@ -34,22 +34,21 @@ from fv_plugin.mediation import (
 from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.progress import StageRecord, recording, stage
 from fv_plugin.prompts import encode_prompts
-from fv_plugin.tasks import load_task
+from fv_plugin.tasks import Task, load_task
 
 __all__ = ["AieCheck", "ExtractionTiming", "MethodCost", "add_arguments", "measure_extraction", "run"]
 
 
 @dataclass(frozen=True)
 class MethodCost:
-    """One extraction with ``method``: its stages and the vector it chose."""
+    """One extraction with ``method``: its wall-clock seconds, its stages and the vector it chose."""
 
     method: str
+    seconds: float
     stages: tuple[StageRecord, ...]
     chosen: str
-
-    @property
-    def seconds(self) -> float:
-        return sum(s.seconds for s in self.stages)
+    vector: Any = None
+    cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,12 @@ class ExtractionTiming:
     rss_peak_mib: float
     aie: AieCheck | None = None
 
-    def ratio(self, method: str) -> float:
-        """Seconds of the extraction with ``method`` over those of the unavoidable forwards."""
-        return next(m.seconds for m in self.methods if m.method == method) / self.plain.seconds
+    def ratio(self, method: str, *, cpu: bool = False) -> float:
+        """Seconds (``cpu``: CPU seconds) of the extraction with ``method`` over those of the unavoidable forwards."""
+        found = next(m for m in self.methods if m.method == method)
+        if cpu:
+            return found.cpu_seconds / max(self.plain.cpu_seconds, 1e-9)
+        return found.seconds / self.plain.seconds
 
     def report(self) -> str:
         plain = self.plain
@@ -127,6 +129,12 @@ def _timed(run: Any) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
+def _cpu_timed(run: Any) -> tuple[Any, float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    value = run()
+    return value, time.perf_counter() - start, time.process_time() - cpu
+
+
 def _describe(fv: Any) -> str:
     k = f" k={fv.k}" if fv.k is not None and fv.method != "difference" else ""
     best = fv.selection.best if fv.selection is not None else None
@@ -153,7 +161,7 @@ def _aie_check(model: torch.nn.Module, tokenizer: Any, config: ExtractionConfig,
 def measure_extraction(
     model: torch.nn.Module,
     tokenizer: Any,
-    task_name: str = "antonym",
+    task_name: str | Task = "antonym",
     *,
     methods: Sequence[str] = ("auto", "heads"),
     config: ExtractionConfig = ExtractionConfig(),
@@ -162,7 +170,7 @@ def measure_extraction(
 ) -> ExtractionTiming:
     """Time the plain forwards of the extraction's ICL prompts, then one extraction per method, stage by stage,
     counting the forward work of each stage; with ``aie_check``, the fast AIE against the naive one."""
-    task = load_task(task_name)
+    task = task_name if isinstance(task_name, Task) else load_task(task_name)
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     rss_before = rss_mib()
     clean, shuffled = statistics_prompts(task, config)
@@ -172,8 +180,8 @@ def measure_extraction(
         for method in methods:
             start = len(log.stages)
             settings = dataclasses.replace(config, method=method)  # type: ignore[arg-type]
-            fv = extract_function_vector(model, tokenizer, task, settings)
-            costs.append(MethodCost(method, tuple(log.stages[start:]), _describe(fv)))
+            fv, seconds, cpu = _cpu_timed(lambda: extract_function_vector(model, tokenizer, task, settings))  # noqa: B023
+            costs.append(MethodCost(method, seconds, tuple(log.stages[start:]), _describe(fv), fv, cpu))
     peak = peak_rss_mib()
     check = _aie_check(model, tokenizer, config, task, naive_prompts) if aie_check else None
     return ExtractionTiming(log.stages[0], tuple(costs), model_mib, rss_before, peak, check)
