@@ -108,8 +108,7 @@ def extract_function_vector(
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
             across forms instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
-        progress: show a progress bar per stage (default: on, unless the environment sets ``FV_PROGRESS=0``;
-            bars show only on a terminal or in a notebook).
+        progress: a bar per stage (default on, unless ``FV_PROGRESS=0``; only on a terminal or notebook).
 
     Returns:
         A :class:`FunctionVector` whose fields record the heads, their AIE, the AIE matrix, the layer sweep and

@@ -132,7 +132,10 @@ def print_estimate(model: str, args: argparse.Namespace, *, flops: float | None 
     """Print the projected stages of ``auto`` and ``heads`` for ``model`` (a local folder or a Hub id)."""
     from transformers import AutoConfig
 
-    shape = model_shape(AutoConfig.from_pretrained(model))
+    from fv_plugin.models import EMBEDDED_MODELS, embedded_checkpoint
+
+    source = embedded_checkpoint(model) if model in EMBEDDED_MODELS else model
+    shape = model_shape(AutoConfig.from_pretrained(source))
     base = ExtractionConfig(n_mean=args.n_mean, n_aie=args.n_aie)
     plain_tokens = (base.n_mean + base.n_aie) * ICL_TOKENS
     plain = StageWork("plain forwards", plain_tokens, int(plain_tokens))
