@@ -148,7 +148,7 @@ def print_estimate(model: str, args: argparse.Namespace, *, flops: float | None 
         total = sum(s.flops(shape) for s in stages)
         print(f"\nmethod={method}: {total:.3g} FLOPs = {total / plain.flops(shape):.2f}x the plain forwards")
         for s in [*stages, plain]:
-            seconds = f"{s.flops(shape) / flops:9.1f} s" if flops else ""
+            seconds = f"{s.flops(shape) / flops:9.3g} s" if flops else ""
             work = f"{s.tokens:11.0f} tokens {s.logit_rows:9d} logit rows {s.flops(shape):10.3g} FLOPs"
             print(f"  {s.name:22s} {work} {seconds}")
     if not flops:
