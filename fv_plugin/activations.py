@@ -20,7 +20,8 @@ from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import record_head_inputs, record_layer_outputs
 from fv_plugin.progress import progress_enabled, stage
-from fv_plugin.prompts import Prompt, encode_prompts, make_prompts
+from fv_plugin.prompt_sets import clean_prompts
+from fv_plugin.prompts import Prompt, encode_prompts
 from fv_plugin.scoring import last_logits_only
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
@@ -120,15 +121,6 @@ def difference_vector(
         task=task,
         method="difference",
     )
-
-
-def clean_prompts(
-    task: Task, config: ExtractionConfig = ExtractionConfig(), *, n_shots: int | None = None
-) -> list[Prompt]:
-    """The extraction's prompts: ``config.n_mean`` train queries with ``config.n_shots`` demonstrations (or
-    ``n_shots``; 0 gives the same queries zero-shot), sampled with ``config.seed``."""
-    shots = config.n_shots if n_shots is None else n_shots
-    return make_prompts(task, n=config.n_mean, n_shots=shots, split="train", template=config.template, seed=config.seed)
 
 
 def task_state_vectors(

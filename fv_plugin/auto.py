@@ -1,4 +1,5 @@
-"""``method="auto"``: a task's form, layer and strength, chosen on zero-shot validation prompts.
+"""``method="auto"``: a task's form, layer and strength, chosen on zero-shot validation prompts
+(:func:`~fv_plugin.prompt_sets.validation_prompts`).
 
 The head statistics and the hidden-state means are computed once, in the same passes over the prompts; every
 candidate (each form of ``config.forms``, at each number of heads, layer and strength of the config's grids) is
@@ -20,16 +21,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fv_plugin.config import ExtractionConfig
 from fv_plugin.forms import BUILDERS, HEAD_FORMS, Built, FormInputs, candidate_layers, vector_metadata
 from fv_plugin.progress import stage
-from fv_plugin.prompts import Prompt, make_prompts
+from fv_plugin.prompt_sets import validation_prompts
+from fv_plugin.prompts import Prompt
 from fv_plugin.records import Candidate, Selection
 from fv_plugin.scoring import score_prompts
 from fv_plugin.selection import score_candidates
@@ -49,20 +49,6 @@ RULE = (
 
 class WeakVectorWarning(UserWarning):
     """The vector ``method="auto"`` chose does not beat the zero-shot model on the validation prompts."""
-
-
-def validation_prompts(task: Any, config: ExtractionConfig) -> list[Prompt]:
-    """The zero-shot queries candidates are scored on (``config.validation``), in a seeded order that mixes the
-    splits, at most ``config.max_validation`` of them."""
-    splits = ("valid", "train") if config.validation == "valid+train" else ("valid",)
-    prompts: list[Prompt] = []
-    for split in splits:
-        if getattr(task, split):
-            prompts += make_prompts(task, n_shots=0, split=split, template=config.template, seed=config.seed)
-    if not prompts:
-        raise ValueError(f"task {task.name!r} has no validation queries; give it more pairs")
-    random.Random(config.seed).shuffle(prompts)
-    return prompts[: config.max_validation]
 
 
 @dataclass(frozen=True)

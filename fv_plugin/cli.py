@@ -11,10 +11,10 @@ from typing import Any
 
 
 def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.config import METHODS, ExtractionConfig
+    from fv_plugin.config import METHODS, EvalConfig, ExtractionConfig
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import DEFAULT_MODEL, load_model
-    from fv_plugin.prompts import make_prompts
+    from fv_plugin.prompt_sets import eval_prompts
     from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
 
@@ -37,8 +37,8 @@ def _extract(argv: Sequence[str]) -> int:
     fv = extract_function_vector(model, tokenizer, task, config)  # a bar per stage unless FV_PROGRESS=0
     elapsed = time.perf_counter() - start
     fv.save(args.out)
-    test = make_prompts(task, n_shots=0, split="test", seed=args.seed)
-    icl = make_prompts(task, n_shots=args.n_shots, split="test", seed=args.seed)
+    test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=args.seed))
+    icl = eval_prompts(task, EvalConfig(mode="icl", n_shots=args.n_shots, seed=args.seed))
     before = zero_shot_scores(model, tokenizer, test)[0]
     after = zero_shot_scores(model, tokenizer, test, [fv])[0]
     with_demos = zero_shot_scores(model, tokenizer, icl)[0]

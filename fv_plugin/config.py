@@ -55,7 +55,7 @@ class ExtractionConfig:
             ICL-minus-zero-shot activations added in their slots), ``"difference"`` (ICL minus zero-shot hidden
             states), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
         k: number of heads for the head-based forms.
-        layer: the layer whose output receives the vector; ``None`` chooses it on the validation split.
+        layer: the layer whose output receives the vector; ``None`` chooses it on the validation prompts.
         layers: candidate layers for that choice (default: every layer).
         strength: strength used while choosing the layer.
         n_shots: demonstrations per ICL prompt.
@@ -71,7 +71,8 @@ class ExtractionConfig:
         strengths: the strengths it tries for the hidden-state forms (``difference``).
         head_strengths: the strengths it tries for the additive head-based forms (``heads``,
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
-        validation: the zero-shot queries it scores candidates on: the ``"valid"`` split, or ``"valid+train"``
+        validation: the zero-shot queries every choice (``auto``'s candidates, an explicit form's layer) is scored
+            on: the ``"valid"`` split, or ``"valid+train"``
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).

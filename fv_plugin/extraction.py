@@ -1,8 +1,8 @@
 """Extracting a function vector: head statistics or hidden-state means -> a vector -> the layer it works at.
 
 Every form (:mod:`fv_plugin.forms`) is returned as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
-which. A single-layer form's layer is chosen by a zero-shot sweep on the task's validation split unless given;
-``method="auto"`` chooses the form, the layer and the strength on validation prompts (:mod:`fv_plugin.auto`).
+which. A single-layer form's layer is chosen by a sweep on the validation prompts unless given; ``method="auto"``
+chooses the form, the layer and the strength on the same prompts (:mod:`fv_plugin.auto`), with the same scorer.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from torch import nn
 
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, resolve_architecture
-from fv_plugin.auto import auto_vector, validation_prompts
+from fv_plugin.auto import auto_vector
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
 from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
+from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.scoring import VectorArg
 from fv_plugin.selection import score_candidates
@@ -56,8 +57,9 @@ def layer_vectors(
 
 
 def _layer_sweep(job: FormInputs, built: Built, meta: dict[str, Any]) -> Sweep:
-    """Zero-shot validation accuracy with the vector after each candidate layer (at the config's strength), on
-    the validation queries ``auto`` uses, each prompt's prefix run once (the first row: no vector)."""
+    """Accuracy on the validation prompts every choice reads (:func:`~fv_plugin.prompt_sets.validation_prompts`)
+    with the vector after each candidate layer at the config's strength, scored as ``method="auto"`` scores its
+    candidates (each prompt's prefix run once; the first row: no vector, the baseline)."""
     config = job.config
     prompts = validation_prompts(job.task, config)
     layers = candidate_layers(job)
@@ -104,7 +106,7 @@ def extract_function_vector(
             keyword (``method="heads", k=20``) and overrides it. ``method="auto"`` (the default) chooses the
             form, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
             candidate's scores are kept in ``fv.selection``); an explicit form with ``layer=None`` chooses the
-            layer by a zero-shot sweep on the validation split over ``layers`` (default: every layer).
+            layer by a sweep on the validation prompts (``config.validation``) over ``layers`` (default: every layer).
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
             across forms instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.

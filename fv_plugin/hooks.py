@@ -22,8 +22,6 @@ from torch.utils.hooks import RemovableHandle
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.runtime import (
-    ActiveSteering,
-    activate,
     generate_call,
     hook_scope,
     on_base_forward,
@@ -51,7 +49,7 @@ _LOCK = threading.RLock()  # guards attaching, detaching and the user counts
 
 
 class _Binds(Protocol):
-    def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering: ...
+    def _fv_plugin_context(self, model: nn.Module) -> contextlib.AbstractContextManager[object]: ...
 
 
 @dataclass(eq=False)
@@ -97,18 +95,16 @@ def _find_processors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Bin
     procs = kwargs.get("logits_processor")
     if procs is None and len(args) >= 3:
         procs = args[2]
-    return [p for p in (procs or []) if hasattr(p, "_fv_plugin_bind")]
+    return [p for p in (procs or []) if hasattr(p, "_fv_plugin_context")]
 
 
 def _steered_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     unbound: Callable[..., Any] = getattr(type(model), "generate")  # noqa: B009 - nn.Module has no stub for it
     generate = functools.partial(unbound, model)
-    with generate_call():
-        procs = _find_processors(args, kwargs)
-        if not procs:
-            return generate(*args, **kwargs)
-        with activate(tuple(p._fv_plugin_bind(model) for p in procs)):
-            return generate(*args, **kwargs)
+    with generate_call(), contextlib.ExitStack() as stack:
+        for processor in _find_processors(args, kwargs):
+            stack.enter_context(processor._fv_plugin_context(model))
+        return generate(*args, **kwargs)
 
 
 def get_attachment(model: nn.Module) -> Attachment | None:

@@ -28,7 +28,8 @@ class Sweep:
         kl: mean KL divergence (nats) from the unsteered to the steered next-token distribution at each value
             (empty when not measured).
         baseline_accuracy: accuracy without any vector on the same prompts (``None`` when not measured).
-        split: the split the prompts came from (``"valid"`` for choices, ``"test"`` for reports).
+        split: the split the prompts came from (``"valid"`` or ``"valid+train"`` for choices, ``"test"`` for
+            reports).
     """
 
     task: str | None

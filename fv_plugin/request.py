@@ -2,13 +2,16 @@
 
 Every front end (:func:`~fv_plugin.steer`, :class:`~fv_plugin.FunctionVectorProcessor`,
 :class:`~fv_plugin.SteeredModel`, and the vLLM plugin) takes the same arguments with the same meanings, and
-refuses a bad value with the same message; they all go through :func:`validate`.
+refuses a bad value with the same message; they all go through :func:`validate`. On Hugging Face models they,
+and candidate scoring (:func:`~fv_plugin.selection.score_candidates`), steer through one context,
+:func:`steering_context`: validate, keep the model attached, bind, make active for the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -16,9 +19,9 @@ import torch
 from torch import nn
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.hooks import Attachment, get_attachment
+from fv_plugin.hooks import Attachment, attached, get_attachment
 from fv_plugin.positions import POSITION_MODES
-from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta
+from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta, activate
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "check_vector",
     "model_arch",
     "split_vectors",
+    "steering_context",
     "validate",
 ]
 
@@ -241,3 +245,35 @@ def bind(
         schedule=schedule,
         clock=clock,
     )
+
+
+@contextlib.contextmanager
+def steering_context(
+    model: nn.Module,
+    vectors: Sequence[object] = (),
+    *,
+    rows: object = None,
+    strength: object = 1.0,
+    positions: str = "generated",
+    normalize: str = "absolute",
+    arch: ArchSpec | None = None,
+    window: tuple[int, int] | None = None,
+    schedule: Callable[[int], float] | None = None,
+    clock: object | None = None,
+    replay: tuple[int, int] | None = None,
+) -> Iterator[ActiveSteering | None]:
+    """Steer ``model``'s forwards in the current context for the block; yields the active steering (``None`` when
+    the request adds nothing).
+
+    The request is validated before the model is touched; the model stays attached for the block and the
+    steering is removed when it exits, even on error. ``window``, ``schedule`` and ``clock`` are a
+    :class:`~fv_plugin.FunctionVectorProcessor`'s; ``replay=(rows, position)`` marks forwards that re-run only
+    the last prompt token layer by layer (:class:`~fv_plugin.mediation.LastTokenReplay`).
+    """
+    request = validate(
+        model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
+    )
+    with attached(model, arch=arch) as owner:
+        steering = bind(owner, request, window=window, schedule=schedule, clock=clock)
+        with activate((steering,) if steering is not None else (), replay=replay):
+            yield steering

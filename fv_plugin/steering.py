@@ -1,7 +1,8 @@
 """Public steering entry points: :func:`steer`, :class:`FunctionVectorProcessor` and :class:`SteeredModel`.
 
-All three validate their input against the model first (:mod:`fv_plugin.request`, so a bad request leaves the
-model untouched), then make an :class:`~fv_plugin.runtime.ActiveSteering` active for the current call only.
+All three steer through :func:`~fv_plugin.request.steering_context`: it validates the input against the model
+first (so a bad request leaves the model untouched), then makes an :class:`~fv_plugin.runtime.ActiveSteering`
+active for the current call only.
 Vectors apply to every input row, or, with ``rows=[[...], [...], ...]``, each input row gets its own: one
 ``generate`` call can serve several users' requests.
 """
@@ -18,20 +19,19 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from fv_plugin.architectures import ArchSpec
-from fv_plugin.hooks import attach, attached, get_attachment
+from fv_plugin.hooks import attach, get_attachment
 from fv_plugin.positions import Positions
 from fv_plugin.request import (
     Normalize,
-    bind,
     check_options,
     check_rows,
     check_strength,
     check_vector,
     model_arch,
     split_vectors,
-    validate,
+    steering_context,
 )
-from fv_plugin.runtime import ActiveSteering, activate, current_call
+from fv_plugin.runtime import current_call
 from fv_plugin.vector import FunctionVector
 
 __all__ = ["FunctionVectorProcessor", "Rows", "SteeredModel", "UnusedSteeringWarning", "steer"]
@@ -90,15 +90,13 @@ def steer(
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=10)
     """
-    request = validate(
+    context = steering_context(
         model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
     )
-    with attached(model, arch=arch) as owner:
-        steering = bind(owner, request)
-        with activate((steering,) if steering is not None else ()):
-            yield model
-        if steering is not None and steering.usage.forwards == 0:
-            _warn_unused(model)
+    with context as steering:
+        yield model
+    if steering is not None and steering.usage.forwards == 0:
+        _warn_unused(model)
 
 
 def _check_window(window: tuple[int, int | None] | None) -> tuple[int, int] | None:
@@ -160,27 +158,25 @@ class FunctionVectorProcessor(LogitsProcessor):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         self.schedule = schedule
 
-    def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering:
+    def _fv_plugin_context(self, model: nn.Module) -> contextlib.AbstractContextManager[object]:
+        """This processor's steering of the ``generate`` call now starting on ``model`` (called by its hooks)."""
         call = current_call()
         if call is None:
             raise RuntimeError("FunctionVectorProcessor can only be bound inside a generate() call")
-        owner = get_attachment(model)
-        if owner is None:
+        if get_attachment(model) is None:
             raise RuntimeError("FunctionVectorProcessor needs an attached model: call fv_plugin.attach(model)")
-        request = validate(
+        call.clocks[id(self)] = 0  # the clock runs even when the request adds nothing
+        return steering_context(
             model,
             self.vectors,
             rows=self.rows,
             strength=self.strength,
             positions=self.positions,
             normalize=self.normalize,
-            arch=None,
+            window=self.window,
+            schedule=self.schedule,
+            clock=self,
         )
-        call.clocks[id(self)] = 0
-        steering = bind(owner, request, window=self.window, schedule=self.schedule, clock=self)
-        if steering is None:  # nothing to add (no vectors or zero strength) but keep the clock running
-            return ActiveSteering(owner=owner, deltas={}, strength=0.0, positions="all", normalize="absolute")
-        return steering
 
     @property
     def step(self) -> int | None:

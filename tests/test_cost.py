@@ -14,11 +14,11 @@ from conftest import char_tokenizer, tiny_model
 
 import fv_plugin
 from fv_plugin import Pair, Task
-from fv_plugin.auto import validation_prompts
 from fv_plugin.benchmarks.cost import estimate, model_shape
 from fv_plugin.benchmarks.extraction import measure_extraction
 from fv_plugin.cli import main
 from fv_plugin.progress import progress_enabled, recording, stage
+from fv_plugin.prompt_sets import statistics_prompts, validation_prompts
 
 SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
 
@@ -119,7 +119,7 @@ def test_the_estimate_counts_the_passes_a_model_runs(tmp_path: Path) -> None:
     task = fv_plugin.load_task("capitalize")
     timing = measure_extraction(model, tok, "capitalize", methods=("heads",), config=config, aie_check=False)
     measured = {s.name.split(" (")[0]: s for s in timing.methods[0].stages}
-    _, shuffled = fv_plugin.mediation.statistics_prompts(task, config)
+    _, shuffled = statistics_prompts(task, config)
     queries = validation_prompts(task, config)
     length = lambda prompts: sum(len(tok(p.text)["input_ids"]) for p in prompts) / len(prompts)  # noqa: E731
     shape = model_shape(model.config)
