@@ -1,4 +1,4 @@
-"""The page: one small builder per tab around :class:`demo.app.DemoApp`'s callbacks."""
+"""The page: one small builder per tab around :class:`demo.callbacks.DemoApp`'s callbacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 import fv_plugin
-from demo.app import NONE, OWN_LAYER, DemoApp, shows_errors
+from demo.callbacks import NONE, OWN_LAYER, DemoApp, shows_errors
 from demo.engine import N_DEMOS, POSITIONS, Limits
 from demo.extractor import METHODS
 
@@ -20,7 +20,7 @@ EXAMPLES = [
     ["Q: mouse\nA:", "singular-plural"],
     ["Q: apple\nA:", "capitalize"],
 ]
-# The Extract tab's figures of a new vector, in the order demo.app.extract_figures returns them.
+# The Extract tab's figures of a new vector, in the order demo.effects.extract_figures returns them.
 EXTRACT_FIGURES = (
     "Where it came from: AIE per head",
     "Which layer: validation accuracy",

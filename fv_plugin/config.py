@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
+    "AUTO_METHODS",
+    "DEFAULT_KS",
+    "DEFAULT_MODEL",
+    "DEFAULT_STRENGTHS",
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
@@ -26,12 +30,17 @@ __all__ = [
     "with_overrides",
 ]
 
-Method = Literal["heads", "head_patch", "head_difference", "difference", "layer_mean"]
-METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference", "layer_mean")
+Method = Literal["auto", "heads", "head_patch", "head_difference", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = get_args(Method)  # "auto", the default, first
+AUTO_METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference")  # what "auto" chooses among
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
+# The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 NATURAL_TEMPLATES: tuple[str, ...] = (
     'The word "{x}" means',
     'When I think of "{x}", I think of',
@@ -82,7 +91,7 @@ class ExtractionConfig:
         finalists: ...and only this many of the best (plus each form's best two) on the rest.
     """
 
-    method: Method | Literal["auto"] = "auto"
+    method: Method = "auto"
     k: int = 10
     layer: int | None = None
     layers: tuple[int, ...] | None = None
@@ -105,8 +114,8 @@ class ExtractionConfig:
     finalists: int = 24
 
     def __post_init__(self) -> None:
-        if self.method != "auto" and self.method not in METHODS:
-            raise ValueError(f"method must be 'auto' or one of {METHODS}, got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self._check_auto()
         for name, minimum in (("k", 1), ("n_shots", 1), ("n_mean", 1), ("n_aie", 1), ("batch_size", 1)):
             _at_least(getattr(self, name), minimum, name)
@@ -124,9 +133,9 @@ class ExtractionConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: method='auto' needs at least one")
-        unknown = [f for f in self.forms if f not in METHODS or f == "layer_mean"]
+        unknown = [f for f in self.forms if f not in AUTO_METHODS]
         if unknown:
-            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {METHODS[:-1]}")
+            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {AUTO_METHODS}")
         for k in self.ks:
             _at_least(k, 1, "every k")
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fv_plugin.analysis import TokenScore, similarity_matrix, top_tokens
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.compare import ModelComparison, compare_models
-from fv_plugin.config import MODES, PROTOCOLS, EvalConfig, ExtractionConfig
+from fv_plugin.config import DEFAULT_KS, DEFAULT_STRENGTHS, MODES, PROTOCOLS, EvalConfig, ExtractionConfig
 from fv_plugin.evaluation import EvalResult, evaluate, icl_correct_inputs, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import extract_function_vector, layer_vectors
 from fv_plugin.mediation import HeadStatistics, head_statistics
@@ -36,9 +36,6 @@ __all__ = [
     "compare_tasks",
     "evaluate_tasks",
 ]
-
-DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 
 
 @dataclass(frozen=True)

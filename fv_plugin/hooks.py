@@ -149,9 +149,14 @@ def attached(model: nn.Module, *, arch: ArchSpec | None = None) -> Iterator[Atta
                 _remove(model, owner)
 
 
+def _is_wrapper(model: object) -> bool:
+    return "wrapped_model" in getattr(model, "__dict__", {})
+
+
 def _ensure(model: nn.Module, arch: ArchSpec | None) -> Attachment:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if not issubclass(type(model), nn.Module):  # type(): a SteeredModel reports its wrapped model's class
+        hint = "; a SteeredModel is attached already: pass its .wrapped_model" if _is_wrapper(model) else ""
+        raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}{hint}")
     existing = get_attachment(model)
     if existing is not None:
         if arch is not None and arch.layers != existing.arch.spec.layers and arch != existing.arch.spec:

@@ -78,8 +78,11 @@ def steer(
         rows: instead of ``vectors``: one list of vectors (or pairs) per input row, ``[]`` for an unsteered row,
             e.g. ``rows=[[fv_a], [], [(fv_b, -1.0), fv_c]]`` (repeated for ``num_beams`` /
             ``num_return_sequences`` like the input rows).
-        strength: multiplies every vector; a float or a tensor ``[batch]`` with one value per input row, e.g.
-            ``tensor([0., 1.])`` for an unsteered and a steered row in one batch.
+        strength: a float or a tensor ``[batch]`` with one value per input row, e.g. ``tensor([0., 1.])`` for an
+            unsteered and a steered row in one batch. It multiplies each added vector (``heads``, ``difference``,
+            ``layer_mean``, ``head_difference``); for a ``head_patch`` vector it interpolates the heads toward
+            their stored means (0 = off, 1 = replaced); a vector made by ``method="auto"`` already carries the
+            strength auto chose (``fv.builtin_strength``, shown by ``print(fv)``), and this one multiplies it.
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
             ``"last_prompt"`` (final prompt token only) or ``"all"`` (every real token).
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
@@ -263,6 +266,12 @@ class SteeredModel:
         """A steered forward pass (``positions`` of the default options apply)."""
         with self._context(steering, rows, {}):
             return self.wrapped_model(*args, **kwargs)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The wrapped model's class, as transparent proxies report it: ``isinstance(steered, PreTrainedModel)``
+        holds and transformers' pipelines accept the wrapper. ``type(steered)`` is still :class:`SteeredModel`."""
+        return type(self.__dict__["wrapped_model"])
 
     def __getattr__(self, name: str) -> Any:
         model = self.__dict__.get("wrapped_model")

@@ -32,6 +32,17 @@ def _library_version() -> str:
 class FunctionVector:
     """A vector to add to the residual stream after decoder layer ``layer``.
 
+    What the ``strength`` of :func:`~fv_plugin.steer` (and of the processor, ``SteeredModel`` and vLLM's
+    ``steering``) does depends on the vector's ``method``:
+
+    - ``"heads"``, ``"difference"``, ``"layer_mean"``, ``"head_difference"`` and sums of vectors: a multiplier;
+      ``strength * weight * vector`` is added (0 = off, 1 = the vector as made);
+    - ``"head_patch"``: an interpolation of the chosen heads' activations toward their stored means (0 = off,
+      1 = replaced by the means);
+    - a vector made by ``method="auto"``: ``auto`` already multiplied the vector by the strength it chose (its
+      :attr:`builtin_strength`, shown by ``print(fv)``), so ``strength`` multiplies on top of it: 1 steers as
+      ``auto`` measured.
+
     Attributes:
         vector: shape ``[hidden]``.
         layer: index of the decoder layer whose output receives the vector (0-based).
@@ -167,6 +178,13 @@ class FunctionVector:
         return self.head_values is not None
 
     @property
+    def builtin_strength(self) -> float | None:
+        """The strength ``method="auto"`` chose and multiplied into this vector (``None`` if it carries none)."""
+        if self.selection is None or (self.is_head_patch and self.head_mode == "replace"):
+            return None  # head_patch: auto keeps strength 1 (replace) and builds nothing in
+        return self.selection.best.strength
+
+    @property
     def layers(self) -> tuple[int, ...]:
         """The layers it is added after."""
         return tuple(self.layer_vectors) if self.layer_vectors is not None else (self.layer,)
@@ -198,6 +216,8 @@ class FunctionVector:
             for name in ("model_type", "task", "method", "k")
             if getattr(self, name) is not None
         )
+        if self.builtin_strength is not None:
+            what += f"{', ' if what else ''}built-in strength {self.builtin_strength:g} (chosen by auto)"
         return (
             f"FunctionVector(layer={self.layer}, size={self.size}, norm={self.norm():.4g}{', ' if what else ''}{what})"
         )

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from demo.app import NONE, OWN_LAYER, DemoApp, launch, make_app  # noqa: E402
+from demo.app import launch, make_app  # noqa: E402
+from demo.callbacks import NONE, OWN_LAYER, DemoApp  # noqa: E402
 from demo.extractor import ExtractSettings  # noqa: E402
 from demo.screenshot import CHROMIUM, free_port, steer_in_browser  # noqa: E402
 

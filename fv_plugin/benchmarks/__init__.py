@@ -39,9 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(rest[1:]))
     parser = argparse.ArgumentParser(prog="fv bench", description="fv_plugin's benchmarks")
     sub = parser.add_subparsers(dest="bench", required=True)
+    chosen = rest[0] if rest[:1] and rest[0] in _COMMANDS else None
     for name, (module_name, text) in _COMMANDS.items():
-        module = importlib.import_module(f"fv_plugin.benchmarks.{module_name}")
-        module.add_arguments(sub.add_parser(name, help=text))
+        command = sub.add_parser(name, help=text)
+        if name == chosen:  # only the command that runs is imported (with torch): `fv bench --help` stays light
+            importlib.import_module(f"fv_plugin.benchmarks.{module_name}").add_arguments(command)
     for name, (_, text) in _OWN_PARSERS.items():
         sub.add_parser(name, help=text)
     args = parser.parse_args(rest)
