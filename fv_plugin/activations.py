@@ -8,25 +8,31 @@ zero-shot (``difference``, the ICL-minus-zero-shot vector).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fv_plugin.architectures import ArchSpec
+from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import record_layer_outputs
+from fv_plugin.hooks import record_head_inputs, record_layer_outputs
+from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import clean_prompts
+from fv_plugin.prompts import Prompt, encode_prompts
+from fv_plugin.scoring import last_logits_only
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
+    "PromptMeans",
     "clean_prompts",
     "difference_vector",
     "last_token_hidden_states",
     "mean_last_token_hidden_state",
+    "prompt_means",
     "task_state_vectors",
 ]
 
@@ -40,7 +46,7 @@ def last_token_hidden_states(
     *,
     batch_size: int = 8,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Hidden state of each prompt's final token after each of ``layers``.
 
@@ -57,7 +63,7 @@ def last_token_hidden_states(
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     batches = range(0, len(prompts), batch_size)
     with record_layer_outputs(model, layers, arch=arch) as seen:
-        for start in tqdm(batches, desc="hidden states", disable=not progress):
+        for start in tqdm(batches, desc="hidden states", disable=not progress_enabled(progress)):
             enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)  # type: ignore[operator]
             mask = enc["attention_mask"]
             positions = torch.arange(mask.shape[1])
@@ -126,16 +132,68 @@ def task_state_vectors(
     method: Literal["difference", "layer_mean"] = "difference",
     config: ExtractionConfig = ExtractionConfig(),
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[int, torch.Tensor]:
     """Per layer: the mean last-token hidden state of the clean ICL prompts (``"layer_mean"``), or that minus the
     mean over the same queries zero-shot (``"difference"``). Float32 ``[hidden]`` on the CPU."""
     if method not in ("difference", "layer_mean"):
         raise ValueError(f"method must be 'difference' or 'layer_mean', got {method!r}")
-    options = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
-    icl = last_token_hidden_states(model, tokenizer, [p.text for p in clean_prompts(task, config)], layers, **options)  # type: ignore[arg-type]
+    options: dict[str, Any] = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
+    icl = prompt_means(model, tokenizer, clean_prompts(task, config), layers=layers, name="ICL prompts", **options)
     if method == "layer_mean":
-        return {at: icl[at].mean(0) for at in layers}
-    zero_texts = [p.text for p in clean_prompts(task, config, n_shots=0)]
-    zero = last_token_hidden_states(model, tokenizer, zero_texts, layers, **options)  # type: ignore[arg-type]
-    return {at: icl[at].mean(0) - zero[at].mean(0) for at in layers}
+        return dict(icl.states)
+    zero_prompts = clean_prompts(task, config, n_shots=0)
+    zero = prompt_means(model, tokenizer, zero_prompts, layers=layers, name="zero-shot prompts", **options)
+    return {at: icl.states[at] - zero.states[at] for at in layers}
+
+
+@dataclass(frozen=True)
+class PromptMeans:
+    """Mean last-token activations over a set of prompts: every head (``heads``, ``[layers, heads, head_dim]``,
+    or ``None`` when not recorded) and the hidden state after each recorded layer (``states``: ``[hidden]``)."""
+
+    heads: torch.Tensor | None
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def prompt_means(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    heads: bool = False,
+    layers: Sequence[int] = (),
+    batch_size: int = 16,
+    arch: ArchSpec | None = None,
+    name: str = "prompts",
+    progress: bool | None = None,
+) -> PromptMeans:
+    """Mean last-token head activations (``heads=True``) and hidden states after ``layers``, in one pass over
+    ``prompts`` (left-padded batches of ``batch_size``), float32 on the CPU."""
+    if not prompts:
+        raise ValueError("no prompts")
+    resolved = resolve_architecture(model, arch)
+    head_layers = list(range(resolved.num_layers)) if heads else []
+    device = input_device(model)
+    head_sum: torch.Tensor | None = None
+    state_sum = {at: torch.zeros(()) for at in layers}
+    with (
+        record_head_inputs(resolved, head_layers) as seen_heads,
+        record_layer_outputs(model, layers, arch=arch) as seen_states,
+        stage(name, len(prompts), unit="prompt", progress=progress) as bar,
+    ):
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            enc = encode_prompts(tokenizer, batch)
+            ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+            model(input_ids=ids, attention_mask=mask, **last_logits_only(model))
+            if heads:
+                summed = torch.stack([seen_heads[at].float().sum(0).cpu() for at in head_layers])
+                head_sum = summed if head_sum is None else head_sum + summed
+            for at in layers:
+                state_sum[at] = state_sum[at] + seen_states[at][:, -1].float().sum(0).cpu()
+            bar.update(len(batch))
+    n = len(prompts)
+    means = (head_sum / n).view(resolved.num_layers, resolved.num_heads or 1, -1) if head_sum is not None else None
+    return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers})

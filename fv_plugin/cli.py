@@ -55,7 +55,7 @@ def _extract(argv: Sequence[str]) -> int:
 
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
-    fv = extract_function_vector(model, tokenizer, task, config, progress=True)
+    fv = extract_function_vector(model, tokenizer, task, config)  # a bar per stage unless FV_PROGRESS=0
     elapsed = time.perf_counter() - start
     fv.save(args.out)
     test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=args.seed))

@@ -96,6 +96,10 @@ class ExtractionConfig:
         portable: make a vector every consumer can serve: ``method="auto"`` then chooses among the residual-stream
             forms only (:data:`PORTABLE_METHODS`: one vector added after a layer, as llama.cpp control vectors
             and other single-vector tools take), never a head-level form (:data:`HEAD_LEVEL_METHODS`).
+        max_validation: at most this many validation queries (a seeded sample), so a large task file costs
+            what a small one does; ``None``: every one.
+        screen_queries: ``method="auto"`` scores every candidate on this many validation queries first...
+        finalists: ...and only this many of the best (plus each method's best two) on the rest.
     """
 
     method: Method = "auto"
@@ -118,6 +122,9 @@ class ExtractionConfig:
     smooth_layers: int = 0
     forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
     portable: bool = False
+    max_validation: int | None = 64
+    screen_queries: int = 12
+    finalists: int = 24
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -170,6 +177,10 @@ class ExtractionConfig:
             raise ValueError(
                 f"portable=True leaves no method to choose among methods={self.methods}; add one of {PORTABLE_METHODS}"
             )
+        for name in ("screen_queries", "finalists"):
+            _at_least(getattr(self, name), 1, name)
+        if self.max_validation is not None:
+            _at_least(self.max_validation, 1, "max_validation")
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 

@@ -21,7 +21,7 @@ from fv_plugin.mediation import HeadStatistics
 from fv_plugin.methods import BUILDERS, Built, MethodInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import score_prompts
+from fv_plugin.scoring import VectorArg
 from fv_plugin.selection import score_candidates
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
@@ -59,19 +59,21 @@ def layer_vectors(
 def _layer_sweep(job: MethodInputs, built: Built, meta: dict[str, Any]) -> Sweep:
     """Accuracy on the validation prompts every choice reads (:func:`~fv_plugin.prompt_sets.validation_prompts`)
     with the vector after each candidate layer at the config's strength, scored as ``method="auto"`` scores its
-    candidates."""
+    candidates (each prompt's prefix run once; the first row: no vector, the baseline)."""
     config = job.config
     prompts = validation_prompts(job.task, config)
     layers = candidate_layers(job)
-    candidates = [[(FunctionVector(vector=built.at_layer(at), layer=at, **meta), config.strength)] for at in layers]
-    scores = score_candidates(job.model, job.tokenizer, prompts, candidates, arch=job.arch)
+    rows: list[list[VectorArg]] = [[]]
+    rows += [[(FunctionVector(vector=built.at_layer(at), layer=at, **meta), config.strength)] for at in layers]
+    run: dict[str, Any] = {"arch": job.arch, "progress": job.progress, "name": "layer sweep"}
+    scores = score_candidates(job.model, job.tokenizer, prompts, rows, **run)
     return Sweep(
         task=job.task.name,
         parameter="layer",
         values=tuple(float(at) for at in layers),
-        accuracy=tuple(s.accuracy for s in scores),
-        answer_prob=tuple(s.answer_prob for s in scores),
-        baseline_accuracy=score_prompts(job.model, job.tokenizer, prompts, batch_size=config.batch_size).accuracy,
+        accuracy=tuple(s.accuracy for s in scores[1:]),
+        answer_prob=tuple(s.answer_prob for s in scores[1:]),
+        baseline_accuracy=scores[0].accuracy,
         split=config.validation,
     )
 
@@ -92,7 +94,7 @@ def extract_function_vector(
     *,
     statistics: HeadStatistics | None = None,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> FunctionVector:
     """Extract a function vector for ``task`` from ``model``.
@@ -108,7 +110,7 @@ def extract_function_vector(
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
             across methods instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
-        progress: show progress bars.
+        progress: a bar per stage (default on, unless ``FV_PROGRESS=0``; only on a terminal or notebook).
 
     Returns:
         A :class:`FunctionVector` whose fields record the heads, their AIE, the AIE matrix, the layer sweep and

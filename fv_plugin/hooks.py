@@ -33,6 +33,7 @@ __all__ = [
     "Attachment",
     "attach",
     "attached",
+    "count_forward_work",
     "detach",
     "get_attachment",
     "is_attached",
@@ -289,6 +290,26 @@ def record_layer_outputs(
 
     with scoped_hooks([(resolved.layers[layer], make(layer)) for layer in layers], "forward"):
         yield seen
+
+
+@contextlib.contextmanager
+def count_forward_work(model: nn.Module, resolved: ResolvedArch) -> Iterator[Callable[[], tuple[float, int]]]:
+    """Count the work of forwards run in this context: yields ``() -> (tokens, logit_rows)`` so far, where a
+    token run through ``m`` of the ``L`` decoder layers counts ``m / L`` and ``logit_rows`` are the rows the
+    unembedding produced."""
+    totals = [0, 0]  # token-layers, logit rows
+
+    def on_layer(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        totals[0] += int(hidden.shape[0]) * int(hidden.shape[1])
+
+    def on_unembed(module: nn.Module, args: Any, output: Any) -> None:
+        totals[1] += output.numel() // output.shape[-1]
+
+    hooks: list[tuple[nn.Module, Callable[..., Any]]] = [(layer, on_layer) for layer in resolved.layers]
+    unembed: Any = getattr(model, "get_output_embeddings")()  # noqa: B009
+    with scoped_hooks(hooks, "pre_kwargs"), scoped_hooks([(unembed, on_unembed)], "forward"):
+        yield lambda: (totals[0] / resolved.num_layers, totals[1])
 
 
 @contextlib.contextmanager

@@ -15,17 +15,18 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from fv_plugin.activations import prompt_means
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import patch_head_inputs, record_head_inputs, record_layer_calls
+from fv_plugin.hooks import patch_head_inputs, record_layer_calls
+from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import clean_prompts, statistics_prompts
 from fv_plugin.prompts import Prompt, encode_prompts
 from fv_plugin.scoring import last_logits_only
@@ -53,7 +54,6 @@ def num_heads(resolved: ResolvedArch) -> int:
     return resolved.num_heads
 
 
-@torch.no_grad()
 def mean_head_activations(
     model: nn.Module,
     tokenizer: Any,
@@ -61,28 +61,14 @@ def mean_head_activations(
     *,
     batch_size: int = 16,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Mean last-token activation of every head over ``prompts``: float32 ``[layers, heads, head_dim]``."""
-    if not prompts:
-        raise ValueError("no prompts")
-    resolved = resolve_architecture(model, arch)
-    n_heads = num_heads(resolved)
-    layers = list(range(resolved.num_layers))
-    device = input_device(model)
-    total: torch.Tensor | None = None
-    with record_head_inputs(resolved, layers) as seen:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="mean activations", disable=not progress):
-            enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
-            model(
-                input_ids=enc.input_ids.to(device),
-                attention_mask=enc.attention_mask.to(device),
-                **last_logits_only(model),
-            )
-            batch = torch.stack([seen[layer].float().sum(0).cpu() for layer in layers])  # [layers, heads*dim]
-            total = batch if total is None else total + batch
-    assert total is not None
-    return (total / len(prompts)).view(len(layers), n_heads, -1)
+    num_heads(resolve_architecture(model, arch))
+    options: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": progress}
+    found = prompt_means(model, tokenizer, prompts, heads=True, name="mean activations", **options).heads
+    assert found is not None
+    return found
 
 
 @dataclass(frozen=True)
@@ -211,7 +197,7 @@ def average_indirect_effect(
     *,
     heads_per_batch: int = 64,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> IndirectEffects:
     """Exact AIE of every head on ``prompts`` (shuffled-label ICL prompts).
 
@@ -224,37 +210,46 @@ def average_indirect_effect(
         raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, head_dim]")
     if heads_per_batch < 1:
         raise ValueError(f"heads_per_batch must be >= 1, got {heads_per_batch}")
-    device = input_device(model)
-    grid = _variants(n_layers, n_heads)[1:]
-    cache_kw = cache_kwarg(model)
     effects, bases = [], []
-    for prompt in tqdm(prompts, desc="indirect effects", disable=not progress):
-        enc = encode_prompts(tokenizer, [prompt])
-        ids = enc.input_ids.to(device)
-        answer = int(enc.answer_ids[0])
-        if ids.shape[1] < 2:
-            raise ValueError("prompts must have at least two tokens")
-        runner = LastTokenReplay(model, resolved, ids, cache_kw)
-        base = runner.reference.softmax(-1)[0, answer].cpu()
-        probs = torch.empty(len(grid))
-        for start in range(0, len(grid), heads_per_batch):
-            rows = grid[start : start + heads_per_batch]
-            with patch_head_inputs(resolved, range(n_layers), _patcher(means, rows)):
-                if runner.usable:
-                    logits = runner.logits(int(rows[:, 0].min()), len(rows))
-                else:  # replaying layers does not reproduce this model: re-run the whole last token
-                    cache = copy.deepcopy(runner.prefix_cache)
-                    cache.batch_repeat_interleave(len(rows))
-                    logits = model(
-                        input_ids=ids[:, -1:].expand(len(rows), 1),
-                        attention_mask=torch.ones(len(rows), ids.shape[1], dtype=torch.long, device=device),
-                        use_cache=True,
-                        **{cache_kw: cache},
-                    ).logits[:, -1]
-            probs[start : start + len(rows)] = logits.float().softmax(-1)[:, answer].cpu()
-        bases.append(base)
-        effects.append((probs - base).view(n_layers, n_heads))
+    with stage("indirect effects", len(prompts), unit="prompt", progress=progress) as bar:
+        for prompt in prompts:
+            probs, base = _prompt_effects(model, resolved, tokenizer, prompt, means, heads_per_batch)
+            bases.append(base)
+            effects.append((probs - base).view(n_layers, n_heads))
+            bar.update(1)
     return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))
+
+
+def _prompt_effects(
+    model: nn.Module, resolved: ResolvedArch, tokenizer: Any, prompt: Prompt, means: torch.Tensor, heads_per_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shuffled prompt: the answer's probability with each head patched (``[layers * heads]``), and unpatched."""
+    n_layers, device, cache_kw = resolved.num_layers, input_device(model), cache_kwarg(model)
+    grid = _variants(n_layers, num_heads(resolved))[1:]
+    enc = encode_prompts(tokenizer, [prompt])
+    ids = enc.input_ids.to(device)
+    answer = int(enc.answer_ids[0])
+    if ids.shape[1] < 2:
+        raise ValueError("prompts must have at least two tokens")
+    runner = LastTokenReplay(model, resolved, ids, cache_kw)
+    base = runner.reference.softmax(-1)[0, answer].cpu()
+    probs = torch.empty(len(grid))
+    for start in range(0, len(grid), heads_per_batch):
+        rows = grid[start : start + heads_per_batch]
+        with patch_head_inputs(resolved, range(n_layers), _patcher(means, rows)):
+            if runner.usable:
+                logits = runner.logits(int(rows[:, 0].min()), len(rows))
+            else:  # replaying layers does not reproduce this model: re-run the whole last token
+                cache = copy.deepcopy(runner.prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+                logits = model(
+                    input_ids=ids[:, -1:].expand(len(rows), 1),
+                    attention_mask=torch.ones(len(rows), ids.shape[1], dtype=torch.long, device=device),
+                    use_cache=True,
+                    **{cache_kw: cache},
+                ).logits[:, -1]
+        probs[start : start + len(rows)] = logits.float().softmax(-1)[:, answer].cpu()
+    return probs, base
 
 
 @torch.no_grad()
@@ -294,7 +289,9 @@ class HeadStatistics:
     zero-shot (``zero_means``), and every head's AIE on shuffled-label ICL prompts.
 
     ``config`` holds the settings they were made with (``n_shots``, ``n_mean``, ``n_aie``, ``seed``,
-    ``template``); :meth:`matches` says whether they can stand in for another extraction's.
+    ``template``); :meth:`matches` says whether they can stand in for another extraction's. ``states`` and
+    ``zero_states`` hold the mean last-token hidden states after the layers asked for (``layers=`` of
+    :func:`head_statistics`), recorded in the same passes: the hidden-state forms reuse them.
     """
 
     task: str
@@ -302,6 +299,8 @@ class HeadStatistics:
     effects: IndirectEffects
     config: ExtractionConfig
     zero_means: torch.Tensor | None = None  # [layers, heads, head_dim]
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [hidden], clean ICL prompts
+    zero_states: dict[int, torch.Tensor] = field(default_factory=dict)  # the same queries zero-shot
 
     @property
     def aie(self) -> torch.Tensor:
@@ -322,22 +321,37 @@ def head_statistics(
     config: ExtractionConfig = ExtractionConfig(),
     *,
     arch: ArchSpec | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
+    zero_shot: bool = True,
+    layers: Sequence[int] = (),
 ) -> HeadStatistics:
-    """Mean head activations (ICL and zero-shot) and the exact AIE of every head for ``task`` (the paper's causal
-    mediation).
+    """Mean head activations (ICL and, with ``zero_shot``, zero-shot) and the exact AIE of every head for ``task``
+    (the paper's causal mediation); with ``layers``, also the mean hidden states after them, from the same passes.
 
     Example:
         >>> stats = head_statistics(model, tok, load_task("antonym"))  # doctest: +SKIP
         >>> stats.top_heads(10)  # doctest: +SKIP
     """
     clean, shuffled = statistics_prompts(task, config)
-    zero = clean_prompts(task, config, n_shots=0)  # the same queries without demonstrations
-    means, zero_means = (
-        mean_head_activations(model, tokenizer, prompts, batch_size=config.batch_size, arch=arch, progress=progress)
-        for prompts in (clean, zero)
-    )
+    options: dict[str, Any] = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
+    num_heads(resolve_architecture(model, arch))
+    icl = prompt_means(model, tokenizer, clean, heads=True, layers=layers, name="ICL prompts", **options)
+    zero = None
+    if zero_shot or layers:  # the same queries without demonstrations
+        zero_prompts = clean_prompts(task, config, n_shots=0)
+        zero = prompt_means(
+            model, tokenizer, zero_prompts, heads=zero_shot, layers=layers, name="zero-shot prompts", **options
+        )
+    assert icl.heads is not None
     effects = average_indirect_effect(
-        model, tokenizer, shuffled, means, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
+        model, tokenizer, shuffled, icl.heads, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
     )
-    return HeadStatistics(task=task.name, means=means, effects=effects, config=config, zero_means=zero_means)
+    return HeadStatistics(
+        task=task.name,
+        means=icl.heads,
+        effects=effects,
+        config=config,
+        zero_means=zero.heads if zero is not None else None,
+        states=icl.states,
+        zero_states=zero.states if zero is not None else {},
+    )

@@ -64,14 +64,25 @@ class MethodInputs:
     config: ExtractionConfig
     resolved: ResolvedArch
     arch: ArchSpec | None
-    progress: bool
+    progress: bool | None
     statistics: HeadStatistics | None
 
     def head_statistics(self) -> HeadStatistics:
+        """The given statistics, or those the forms to build need, computed once: zero-shot head means only for
+        ``head_difference``, and the hidden-state means of the candidate layers (same passes) for ``difference``."""
         if self.statistics is not None:
             return self.statistics
+        forms = self.config.auto_methods if self.config.method == "auto" else (self.config.method,)
+        states = "difference" in forms or "layer_mean" in forms
         return head_statistics(
-            self.model, self.tokenizer, self.task, self.config, arch=self.arch, progress=self.progress
+            self.model,
+            self.tokenizer,
+            self.task,
+            self.config,
+            arch=self.arch,
+            progress=self.progress,
+            zero_shot="head_difference" in forms,
+            layers=candidate_layers(self) if states else (),
         )
 
     def with_config(self, **changes: Any) -> MethodInputs:
@@ -122,9 +133,22 @@ def _build_head_difference(job: MethodInputs) -> Built:
 
 def _build_states(job: MethodInputs, method: Literal["difference", "layer_mean"]) -> Built:
     wanted = [job.config.layer] if job.config.layer is not None else candidate_layers(job)
-    per_layer = task_state_vectors(
-        job.model, job.tokenizer, job.task, wanted, method=method, config=job.config, arch=job.arch
-    )
+    stats = job.statistics
+    if stats is not None and all(at in stats.states and at in stats.zero_states for at in wanted):
+        # recorded in the head statistics' passes
+        zero = method == "difference"
+        per_layer = {at: stats.states[at] - stats.zero_states[at] if zero else stats.states[at] for at in wanted}
+    else:
+        per_layer = task_state_vectors(
+            job.model,
+            job.tokenizer,
+            job.task,
+            wanted,
+            method=method,
+            config=job.config,
+            arch=job.arch,
+            progress=job.progress,
+        )
     return Built(at_layer=per_layer.__getitem__)
 
 

@@ -15,6 +15,8 @@ and :attr:`~fv_plugin.Task.test`.
 
 from __future__ import annotations
 
+import random
+
 from fv_plugin.config import EvalConfig, ExtractionConfig
 from fv_plugin.prompts import Prompt, make_prompts
 from fv_plugin.tasks import Task
@@ -52,7 +54,8 @@ def statistics_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()
 
 def validation_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()) -> list[Prompt]:
     """The zero-shot queries every choice is scored on: the valid split, then (``config.validation ==
-    "valid+train"``) the train split asked zero-shot; never the test split."""
+    "valid+train"``) the train split asked zero-shot; never the test split. In a seeded order that mixes the
+    splits, and at most ``config.max_validation`` of them, so a large task costs what a small one does."""
     splits = ("valid", "train") if config.validation == "valid+train" else ("valid",)
     prompts: list[Prompt] = []
     for split in splits:
@@ -60,7 +63,8 @@ def validation_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()
             prompts += make_prompts(task, n_shots=0, split=split, template=config.template, seed=config.seed)
     if not prompts:
         raise ValueError(f"task {task.name!r} has no validation queries; give it more pairs")
-    return prompts
+    random.Random(config.seed).shuffle(prompts)
+    return prompts[: config.max_validation]
 
 
 def eval_prompts(task: Task, config: EvalConfig = EvalConfig()) -> list[Prompt]:

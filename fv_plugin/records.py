@@ -90,8 +90,9 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate vector scored on validation prompts: its ``method``, heads ``k`` and ``layer`` where they
-    apply, its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there."""
+    """One candidate vector scored on validation prompts: its ``method``, heads ``k`` and ``layer`` where they apply,
+    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there (on ``n_queries`` of the
+    validation queries: a candidate dropped after the first round was scored on fewer; ``None``: on all)."""
 
     method: str
     strength: float
@@ -99,6 +100,7 @@ class Candidate:
     answer_prob: float
     layer: int | None = None
     k: int | None = None
+    n_queries: int | None = None
 
     @property
     def form(self) -> str:

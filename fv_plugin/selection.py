@@ -18,6 +18,7 @@ from torch import nn
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
 from fv_plugin.mediation import LastTokenReplay, cache_kwarg
+from fv_plugin.progress import stage
 from fv_plugin.prompts import Prompt, encode_prompts
 from fv_plugin.request import steering_context
 from fv_plugin.scoring import PromptScores, VectorArg, correct_first_token
@@ -64,6 +65,8 @@ def score_candidates(
     *,
     rows_per_batch: int = 64,
     arch: ArchSpec | None = None,
+    name: str = "candidates",
+    progress: bool | None = None,
 ) -> list[PromptScores]:
     """First-token accuracy and mean answer probability of every candidate on ``prompts`` (steered at the final
     prompt token, as :func:`~fv_plugin.score_prompts`).
@@ -72,25 +75,32 @@ def score_candidates(
         candidates: each one a list of :class:`~fv_plugin.FunctionVector` or ``(vector, weight)`` pairs; the
             weight carries the candidate's strength.
         rows_per_batch: candidates re-run together (one batch row each).
+        name, progress: the progress bar's name, and whether to show it (see :func:`fv_plugin.progress.stage`).
     """
     if not prompts or not candidates:
         raise ValueError("score_candidates needs prompts and candidates")
+    if rows_per_batch < 1:
+        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
     resolved = resolve_architecture(model, arch)
     order = sorted(range(len(candidates)), key=lambda i: _lowest_layer(candidates[i]))
+    batches = [order[i : i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
+    rows = [_Rows(model, [candidates[i] for i in chunk], arch) for chunk in batches]
     correct, prob = torch.zeros(len(candidates)), torch.zeros(len(candidates))
-    for prompt in prompts:
-        enc = encode_prompts(tokenizer, [prompt])
-        ids = enc.input_ids.to(input_device(model))
-        answer, accepted = int(enc.answer_ids[0]), enc.answer_tokens[0]
-        with torch.no_grad():
-            replay = LastTokenReplay(model, resolved, ids, cache_kwarg(model)) if ids.shape[1] > 1 else None
-        usable = replay if replay is not None and replay.usable else None
-        for start in range(0, len(order), rows_per_batch):
-            chunk = order[start : start + rows_per_batch]
-            probs = _Rows(model, [candidates[i] for i in chunk], arch).probs(prompt, tokenizer, usable)
-            top = probs.argmax(-1)
-            for row, index in enumerate(chunk):
-                correct[index] += float(correct_first_token(int(top[row]), accepted))
-                prob[index] += float(probs[row, answer])
+    label = f"{name} ({len(candidates)} x {len(prompts)} queries)"
+    with stage(label, len(prompts), unit="query", progress=progress) as bar:
+        for prompt in prompts:
+            enc = encode_prompts(tokenizer, [prompt])
+            ids = enc.input_ids.to(input_device(model))
+            answer, accepted = int(enc.answer_ids[0]), enc.answer_tokens[0]
+            with torch.no_grad():
+                replay = LastTokenReplay(model, resolved, ids, cache_kwarg(model)) if ids.shape[1] > 1 else None
+            usable = replay if replay is not None and replay.usable else None
+            for chunk, batch in zip(batches, rows, strict=True):
+                probs = batch.probs(prompt, tokenizer, usable)
+                top = probs.argmax(-1)
+                for row, index in enumerate(chunk):
+                    correct[index] += float(correct_first_token(int(top[row]), accepted))
+                    prob[index] += float(probs[row, answer])
+            bar.update(1)
     n = len(prompts)
     return [PromptScores(float(c) / n, float(p) / n) for c, p in zip(correct, prob, strict=True)]

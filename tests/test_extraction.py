@@ -18,7 +18,7 @@ from fv_plugin.architectures import resolve_architecture
 from fv_plugin.benchmarks.extraction import measure_extraction
 from fv_plugin.extraction import extract_function_vector
 from fv_plugin.heads import head_vector
-from fv_plugin.mediation import average_indirect_effect, mean_head_activations
+from fv_plugin.mediation import average_indirect_effect, mean_head_activations, statistics_prompts
 from fv_plugin.prompts import PromptTemplate, encode_prompts, make_prompts
 from fv_plugin.scoring import zero_shot_scores
 
@@ -218,8 +218,20 @@ def test_cli_extract_and_bench_extract_on_a_tiny_checkpoint(tmp_path: Path) -> N
     fv = fv_plugin.FunctionVector.load(out)
     assert fv.task == "capitalize" and fv.k == 3 and "accuracy" in run.stdout
     model, tok = fv_plugin.load_model(str(folder))
-    timing = measure_extraction(model, tok, "capitalize", naive_prompts=1)
-    assert timing.aie_max_abs_diff <= 1e-4 and timing.extraction > 0 and "speed-up" in timing.report()
+    small = fv_plugin.ExtractionConfig(n_mean=6, n_aie=2, n_shots=3, ks=(2, 3), strengths=(1.0,), head_strengths=(1.0,))
+    timing = measure_extraction(model, tok, "capitalize", config=small, naive_prompts=1)
+    assert timing.aie is not None and timing.aie.max_abs_diff <= 1e-4 and "speed-up" in timing.report()
+    assert timing.ratio("heads") > 0 and timing.ratio("auto") > 0
+    heads = next(m for m in timing.methods if m.method == "heads")
+    names = [s.name for s in heads.stages]
+    assert names[:2] == ["ICL prompts", "indirect effects"] and names[-1].startswith("layer sweep"), names
+    # the plain forwards' tokens: every token of the 8 ICL prompts through every layer
+    tokens = sum(
+        int(fv_plugin.encode_prompts(tok, [p]).input_ids.shape[1])
+        for group in statistics_prompts(fv_plugin.load_task("capitalize"), small)
+        for p in group
+    )
+    assert timing.plain.tokens >= tokens and timing.plain.logit_rows > 0
 
 
 @pytest.mark.slow

@@ -61,3 +61,17 @@ def test_split_memory_and_the_summary() -> None:
     outcomes = gpu_check.run_checks(args, {"good": lambda a: "fine", "bad": broken, "skipped": lambda a: "x"})
     assert [(o.name, o.ok) for o in outcomes] == [("good", True), ("bad", False)]
     assert gpu_check.summary(outcomes) == "1/2 checks passed; failed: bad"
+
+
+def test_the_extraction_check_times_both_methods_and_the_recovery() -> None:
+    import warnings
+
+    import fv_plugin
+
+    small = fv_plugin.ExtractionConfig(n_mean=6, n_aie=2, n_shots=3, ks=(2,), strengths=(1.0,), head_strengths=(1.0,))
+    with warnings.catch_warnings():  # a random model: the vector may not beat it
+        warnings.simplefilter("ignore")
+        line, recovery = gpu_check.extraction_check(
+            tiny_model("llama"), char_tokenizer(), fv_plugin.load_task("capitalize"), small
+        )
+    assert "auto" in line and "heads" in line and "of ICL" in line and (recovery != recovery or recovery >= 0)

@@ -1,10 +1,11 @@
-"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|quant|vllm`` (or
+"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|quant|vllm`` (or
 ``python -m fv_plugin.benchmarks ...``). Apart from the library: nothing in fv_plugin imports them, and each is
 imported only when its command runs.
 
 - ``overhead`` (:mod:`.overhead`): tokens/s of plain vs attached-idle vs steered generation, batch 1 and 8.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
 - ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
+- ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -23,6 +24,7 @@ _COMMANDS = {
     "overhead": ("overhead", "tokens/s of plain vs attached-idle vs steered generation (batch 1 and 8)"),
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
+    "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),
