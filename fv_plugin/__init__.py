@@ -27,6 +27,8 @@ from fv_plugin.analysis import TokenScore, aie_matrix, head_locations, layer_swe
 from fv_plugin.architectures import ArchSpec, ResolvedArch, register_architecture, resolve_architecture
 from fv_plugin.attribution import attribution_patching, rank_agreement
 from fv_plugin.auto import WeakVectorWarning
+from fv_plugin.condition import Condition
+from fv_plugin.condition_fit import learn_condition
 from fv_plugin.config import METHODS, MODES, EvalConfig, ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.evaluation import EvalResult, EvalRow, evaluate, sweep_k, sweep_layers, sweep_strength
@@ -57,6 +59,7 @@ __all__ = [
     "POSITION_MODES",
     "ArchSpec",
     "Candidate",
+    "Condition",
     "EvalConfig",
     "EvalResult",
     "EvalRow",
@@ -96,6 +99,7 @@ __all__ = [
     "last_token_hidden_states",
     "layer_sweep",
     "layer_vectors",
+    "learn_condition",
     "load_model",
     "load_task",
     "make_prompts",

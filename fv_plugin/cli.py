@@ -29,8 +29,16 @@ def _extract(argv: Sequence[str]) -> int:
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
+    parser.add_argument("--no-condition", action="store_true", help="do not learn the condition used by gate=True")
     args = parser.parse_args(argv)
-    config = ExtractionConfig(method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed)
+    config = ExtractionConfig(
+        method=args.method,
+        k=args.k,
+        layer=args.layer,
+        n_shots=args.n_shots,
+        seed=args.seed,
+        condition=not args.no_condition,
+    )
     model, tokenizer = load_model(args.model)
     task = load_task(args.task)
     start = time.perf_counter()
@@ -56,6 +64,8 @@ def _extract(argv: Sequence[str]) -> int:
         f"test first-token accuracy: zero-shot {before:.2f} -> with vector {after:.2f} "
         f"({args.n_shots}-shot ICL {with_demos:.2f}, {len(test)} queries)"
     )
+    if fv.condition is not None:
+        print(fv.condition.describe())
     print(f"saved {args.out}")
     return 0
 

@@ -75,6 +75,9 @@ class ExtractionConfig:
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
+        condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
+            see :mod:`fv_plugin.condition_fit`).
+        condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
     """
 
     method: Method | Literal["auto"] = "auto"
@@ -95,6 +98,8 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
+    condition: bool = True
+    condition_negatives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in METHODS:
@@ -110,6 +115,7 @@ class ExtractionConfig:
             if not self.layers:
                 raise ValueError("layers is empty: give the candidate layers or None for every layer")
         PromptTemplate(self.template)  # validates
+        object.__setattr__(self, "condition_negatives", tuple(str(t) for t in self.condition_negatives))
 
     def _check_auto(self) -> None:
         for name in ("forms", "ks", "strengths", "head_strengths"):

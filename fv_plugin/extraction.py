@@ -16,6 +16,7 @@ from torch import nn
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.auto import auto_vector
+from fv_plugin.condition_fit import with_condition
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
 from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
@@ -118,7 +119,7 @@ def extract_function_vector(
     if settings.method == "auto":
         if settings.layer is not None:  # the single-layer forms are tried at that layer only
             job = job.with_config(layers=(settings.layer,))
-        return auto_vector(job)
+        return with_condition(model, tokenizer, task, auto_vector(job), settings, arch=arch, progress=progress)
     built = BUILDERS[settings.method](job)
     meta = vector_metadata(resolved, model, task, settings.template)
     layer, layer_sweep = built.own_layer if built.own_layer is not None else settings.layer, None
@@ -126,7 +127,7 @@ def extract_function_vector(
         layer_sweep = _layer_sweep(job, built, meta)
         layer = int(layer_sweep.best)
         logger.info("layer %d chosen (validation accuracy %.2f)", layer, max(layer_sweep.accuracy))
-    return FunctionVector(
+    fv = FunctionVector(
         vector=built.at_layer(layer),
         layer=layer,
         method=settings.method,
@@ -136,3 +137,4 @@ def extract_function_vector(
         **meta,
         **built.fields,
     )
+    return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress)

@@ -50,7 +50,7 @@ _LOCK = threading.RLock()  # guards attaching, detaching and the user counts
 
 
 class _Binds(Protocol):
-    def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering: ...
+    def _fv_plugin_bind(self, model: nn.Module) -> tuple[ActiveSteering, ...]: ...
 
 
 @dataclass(eq=False)
@@ -106,7 +106,7 @@ def _steered_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         procs = _find_processors(args, kwargs)
         if not procs:
             return generate(*args, **kwargs)
-        with activate(tuple(p._fv_plugin_bind(model) for p in procs)):
+        with activate(tuple(s for p in procs for s in p._fv_plugin_bind(model))):
             return generate(*args, **kwargs)
 
 

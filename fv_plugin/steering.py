@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
+from fv_plugin.answer_span import answer_ends_for
 from fv_plugin.architectures import ArchSpec
+from fv_plugin.gating import bind_all, check_gate
 from fv_plugin.hooks import attach, attached, get_attachment
 from fv_plugin.positions import Positions
 from fv_plugin.request import (
     Normalize,
-    bind,
     check_options,
     check_rows,
     check_strength,
@@ -65,6 +66,8 @@ def steer(
     positions: Positions = "generated",
     normalize: Normalize = "absolute",
     arch: ArchSpec | None = None,
+    gate: bool = False,
+    tokenizer: Any = None,
 ) -> Iterator[nn.Module]:
     """Steer every forward pass of ``model`` made in this context (thread, asyncio task) inside the block.
 
@@ -81,10 +84,16 @@ def steer(
         strength: multiplies every vector; a float or a tensor ``[batch]`` with one value per input row, e.g.
             ``tensor([0., 1.])`` for an unsteered and a steered row in one batch.
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
-            ``"last_prompt"`` (final prompt token only) or ``"all"`` (every real token).
+            ``"last_prompt"`` (final prompt token only), ``"all"`` (every real token) or ``"answer"`` (final
+            prompt token and each generated token until the row's answer ends: its first generated newline or
+            end-of-sequence token, which is not steered, nor anything after it; needs ``tokenizer``).
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
             ``strength`` times the norm of the hidden state it is added to.
         arch: where the decoder layers are, for models fv_plugin does not know.
+        gate: steer a row by a vector only if that row's prompt passes the vector's condition (``fv.condition``,
+            learned at extraction), decided at the prompt's last token and kept for its generated tokens; each
+            vector gates on its own (:mod:`fv_plugin.gating`). Every vector needs a condition.
+        tokenizer: the model's tokenizer; needed by ``positions="answer"`` (which tokens end an answer).
 
     Example:
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
@@ -93,11 +102,14 @@ def steer(
     request = validate(
         model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
     )
+    if gate is True:
+        check_gate(fv for group in request.rows for fv, _ in group)
+    ends = answer_ends_for(positions, tokenizer, model)
     with attached(model, arch=arch) as owner:
-        steering = bind(owner, request)
-        with activate((steering,) if steering is not None else ()):
+        steerings = bind_all(owner, request, gate=gate, answer_end=ends)
+        with activate(steerings):
             yield model
-        if steering is not None and steering.usage.forwards == 0:
+        if steerings and all(s.usage.forwards == 0 for s in steerings):
             _warn_unused(model)
 
 
@@ -130,6 +142,7 @@ class FunctionVectorProcessor(LogitsProcessor):
             the prompt pass (which produces the first new token), step ``s`` feeds generated token ``s``.
             ``stop=None`` means no end.
         schedule: ``step -> multiplier`` applied on top of ``strength`` (e.g. a decay).
+        gate, tokenizer: as in :func:`steer`.
 
     Example:
         >>> proc = FunctionVectorProcessor(fv, strength=4.0, window=(0, 3))  # doctest: +SKIP
@@ -145,8 +158,11 @@ class FunctionVectorProcessor(LogitsProcessor):
         normalize: Normalize = "absolute",
         window: tuple[int, int | None] | None = None,
         schedule: Callable[[int], float] | None = None,
+        gate: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         check_options(positions, normalize)
+        self.answer_end = answer_ends_for(positions, tokenizer, None)
         self.vectors = tuple(vectors)
         split_vectors(self.vectors)
         self.rows = tuple(tuple(row) for row in rows) if rows is not None else None
@@ -159,8 +175,11 @@ class FunctionVectorProcessor(LogitsProcessor):
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         self.schedule = schedule
+        if not isinstance(gate, bool):
+            raise TypeError(f"gate must be True or False, got {gate!r}")
+        self.gate = gate
 
-    def _fv_plugin_bind(self, model: nn.Module) -> ActiveSteering:
+    def _fv_plugin_bind(self, model: nn.Module) -> tuple[ActiveSteering, ...]:
         call = current_call()
         if call is None:
             raise RuntimeError("FunctionVectorProcessor can only be bound inside a generate() call")
@@ -177,10 +196,18 @@ class FunctionVectorProcessor(LogitsProcessor):
             arch=None,
         )
         call.clocks[id(self)] = 0
-        steering = bind(owner, request, window=self.window, schedule=self.schedule, clock=self)
-        if steering is None:  # nothing to add (no vectors or zero strength) but keep the clock running
-            return ActiveSteering(owner=owner, deltas={}, strength=0.0, positions="all", normalize="absolute")
-        return steering
+        steerings = bind_all(
+            owner,
+            request,
+            gate=self.gate,
+            window=self.window,
+            schedule=self.schedule,
+            clock=self,
+            answer_end=self.answer_end,
+        )
+        if not steerings:  # nothing to add (no vectors or zero strength) but keep the clock running
+            return (ActiveSteering(owner=owner, deltas={}, strength=0.0, positions="all", normalize="absolute"),)
+        return steerings
 
     @property
     def step(self) -> int | None:
@@ -209,7 +236,8 @@ class SteeredModel:
     Args:
         model: a transformers causal LM.
         steering: default vectors for calls that pass none.
-        strength, positions, normalize, arch: defaults, as in :func:`steer`.
+        strength, positions, normalize, arch, gate: defaults, as in :func:`steer`.
+        tokenizer: the model's tokenizer, for ``positions="answer"``.
 
     Example:
         >>> steered = SteeredModel(model)  # doctest: +SKIP
@@ -226,18 +254,29 @@ class SteeredModel:
         positions: Positions = "generated",
         normalize: Normalize = "absolute",
         arch: ArchSpec | None = None,
+        gate: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         if isinstance(model, SteeredModel):
             model = model.__dict__["wrapped_model"]
         check_options(positions, normalize)
         check_strength(strength)
+        answer_ends_for(positions, tokenizer, model)  # refuses "answer" without a tokenizer now
         defaults = tuple(steering or ())
         resolved = model_arch(model, arch)
         for fv, _ in split_vectors(defaults):
             check_vector(fv, resolved)
+        if gate is True:
+            check_gate(fv for fv, _ in split_vectors(defaults))
         self.__dict__["wrapped_model"] = attach(model, arch=arch)
         self.__dict__["default_steering"] = defaults
-        self.__dict__["_steer_options"] = {"strength": strength, "positions": positions, "normalize": normalize}
+        self.__dict__["_steer_options"] = {
+            "strength": strength,
+            "positions": positions,
+            "normalize": normalize,
+            "gate": gate,
+            "tokenizer": tokenizer,
+        }
 
     def _context(
         self, steering: Sequence[Any] | None, rows: Rows | None, overrides: dict[str, Any]
@@ -254,10 +293,11 @@ class SteeredModel:
         strength: float | torch.Tensor | None = None,
         positions: Positions | None = None,
         normalize: Normalize | None = None,
+        gate: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """``model.generate`` steered by ``steering`` (or the wrapper's default vectors), or per input row."""
-        overrides = {"strength": strength, "positions": positions, "normalize": normalize}
+        overrides = {"strength": strength, "positions": positions, "normalize": normalize, "gate": gate}
         with self._context(steering, rows, overrides):
             return self.wrapped_model.generate(*args, **kwargs)
 
