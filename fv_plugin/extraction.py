@@ -116,18 +116,23 @@ def extract_function_vector(
     check_layers(resolved, [settings.layer] if settings.layer is not None else [])
     _check_statistics(statistics, task, settings)
     job = FormInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
-    if settings.method == "auto":
-        if settings.layer is not None:  # the single-layer forms are tried at that layer only
-            job = job.with_config(layers=(settings.layer,))
-        return with_condition(model, tokenizer, task, auto_vector(job), settings, arch=arch, progress=progress)
+    if settings.method == "auto" and settings.layer is not None:  # single-layer forms tried at that layer only
+        job = job.with_config(layers=(settings.layer,))
+    fv = auto_vector(job) if settings.method == "auto" else _one_form(job)
+    return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress)
+
+
+def _one_form(job: FormInputs) -> FunctionVector:
+    """The vector of the configured form, at the configured layer or at the one its validation sweep chooses."""
+    settings = job.config
     built = BUILDERS[settings.method](job)
-    meta = vector_metadata(resolved, model, task, settings.template)
+    meta = vector_metadata(job.resolved, job.model, job.task, settings.template)
     layer, layer_sweep = built.own_layer if built.own_layer is not None else settings.layer, None
     if layer is None:
         layer_sweep = _layer_sweep(job, built, meta)
         layer = int(layer_sweep.best)
         logger.info("layer %d chosen (validation accuracy %.2f)", layer, max(layer_sweep.accuracy))
-    fv = FunctionVector(
+    return FunctionVector(
         vector=built.at_layer(layer),
         layer=layer,
         method=settings.method,
@@ -137,4 +142,3 @@ def extract_function_vector(
         **meta,
         **built.fields,
     )
-    return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress)
