@@ -129,3 +129,11 @@ def test_answer_needs_a_tokenizer() -> None:
         fv_plugin.SteeredModel(model, [_vector(0)], positions="answer")
     with pytest.raises(TypeError, match="tokenizer"):
         fv_plugin.FunctionVectorProcessor(_vector(0), positions="answer", tokenizer="gpt2")
+
+
+def test_answer_end_ids_are_newlines_and_end_of_sequence() -> None:
+    from conftest import char_tokenizer
+
+    from fv_plugin.answer_span import answer_end_ids
+
+    assert answer_end_ids(char_tokenizer()).tolist() == [2, 10]  # "</s>" and "\n"
