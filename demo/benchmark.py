@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from demo.app import DEFAULT_MODEL, NONE, OWN_LAYER  # noqa: E402
+from demo.app import DEFAULT_MODEL  # noqa: E402
+from demo.callbacks import NONE, OWN_LAYER  # noqa: E402
 from demo.screenshot import free_port  # noqa: E402
 
 # (prompt, vector, positions): the shipped SmolLM2 vectors, each with a prompt of its task; 8 new tokens each

@@ -1,7 +1,7 @@
 """Build the demo's precomputed function vectors and what they change besides their task, for one embedded model.
 
 Each vector is ``extract_function_vector(model, tokenizer, load_task(task), n_mean=32)``: the library's defaults
-(``method="auto"``: form, layer and strength chosen on zero-shot validation queries; 10-shot prompts) except 32
+(``method="auto"``: method, layer and strength chosen on zero-shot validation queries; 10-shot prompts) except 32
 ICL prompts for the means instead of 100, to keep the build short on a CPU. Saved as
 ``demo/vectors/<model>/<task>.safetensors``, with ``side_effects.json`` beside them: every vector on every task's
 zero-shot and 10-shot test prompts (:func:`fv_plugin.side_effects.specificity`) and each vector on the neutral
@@ -12,7 +12,7 @@ with (a shared 2-core CPU; the command prints each task's time):
         english-french capitalize present-past singular-plural
 
 Gemma 3's three vectors (antonym, country-capital, capitalize) come from an earlier version of this script, whose
-default form was ``difference`` at the validation-chosen layer; ``--model gemma-3-270m --tasks antonym
+default method was ``difference`` at the validation-chosen layer; ``--model gemma-3-270m --tasks antonym
 country-capital capitalize`` rebuilds them with ``auto``.
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors

@@ -20,7 +20,7 @@ import fv_plugin
 from demo.engine import DemoError, Limits
 from fv_plugin.side_effects import TextEffects, text_effects
 
-METHODS = ("auto", *fv_plugin.METHODS)
+METHODS = fv_plugin.METHODS
 
 
 @dataclass(frozen=True)

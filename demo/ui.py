@@ -1,4 +1,4 @@
-"""The page: one small builder per tab around :class:`demo.app.DemoApp`'s callbacks."""
+"""The page: one small builder per tab around :class:`demo.callbacks.DemoApp`'s callbacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 import fv_plugin
-from demo.app import NONE, OWN_LAYER, DemoApp, shows_errors
+from demo.callbacks import NONE, OWN_LAYER, DemoApp, shows_errors
 from demo.engine import N_DEMOS, POSITIONS, Limits
 from demo.extractor import METHODS
 
@@ -20,7 +20,7 @@ EXAMPLES = [
     ["Q: mouse\nA:", "singular-plural"],
     ["Q: apple\nA:", "capitalize"],
 ]
-# The Extract tab's figures of a new vector, in the order demo.app.extract_figures returns them.
+# The Extract tab's figures of a new vector, in the order demo.effects.extract_figures returns them.
 EXTRACT_FIGURES = (
     "Where it came from: AIE per head",
     "Which layer: validation accuracy",
@@ -146,7 +146,7 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
 def extract_tab(app: DemoApp, own: gr.State, vector_dropdowns: list[gr.Dropdown]) -> None:
     settings, limits = app.extractor.settings, app.engine.limits
     gr.Markdown(
-        "Extract a vector from examples. `auto` tries every form (the hidden-state difference, the paper's head "
+        "Extract a vector from examples. `auto` tries every method (the hidden-state difference, the paper's head "
         "vectors) at several layers and strengths on zero-shot validation queries and keeps the best; `heads` is "
         "the paper's: mean head activations over ICL prompts, each head's average indirect effect (AIE) on "
         f"shuffled-label prompts, the top heads. Small samples and grids ({settings.n_mean} prompts for the "

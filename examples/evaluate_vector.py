@@ -2,7 +2,7 @@
 
     python examples/evaluate_vector.py [--task antonym] [--n 12]
 
-Extracts the task's vector on the default embedded model (the form ``method="auto"`` picks), then scores the
+Extracts the task's vector on the default embedded model (the method ``method="auto"`` picks), then scores the
 test split unsteered and steered: zero-shot, 10-shot ICL, shuffled-label ICL and natural text.
 """
 

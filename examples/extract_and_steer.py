@@ -17,7 +17,7 @@ import fv_plugin
 def main(task_name: str = "antonym") -> None:
     model, tokenizer = fv_plugin.load_model(os.environ.get("FV_MODEL", "smollm2-135m-instruct"))
     task = fv_plugin.load_task(task_name)
-    method = os.environ.get("FV_METHOD", "auto")  # "auto": the form measured best for this model family
+    method = os.environ.get("FV_METHOD", "auto")  # "auto": the method measured best for this model family
     fv = fv_plugin.extract_function_vector(model, tokenizer, task, method=method, k=10, progress=True)  # type: ignore[arg-type]
     print(f"extracted {fv} at layer {fv.layer}; top heads {fv.heads[:5] if fv.heads else '-'}")
 

@@ -9,7 +9,7 @@ Checks, all on the embedded default model unless ``--model`` says otherwise:
   4bit         the same on a bitsandbytes nf4 model on the GPU (needs ``pip install "fv_plugin[quant]"``)
   split        ``device_map="auto"`` with ``max_memory`` that leaves only part of the model on the GPU: the
                rest runs from CPU memory; steered logits equal the model fully on the GPU, cached == uncached
-  extract      the default-form vector for a built-in task, and zero-shot accuracy with it
+  extract      the default-method vector for a built-in task, and zero-shot accuracy with it
   overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
   vllm         vLLM with its GPU defaults (compiled, full CUDA graphs for decode batches): one batch mixing plain
                and per-request steered requests (two signed vectors at two layers, every positions mode, relative

@@ -25,7 +25,7 @@ def main() -> None:
     model, tok = fv_plugin.load_model("smollm2-135m-instruct")
     task = fv_plugin.load_task(args.task)
 
-    per_layer = fv_plugin.layer_vectors(model, tok, task, n_mean=40)  # the difference form at every layer, one pass
+    per_layer = fv_plugin.layer_vectors(model, tok, task, n_mean=40)  # the difference method at every layer, one pass
     layers = fv_plugin.sweep_layers(model, tok, task, per_layer.__getitem__, range(0, len(per_layer), 3), n=args.n)
     best = int(layers.best)
     strength = fv_plugin.sweep_strength(model, tok, task, per_layer[best], [0, 0.5, 1, 2, 3], n=args.n)

@@ -35,7 +35,7 @@ def main() -> None:
     viz.plot_top_tokens(tokens).savefig(out / "antonym_tokens.png")
     print("its top tokens:", [t.token for t in tokens])
 
-    # One vector per task, of one form at one layer so that they are comparable, and their similarity.
+    # One vector per task, of one method at one layer so that they are comparable, and their similarity.
     same_form = fv_plugin.ExtractionConfig(method="difference", layer=18, n_mean=30)
     vectors = [fv_plugin.extract_function_vector(model, tok, fv_plugin.load_task(name), same_form) for name in TASKS]
     matrix = fv_plugin.similarity_matrix(vectors)

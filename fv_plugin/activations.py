@@ -1,6 +1,6 @@
 """Reading activations: last-token hidden states of prompts at chosen layers, and a task's hidden-state vectors.
 
-:func:`task_state_vectors` is the one place the hidden-state forms are computed: the mean last-token state of
+:func:`task_state_vectors` is the one place the hidden-state methods' vectors are computed: the mean last-token state of
 clean ICL prompts (``layer_mean``, the task-vector baseline) and that mean minus the mean over the same queries
 zero-shot (``difference``, the ICL-minus-zero-shot vector).
 """
@@ -18,7 +18,7 @@ from fv_plugin.architectures import ArchSpec
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import record_layer_outputs
-from fv_plugin.prompts import Prompt, make_prompts
+from fv_plugin.prompt_sets import clean_prompts
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 
@@ -115,15 +115,6 @@ def difference_vector(
         task=task,
         method="difference",
     )
-
-
-def clean_prompts(
-    task: Task, config: ExtractionConfig = ExtractionConfig(), *, n_shots: int | None = None
-) -> list[Prompt]:
-    """The extraction's prompts: ``config.n_mean`` train queries with ``config.n_shots`` demonstrations (or
-    ``n_shots``; 0 gives the same queries zero-shot), sampled with ``config.seed``."""
-    shots = config.n_shots if n_shots is None else n_shots
-    return make_prompts(task, n=config.n_mean, n_shots=shots, split="train", template=config.template, seed=config.seed)
 
 
 def task_state_vectors(

@@ -1,11 +1,12 @@
-"""``method="auto"``: a task's form, layer and strength, chosen on zero-shot validation prompts.
+"""``method="auto"``: a task's method, layer and strength, chosen on zero-shot validation prompts
+(:func:`~fv_plugin.prompt_sets.validation_prompts`).
 
-The head statistics and the hidden-state means are computed once; every candidate (each form of
-``config.forms``, at each number of heads, layer and strength of the config's grids) is then only a set of
+The head statistics and the hidden-state means are computed once; every candidate (each method of
+``config.methods``, at each number of heads, layer and strength of the config's grids) is then only a set of
 zero-shot validation forwards, and those re-run only the last token (:func:`~fv_plugin.selection.score_candidates`).
 The choice (:func:`choose`): the highest validation accuracy (``config.smooth_layers`` > 0 averages a
 single-layer candidate's accuracy with its neighbouring layers', so one lucky layer does not win); ties go to
-the head-based forms (the paper's), then to the strength closest to 1, then to the higher answer probability.
+the head-based methods (the paper's), then to the strength closest to 1, then to the higher answer probability.
 The chosen strength is built into the vector (steer it at strength 1). Every candidate's scores are kept in
 ``fv.selection``; a vector that does not beat the zero-shot model on validation gets a warning.
 """
@@ -20,9 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fv_plugin.config import ExtractionConfig
-from fv_plugin.forms import BUILDERS, HEAD_FORMS, Built, FormInputs, candidate_layers, vector_metadata
-from fv_plugin.prompts import Prompt, make_prompts
+from fv_plugin.methods import BUILDERS, HEAD_METHODS, Built, MethodInputs, candidate_layers, vector_metadata
+from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Candidate, Selection
 from fv_plugin.scoring import score_prompts
 from fv_plugin.selection import score_candidates
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 RULE = (
     "highest validation accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on "
-    "each side); ties: head-based forms, then the strength closest to 1, then the higher answer probability"
+    "each side); ties: head-based methods, then the strength closest to 1, then the higher answer probability"
 )
 
 
@@ -43,56 +43,45 @@ class WeakVectorWarning(UserWarning):
     """The vector ``method="auto"`` chose does not beat the zero-shot model on the validation prompts."""
 
 
-def validation_prompts(task: Any, config: ExtractionConfig) -> list[Prompt]:
-    """The zero-shot queries candidates are scored on (``config.validation``)."""
-    splits = ("valid", "train") if config.validation == "valid+train" else ("valid",)
-    prompts: list[Prompt] = []
-    for split in splits:
-        if getattr(task, split):
-            prompts += make_prompts(task, n_shots=0, split=split, template=config.template, seed=config.seed)
-    if not prompts:
-        raise ValueError(f"task {task.name!r} has no validation queries; give it more pairs")
-    return prompts
-
-
 @dataclass(frozen=True)
 class _Option:
     """A candidate before scoring: its description and its (unscaled) vector."""
 
-    form: str
+    method: str
     layer: int | None
     k: int | None
     strength: float
     vector: FunctionVector
 
 
-def _options(inputs: FormInputs) -> list[_Option]:
+def _options(inputs: MethodInputs) -> list[_Option]:
     config, options = inputs.config, []
-    heads = inputs.head_statistics() if any(f in HEAD_FORMS for f in config.forms) else None
+    heads = inputs.head_statistics() if any(f in HEAD_METHODS for f in config.methods) else None
     inputs = dataclasses.replace(inputs, statistics=heads)
     meta = vector_metadata(inputs.resolved, inputs.model, inputs.task, config.template)
     total_heads = heads.aie.numel() if heads is not None else 0
-    for form in config.forms:
+    for method in config.methods:
         ks: Sequence[int | None] = [None]
-        if form in HEAD_FORMS:
-            ks = [min(config.k, total_heads)] if form == "heads" else sorted({min(k, total_heads) for k in config.ks})
+        if method in HEAD_METHODS:
+            ks = [min(config.k, total_heads)] if method == "heads" else sorted({min(k, total_heads) for k in config.ks})
         for k in ks:
-            built = BUILDERS[form](inputs.with_config(method=form, k=k or config.k, layer=None))
-            strengths = config.strengths if form == "difference" else config.head_strengths
-            if form == "head_patch":
+            built = BUILDERS[method](inputs.with_config(method=method, k=k or config.k, layer=None))
+            strengths = config.strengths if method == "difference" else config.head_strengths
+            if method == "head_patch":
                 strengths = (1.0,)
             layers = [built.own_layer] if built.own_layer is not None else candidate_layers(inputs)
-            if form == "heads" and len(layers) > 2:  # the paper's form tries every other layer: it is costly
+            if method == "heads" and len(layers) > 2:  # the paper's method tries every other layer: it is costly
                 layers = layers[::2]
             for layer in layers:
-                fv = _vector(built, form, layer, meta)
-                options += [_Option(form, None if built.own_layer is not None else layer, k, s, fv) for s in strengths]
+                fv = _vector(built, method, layer, meta)
+                at = None if built.own_layer is not None else layer
+                options += [_Option(method, at, k, s, fv) for s in strengths]
     return options
 
 
-def _vector(built: Built, form: str, layer: int | None, meta: dict[str, Any]) -> FunctionVector:
+def _vector(built: Built, method: str, layer: int | None, meta: dict[str, Any]) -> FunctionVector:
     assert layer is not None
-    return FunctionVector(vector=built.at_layer(layer), layer=layer, method=form, **meta, **built.fields)
+    return FunctionVector(vector=built.at_layer(layer), layer=layer, method=method, **meta, **built.fields)
 
 
 def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
@@ -100,23 +89,23 @@ def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
     groups: dict[tuple[str, int | None, float], dict[int, float]] = {}
     for c in candidates:
         if c.layer is not None:
-            groups.setdefault((c.form, c.k, c.strength), {})[c.layer] = c.accuracy
+            groups.setdefault((c.method, c.k, c.strength), {})[c.layer] = c.accuracy
 
     def smoothed(c: Candidate) -> float:
         if c.layer is None:
             return c.accuracy
-        curve = groups[(c.form, c.k, c.strength)]
+        curve = groups[(c.method, c.k, c.strength)]
         near = [curve[at] for at in range(c.layer - smooth_layers, c.layer + smooth_layers + 1) if at in curve]
         return sum(near) / len(near)
 
     def key(i: int) -> tuple[float, bool, float, float]:
         c = candidates[i]
-        return (round(smoothed(c), 9), c.form in HEAD_FORMS, -abs(math.log(c.strength)), c.answer_prob)
+        return (round(smoothed(c), 9), c.method in HEAD_METHODS, -abs(math.log(c.strength)), c.answer_prob)
 
     return max(range(len(candidates)), key=key)
 
 
-def auto_vector(inputs: FormInputs) -> FunctionVector:
+def auto_vector(inputs: MethodInputs) -> FunctionVector:
     """The chosen vector, with every candidate's validation scores in its ``selection``."""
     config = inputs.config
     options = _options(inputs)
@@ -125,7 +114,7 @@ def auto_vector(inputs: FormInputs) -> FunctionVector:
         inputs.model, inputs.tokenizer, prompts, [[(o.vector, o.strength)] for o in options], arch=inputs.arch
     )
     candidates = tuple(
-        Candidate(o.form, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k)
+        Candidate(o.method, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k)
         for o, s in zip(options, scores, strict=True)
     )
     baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
@@ -141,7 +130,7 @@ def auto_vector(inputs: FormInputs) -> FunctionVector:
             WeakVectorWarning,
             stacklevel=3,
         )
-    scaled = chosen.strength * chosen.vector if chosen.form != "head_patch" else chosen.vector
+    scaled = chosen.strength * chosen.vector if chosen.method != "head_patch" else chosen.vector
     return dataclasses.replace(
         scaled, selection=selection, config=config, library_version=__version__, k=chosen.k or scaled.k
     )

@@ -4,33 +4,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.config import METHODS, ExtractionConfig
-    from fv_plugin.extraction import extract_function_vector
-    from fv_plugin.models import DEFAULT_MODEL, load_model
-    from fv_plugin.prompts import make_prompts
-    from fv_plugin.scoring import zero_shot_scores
-    from fv_plugin.tasks import load_task
+def _extract_parser() -> argparse.ArgumentParser:
+    from fv_plugin.config import DEFAULT_MODEL, METHODS
 
     parser = argparse.ArgumentParser(prog="fv extract", description="Extract a function vector for a task.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
-    parser.add_argument("--task", required=True, help="built-in task name or a task file (.json/.jsonl/.csv)")
+    parser.add_argument(
+        "--task", required=True, help="built-in task name, task file (.json/.jsonl/.csv) or folder of split files"
+    )
+    parser.add_argument("--valid", default=None, help="the task's own validation file (--task is then its train file)")
+    parser.add_argument("--test", default=None, help="the task's own test file (--task is then its train file)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument(
-        "--method", choices=("auto", *METHODS), default="auto", help="form of the vector (auto: chosen on validation)"
+        "--method", choices=METHODS, default="auto", help="how the vector is made (auto: chosen on validation)"
     )
     parser.add_argument("--k", type=int, default=10, help="number of heads (method heads)")
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
     parser.add_argument("--no-condition", action="store_true", help="do not learn the condition used by gate=True")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _extract(argv: Sequence[str]) -> int:
+    from fv_plugin.config import EvalConfig, ExtractionConfig
+    from fv_plugin.tasks import load_task
+
+    args = _extract_parser().parse_args(argv)
     config = ExtractionConfig(
         method=args.method,
         k=args.k,
@@ -39,14 +47,20 @@ def _extract(argv: Sequence[str]) -> int:
         seed=args.seed,
         condition=not args.no_condition,
     )
+    task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
+
+    from fv_plugin.extraction import extract_function_vector
+    from fv_plugin.models import load_model
+    from fv_plugin.prompt_sets import eval_prompts
+    from fv_plugin.scoring import zero_shot_scores
+
     model, tokenizer = load_model(args.model)
-    task = load_task(args.task)
     start = time.perf_counter()
     fv = extract_function_vector(model, tokenizer, task, config, progress=True)
     elapsed = time.perf_counter() - start
     fv.save(args.out)
-    test = make_prompts(task, n_shots=0, split="test", seed=args.seed)
-    icl = make_prompts(task, n_shots=args.n_shots, split="test", seed=args.seed)
+    test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=args.seed))
+    icl = eval_prompts(task, EvalConfig(mode="icl", n_shots=args.n_shots, seed=args.seed))
     before = zero_shot_scores(model, tokenizer, test)[0]
     after = zero_shot_scores(model, tokenizer, test, [fv])[0]
     with_demos = zero_shot_scores(model, tokenizer, icl)[0]
@@ -78,7 +92,7 @@ def _load_vectors(paths: Sequence[str]) -> dict[str, Any]:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise SystemExit(f"fv: no such vector file or folder: {raw}")
+            raise FileNotFoundError(f"no such vector file or folder: {raw}")
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         for file in files:
             fv = FunctionVector.load(file)
@@ -93,15 +107,13 @@ def _tasks(names: Sequence[str]) -> list[Any]:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    from fv_plugin.config import MODES, PROTOCOLS
-    from fv_plugin.experiments import DEFAULT_KS, DEFAULT_STRENGTHS
-    from fv_plugin.models import DEFAULT_MODEL
+    from fv_plugin.config import DEFAULT_KS, DEFAULT_MODEL, DEFAULT_STRENGTHS, MODES, PROTOCOLS
 
     parser = argparse.ArgumentParser(prog="fv eval", description="Evaluate function vectors and write a report.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
-    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, files or folders, or 'all'")
     parser.add_argument("--vectors", nargs="*", default=(), help="vector files or folders (else extracted)")
-    parser.add_argument("--method", default="auto", help="form to extract when a task has no vector")
+    parser.add_argument("--method", default="auto", help="method to extract with when a task has no vector")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--strengths", nargs="*", type=float, default=list(DEFAULT_STRENGTHS))
@@ -124,12 +136,15 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _eval(argv: Sequence[str]) -> int:
+    args = _eval_parser().parse_args(argv)
+    tasks = _tasks(args.tasks)  # bad task or vector files fail here, before the model loads
+    vectors = _load_vectors(args.vectors)
+
     from fv_plugin.config import ExtractionConfig
     from fv_plugin.experiments import EvalReport, ExperimentConfig, evaluate_tasks
     from fv_plugin.models import load_model
     from fv_plugin.report import write_eval_report
 
-    args = _eval_parser().parse_args(argv)
     extraction = ExtractionConfig(
         method=args.method, n_mean=args.n_mean, n_aie=args.n_aie, n_shots=args.n_shots, seed=args.seed
     )
@@ -157,11 +172,10 @@ def _eval(argv: Sequence[str]) -> int:
                 t.heads_vector.save(out / "vectors" / "heads" / f"{t.task}.safetensors")
         write_eval_report(report, out)
 
-    vectors = _load_vectors(args.vectors)
     report = evaluate_tasks(
         model,
         tokenizer,
-        _tasks(args.tasks),
+        tasks,
         config,
         model_name=args.model,
         vectors=vectors,
@@ -172,16 +186,11 @@ def _eval(argv: Sequence[str]) -> int:
     return 0
 
 
-def _compare(argv: Sequence[str]) -> int:
-    from fv_plugin.config import ExtractionConfig
-    from fv_plugin.experiments import compare_tasks
-    from fv_plugin.models import load_model
-    from fv_plugin.report import write_comparison_report
-
+def _compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fv compare", description="Compare two models' function vectors.")
     parser.add_argument("--model-a", default="smollm2-135m-instruct")
     parser.add_argument("--model-b", default="gemma-3-270m")
-    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names or files, or 'all' (built-in)")
+    parser.add_argument("--tasks", nargs="+", default=["all"], help="task names, files or folders, or 'all'")
     parser.add_argument("--vectors-a", nargs="*", default=(), help="model A's vector files or folders")
     parser.add_argument("--vectors-b", nargs="*", default=(), help="model B's vector files or folders")
     parser.add_argument("--heads-a", nargs="*", default=(), help="model A's head-based vectors (method heads)")
@@ -191,22 +200,33 @@ def _compare(argv: Sequence[str]) -> int:
         "--method",
         choices=("difference", "layer_mean", "heads"),
         default="difference",
-        help="single-layer form to extract where no vector is given (a map carries one layer's vector)",
+        help="single-layer method to extract with where no vector is given (a map carries one layer's vector)",
     )
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--n", type=int, default=None, help="test prompts per task (default: all)")
     parser.add_argument("--ridge", type=float, default=1e-3, help="ridge penalty of the linear map")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    tasks = _tasks(args.tasks)
-    sides = [(*load_model(name), name) for name in (args.model_a, args.model_b)]
+    return parser
+
+
+def _compare(argv: Sequence[str]) -> int:
+    args = _compare_parser().parse_args(argv)
+    tasks = _tasks(args.tasks)  # bad task or vector files fail here, before the models load
+    given = (_load_vectors(args.vectors_a), _load_vectors(args.vectors_b))
     heads = None if args.no_heads else (_load_vectors(args.heads_a), _load_vectors(args.heads_b))
+
+    from fv_plugin.config import ExtractionConfig
+    from fv_plugin.experiments import compare_tasks
+    from fv_plugin.models import load_model
+    from fv_plugin.report import write_comparison_report
+
+    sides = [(*load_model(name), name) for name in (args.model_a, args.model_b)]
     comparison, vectors_a, vectors_b = compare_tasks(
         sides[0],
         sides[1],
         tasks,
-        vectors=(_load_vectors(args.vectors_a), _load_vectors(args.vectors_b)),
+        vectors=given,
         head_vectors=heads,
         extraction=ExtractionConfig(method=args.method, n_shots=args.n_shots, seed=args.seed),
         ridge=args.ridge,
@@ -221,9 +241,6 @@ def _compare(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    from fv_plugin.export import to_gguf
-    from fv_plugin.vector import FunctionVector
-
     parser = argparse.ArgumentParser(prog="fv export", description="Export function vectors for other runtimes.")
     parser.add_argument("--format", choices=["gguf"], default="gguf", help="gguf: a llama.cpp control vector")
     parser.add_argument("--vector", nargs="+", required=True, help="vector files (.safetensors), summed per layer")
@@ -234,25 +251,57 @@ def _export(argv: Sequence[str]) -> int:
     weights = args.weights or [1.0] * len(args.vector)
     if len(weights) != len(args.vector):
         parser.error(f"--weights has {len(weights)} values for {len(args.vector)} vectors")
+    from fv_plugin.export import to_gguf
+    from fv_plugin.vector import FunctionVector
+
     pairs = [(FunctionVector.load(path), weight) for path, weight in zip(args.vector, weights, strict=True)]
     path = to_gguf(pairs, args.out, model_hint=args.model_hint)
     print(f"wrote {path} (llama.cpp adds it at every position: --control-vector {path})")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fv", description="Function-vector steering for Hugging Face models")
-    parser.add_argument("command", choices=["extract", "eval", "compare", "export", "bench"], help="what to run")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+COMMANDS = ("extract", "eval", "compare", "export", "bench")
+# Raised by the library for what the user gave (a bad value, a missing file, a missing extra): one line on stderr.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
+
+
+def _split_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``-v``/``--verbose`` (accepted before or after the command; ``--`` ends options)."""
+    args = list(argv)
+    end = args.index("--") if "--" in args else len(args)
+    kept = [a for a in args[:end] if a not in ("-v", "--verbose")]
+    return kept + args[end:], len(kept) < end
+
+
+def _run(command: str, rest: Sequence[str]) -> int:
     commands = {"extract": _extract, "eval": _eval, "compare": _compare, "export": _export}
-    if args.command in commands:
-        return commands[args.command](args.rest)
+    if command in commands:
+        return commands[command](rest)
     from fv_plugin.benchmarks import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fv``. Errors in what the user gave print ``fv: error: <message>`` (the traceback with ``-v``)."""
+    args_in, verbose = _split_verbose(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fv", description="Function-vector steering for Hugging Face models")
+    parser.add_argument("command", choices=COMMANDS, help="what to run (fv COMMAND --help for its options)")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress; full tracebacks on errors")
+    args = parser.parse_args(args_in)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    try:
+        return _run(args.command, args.rest)
+    except USER_ERRORS as exc:
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"fv: error: {message or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

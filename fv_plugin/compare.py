@@ -112,7 +112,7 @@ class LinearMap:
         if fv.is_head_patch or fv.layer_vectors is not None:
             raise ValueError(
                 f"the {fv.task or 'task'!r} vector ({fv.method}) lives in its model's heads or at several layers; a "
-                "map carries one layer's residual stream: map a single-layer form (method='difference')"
+                "map carries one layer's residual stream: map a single-layer method's vector (method='difference')"
             )
         if fv.size != self.weight.shape[0]:
             raise ValueError(f"the vector has size {fv.size}, the map expects {self.weight.shape[0]}")

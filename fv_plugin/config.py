@@ -8,13 +8,18 @@ which :func:`with_overrides` turns into a new config.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
+    "AUTO_METHODS",
+    "DEFAULT_KS",
+    "DEFAULT_MODEL",
+    "DEFAULT_STRENGTHS",
     "METHODS",
     "MODES",
     "NATURAL_TEMPLATES",
@@ -26,12 +31,17 @@ __all__ = [
     "with_overrides",
 ]
 
-Method = Literal["heads", "head_patch", "head_difference", "difference", "layer_mean"]
-METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference", "layer_mean")
+Method = Literal["auto", "heads", "head_patch", "head_difference", "difference", "layer_mean"]
+METHODS: tuple[str, ...] = get_args(Method)  # "auto", the default, first
+AUTO_METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference", "difference")  # what "auto" chooses among
 Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
+# The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 NATURAL_TEMPLATES: tuple[str, ...] = (
     'The word "{x}" means',
     'When I think of "{x}", I think of',
@@ -51,11 +61,11 @@ class ExtractionConfig:
     """How :func:`~fv_plugin.extract_function_vector` makes a vector.
 
     Attributes:
-        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level form), ``"head_difference"`` (the heads'
+        method: ``"heads"`` (the paper), ``"head_patch"`` (head-level method), ``"head_difference"`` (the heads'
             ICL-minus-zero-shot activations added in their slots), ``"difference"`` (ICL minus zero-shot hidden
             states), ``"layer_mean"``, or ``"auto"`` (see :func:`~fv_plugin.extract_function_vector`).
-        k: number of heads for the head-based forms.
-        layer: the layer whose output receives the vector; ``None`` chooses it on the validation split.
+        k: number of heads for the head-based methods.
+        layer: the layer whose output receives the vector; ``None`` chooses it on the validation prompts.
         layers: candidate layers for that choice (default: every layer).
         strength: strength used while choosing the layer.
         n_shots: demonstrations per ICL prompt.
@@ -65,13 +75,15 @@ class ExtractionConfig:
         template: the demonstration template.
         batch_size: prompts per forward pass.
         heads_per_batch: patched heads per forward pass in the AIE.
-        forms: the forms ``method="auto"`` chooses among.
-        ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's form,
+        methods: the methods ``method="auto"`` chooses among (``forms=``, its former name, is still accepted
+            when constructing, with a ``DeprecationWarning``).
+        ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's method,
             is tried with ``k`` heads at every other layer).
-        strengths: the strengths it tries for the hidden-state forms (``difference``).
-        head_strengths: the strengths it tries for the additive head-based forms (``heads``,
+        strengths: the strengths it tries for the hidden-state methods (``difference``).
+        head_strengths: the strengths it tries for the additive head-based methods (``heads``,
             ``head_difference``); ``head_patch`` is tried at strength 1 (replace).
-        validation: the zero-shot queries it scores candidates on: the ``"valid"`` split, or ``"valid+train"``
+        validation: the zero-shot queries every choice (``auto``'s candidates, an explicit method's layer) is scored
+            on: the ``"valid"`` split, or ``"valid+train"``
             (the train queries too, asked zero-shot: more signal on small tasks).
         smooth_layers: how many neighbouring layers on each side are averaged into a single-layer candidate's
             validation accuracy (0: each layer on its own; 1: a lone lucky layer loses to a steady region).
@@ -80,7 +92,7 @@ class ExtractionConfig:
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
     """
 
-    method: Method | Literal["auto"] = "auto"
+    method: Method = "auto"
     k: int = 10
     layer: int | None = None
     layers: tuple[int, ...] | None = None
@@ -92,7 +104,7 @@ class ExtractionConfig:
     template: str = DEFAULT_TEMPLATE
     batch_size: int = 16
     heads_per_batch: int = 64
-    forms: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
+    methods: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
     ks: tuple[int, ...] = (5, 10, 20, 40, 80)
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -100,10 +112,18 @@ class ExtractionConfig:
     smooth_layers: int = 0
     condition: bool = True
     condition_negatives: tuple[str, ...] = ()
+    forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
 
-    def __post_init__(self) -> None:
-        if self.method != "auto" and self.method not in METHODS:
-            raise ValueError(f"method must be 'auto' or one of {METHODS}, got {self.method!r}")
+    def __post_init__(self, forms: tuple[str, ...] | None) -> None:
+        if forms is not None:
+            warnings.warn(
+                "ExtractionConfig(forms=...) is deprecated; use methods=... (the same tuple)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "methods", forms)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         self._check_auto()
         for name, minimum in (("k", 1), ("n_shots", 1), ("n_mean", 1), ("n_aie", 1), ("batch_size", 1)):
             _at_least(getattr(self, name), minimum, name)
@@ -118,13 +138,13 @@ class ExtractionConfig:
         object.__setattr__(self, "condition_negatives", tuple(str(t) for t in self.condition_negatives))
 
     def _check_auto(self) -> None:
-        for name in ("forms", "ks", "strengths", "head_strengths"):
+        for name in ("methods", "ks", "strengths", "head_strengths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty: method='auto' needs at least one")
-        unknown = [f for f in self.forms if f not in METHODS or f == "layer_mean"]
+        unknown = [f for f in self.methods if f not in AUTO_METHODS]
         if unknown:
-            raise ValueError(f"forms {unknown} cannot be chosen by 'auto'; choose from {METHODS[:-1]}")
+            raise ValueError(f"methods {unknown} cannot be chosen by 'auto'; choose from {AUTO_METHODS}")
         for k in self.ks:
             _at_least(k, 1, "every k")
         if any(not s > 0 for s in (*self.strengths, *self.head_strengths)):
@@ -138,8 +158,12 @@ class ExtractionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractionConfig:
+        """Inverse of :meth:`to_dict` (also reads ``forms``, the former name of ``methods``)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "forms" in data and "methods" not in data:
+            values["methods"] = tuple(data["forms"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -204,7 +228,8 @@ def with_overrides(config: C, overrides: Mapping[str, Any], *, what: str) -> C:
     if not overrides:
         return config
     known = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
-    unknown = sorted(set(overrides) - known)
+    renamed = {"forms": "methods"}  # deprecated names, accepted for one release
+    unknown = sorted(set(overrides) - known - {old for old, new in renamed.items() if new in known})
     if unknown:
         raise TypeError(f"{what} got unknown setting(s) {unknown}; valid settings: {sorted(known)}")
     return dataclasses.replace(config, **overrides)  # type: ignore[type-var]

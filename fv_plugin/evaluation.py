@@ -9,12 +9,12 @@
   appears in the greedy continuation.
 
 Every mode reports first-token top-1 accuracy (the argmax of the next-token distribution is the first token of
-an accepted answer), exact match of the greedy continuation (it starts with a whole accepted answer, followed by
-its end or a non-word character: every token of a multi-token answer was generated), the probability of the
-answer's first token and, when vectors are given, the same probability without them and the KL divergence from
-the unsteered to the steered next-token distribution. Vectors are added at the final prompt token for the
-next-token figures and, as in the paper, at the final prompt token and every generated token for the
-continuation.
+an accepted answer: the main answer or an alternative), exact match of the greedy continuation (it starts with a
+whole accepted answer, followed by its end or a non-word character: every token of a multi-token answer was
+generated), the probability of the main answer's first token and, when vectors are given, the same probability
+without them and the KL divergence from the unsteered to the steered next-token distribution. Vectors are added
+at the final prompt token for the next-token figures and, as in the paper, at the final prompt token and every
+generated token for the continuation. What counts as correct is defined once, in :mod:`fv_plugin.scoring`.
 
 The sweeps (:func:`sweep_strength`, :func:`sweep_layers`, :func:`sweep_k`) score the next token only.
 """
@@ -22,7 +22,6 @@ The sweeps (:func:`sweep_strength`, :func:`sweep_layers`, :func:`sweep_k`) score
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +34,21 @@ from fv_plugin.config import EvalConfig, with_overrides
 from fv_plugin.devices import input_device
 from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics
-from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, make_prompts
+from fv_plugin.prompt_sets import eval_prompts
+from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import VectorArg, first_token_correct, kl_divergence, next_token_probs, sweep, wilson_interval
+from fv_plugin.scoring import (
+    VectorArg,
+    answer_probs,
+    contains_answer,
+    first_token_correct,
+    first_token_hits,
+    kl_divergence,
+    next_token_probs,
+    starts_with_answer,
+    sweep,
+    wilson_interval,
+)
 from fv_plugin.steering import steer
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
@@ -125,27 +136,7 @@ def _name(entry: VectorArg) -> str:
     return label if weight == 1.0 else f"{weight:g}*{label}"
 
 
-def mode_prompts(task: Task, config: EvalConfig = EvalConfig()) -> list[Prompt]:
-    """The prompts :func:`evaluate` scores for ``config`` (queries from ``config.split``)."""
-    if config.mode == "natural":
-        pairs = list(getattr(task, config.split))[: config.n]
-        if not pairs:
-            raise ValueError(f"task {task.name!r} has no {config.split} pairs")
-        return [
-            Prompt(text=t.replace("{x}", p.input), answers=tuple(" " + a for a in p.answers), query=p)
-            for p in pairs
-            for t in config.natural_templates
-        ]
-    shots = 0 if config.mode == "zero_shot" else config.n_shots
-    return make_prompts(
-        task,
-        n=config.n,
-        n_shots=shots,
-        split=config.split,
-        shuffle_labels=config.mode == "shuffled",
-        template=config.template,
-        seed=config.seed,
-    )
+mode_prompts = eval_prompts  # the former name of :func:`~fv_plugin.prompt_sets.eval_prompts`
 
 
 def _continuations(
@@ -164,18 +155,6 @@ def _continuations(
     return [tokenizer.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True) for row in out.cpu()]
 
 
-def starts_with_answer(continuation: str, answers: Sequence[str]) -> bool:
-    """The continuation starts with a whole accepted answer (then ends, or goes on after a non-word character)."""
-    text = continuation.strip()
-    return any(re.match(re.escape(a.strip()) + r"(?!\w)", text) for a in answers if a.strip())
-
-
-def contains_answer(continuation: str, answers: Sequence[str]) -> bool:
-    """An accepted answer appears in the continuation as a whole word (case-insensitive)."""
-    text = continuation.lower()
-    return any(re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", text) for a in answers)
-
-
 def _rows(
     model: nn.Module, tokenizer: Any, batch: Sequence[Prompt], vectors: Sequence[VectorArg], config: EvalConfig
 ) -> list[EvalRow]:
@@ -185,7 +164,9 @@ def _rows(
     probs = next_token_probs(model, enc, vectors, strength=config.strength)
     base = next_token_probs(model, enc) if vectors else None
     kl = kl_divergence(probs, base) if base is not None else None
-    top = probs.argmax(-1)
+    top, hits = probs.argmax(-1), first_token_hits(probs, enc)
+    steered_prob = answer_probs(probs, enc)
+    base_prob = answer_probs(base, enc) if base is not None else None
     continuations = [""] * len(batch)
     if config.generate or natural:
         longest = max(len(t) for answers in enc.answer_tokens for t in answers)
@@ -193,7 +174,7 @@ def _rows(
         continuations = _continuations(model, tokenizer, enc, vectors, config.strength, budget)
     rows = []
     for i, prompt in enumerate(batch):
-        answer, text = int(enc.answer_ids[i]), continuations[i]
+        text = continuations[i]
         matched = contains_answer(text, prompt.answers) if natural else starts_with_answer(text, prompt.answers)
         rows.append(
             EvalRow(
@@ -202,10 +183,10 @@ def _rows(
                 prompt=prompt.text,
                 top_token=tokenizer.decode([int(top[i])]),
                 continuation=text,
-                first_token_correct=None if natural else int(top[i]) in {t[0] for t in enc.answer_tokens[i]},
+                first_token_correct=None if natural else hits[i],
                 exact_match=matched,
-                answer_prob=float(probs[i, answer]),
-                base_answer_prob=float(base[i, answer]) if base is not None else None,
+                answer_prob=float(steered_prob[i]),
+                base_answer_prob=float(base_prob[i]) if base_prob is not None else None,
                 kl=float(kl[i]) if kl is not None else None,
             )
         )
@@ -242,7 +223,7 @@ def evaluate(
     settings = with_overrides(config or EvalConfig(), overrides, what="evaluate()")
     if getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first")
-    prompts = mode_prompts(task, settings)
+    prompts = eval_prompts(task, settings)
     if settings.protocol == "icl_correct":
         kept = icl_correct_inputs(model, tokenizer, task, settings)
         prompts = [p for p in prompts if p.query.input in kept]
@@ -286,7 +267,7 @@ def _summarize(task: str, config: EvalConfig, vectors: Sequence[VectorArg], rows
 def icl_correct_inputs(model: nn.Module, tokenizer: Any, task: Task, config: EvalConfig = EvalConfig()) -> set[str]:
     """The queries of ``config.split`` the plain model answers correctly (first token) with clean
     ``config.n_shots``-shot ICL prompts: the queries the paper's protocol scores."""
-    icl = mode_prompts(task, dataclasses.replace(config, mode="icl", n=None))
+    icl = eval_prompts(task, dataclasses.replace(config, mode="icl", n=None))
     correct = first_token_correct(model, tokenizer, icl, batch_size=config.batch_size)
     return {prompt.query.input for prompt, ok in zip(icl, correct, strict=True) if ok}
 
@@ -304,7 +285,7 @@ def _sweep(
     config = with_overrides(EvalConfig(), overrides, what=f"sweep_{parameter}()")
     if config.mode == "natural":
         raise ValueError("sweeps score the next token: use mode 'zero_shot', 'icl' or 'shuffled'")
-    prompts = mode_prompts(task, config)
+    prompts = eval_prompts(task, config)
     options = {"task": task.name, "split": config.split, "batch_size": config.batch_size, "progress": progress}
     return sweep(model, tokenizer, prompts, parameter, values, make, **options)  # type: ignore[arg-type]
 
@@ -337,10 +318,10 @@ def sweep_layers(
     """Next-token scores with the vector added after each of ``layers``.
 
     ``fv`` is either one vector, moved to each layer as it is, or a function ``layer -> FunctionVector`` for
-    forms that differ per layer (e.g. a difference of hidden states taken at that layer).
+    methods whose vector differs per layer (e.g. a difference of hidden states taken at that layer).
     """
     if isinstance(fv, FunctionVector) and (fv.is_head_patch or fv.layer_vectors is not None):
-        raise ValueError("this vector sits at its heads' own layers; sweep a single-layer form instead")
+        raise ValueError("this vector sits at its heads' own layers; sweep a single-layer method's vector instead")
 
     def make(layer: float) -> tuple[list[VectorArg], float]:
         at = int(layer)

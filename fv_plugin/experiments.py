@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fv_plugin.analysis import TokenScore, similarity_matrix, top_tokens
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.compare import ModelComparison, compare_models
-from fv_plugin.config import MODES, PROTOCOLS, EvalConfig, ExtractionConfig
+from fv_plugin.config import DEFAULT_KS, DEFAULT_STRENGTHS, MODES, PROTOCOLS, EvalConfig, ExtractionConfig
 from fv_plugin.evaluation import EvalResult, evaluate, icl_correct_inputs, sweep_k, sweep_layers, sweep_strength
 from fv_plugin.extraction import extract_function_vector, layer_vectors
 from fv_plugin.mediation import HeadStatistics, head_statistics
@@ -36,9 +36,6 @@ __all__ = [
     "compare_tasks",
     "evaluate_tasks",
 ]
-
-DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
 
 
 @dataclass(frozen=True)
@@ -284,8 +281,8 @@ def compare_tasks(
 ) -> tuple[ModelComparison, dict[str, FunctionVector], dict[str, FunctionVector]]:
     """``fv compare``: fill in the vectors not given (per side ``(model, tokenizer, name)``) and compare.
 
-    A linear map carries one layer's residual stream, so the vectors must be single-layer forms (``extraction``
-    makes ``difference`` vectors by default).
+    A linear map carries one layer's residual stream, so the vectors must be made by single-layer methods
+    (``extraction`` makes ``difference`` vectors by default).
 
     ``head_vectors=None`` skips the head-based vectors. Returns the comparison and each side's vectors.
     """

@@ -14,14 +14,12 @@ number of ``direction`` tensors).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:  # FunctionVector.to_gguf calls into this module: no import of it at run time
-    from fv_plugin.vector import FunctionVector
+from fv_plugin.merge import Additive, check_number, merge
 
 __all__ = ["GGUF_INSTALL", "control_vector_directions", "to_gguf"]
 
@@ -30,30 +28,41 @@ GGUF_INSTALL = 'pip install "fv_plugin[gguf]"'
 ARCHITECTURE = "controlvector"
 
 
-def _is_vector(item: object) -> bool:
-    return hasattr(item, "parts") and hasattr(item, "is_head_patch")
+@runtime_checkable
+class Exported(Additive, Protocol):
+    """What export reads of a :class:`~fv_plugin.FunctionVector` (a protocol: ``FunctionVector.to_gguf`` calls
+    this module, which therefore does not import the vector's class)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def model_type(self) -> str | None: ...
+
+    @property
+    def method(self) -> str | None: ...
 
 
-def _pair(item: object) -> tuple[FunctionVector, float]:
-    if _is_vector(item):
-        return item, 1.0  # type: ignore[return-value]
-    if isinstance(item, tuple) and len(item) == 2 and _is_vector(item[0]):
-        weight = item[1]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"a vector's weight must be a finite number, got {weight!r}")
-        return item[0], float(weight)
+def _pair(item: object) -> tuple[Exported, float]:
+    if isinstance(item, Exported):
+        return item, 1.0
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Exported):
+        return item[0], check_number(item[1], "a vector's weight")
     raise TypeError(
         f"to_gguf takes a FunctionVector, a (FunctionVector, weight) pair, or a list of them; got {type(item).__name__}"
     )
 
 
-def _pairs(vectors: object) -> list[tuple[FunctionVector, float]]:
-    if isinstance(vectors, list) or (isinstance(vectors, tuple) and not (len(vectors) == 2 and _is_vector(vectors[0]))):
+def _pairs(vectors: object) -> list[tuple[Exported, float]]:
+    single = isinstance(vectors, Exported) or (
+        isinstance(vectors, tuple) and len(vectors) == 2 and isinstance(vectors[0], Exported)
+    )
+    if not single and isinstance(vectors, (list, tuple)):
         return [_pair(item) for item in vectors]
     return [_pair(vectors)]
 
 
-def _check(pairs: list[tuple[FunctionVector, float]]) -> None:
+def _check(pairs: list[tuple[Exported, float]]) -> None:
     if not pairs:
         raise ValueError("to_gguf needs at least one function vector")
     sizes = {fv.size for fv, _ in pairs}
@@ -77,20 +86,21 @@ def _check(pairs: list[tuple[FunctionVector, float]]) -> None:
 
 
 def control_vector_directions(vectors: object) -> dict[int, torch.Tensor]:
-    """The ``direction.N`` tensors of a control vector: ``{N: float32 [hidden]}``, weighted vectors summed per
-    layer (``N`` is the vectors' ``layer``: llama.cpp adds ``direction.N`` to the output of block ``N``).
+    """The ``direction.N`` tensors of a control vector: ``{N: float32 [hidden]}``, the weighted vectors merged per
+    layer by :func:`fv_plugin.merge.merge` as ``fv_plugin.steer`` merges them with ``normalize="absolute"`` (``N``
+    is the layer: llama.cpp adds ``direction.N`` to the output of block ``N``; a vector over several layers gives
+    one direction per layer).
 
     Raises:
-        ValueError: no vectors, vectors of different sizes or model types, a head-level vector, or layer 0.
+        ValueError: no vectors, vectors of different sizes or model types, a head-level vector, layer 0, or only
+            weights of 0 (the file would add nothing).
     """
     pairs = _pairs(vectors)
     _check(pairs)
-    directions: dict[int, torch.Tensor] = {}
-    for fv, weight in pairs:
-        for layer, part in fv.parts().items():  # a vector over several layers gives one direction per layer
-            contribution = weight * part.detach().to("cpu", torch.float64)
-            directions[layer] = directions.get(layer, torch.zeros_like(contribution)) + contribution
-    return {layer: directions[layer].to(torch.float32) for layer in sorted(directions)}
+    merged = merge(pairs, "absolute")
+    if not merged.deltas:
+        raise ValueError("every vector has weight 0, so the control vector would add nothing; give a non-zero weight")
+    return {layer: delta.to(torch.float32) for layer, delta in merged.deltas.items()}
 
 
 def _gguf() -> Any:

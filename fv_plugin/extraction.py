@@ -1,8 +1,8 @@
 """Extracting a function vector: head statistics or hidden-state means -> a vector -> the layer it works at.
 
-Every form (:mod:`fv_plugin.forms`) is returned as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
-which. A single-layer form's layer is chosen by a zero-shot sweep on the task's validation split unless given;
-``method="auto"`` chooses the form, the layer and the strength on validation prompts (:mod:`fv_plugin.auto`).
+Every method (:mod:`fv_plugin.methods`) returns as a :class:`~fv_plugin.FunctionVector` whose ``method`` says
+which. A single-layer method's layer is chosen by a sweep on the validation prompts unless given; ``method="auto"``
+chooses the method, the layer and the strength on the same prompts (:mod:`fv_plugin.auto`), with the same scorer.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.auto import auto_vector
 from fv_plugin.condition_fit import with_condition
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
-from fv_plugin.forms import BUILDERS, Built, FormInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.mediation import HeadStatistics
-from fv_plugin.prompts import make_prompts
+from fv_plugin.methods import BUILDERS, Built, MethodInputs, candidate_layers, check_layers, vector_metadata
+from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
-from fv_plugin.scoring import sweep
+from fv_plugin.scoring import score_prompts
+from fv_plugin.selection import score_candidates
 from fv_plugin.tasks import Task
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
@@ -43,7 +44,7 @@ def layer_vectors(
     arch: ArchSpec | None = None,
     **overrides: Any,
 ) -> dict[int, FunctionVector]:
-    """The hidden-state forms at every layer in ``layers`` (default: all) from one pass over the prompts.
+    """The hidden-state methods' vectors at every layer in ``layers`` (default: all) from one pass over the prompts.
 
     Uses the same prompts as :func:`extract_function_vector` with the same settings, so entry ``L`` equals
     ``extract_function_vector(..., method=method, layer=L)``'s vector. Handy for layer sweeps.
@@ -56,17 +57,24 @@ def layer_vectors(
     return {at: FunctionVector(vector=v, layer=at, method=method, **meta) for at, v in per_layer.items()}
 
 
-def _layer_sweep(job: FormInputs, built: Built, meta: dict[str, Any]) -> Sweep:
-    """Zero-shot validation accuracy with the vector after each candidate layer (at the config's strength)."""
+def _layer_sweep(job: MethodInputs, built: Built, meta: dict[str, Any]) -> Sweep:
+    """Accuracy on the validation prompts every choice reads (:func:`~fv_plugin.prompt_sets.validation_prompts`)
+    with the vector after each candidate layer at the config's strength, scored as ``method="auto"`` scores its
+    candidates."""
     config = job.config
-    valid = make_prompts(job.task, n_shots=0, split="valid", template=config.template, seed=config.seed)
-
-    def make(at: float) -> tuple[list[FunctionVector], float]:
-        return [FunctionVector(vector=built.at_layer(int(at)), layer=int(at), **meta)], config.strength
-
-    layers = [float(at) for at in candidate_layers(job)]
-    options = {"task": job.task.name, "split": "valid", "batch_size": config.batch_size, "progress": job.progress}
-    return sweep(job.model, job.tokenizer, valid, "layer", layers, make, **options)  # type: ignore[arg-type]
+    prompts = validation_prompts(job.task, config)
+    layers = candidate_layers(job)
+    candidates = [[(FunctionVector(vector=built.at_layer(at), layer=at, **meta), config.strength)] for at in layers]
+    scores = score_candidates(job.model, job.tokenizer, prompts, candidates, arch=job.arch)
+    return Sweep(
+        task=job.task.name,
+        parameter="layer",
+        values=tuple(float(at) for at in layers),
+        accuracy=tuple(s.accuracy for s in scores),
+        answer_prob=tuple(s.answer_prob for s in scores),
+        baseline_accuracy=score_prompts(job.model, job.tokenizer, prompts, batch_size=config.batch_size).accuracy,
+        split=config.validation,
+    )
 
 
 def _check_statistics(statistics: HeadStatistics | None, task: Task, config: ExtractionConfig) -> None:
@@ -95,11 +103,11 @@ def extract_function_vector(
         task: the task (see :func:`~fv_plugin.load_task`).
         config: the settings (:class:`~fv_plugin.ExtractionConfig`); any of its fields may also be given as a
             keyword (``method="heads", k=20``) and overrides it. ``method="auto"`` (the default) chooses the
-            form, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
-            candidate's scores are kept in ``fv.selection``); an explicit form with ``layer=None`` chooses the
-            layer by a zero-shot sweep on the validation split over ``layers`` (default: every layer).
+            method, the layer and the strength on zero-shot validation queries (:mod:`fv_plugin.auto`; every
+            candidate's scores are kept in ``fv.selection``); an explicit method with ``layer=None`` chooses the
+            layer by a sweep on the validation prompts (``config.validation``) over ``layers`` (default: every layer).
         statistics: head statistics of the same task and settings (:func:`~fv_plugin.head_statistics`) to reuse
-            across forms instead of recomputing them.
+            across methods instead of recomputing them.
         arch: where the decoder layers are, for models fv_plugin does not know.
         progress: show progress bars.
 
@@ -115,15 +123,15 @@ def extract_function_vector(
     resolved = resolve_architecture(model, arch)
     check_layers(resolved, [settings.layer] if settings.layer is not None else [])
     _check_statistics(statistics, task, settings)
-    job = FormInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
-    if settings.method == "auto" and settings.layer is not None:  # single-layer forms tried at that layer only
+    job = MethodInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
+    if settings.method == "auto" and settings.layer is not None:  # single-layer methods tried at that layer only
         job = job.with_config(layers=(settings.layer,))
-    fv = auto_vector(job) if settings.method == "auto" else _one_form(job)
+    fv = auto_vector(job) if settings.method == "auto" else _one_method(job)
     return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress)
 
 
-def _one_form(job: FormInputs) -> FunctionVector:
-    """The vector of the configured form, at the configured layer or at the one its validation sweep chooses."""
+def _one_method(job: MethodInputs) -> FunctionVector:
+    """The vector of the configured method, at the configured layer or at the one its validation sweep chooses."""
     settings = job.config
     built = BUILDERS[settings.method](job)
     meta = vector_metadata(job.resolved, job.model, job.task, settings.template)

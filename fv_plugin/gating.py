@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fv_plugin.condition import Condition
 from fv_plugin.hooks import Attachment
-from fv_plugin.request import SteeringRequest, bind
 from fv_plugin.runtime import ActiveSteering
 from fv_plugin.vector import FunctionVector
+
+if TYPE_CHECKING:
+    from fv_plugin.request import SteeringRequest
 
 __all__ = ["bind_all", "check_gate"]
 
@@ -54,6 +57,7 @@ def _per_vector(request: SteeringRequest) -> list[tuple[FunctionVector, Steering
 def bind_all(
     owner: Attachment,
     request: SteeringRequest,
+    bind: Callable[..., ActiveSteering | None],
     *,
     gate: bool,
     window: tuple[int, int] | None = None,
@@ -61,17 +65,18 @@ def bind_all(
     clock: object | None = None,
     answer_end: torch.Tensor | None = None,
 ) -> tuple[ActiveSteering, ...]:
-    """The active steerings of ``request``: one (or none), or with ``gate`` one per vector, each gated.
+    """The active steerings of ``request`` (bound by ``bind``): one (or none), or with ``gate`` one per vector,
+    each gated.
     ``answer_end``: the ids that end an answer, for ``positions="answer"``."""
     if not isinstance(gate, bool):
         raise TypeError(f"gate must be True or False, got {gate!r}")
-    options = {"window": window, "schedule": schedule, "clock": clock}
+    options: dict[str, Any] = {"window": window, "schedule": schedule, "clock": clock}
     found: list[tuple[ActiveSteering | None, Condition | None]]
     if not gate:
-        found = [(bind(owner, request, **options), None)]  # type: ignore[arg-type]
+        found = [(bind(owner, request, **options), None)]
     else:
         check_gate(fv for group in request.rows for fv, _ in group)
-        found = [(bind(owner, part, **options), fv.condition) for fv, part in _per_vector(request)]  # type: ignore[arg-type]
+        found = [(bind(owner, part, **options), fv.condition) for fv, part in _per_vector(request)]
     return tuple(
         dataclasses.replace(steering, gate=condition, answer_end=answer_end)
         for steering, condition in found

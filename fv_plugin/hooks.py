@@ -22,8 +22,6 @@ from torch.utils.hooks import RemovableHandle
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.runtime import (
-    ActiveSteering,
-    activate,
     generate_call,
     hook_scope,
     on_base_forward,
@@ -50,7 +48,7 @@ _LOCK = threading.RLock()  # guards attaching, detaching and the user counts
 
 
 class _Binds(Protocol):
-    def _fv_plugin_bind(self, model: nn.Module) -> tuple[ActiveSteering, ...]: ...
+    def _fv_plugin_context(self, model: nn.Module) -> contextlib.AbstractContextManager[object]: ...
 
 
 @dataclass(eq=False)
@@ -96,18 +94,16 @@ def _find_processors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[_Bin
     procs = kwargs.get("logits_processor")
     if procs is None and len(args) >= 3:
         procs = args[2]
-    return [p for p in (procs or []) if hasattr(p, "_fv_plugin_bind")]
+    return [p for p in (procs or []) if hasattr(p, "_fv_plugin_context")]
 
 
 def _steered_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     unbound: Callable[..., Any] = getattr(type(model), "generate")  # noqa: B009 - nn.Module has no stub for it
     generate = functools.partial(unbound, model)
-    with generate_call():
-        procs = _find_processors(args, kwargs)
-        if not procs:
-            return generate(*args, **kwargs)
-        with activate(tuple(s for p in procs for s in p._fv_plugin_bind(model))):
-            return generate(*args, **kwargs)
+    with generate_call(), contextlib.ExitStack() as stack:
+        for processor in _find_processors(args, kwargs):
+            stack.enter_context(processor._fv_plugin_context(model))
+        return generate(*args, **kwargs)
 
 
 def get_attachment(model: nn.Module) -> Attachment | None:
@@ -152,9 +148,14 @@ def attached(model: nn.Module, *, arch: ArchSpec | None = None) -> Iterator[Atta
                 _remove(model, owner)
 
 
+def _is_wrapper(model: object) -> bool:
+    return "wrapped_model" in getattr(model, "__dict__", {})
+
+
 def _ensure(model: nn.Module, arch: ArchSpec | None) -> Attachment:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if not issubclass(type(model), nn.Module):  # type(): a SteeredModel reports its wrapped model's class
+        hint = "; a SteeredModel is attached already: pass its .wrapped_model" if _is_wrapper(model) else ""
+        raise TypeError(f"attach() expects a torch.nn.Module (a transformers model), got {type(model).__name__}{hint}")
     existing = get_attachment(model)
     if existing is not None:
         if arch is not None and arch.layers != existing.arch.spec.layers and arch != existing.arch.spec:

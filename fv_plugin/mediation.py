@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fv_plugin.activations import clean_prompts
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import patch_head_inputs, record_head_inputs, record_layer_calls
-from fv_plugin.prompts import Prompt, encode_prompts, make_prompts
+from fv_plugin.prompt_sets import clean_prompts, statistics_prompts
+from fv_plugin.prompts import Prompt, encode_prompts
 from fv_plugin.scoring import last_logits_only
 from fv_plugin.tasks import Task
 
@@ -313,21 +313,6 @@ class HeadStatistics:
     def matches(self, config: ExtractionConfig) -> bool:
         fields = ("n_shots", "n_mean", "n_aie", "seed", "template")
         return all(getattr(self.config, name) == getattr(config, name) for name in fields)
-
-
-def statistics_prompts(task: Task, config: ExtractionConfig = ExtractionConfig()) -> tuple[list[Prompt], list[Prompt]]:
-    """The ICL prompts of :func:`head_statistics`: the extraction's ``n_mean`` clean prompts
-    (:func:`~fv_plugin.activations.clean_prompts`) and ``n_aie`` shuffled-label ones (``seed + 1``), from train."""
-    shuffled = make_prompts(
-        task,
-        n=config.n_aie,
-        n_shots=config.n_shots,
-        split="train",
-        shuffle_labels=True,
-        template=config.template,
-        seed=config.seed + 1,
-    )
-    return clean_prompts(task, config), shuffled
 
 
 def head_statistics(

@@ -13,12 +13,15 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from fv_plugin.config import DEFAULT_MODEL
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,11 +33,10 @@ __all__ = [
     "bnb_config",
     "cache_root",
     "load_model",
+    "ready_for_batches",
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class EmbeddedModelMissingError(ImportError):
@@ -219,7 +221,8 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer, ready for steering (eval mode, a pad token set).
+    """Load a causal LM and its tokenizer, ready for steering and batched generation (eval mode; the tokenizer
+    pads on the left with a pad token set, see :func:`ready_for_batches`).
 
     Args:
         name_or_path: a short name of :data:`EMBEDDED_MODELS` (default ``"smollm2-135m-instruct"``), a local
@@ -263,9 +266,32 @@ def load_model(
     if name_or_path in EMBEDDED_MODELS and isinstance(source, Path):
         # Vectors record `_name_or_path`: the short name travels between machines, the cache path does not.
         model.config._name_or_path = name_or_path
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ready_for_batches(model, tokenizer)
     return model, tokenizer
+
+
+def ready_for_batches(model: Any, tokenizer: Any) -> None:
+    """Make ``tokenizer`` pad on the left with a pad token (its end-of-text token when it has none), so that a
+    batch of prompts of different lengths generates what each prompt generates alone.
+
+    A decoder-only model continues the last position of each row: right padding puts pad tokens there. A
+    tokenizer with neither a pad nor an end-of-text token is left without one, with a warning that says so.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        warnings.warn(
+            f"{type(tokenizer).__name__} has neither a pad token nor an end-of-text token, so batches of prompts "
+            "of different lengths cannot be padded; set one yourself, e.g. tokenizer.pad_token = '<pad>' "
+            "(a token the model knows), or generate one prompt at a time",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
 
 
 def _load_options(

@@ -9,11 +9,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fv_plugin.tasks import Pair, Task
+
+if TYPE_CHECKING:  # torch is imported where prompts become tensors, so the settings that name a template stay light
+    import torch
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -163,6 +164,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool = Fa
     Args:
         chat: wrap each prompt as a user message with the tokenizer's chat template (instruct models).
     """
+    import torch
+
     if not prompts:
         raise ValueError("no prompts to encode")
     texts = [p.text for p in prompts]

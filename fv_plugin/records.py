@@ -8,6 +8,7 @@ chose its layer, and reports render them.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ class Sweep:
         kl: mean KL divergence (nats) from the unsteered to the steered next-token distribution at each value
             (empty when not measured).
         baseline_accuracy: accuracy without any vector on the same prompts (``None`` when not measured).
-        split: the split the prompts came from (``"valid"`` for choices, ``"test"`` for reports).
+        split: the split the prompts came from (``"valid"`` or ``"valid+train"`` for choices, ``"test"`` for
+            reports).
     """
 
     task: str | None
@@ -88,18 +90,24 @@ class Sweep:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate vector scored on validation prompts: its form, heads ``k`` and ``layer`` where they apply,
-    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there."""
+    """One candidate vector scored on validation prompts: its ``method``, heads ``k`` and ``layer`` where they
+    apply, its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there."""
 
-    form: str
+    method: str
     strength: float
     accuracy: float
     answer_prob: float
     layer: int | None = None
     k: int | None = None
 
+    @property
+    def form(self) -> str:
+        """Deprecated name of :attr:`method` (read only; removed in the next release)."""
+        warnings.warn("Candidate.form is deprecated; use Candidate.method", DeprecationWarning, stacklevel=2)
+        return self.method
+
     def label(self) -> str:
-        parts = [self.form]
+        parts = [self.method]
         if self.k is not None:
             parts.append(f"k={self.k}")
         if self.layer is not None:
@@ -144,7 +152,11 @@ class Selection:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
-        candidates = tuple(Candidate(**c) for c in data["candidates"])
+        """Inverse of :meth:`to_dict` (also reads candidates recorded with ``"form"``, the former ``"method"``)."""
+        renamed = (
+            {("method" if key == "form" else key): value for key, value in c.items()} for c in data["candidates"]
+        )
+        candidates = tuple(Candidate(**c) for c in renamed)
         return cls(
             candidates=candidates,
             chosen=int(data["chosen"]),

@@ -36,11 +36,11 @@ def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
 
 
 def selection_table(selection: Selection, *, top: int = 8) -> str:
-    """Markdown: how ``method="auto"`` chose (the chosen candidate, the best of each form, the runners-up)."""
+    """Markdown: how ``method="auto"`` chose (the chosen candidate, the best of each method, the runners-up)."""
     order = sorted(range(len(selection.candidates)), key=lambda i: -selection.candidates[i].accuracy)
     best_of: dict[str, int] = {}
     for i in order:
-        best_of.setdefault(selection.candidates[i].form, i)
+        best_of.setdefault(selection.candidates[i].method, i)
     shown = [selection.chosen, *best_of.values(), *order[:top]]
     lines = [
         f"{len(selection.candidates)} candidates scored on {selection.n_queries} zero-shot queries "
@@ -51,7 +51,7 @@ def selection_table(selection: Selection, *, top: int = 8) -> str:
     ]
     for i in dict.fromkeys(shown):  # in order, once each
         c = selection.candidates[i]
-        mark = "**chosen**" if i == selection.chosen else ("best " + c.form if best_of.get(c.form) == i else "")
+        mark = "**chosen**" if i == selection.chosen else ("best " + c.method if best_of.get(c.method) == i else "")
         lines.append(f"| {c.label()} | {c.accuracy:.2f} | {c.answer_prob:.3f} | {mark} |")
     return "\n".join(lines)
 
@@ -249,7 +249,7 @@ def _task_facts(t: TaskReport) -> list[str]:
     if t.layers is not None:
         facts.append(f"best test layer {int(t.layers.best)} (accuracy {max(t.layers.accuracy):.2f})")
     if t.k is not None:
-        facts.append(f"heads form: best k {int(t.k.best)} (accuracy {max(t.k.accuracy):.2f})")
+        facts.append(f"heads method: best k {int(t.k.best)} (accuracy {max(t.k.accuracy):.2f})")
     lines = ["- " + "; ".join(facts)]
     if t.tokens:
         lines.append(f"- top tokens of the vector: {_tokens(t.tokens)}")
@@ -257,7 +257,7 @@ def _task_facts(t: TaskReport) -> list[str]:
         top = ", ".join(f"{h.layer}.{h.head} ({h.aie:.3f})" for h in head_locations(t.heads_vector)[:5])
         lines.append(f"- top heads by AIE (layer.head): {top}")
         if t.head_tokens:
-            lines.append(f"- top tokens of the heads form: {_tokens(t.head_tokens)}")
+            lines.append(f"- top tokens of the heads vector: {_tokens(t.head_tokens)}")
     if t.vector.selection is not None:
         lines += ["", 'How `method="auto"` chose:', "", selection_table(t.vector.selection, top=5), ""]
     return [*lines, f"- time: {t.seconds:.0f} s"]

@@ -2,23 +2,30 @@
 
 Every front end (:func:`~fv_plugin.steer`, :class:`~fv_plugin.FunctionVectorProcessor`,
 :class:`~fv_plugin.SteeredModel`, and the vLLM plugin) takes the same arguments with the same meanings, and
-refuses a bad value with the same message; they all go through :func:`validate`.
+refuses a bad value with the same message; they all go through :func:`validate`. What a request adds after each
+layer is merged by :func:`fv_plugin.merge.merge`, the rule vLLM and GGUF export use too. On Hugging Face models
+the front ends, and candidate scoring (:func:`~fv_plugin.selection.score_candidates`), steer through one context,
+:func:`steering_context`: validate, keep the model attached, bind, make active for the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import torch
 from torch import nn
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
-from fv_plugin.hooks import Attachment, get_attachment
+from fv_plugin.devices import input_dtype
+from fv_plugin.gating import bind_all, check_gate
+from fv_plugin.hooks import Attachment, attached, get_attachment
+from fv_plugin.merge import NORMALIZE_MODES, Normalize, check_normalize, check_number, merge
 from fv_plugin.positions import POSITION_MODES
-from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta
+from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta, activate
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -30,26 +37,18 @@ __all__ = [
     "bind",
     "check_number",
     "check_options",
+    "check_representable",
     "check_rows",
     "check_strength",
     "check_vector",
     "model_arch",
     "split_vectors",
+    "steering_context",
     "validate",
 ]
 
-Normalize = Literal["absolute", "relative"]
-NORMALIZE_MODES: tuple[str, ...] = ("absolute", "relative")
 VectorLike: TypeAlias = "FunctionVector | tuple[FunctionVector, float]"
 Pairs: TypeAlias = "tuple[tuple[FunctionVector, float], ...]"
-
-
-def check_number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return float(value)
 
 
 def check_strength(strength: object) -> float | torch.Tensor:
@@ -64,11 +63,11 @@ def check_strength(strength: object) -> float | torch.Tensor:
     return check_number(strength, "strength")
 
 
-def check_options(positions: str, normalize: str) -> None:
+def check_options(positions: str, normalize: str) -> Normalize:
+    """Check both options; returns ``normalize`` as a :data:`~fv_plugin.merge.Normalize`."""
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    return check_normalize(normalize)
 
 
 def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float]]:
@@ -78,10 +77,10 @@ def split_vectors(vectors: Sequence[object]) -> list[tuple[FunctionVector, float
         if isinstance(item, FunctionVector):
             pairs.append((item, 1.0))
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], FunctionVector):
-            pairs.append((item[0], check_number(item[1], "a vector's strength")))
+            pairs.append((item[0], check_number(item[1], "a vector's weight")))
         else:
             raise TypeError(
-                f"vectors must be FunctionVector objects or (FunctionVector, strength) pairs, got {type(item).__name__}"
+                f"vectors must be FunctionVector objects or (FunctionVector, weight) pairs, got {type(item).__name__}"
             )
     return pairs
 
@@ -128,7 +127,7 @@ def check_vector(fv: FunctionVector, arch: ResolvedArch) -> None:
 
 def model_arch(model: nn.Module, arch: ArchSpec | None) -> ResolvedArch:
     """The model's architecture (the attached one, if it is attached)."""
-    if not isinstance(model, nn.Module):
+    if not issubclass(type(model), nn.Module):  # type(): a SteeredModel reports its wrapped model's class
         raise TypeError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}")
     owner = get_attachment(model)
     return owner.arch if owner is not None else resolve_architecture(model, arch)
@@ -146,7 +145,7 @@ class SteeringRequest:
     per_row: bool
     strength: float | torch.Tensor
     positions: str
-    normalize: str
+    normalize: Normalize
 
 
 def validate(
@@ -160,7 +159,7 @@ def validate(
     arch: ArchSpec | None,
 ) -> SteeringRequest:
     """Check everything against ``model`` before touching it."""
-    check_options(positions, normalize)
+    mode = check_options(positions, normalize)
     checked_strength = check_strength(strength)
     if rows is not None and vectors:
         raise ValueError("give the vectors either for every row (positional) or per row (rows=[...]), not both")
@@ -170,26 +169,64 @@ def validate(
     resolved = model_arch(model, arch)
     for fv, _ in (pair for group in groups for pair in group):
         check_vector(fv, resolved)
-        if fv.is_head_patch and normalize == "relative":
+        if fv.is_head_patch and mode == "relative":
             raise ValueError("normalize='relative' applies to added vectors, not to head-level (head_patch) vectors")
     frozen = tuple(tuple(group) for group in groups)
-    return SteeringRequest(frozen, rows is not None, checked_strength, positions, normalize)
+    request = SteeringRequest(frozen, rows is not None, checked_strength, positions, mode)
+    check_representable(request, input_dtype(model))
+    return request
+
+
+def _magnitudes(fv: FunctionVector, normalize: str) -> tuple[float, float]:
+    """(largest entry, norm) of what ``fv`` adds at weight 1 (a unit vector with ``normalize="relative"``)."""
+    if fv.head_values is not None:  # written into head slots; nothing added after the layer
+        values = fv.head_values.detach().double()
+        return float(values.abs().max()), float(values.norm())
+    if normalize == "relative":
+        return 1.0, 1.0
+    parts = [part.detach().double() for part in fv.parts().values()]
+    return max(float(p.abs().max()) for p in parts), max(float(p.norm()) for p in parts)
+
+
+def check_representable(request: SteeringRequest, dtype: torch.dtype) -> None:
+    """Refuse a request whose added vector could be non-finite in ``dtype`` (the model's) before anything runs.
+
+    Per row, the strength times the weighted sum of its vectors bounds what is added: its entries must fit
+    ``dtype``, and its squared norm (what the next layer's normalization computes, in float32 at least) must be
+    finite too. With ``normalize="relative"`` a vector counts as unit length (the hidden state's norm is unknown).
+    """
+    if not dtype.is_floating_point:
+        return
+    largest = float(torch.finfo(dtype).max)
+    squares = float(torch.finfo(torch.promote_types(dtype, torch.float32)).max)
+    strength = request.strength
+    scale = float(strength.abs().max()) if isinstance(strength, torch.Tensor) else abs(strength)
+    for group in request.rows:
+        entries = norms = 0.0
+        for fv, weight in group:
+            entry, norm = _magnitudes(fv, request.normalize)
+            entries, norms = entries + abs(weight) * entry, norms + abs(weight) * norm
+        limit = min(largest / max(entries, 1e-300), math.sqrt(squares) / max(norms, 1e-300))
+        if scale > limit:
+            raise ValueError(
+                f"strength {scale:g} times these vectors (and weights) adds values up to {entries * scale:.3g} "
+                f"(norm {norms * scale:.3g}), more than {dtype} can hold: the model would compute inf or NaN. "
+                f"Use a strength (times weight) below {limit:.3g}"
+            )
 
 
 def _deltas(request: SteeringRequest, hidden: int) -> dict[int, LayerDelta]:
-    sums: dict[int, torch.Tensor] = {}
-    for r, group in enumerate(request.rows):
-        for fv, weight in group:
-            if weight == 0.0 or fv.is_head_patch:
-                continue
-            for layer, part in fv.parts().items():
-                vector = part.detach().double().cpu()
-                if request.normalize == "relative":  # scaled to the hidden state's norm when added
-                    vector = vector / vector.norm().clamp_min(1e-12)
-                sums.setdefault(layer, torch.zeros(len(request.rows), hidden, dtype=torch.float64))[r] += (
-                    weight * vector
-                )
-    return {layer: LayerDelta(layer=layer, rows=rows) for layer, rows in sums.items()}
+    """Each row's vectors merged (:func:`~fv_plugin.merge.merge`), stacked per layer into ``[rows, hidden]``."""
+    added = [[(fv, weight) for fv, weight in group if not fv.is_head_patch] for group in request.rows]
+    merged = [merge(pairs, request.normalize) for pairs in added]
+    deltas = {}
+    for layer in sorted({layer for row in merged for layer in row.deltas}):
+        rows = torch.zeros(len(merged), hidden, dtype=torch.float64)
+        for r, row in enumerate(merged):
+            if layer in row.deltas:
+                rows[r] = row.deltas[layer]
+        deltas[layer] = LayerDelta(layer=layer, rows=rows)
+    return deltas
 
 
 def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
@@ -241,3 +278,42 @@ def bind(
         schedule=schedule,
         clock=clock,
     )
+
+
+@contextlib.contextmanager
+def steering_context(
+    model: nn.Module,
+    vectors: Sequence[object] = (),
+    *,
+    rows: object = None,
+    strength: object = 1.0,
+    positions: str = "generated",
+    normalize: str = "absolute",
+    arch: ArchSpec | None = None,
+    window: tuple[int, int] | None = None,
+    schedule: Callable[[int], float] | None = None,
+    clock: object | None = None,
+    replay: tuple[int, int] | None = None,
+    gate: bool = False,
+    answer_end: torch.Tensor | None = None,
+) -> Iterator[ActiveSteering | None]:
+    """Steer ``model``'s forwards in the current context for the block; yields the active steering (``None`` when
+    the request adds nothing).
+
+    The request is validated before the model is touched; the model stays attached for the block and the
+    steering is removed when it exits, even on error. ``window``, ``schedule`` and ``clock`` are a
+    :class:`~fv_plugin.FunctionVectorProcessor`'s; ``replay=(rows, position)`` marks forwards that re-run only
+    the last prompt token layer by layer (:class:`~fv_plugin.mediation.LastTokenReplay`). ``gate``: one gated
+    steering per vector (:mod:`fv_plugin.gating`; the first is yielded); ``answer_end``: for ``positions="answer"``.
+    """
+    request = validate(
+        model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
+    )
+    if gate is True:
+        check_gate(fv for group in request.rows for fv, _ in group)
+    with attached(model, arch=arch) as owner:
+        steerings = bind_all(
+            owner, request, bind, gate=gate, window=window, schedule=schedule, clock=clock, answer_end=answer_end
+        )
+        with activate(steerings, replay=replay):
+            yield steerings[0] if steerings else None

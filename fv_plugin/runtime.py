@@ -34,7 +34,6 @@ __all__ = [
     "expand_rows",
     "generate_call",
     "hook_scope",
-    "replay_call",
 ]
 
 
@@ -209,9 +208,20 @@ def current_call() -> CallState | None:
 
 
 @contextlib.contextmanager
-def activate(steerings: tuple[ActiveSteering, ...]) -> Iterator[None]:
-    """Make ``steerings`` active in the current context until the block exits (even on error)."""
-    call_token = _CALL.set(CallState(in_generate=False)) if _CALL.get() is None else None
+def activate(steerings: tuple[ActiveSteering, ...], *, replay: tuple[int, int] | None = None) -> Iterator[None]:
+    """Make ``steerings`` active in the current context until the block exits (even on error).
+
+    ``replay=(rows, position)``: the block's forwards re-run only the last prompt token, at ``position``, for
+    ``rows`` batch rows, layer by layer and without the base model, so their positions are set here rather than
+    by the base-model pre-hook.
+    """
+    call = None
+    if replay is not None:
+        info = ForwardInfo(batch=replay[0], length=1, past=replay[1], mask=None)
+        call = CallState(in_generate=False, prompt=PromptInfo.from_forward(info), forward=info)
+    elif _CALL.get() is None:
+        call = CallState(in_generate=False)
+    call_token = _CALL.set(call) if call is not None else None
     token = _ACTIVE.set(_ACTIVE.get() + steerings)
     try:
         yield
@@ -219,19 +229,6 @@ def activate(steerings: tuple[ActiveSteering, ...]) -> Iterator[None]:
         _ACTIVE.reset(token)
         if call_token is not None:
             _CALL.reset(call_token)
-
-
-@contextlib.contextmanager
-def replay_call(batch: int, past: int) -> Iterator[CallState]:
-    """A call whose forwards re-run only the last prompt token (at position ``past``) for ``batch`` rows, layer by
-    layer and without the base model (so its positions are set here, not by the base-model pre-hook)."""
-    info = ForwardInfo(batch=batch, length=1, past=past, mask=None)
-    state = CallState(in_generate=False, prompt=PromptInfo.from_forward(info), forward=info)
-    token = _CALL.set(state)
-    try:
-        yield state
-    finally:
-        _CALL.reset(token)
 
 
 @contextlib.contextmanager

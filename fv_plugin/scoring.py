@@ -1,22 +1,33 @@
-"""Scoring: next-token probabilities of prompts under steering, their accuracy, and sweeps of one setting.
+"""Scoring: what a correct answer is, next-token probabilities of prompts under steering, their accuracy, and
+sweeps of one setting.
 
-Every choice and every report in fv_plugin is made of these: extraction sweeps layers on the validation split,
-evaluation scores the test split, both through :func:`next_token_probs` (vectors added at each prompt's final
-token) and :func:`sweep` (one :class:`~fv_plugin.records.Sweep`, one "best" rule).
+A correct answer is defined here, once, and every score, sweep, report and choice uses it: a prompt accepts its
+pair's main answer and its alternatives (:attr:`~fv_plugin.Pair.answers`);
+
+- next token (:func:`correct_first_token`): the most likely next token is the first token of an accepted answer;
+- greedy continuation of a template prompt (:func:`starts_with_answer`): it starts with a whole accepted answer;
+- continuation of natural text (:func:`contains_answer`): an accepted answer appears in it as a whole word.
+
+The answer probability (:func:`answer_probs`) is the probability of the main answer's first token.
+Extraction's choices score validation prompts and evaluation scores the test split, all through
+:func:`next_token_probs` (vectors added at each prompt's final token) and :func:`sweep` (one
+:class:`~fv_plugin.records.Sweep`, one "best" rule).
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.devices import input_device
+from fv_plugin.merge import Normalize
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.steering import steer
@@ -25,18 +36,52 @@ from fv_plugin.vector import FunctionVector
 __all__ = [
     "PromptScores",
     "VectorArg",
+    "answer_probs",
+    "contains_answer",
+    "correct_first_token",
     "first_token_correct",
+    "first_token_hits",
     "kl_divergence",
     "last_logits_only",
     "next_token_probs",
     "score_prompts",
+    "starts_with_answer",
     "sweep",
     "wilson_interval",
     "zero_shot_scores",
 ]
 
 VectorArg = FunctionVector | tuple[FunctionVector, float]
-Normalize = Literal["absolute", "relative"]
+
+
+def correct_first_token(token: int, answer_tokens: Sequence[Sequence[int]]) -> bool:
+    """The definition of a correct next token: ``token`` is the first token of one of the accepted answers
+    (``answer_tokens``: the tokens of the main answer and of each alternative, as in
+    :attr:`~fv_plugin.prompts.EncodedPrompts.answer_tokens`)."""
+    return any(answer and answer[0] == token for answer in answer_tokens)
+
+
+def first_token_hits(probs: torch.Tensor, enc: EncodedPrompts) -> list[bool]:
+    """Per prompt of ``enc``: is the most likely next token (``probs``: ``[batch, vocab]``) correct?"""
+    top = probs.argmax(-1).tolist()
+    return [correct_first_token(t, answers) for t, answers in zip(top, enc.answer_tokens, strict=True)]
+
+
+def answer_probs(probs: torch.Tensor, enc: EncodedPrompts) -> torch.Tensor:
+    """Per prompt of ``enc``: the probability of the main answer's first token, ``[batch]``."""
+    return probs[torch.arange(len(probs)), enc.answer_ids.to(probs.device)]
+
+
+def starts_with_answer(continuation: str, answers: Sequence[str]) -> bool:
+    """The continuation starts with a whole accepted answer (then ends, or goes on after a non-word character)."""
+    text = continuation.strip()
+    return any(re.match(re.escape(a.strip()) + r"(?!\w)", text) for a in answers if a.strip())
+
+
+def contains_answer(continuation: str, answers: Sequence[str]) -> bool:
+    """An accepted answer appears in the continuation as a whole word (case-insensitive)."""
+    text = continuation.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(a.strip().lower()) + r"(?!\w)", text) for a in answers)
 
 
 def last_logits_only(model: nn.Module) -> dict[str, int]:
@@ -73,7 +118,8 @@ def kl_divergence(steered: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PromptScores:
-    """First-token top-1 ``accuracy``, mean answer probability, and mean KL from the plain model (if measured)."""
+    """First-token top-1 ``accuracy`` (:func:`correct_first_token`), mean answer probability (:func:`answer_probs`),
+    and mean KL from the plain model (if measured)."""
 
     accuracy: float
     answer_prob: float
@@ -105,9 +151,8 @@ class _Batches:
             probs = next_token_probs(self.model, enc, vectors, strength=strength, normalize=normalize)
             if not vectors:
                 plain.append(probs)
-            rows = torch.arange(len(probs))
-            correct += int((probs.argmax(-1) == enc.answer_ids).sum())
-            prob += float(probs[rows, enc.answer_ids].sum())
+            correct += sum(first_token_hits(probs, enc))
+            prob += float(answer_probs(probs, enc).sum())
             if kl:
                 divergence += float(kl_divergence(probs, self.base[i]).sum())
         if plain and self._base is None:
@@ -137,10 +182,7 @@ def first_token_correct(
     correct: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[start : start + batch_size])
-        top = next_token_probs(model, enc).argmax(-1).tolist()
-        correct += [
-            token in {answer[0] for answer in answers} for token, answers in zip(top, enc.answer_tokens, strict=True)
-        ]
+        correct += first_token_hits(next_token_probs(model, enc), enc)
     return correct
 
 

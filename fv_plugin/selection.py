@@ -17,12 +17,10 @@ from torch import nn
 
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import attached
 from fv_plugin.mediation import LastTokenReplay, cache_kwarg
 from fv_plugin.prompts import Prompt, encode_prompts
-from fv_plugin.request import bind, validate
-from fv_plugin.runtime import activate, replay_call
-from fv_plugin.scoring import PromptScores, VectorArg
+from fv_plugin.request import steering_context
+from fv_plugin.scoring import PromptScores, VectorArg, correct_first_token
 
 __all__ = ["score_candidates"]
 
@@ -43,28 +41,18 @@ class _Rows:
 
     def probs(self, prompt: Prompt, tokenizer: Any, replay: LastTokenReplay | None) -> torch.Tensor:
         """``[candidates, vocab]`` next-token probabilities of ``prompt`` under each candidate."""
-        request = validate(
-            self.model,
-            (),
-            rows=self.candidates,
-            strength=1.0,
-            positions="last_prompt",
-            normalize="absolute",
-            arch=self.arch,
-        )
         rows = len(self.candidates)
-        with attached(self.model, arch=self.arch) as owner:
-            steering = bind(owner, request)
-            with torch.no_grad(), activate((steering,) if steering is not None else ()):
-                if replay is not None:
-                    start = min(_lowest_layer(c) for c in self.candidates)
-                    with replay_call(rows, past=replay.length - 1):
-                        logits = replay.logits(start, rows)
-                else:
-                    enc = encode_prompts(tokenizer, [prompt] * rows)
-                    device = input_device(self.model)
-                    out = self.model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
-                    logits = out.logits[:, -1]
+        at = (rows, replay.length - 1) if replay is not None else None
+        context = steering_context(self.model, rows=self.candidates, positions="last_prompt", arch=self.arch, replay=at)
+        with torch.no_grad(), context:
+            if replay is not None:
+                start = min(_lowest_layer(c) for c in self.candidates)
+                logits = replay.logits(start, rows)
+            else:
+                enc = encode_prompts(tokenizer, [prompt] * rows)
+                device = input_device(self.model)
+                out = self.model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
+                logits = out.logits[:, -1]
         return logits.float().softmax(-1).cpu()
 
 
@@ -93,7 +81,7 @@ def score_candidates(
     for prompt in prompts:
         enc = encode_prompts(tokenizer, [prompt])
         ids = enc.input_ids.to(input_device(model))
-        answer, firsts = int(enc.answer_ids[0]), {t[0] for t in enc.answer_tokens[0]}
+        answer, accepted = int(enc.answer_ids[0]), enc.answer_tokens[0]
         with torch.no_grad():
             replay = LastTokenReplay(model, resolved, ids, cache_kwarg(model)) if ids.shape[1] > 1 else None
         usable = replay if replay is not None and replay.usable else None
@@ -102,7 +90,7 @@ def score_candidates(
             probs = _Rows(model, [candidates[i] for i in chunk], arch).probs(prompt, tokenizer, usable)
             top = probs.argmax(-1)
             for row, index in enumerate(chunk):
-                correct[index] += float(int(top[row]) in firsts)
+                correct[index] += float(correct_first_token(int(top[row]), accepted))
                 prob[index] += float(probs[row, answer])
     n = len(prompts)
     return [PromptScores(float(c) / n, float(p) / n) for c, p in zip(correct, prob, strict=True)]

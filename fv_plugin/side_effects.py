@@ -20,7 +20,7 @@ from torch import nn
 
 from fv_plugin.config import EvalConfig
 from fv_plugin.devices import input_device
-from fv_plugin.evaluation import mode_prompts
+from fv_plugin.prompt_sets import eval_prompts
 from fv_plugin.prompts import Prompt
 from fv_plugin.scoring import VectorArg, score_prompts
 from fv_plugin.steering import steer
@@ -108,7 +108,7 @@ def specificity(
     steered: dict[str, tuple[tuple[float, ...], ...]] = {}
     for mode in modes:
         settings = dataclasses.replace(config, mode=mode)  # type: ignore[arg-type]
-        prompts = [mode_prompts(t, settings) for t in tasks]
+        prompts = [eval_prompts(t, settings) for t in tasks]
         unsteered[mode] = tuple(_accuracy(model, tokenizer, p, None, config) for p in prompts)
         steered[mode] = tuple(
             tuple(_accuracy(model, tokenizer, p, vectors[v.name], config) for p in prompts) for v in tasks

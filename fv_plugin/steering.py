@@ -1,7 +1,8 @@
 """Public steering entry points: :func:`steer`, :class:`FunctionVectorProcessor` and :class:`SteeredModel`.
 
-All three validate their input against the model first (:mod:`fv_plugin.request`, so a bad request leaves the
-model untouched), then make an :class:`~fv_plugin.runtime.ActiveSteering` active for the current call only.
+All three steer through :func:`~fv_plugin.request.steering_context`: it validates the input against the model
+first (so a bad request leaves the model untouched), then makes an :class:`~fv_plugin.runtime.ActiveSteering`
+active for the current call only.
 Vectors apply to every input row, or, with ``rows=[[...], [...], ...]``, each input row gets its own: one
 ``generate`` call can serve several users' requests.
 """
@@ -19,20 +20,20 @@ from transformers import LogitsProcessor
 
 from fv_plugin.answer_span import answer_ends_for
 from fv_plugin.architectures import ArchSpec
-from fv_plugin.gating import bind_all, check_gate
-from fv_plugin.hooks import attach, attached, get_attachment
+from fv_plugin.gating import check_gate
+from fv_plugin.hooks import attach, get_attachment
+from fv_plugin.merge import Normalize
 from fv_plugin.positions import Positions
 from fv_plugin.request import (
-    Normalize,
     check_options,
     check_rows,
     check_strength,
     check_vector,
     model_arch,
     split_vectors,
-    validate,
+    steering_context,
 )
-from fv_plugin.runtime import ActiveSteering, activate, current_call
+from fv_plugin.runtime import current_call
 from fv_plugin.vector import FunctionVector
 
 __all__ = ["FunctionVectorProcessor", "Rows", "SteeredModel", "UnusedSteeringWarning", "steer"]
@@ -81,8 +82,11 @@ def steer(
         rows: instead of ``vectors``: one list of vectors (or pairs) per input row, ``[]`` for an unsteered row,
             e.g. ``rows=[[fv_a], [], [(fv_b, -1.0), fv_c]]`` (repeated for ``num_beams`` /
             ``num_return_sequences`` like the input rows).
-        strength: multiplies every vector; a float or a tensor ``[batch]`` with one value per input row, e.g.
-            ``tensor([0., 1.])`` for an unsteered and a steered row in one batch.
+        strength: a float or a tensor ``[batch]`` with one value per input row, e.g. ``tensor([0., 1.])`` for an
+            unsteered and a steered row in one batch. It multiplies each added vector (``heads``, ``difference``,
+            ``layer_mean``, ``head_difference``); for a ``head_patch`` vector it interpolates the heads toward
+            their stored means (0 = off, 1 = replaced); a vector made by ``method="auto"`` already carries the
+            strength auto chose (``fv.builtin_strength``, shown by ``print(fv)``), and this one multiplies it.
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
             ``"last_prompt"`` (final prompt token only), ``"all"`` (every real token) or ``"answer"`` (final
             prompt token and each generated token until the row's answer ends: its first generated newline or
@@ -99,18 +103,21 @@ def steer(
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=10)
     """
-    request = validate(
-        model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
+    context = steering_context(
+        model,
+        vectors,
+        rows=rows,
+        strength=strength,
+        positions=positions,
+        normalize=normalize,
+        arch=arch,
+        gate=gate,
+        answer_end=answer_ends_for(positions, tokenizer, model),
     )
-    if gate is True:
-        check_gate(fv for group in request.rows for fv, _ in group)
-    ends = answer_ends_for(positions, tokenizer, model)
-    with attached(model, arch=arch) as owner:
-        steerings = bind_all(owner, request, gate=gate, answer_end=ends)
-        with activate(steerings):
-            yield model
-        if steerings and all(s.usage.forwards == 0 for s in steerings):
-            _warn_unused(model)
+    with context as steering:
+        yield model
+    if steering is not None and steering.usage.forwards == 0:
+        _warn_unused(model)
 
 
 def _check_window(window: tuple[int, int | None] | None) -> tuple[int, int] | None:
@@ -179,35 +186,27 @@ class FunctionVectorProcessor(LogitsProcessor):
             raise TypeError(f"gate must be True or False, got {gate!r}")
         self.gate = gate
 
-    def _fv_plugin_bind(self, model: nn.Module) -> tuple[ActiveSteering, ...]:
+    def _fv_plugin_context(self, model: nn.Module) -> contextlib.AbstractContextManager[object]:
+        """This processor's steering of the ``generate`` call now starting on ``model`` (called by its hooks)."""
         call = current_call()
         if call is None:
             raise RuntimeError("FunctionVectorProcessor can only be bound inside a generate() call")
-        owner = get_attachment(model)
-        if owner is None:
+        if get_attachment(model) is None:
             raise RuntimeError("FunctionVectorProcessor needs an attached model: call fv_plugin.attach(model)")
-        request = validate(
+        call.clocks[id(self)] = 0  # the clock runs even when the request adds nothing
+        return steering_context(
             model,
             self.vectors,
             rows=self.rows,
             strength=self.strength,
             positions=self.positions,
             normalize=self.normalize,
-            arch=None,
-        )
-        call.clocks[id(self)] = 0
-        steerings = bind_all(
-            owner,
-            request,
-            gate=self.gate,
             window=self.window,
             schedule=self.schedule,
             clock=self,
+            gate=self.gate,
             answer_end=self.answer_end,
         )
-        if not steerings:  # nothing to add (no vectors or zero strength) but keep the clock running
-            return (ActiveSteering(owner=owner, deltas={}, strength=0.0, positions="all", normalize="absolute"),)
-        return steerings
 
     @property
     def step(self) -> int | None:
@@ -307,6 +306,12 @@ class SteeredModel:
         """A steered forward pass (``positions`` of the default options apply)."""
         with self._context(steering, rows, {}):
             return self.wrapped_model(*args, **kwargs)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """The wrapped model's class, as transparent proxies report it: ``isinstance(steered, PreTrainedModel)``
+        holds and transformers' pipelines accept the wrapper. ``type(steered)`` is still :class:`SteeredModel`."""
+        return type(self.__dict__["wrapped_model"])
 
     def __getattr__(self, name: str) -> Any:
         model = self.__dict__.get("wrapped_model")

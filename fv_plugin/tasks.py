@@ -8,20 +8,32 @@ neutral English paragraphs (``fv_plugin/data/neutral.txt``) with no task in them
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import random
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_PAIRS", "MAX_TASK_BYTES", "Pair", "Task", "builtin_tasks", "load_task", "neutral_texts"]
+__all__ = [
+    "MAX_PAIRS",
+    "MAX_TASK_BYTES",
+    "SPLITS",
+    "Pair",
+    "Task",
+    "builtin_tasks",
+    "load_task",
+    "neutral_texts",
+]
 
 MAX_TASK_BYTES = 20 * 1024 * 1024
 MAX_PAIRS = 100_000
 MAX_FIELD_CHARS = 1_000
+TASK_SUFFIXES = (".json", ".jsonl", ".csv")
 
 
 @dataclass(frozen=True)
@@ -37,10 +49,21 @@ class Pair:
         return (self.output, *self.alternatives)
 
 
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+# What a "split" field or a split file may be called: the usual names for the three parts.
+SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
+
+
 @dataclass(frozen=True)
 class Task:
-    """A named list of pairs with a fixed split: ``train`` (demonstrations and extraction), ``valid``
-    (choices such as the layer) and ``test`` (reported accuracy)."""
+    """A named list of pairs in three parts: ``train`` (demonstrations and extraction), ``valid`` (choices such
+    as the layer) and ``test`` (reported accuracy).
+
+    The parts are the task's own when ``splits`` is given (one of ``"train"``, ``"valid"``, ``"test"`` per pair,
+    used exactly; see :meth:`from_splits`); otherwise a shuffle seeded by the name and ``split_seed`` puts
+    ``test_fraction`` of the pairs (at least one) in ``test``, ``valid_fraction`` in ``valid`` and the rest in
+    ``train``, the same on every machine.
+    """
 
     name: str
     pairs: tuple[Pair, ...]
@@ -48,41 +71,71 @@ class Task:
     valid_fraction: float = 0.2
     split_seed: int = 0
     source: str | None = field(default=None, compare=False)
+    splits: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.pairs) < 2:
             raise ValueError(f"task {self.name!r} needs at least 2 pairs, got {len(self.pairs)}")
         if not 0 < self.test_fraction < 1 or not 0 <= self.valid_fraction < 1 - self.test_fraction:
             raise ValueError("test_fraction and valid_fraction must leave room for a training split")
+        if self.splits is not None:
+            _check_splits(self.name, self.splits, len(self.pairs))
+
+    @classmethod
+    def from_splits(
+        cls,
+        name: str,
+        train: Sequence[Pair],
+        valid: Sequence[Pair] = (),
+        test: Sequence[Pair] = (),
+        *,
+        source: str | None = None,
+    ) -> Task:
+        """A task with its own parts, used as given (an empty part stays empty)."""
+        parts = {"train": tuple(train), "valid": tuple(valid), "test": tuple(test)}
+        pairs = tuple(pair for part in parts.values() for pair in part)
+        labels = tuple(split for split, part in parts.items() for _ in part)
+        return cls(name=name, pairs=pairs, source=source, splits=labels)
 
     def _order(self) -> list[int]:
         order = list(range(len(self.pairs)))
         random.Random(f"{self.name}:{self.split_seed}").shuffle(order)
         return order
 
-    def _cut(self) -> tuple[int, int]:
+    def _part(self, split: str) -> tuple[Pair, ...]:
+        if self.splits is not None:
+            return tuple(pair for pair, label in zip(self.pairs, self.splits, strict=True) if label == split)
         n = len(self.pairs)
         n_test = max(1, round(n * self.test_fraction))
         n_valid = round(n * self.valid_fraction)
-        return n_test, n_valid
+        bounds = {"test": (0, n_test), "valid": (n_test, n_test + n_valid), "train": (n_test + n_valid, n)}
+        start, stop = bounds[split]
+        return tuple(self.pairs[i] for i in self._order()[start:stop])
 
     @property
     def test(self) -> tuple[Pair, ...]:
-        n_test, _ = self._cut()
-        return tuple(self.pairs[i] for i in self._order()[:n_test])
+        return self._part("test")
 
     @property
     def valid(self) -> tuple[Pair, ...]:
-        n_test, n_valid = self._cut()
-        return tuple(self.pairs[i] for i in self._order()[n_test : n_test + n_valid])
+        return self._part("valid")
 
     @property
     def train(self) -> tuple[Pair, ...]:
-        n_test, n_valid = self._cut()
-        return tuple(self.pairs[i] for i in self._order()[n_test + n_valid :])
+        return self._part("train")
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+
+def _check_splits(name: str, splits: object, n: int) -> None:
+    if not isinstance(splits, tuple) or len(splits) != n:
+        raise ValueError(f"task {name!r}: splits must be a tuple with one split name per pair ({n})")
+    unknown = sorted({str(s) for s in splits} - set(SPLITS))
+    if unknown:
+        raise ValueError(f"task {name!r}: unknown split names {unknown}; use {', '.join(SPLITS)}")
+    if "train" not in splits:
+        raise ValueError(f"task {name!r} has no train pairs; the demonstrations and the vector come from them")
 
 
 def _builtin_dir() -> Any:
@@ -97,7 +150,12 @@ def builtin_tasks() -> list[str]:
     return sorted(entry.name[: -len(".json")] for entry in folder.iterdir() if entry.name.endswith(".json"))
 
 
+INNER_WHITESPACE = ("\n", "\t")  # control characters a field may hold inside it (after stripping its ends)
+
+
 def _field(value: object, where: str, name: str) -> str:
+    """A field's text: stripped of leading and trailing whitespace (``"Hallo\\n"`` is ``"Hallo"``); newlines
+    (``\\r\\n`` and ``\\r`` read as ``\\n``) and tabs may remain inside it, no other control character may."""
     if not isinstance(value, str) or not value.strip():
         scalar = isinstance(value, (str, int, float, bool)) or value is None
         shown = repr(value) if scalar and len(repr(value)) <= 60 else f"a {type(value).__name__}"
@@ -105,13 +163,14 @@ def _field(value: object, where: str, name: str) -> str:
         raise ValueError(f"{where}: {name!r} must be a non-empty string, got {shown}{hint}")
     if len(value) > MAX_FIELD_CHARS:
         raise ValueError(f"{where}: {name!r} is longer than {MAX_FIELD_CHARS} characters")
-    for char in value:
-        if unicodedata.category(char) in ("Cc", "Cs"):  # control characters, lone surrogates
+    text = value.replace("\r\n", "\n").replace("\r", "\n").strip()
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cs") and char not in INNER_WHITESPACE:  # control, lone surrogate
             raise ValueError(
-                f"{where}: {name!r} contains the control character U+{ord(char):04X}; task fields must be plain "
-                "text on one line"
+                f"{where}: {name!r} contains the control character U+{ord(char):04X}; task fields are plain text "
+                "(newlines and tabs allowed)"
             )
-    return value.strip()
+    return text
 
 
 def _pair(row: object, where: str) -> Pair:
@@ -166,7 +225,19 @@ def _rows(text: str, path: Path) -> list[tuple[str, object]]:
     return [(f"{path}, item {index}", row) for index, row in enumerate(data)]
 
 
-def _from_file(path: Path, name: str | None) -> Task:
+def _split_of(row: object, where: str) -> str | None:
+    """The row's own split (its ``"split"`` field), if it has one."""
+    value = row.get("split") if isinstance(row, dict) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    label = SPLIT_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
+    if label is None:
+        raise ValueError(f"{where}: 'split' must be one of {', '.join(SPLIT_NAMES)}, got {value!r}")
+    return label
+
+
+def _read(path: Path) -> tuple[tuple[Pair, ...], tuple[str | None, ...]]:
+    """A task file's pairs and each row's ``"split"`` field (``None`` where it has none)."""
     size = path.stat().st_size
     if size > MAX_TASK_BYTES:
         raise ValueError(f"{path}: {size} bytes is more than the {MAX_TASK_BYTES} a task file may have")
@@ -179,18 +250,70 @@ def _from_file(path: Path, name: str | None) -> Task:
         raise ValueError(f"{path}: the file has no pairs")
     if len(rows) > MAX_PAIRS:
         raise ValueError(f"{path}: {len(rows)} pairs is more than the {MAX_PAIRS} a task may have")
-    pairs = tuple(_pair(row, where) for where, row in rows)
+    labels = tuple(_split_of(row, where) for where, row in rows)
+    missing = [where for (where, _), label in zip(rows, labels, strict=True) if label is None]
+    if missing and len(missing) < len(rows):
+        raise ValueError(f"{missing[0]}: no 'split' field while other rows have one; give it to every row or none")
+    return tuple(_pair(row, where) for where, row in rows), labels
+
+
+def _checked(task: Task, where: str) -> Task:
+    if len(task.pairs) > MAX_PAIRS:
+        raise ValueError(f"{where}: {len(task.pairs)} pairs is more than the {MAX_PAIRS} a task may have")
+    if len({p.output for p in task.pairs}) < 2:
+        raise ValueError(
+            f"{where}: every pair has the answer {task.pairs[0].output!r}; a task needs at least two different answers"
+        )
+    return task
+
+
+def _from_file(path: Path, name: str | None) -> Task:
+    pairs, labels = _read(path)
     if len(pairs) < 2:
         raise ValueError(f"{path}: a task needs at least 2 pairs, the file has {len(pairs)}")
-    if len({p.output for p in pairs}) < 2:
-        raise ValueError(
-            f"{path}: every pair has the answer {pairs[0].output!r}; a task needs at least two different answers"
-        )
-    return Task(name=name or path.stem, pairs=pairs, source=str(path))
+    splits = tuple(str(label) for label in labels) if labels[0] is not None else None
+    return _checked(Task(name=name or path.stem, pairs=pairs, source=str(path), splits=splits), str(path))
 
 
-def load_task(name_or_path: str | Path, *, name: str | None = None) -> Task:
-    """Load a built-in task by name (see :func:`builtin_tasks`) or a task file (.json, .jsonl or .csv).
+def _from_split_files(files: dict[str, Path], name: str, source: str) -> Task:
+    parts: dict[str, tuple[Pair, ...]] = {}
+    for split, path in files.items():
+        pairs, labels = _read(path)
+        if any(label is not None and label != split for label in labels):
+            raise ValueError(f"{path}: rows of the {split} file name another split in their 'split' field")
+        parts[split] = pairs
+    if "train" not in parts:
+        raise ValueError(f"{source}: no train file (train.json, train.jsonl or train.csv)")
+    return _checked(Task.from_splits(name, **parts, source=source), source)
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    """``{split: file}`` of a folder holding one task file per split (``train.json``, ``valid.jsonl``, ...)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        split = SPLIT_NAMES.get(path.stem.lower())
+        if split is None or path.suffix.lower() not in TASK_SUFFIXES or not path.is_file():
+            continue
+        if split in found:
+            raise ValueError(f"{folder}: two files for the {split} split ({found[split].name}, {path.name})")
+        found[split] = path
+    return found
+
+
+def load_task(
+    name_or_path: str | Path,
+    *,
+    name: str | None = None,
+    valid: str | Path | None = None,
+    test: str | Path | None = None,
+) -> Task:
+    """Load a built-in task by name (see :func:`builtin_tasks`), a task file (.json, .jsonl or .csv), or a task
+    with its own splits.
+
+    A task's own splits are used exactly as given. They come from a ``"split"`` field on every row
+    (``train``/``valid``/``test``; also ``validation``, ``dev``), from a folder holding ``train``, ``valid`` and
+    ``test`` files, or from ``valid=`` and ``test=`` files next to a train file. Without them the task is split by
+    a seeded shuffle (:class:`Task`).
 
     Raises:
         ValueError: for an unknown name or a malformed, empty, too-large or single-answer file; the message
@@ -198,19 +321,27 @@ def load_task(name_or_path: str | Path, *, name: str | None = None) -> Task:
 
     Example:
         >>> task = load_task("antonym")  # doctest: +SKIP
+        >>> own = load_task("train.json", valid="valid.json", test="test.json")  # doctest: +SKIP
         >>> len(task.train), task.test[0].input  # doctest: +SKIP
     """
-    if isinstance(name_or_path, str) and name_or_path in builtin_tasks():
+    extra = {split: Path(file) for split, file in (("valid", valid), ("test", test)) if file is not None}
+    if isinstance(name_or_path, str) and name_or_path in builtin_tasks() and not extra:
         entry = _builtin_dir().joinpath(f"{name_or_path}.json")
         with resources.as_file(entry) as path:
             task = _from_file(Path(path), name or name_or_path)
-        return Task(name=task.name, pairs=task.pairs, source=f"builtin:{name_or_path}")
+        return dataclasses.replace(task, source=f"builtin:{name_or_path}")
     path = Path(name_or_path)
-    if not path.is_file():
-        raise ValueError(
-            f"{name_or_path!r} is neither a built-in task ({', '.join(builtin_tasks()) or 'none installed'}) "
-            "nor a task file (.json list of {'input', 'output'} objects, .jsonl or .csv)"
-        )
+    if path.is_dir() and not extra:
+        return _from_split_files(_split_files(path), name or path.name, str(path))
+    for file in (path, *extra.values()):
+        if not file.is_file():
+            raise ValueError(
+                f"{file} is neither a built-in task ({', '.join(builtin_tasks()) or 'none installed'}), a task file "
+                "(.json list of {'input', 'output'} objects, .jsonl or .csv) nor a folder of train/valid/test files"
+            )
+    if extra:  # named after the folder when the train file is just "train.json"
+        default = path.resolve().parent.name if path.stem.lower() in SPLIT_NAMES else path.stem
+        return _from_split_files({"train": path, **extra}, name or default, str(path))
     return _from_file(path, name)
 
 

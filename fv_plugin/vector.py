@@ -33,6 +33,17 @@ def _library_version() -> str:
 class FunctionVector:
     """A vector to add to the residual stream after decoder layer ``layer``.
 
+    What the ``strength`` of :func:`~fv_plugin.steer` (and of the processor, ``SteeredModel`` and vLLM's
+    ``steering``) does depends on the vector's ``method``:
+
+    - ``"heads"``, ``"difference"``, ``"layer_mean"``, ``"head_difference"`` and sums of vectors: a multiplier;
+      ``strength * weight * vector`` is added (0 = off, 1 = the vector as made);
+    - ``"head_patch"``: an interpolation of the chosen heads' activations toward their stored means (0 = off,
+      1 = replaced by the means);
+    - a vector made by ``method="auto"``: ``auto`` already multiplied the vector by the strength it chose (its
+      :attr:`builtin_strength`, shown by ``print(fv)``), so ``strength`` multiplies on top of it: 1 steers as
+      ``auto`` measured.
+
     Attributes:
         vector: shape ``[hidden]``.
         layer: index of the decoder layer whose output receives the vector (0-based).
@@ -47,7 +58,7 @@ class FunctionVector:
         method: how it was made (e.g. ``"heads"``, ``"layer_mean"``, ``"combination"``).
         library_version: fv_plugin version that made it.
         extra: further string metadata of your own (fv_plugin's own metadata has typed fields).
-        head_values: for the head-level forms: one activation per entry of ``heads``, shape ``[k, head_dim]``,
+        head_values: for the head-level methods: one activation per entry of ``heads``, shape ``[k, head_dim]``,
             written into (``head_mode="replace"``, ``method="head_patch"``) or added to (``head_mode="add"``,
             ``method="head_difference"``) those heads' own slots of the attention output projection's input
             when steering, instead of adding ``vector`` (which then holds their residual-stream contribution).
@@ -177,8 +188,15 @@ class FunctionVector:
 
     @property
     def is_head_patch(self) -> bool:
-        """Whether steering writes head activations (head-level form) rather than adding ``vector``."""
+        """Whether steering writes head activations (head-level method) rather than adding ``vector``."""
         return self.head_values is not None
+
+    @property
+    def builtin_strength(self) -> float | None:
+        """The strength ``method="auto"`` chose and multiplied into this vector (``None`` if it carries none)."""
+        if self.selection is None or (self.is_head_patch and self.head_mode == "replace"):
+            return None  # head_patch: auto keeps strength 1 (replace) and builds nothing in
+        return self.selection.best.strength
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -218,6 +236,8 @@ class FunctionVector:
             for name in ("model_type", "task", "method", "k")
             if getattr(self, name) is not None
         )
+        if self.builtin_strength is not None:
+            what += f"{', ' if what else ''}built-in strength {self.builtin_strength:g} (chosen by auto)"
         return (
             f"FunctionVector(layer={self.layer}, size={self.size}, norm={self.norm():.4g}{', ' if what else ''}{what})"
         )

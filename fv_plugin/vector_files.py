@@ -1,14 +1,18 @@
 """Function vectors on disk and on the Hugging Face Hub: safetensors with the metadata in the header, never
 pickle. :class:`~fv_plugin.FunctionVector`'s ``save``/``load``/``save_pretrained``/``from_pretrained``/
-``push_to_hub`` call these."""
+``push_to_hub`` call these.
+
+This module does not import the vector's class (which imports this module): it reads a vector through
+:class:`Stored`, and builds one by calling the constructor it is given with the stored fields.
+"""
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -17,19 +21,76 @@ from fv_plugin.config import METHODS, ExtractionConfig
 from fv_plugin.records import Selection, Sweep
 from fv_plugin.version import __version__
 
-if TYPE_CHECKING:
-    from fv_plugin.vector import FunctionVector
-
-__all__ = ["WEIGHTS_NAME", "from_pretrained", "load", "metadata", "push_to_hub", "save", "save_pretrained"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "Stored",
+    "from_pretrained",
+    "load",
+    "metadata",
+    "push_to_hub",
+    "save",
+    "save_pretrained",
+]
 
 WEIGHTS_NAME = "function_vector.safetensors"
 FORMAT = "fv_plugin.FunctionVector"
 FORMAT_VERSION = "2"  # 1: fv_plugin 0.1, metadata of its own in `extra`
 _LAYER_PREFIX = "layer_vectors."
 _CONDITION = "condition.direction"
+V = TypeVar("V")
 
 
-def metadata(fv: FunctionVector) -> dict[str, Any]:
+class Stored(Protocol):
+    """What a file holds of a vector: the fields of :class:`~fv_plugin.FunctionVector` (read only)."""
+
+    @property
+    def vector(self) -> torch.Tensor: ...
+    @property
+    def layer(self) -> int: ...
+    @property
+    def model_type(self) -> str | None: ...
+    @property
+    def hidden_size(self) -> int | None: ...
+    @property
+    def model_name(self) -> str | None: ...
+    @property
+    def task(self) -> str | None: ...
+    @property
+    def heads(self) -> tuple[tuple[int, int], ...] | None: ...
+    @property
+    def head_scores(self) -> tuple[float, ...] | None: ...
+    @property
+    def k(self) -> int | None: ...
+    @property
+    def prompt_template(self) -> str | None: ...
+    @property
+    def method(self) -> str | None: ...
+    @property
+    def library_version(self) -> str | None: ...
+    @property
+    def extra(self) -> Mapping[str, str]: ...
+    @property
+    def head_values(self) -> torch.Tensor | None: ...
+    @property
+    def head_mode(self) -> str: ...
+    @property
+    def aie(self) -> torch.Tensor | None: ...
+    @property
+    def layer_sweep(self) -> Sweep | None: ...
+    @property
+    def config(self) -> ExtractionConfig | None: ...
+    @property
+    def layer_vectors(self) -> Mapping[int, torch.Tensor] | None: ...
+    @property
+    def selection(self) -> Selection | None: ...
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def condition(self) -> Condition | None: ...
+
+
+def metadata(fv: Stored) -> dict[str, Any]:
     """Everything but the tensors, as JSON-ready values."""
     return {
         "layer": fv.layer,
@@ -52,7 +113,7 @@ def metadata(fv: FunctionVector) -> dict[str, Any]:
     }
 
 
-def save(fv: FunctionVector, path: str | Path) -> Path:
+def save(fv: Stored, path: str | Path) -> Path:
     """Write ``fv`` to a ``.safetensors`` file, metadata in its header (no pickle)."""
     from safetensors.torch import save_file
 
@@ -72,8 +133,9 @@ def save(fv: FunctionVector, path: str | Path) -> Path:
     return target
 
 
-def load(cls: type[FunctionVector], path: str | Path, *, device: torch.device | str = "cpu") -> FunctionVector:
-    """Read a vector written by :func:`save`; anything else is refused with a ``ValueError``."""
+def load(make: Callable[..., V], path: str | Path, *, device: torch.device | str = "cpu") -> V:
+    """Read a vector written by :func:`save` (``make``: the vector's class, called with its fields); anything else
+    is refused with a ``ValueError``."""
     from safetensors import safe_open
 
     source = Path(path)
@@ -95,7 +157,7 @@ def load(cls: type[FunctionVector], path: str | Path, *, device: torch.device | 
         )
     try:
         meta = json.loads(header["fv_metadata"])
-        return cls(**_fields(meta, tensors, legacy=header.get("format_version") == "1"))
+        return make(**_fields(meta, tensors, legacy=header.get("format_version") == "1"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{source}: the fv_plugin metadata in its header is damaged ({exc}).") from exc
 
@@ -153,7 +215,7 @@ def _legacy_config(meta: Mapping[str, Any], extra: dict[str, str], *, chose_laye
     return settings
 
 
-def save_pretrained(fv: FunctionVector, save_directory: str | Path) -> Path:
+def save_pretrained(fv: Stored, save_directory: str | Path) -> Path:
     """Save as a Hub-style folder: ``function_vector.safetensors`` plus a readable ``fv_config.json``."""
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
@@ -165,23 +227,23 @@ def save_pretrained(fv: FunctionVector, save_directory: str | Path) -> Path:
 
 
 def from_pretrained(
-    cls: type[FunctionVector],
+    make: Callable[..., V],
     dir_or_repo_id: str | Path,
     *,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
     device: torch.device | str = "cpu",
-) -> FunctionVector:
+) -> V:
     """Load from a folder written by :func:`save_pretrained` or from a Hub repository id."""
     local = Path(dir_or_repo_id)
     if local.is_dir():
         weights = local / WEIGHTS_NAME
         if not weights.is_file():
             raise ValueError(f"{local} has no {WEIGHTS_NAME}; was it written by FunctionVector.save_pretrained?")
-        return load(cls, weights, device=device)
+        return load(make, weights, device=device)
     if local.is_file():
-        return load(cls, local, device=device)
+        return load(make, local, device=device)
     from huggingface_hub import hf_hub_download
 
     try:
@@ -193,11 +255,11 @@ def from_pretrained(
             f"{dir_or_repo_id!r} is neither a local folder nor a Hub repository whose {WEIGHTS_NAME} could be "
             f"downloaded ({type(exc).__name__}: {exc})."
         ) from exc
-    return load(cls, weights_path, device=device)
+    return load(make, weights_path, device=device)
 
 
 def push_to_hub(
-    fv: FunctionVector,
+    fv: Stored,
     repo_id: str,
     *,
     private: bool | None = None,

@@ -15,20 +15,20 @@ from fv_plugin.auto import choose, validation_prompts
 from fv_plugin.records import Candidate
 
 
-def _c(form: str, acc: float, *, layer: int | None = None, s: float = 1.0, prob: float = 0.1) -> Candidate:
+def _c(method: str, acc: float, *, layer: int | None = None, s: float = 1.0, prob: float = 0.1) -> Candidate:
     return Candidate(
-        form=form, strength=s, accuracy=acc, answer_prob=prob, layer=layer, k=10 if form != "difference" else None
+        method=method, strength=s, accuracy=acc, answer_prob=prob, layer=layer, k=10 if method != "difference" else None
     )
 
 
-def test_choice_prefers_a_good_neighbourhood_then_the_papers_form_then_moderate_strength() -> None:
+def test_choice_prefers_a_good_neighbourhood_then_the_papers_method_then_moderate_strength() -> None:
     spike = [_c("difference", a, layer=i) for i, a in enumerate([0.1, 0.2, 0.9, 0.1, 0.5, 0.6, 0.6, 0.5])]
     assert spike[choose(spike)].layer == 2  # without smoothing the best layer wins
     assert spike[choose(spike, smooth_layers=1)].layer == 5  # a lone 0.9 between 0.2 and 0.1 loses to 0.6s
     assert spike[choose(spike, smooth_layers=3)].layer == 7  # layers 4-7 average 0.55, the best window
     tie = [_c("difference", 0.5, layer=3), _c("head_difference", 0.5), _c("difference", 0.5, layer=4)]
     tie_groups = [*tie, _c("difference", 0.5, layer=5)]
-    assert tie_groups[choose(tie_groups)].form == "head_difference"
+    assert tie_groups[choose(tie_groups)].method == "head_difference"
     strengths = [
         _c("head_difference", 0.7, s=8.0),
         _c("head_difference", 0.7, s=2.0),
@@ -53,12 +53,12 @@ def test_auto_records_every_candidate_and_returns_the_one_it_scored() -> None:
     assert len(sel.candidates) == expected
     assert sel.n_queries == len(task.valid) + len(task.train)
     best = sel.best
-    assert fv.method == best.form and fv.config is not None and fv.config.method == "auto"
-    # the oracle: the chosen form built explicitly, scaled by the chosen strength, scored with plain steering
-    form = fv_plugin.extract_function_vector(
-        model, tok, task, **{**SMALL, "method": best.form, "k": best.k or 4, "layer": best.layer}
+    assert fv.method == best.method and fv.config is not None and fv.config.method == "auto"
+    # the oracle: the chosen method's vector built explicitly, scaled by the chosen strength, scored with plain steering
+    built = fv_plugin.extract_function_vector(
+        model, tok, task, **{**SMALL, "method": best.method, "k": best.k or 4, "layer": best.layer}
     )
-    scaled = form if best.form == "head_patch" else best.strength * form
+    scaled = built if best.method == "head_patch" else best.strength * built
     assert torch.allclose(fv.vector, scaled.vector) and fv.layer == scaled.layer
     prompts = validation_prompts(task, fv.config)
     again = fv_plugin.score_prompts(model, tok, prompts, [fv])
@@ -72,11 +72,11 @@ def test_selection_travels_with_the_vector(tmp_path: Path) -> None:
     model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
     with pytest.warns(WeakVectorWarning):
         fv = fv_plugin.extract_function_vector(
-            model, tok, task, forms=("difference",), validation="valid", **{**SMALL, "ks": (2,)}
+            model, tok, task, methods=("difference",), validation="valid", **{**SMALL, "ks": (2,)}
         )
-    assert fv.selection is not None and {c.form for c in fv.selection.candidates} == {"difference"}
+    assert fv.selection is not None and {c.method for c in fv.selection.candidates} == {"difference"}
     assert fv.selection.n_queries == len(task.valid)
     back = fv_plugin.FunctionVector.load(fv.save(tmp_path / "auto.safetensors"))
     assert back.selection == fv.selection and back.config == fv.config
     with pytest.raises(ValueError, match="cannot be chosen by 'auto'"):
-        fv_plugin.ExtractionConfig(forms=("layer_mean",))
+        fv_plugin.ExtractionConfig(methods=("layer_mean",))

@@ -26,8 +26,8 @@ import fv_plugin
 gr = pytest.importorskip("gradio")
 np = pytest.importorskip("numpy")
 
-from demo.app import NONE, OWN_LAYER, DemoApp, OwnVector, shows_errors  # noqa: E402
 from demo.batching import Batcher, BatchLimits, BatchStat  # noqa: E402
+from demo.callbacks import NONE, OWN_LAYER, DemoApp, OwnVector, shows_errors  # noqa: E402
 from demo.engine import DemoError, Engine, Limits, SteerRequest, load_vector_set  # noqa: E402
 from demo.extractor import METHODS, Extractor, ExtractSettings  # noqa: E402
 from demo.generation import Job, Row  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from demo.app import NONE, OWN_LAYER, DemoApp, launch, make_app  # noqa: E402
+from demo.app import launch, make_app  # noqa: E402
+from demo.callbacks import NONE, OWN_LAYER, DemoApp  # noqa: E402
 from demo.extractor import ExtractSettings  # noqa: E402
 from demo.screenshot import CHROMIUM, free_port, steer_in_browser  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_extract_through_gradio_client_then_steer_with_the_new_vector(
     with pytest.raises(gradio_client.exceptions.AppError, match=r"pairs\.jsonl, line 2: missing 'output'"):
         client.predict("antonym", gradio_client.handle_file(str(bad)), "auto", api_name="/extract")
     summary, _, _, text, tokens, path, *_ = client.predict("antonym", None, "auto", api_name="/extract")
-    (name,) = re.findall(r"\*(antonym \([\w_]+, yours\))\*", summary)  # the form auto chose
+    (name,) = re.findall(r"\*(antonym \([\w_]+, yours\))\*", summary)  # the method auto chose
     assert "How `auto` chose" in summary and "On neutral text" in summary
     assert text is not None and len(tokens["data"]) == 10 and Path(path).stat().st_size > 0
     # the same session can now steer with its own vector, and its ICL column uses the task it came from

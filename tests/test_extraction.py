@@ -150,7 +150,7 @@ def test_extract_function_vector_on_a_tiny_model(method: str) -> None:
     task = fv_plugin.load_task("capitalize")
     fv = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)
     assert fv.method == method and 0 <= fv.layer < 3 and fv.task == "capitalize" and fv.model_type == "llama"
-    assert fv.layer_sweep is not None and fv.layer_sweep.split == "valid"
+    assert fv.layer_sweep is not None and fv.layer_sweep.split == "valid+train"  # the validation prompts
     if method == "heads":
         assert fv.k == 3 and fv.heads is not None and len(fv.heads) == 3 and fv.aie is not None
     again = extract_function_vector(model, tok, task, method=method, n_mean=6, n_aie=2, n_shots=3, k=3)

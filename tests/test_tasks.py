@@ -120,7 +120,7 @@ def _deep(depth: int) -> str:
             '{"input": "a", "output": "b"}\n{"input": "c\\u001b[31m", "output": "d"}\n',
             r"line 2.*U\+001B",
         ),
-        ("newline.json", '[{"input": "a\\nb", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+000A"),
+        ("bell.json", '[{"input": "a\\u0007b", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+0007"),
         ("raw-control.json", '[{"input": "a\x07", "output": "b"}]', "not valid JSON"),
         ("surrogate.json", '[{"input": "a\\ud800", "output": "b"}, {"input": "c", "output": "d"}]', r"U\+D800"),
         ("nul.csv", "input,output\na,b\nc\x00,d\n", r"row 3: 'input' contains the control character U\+0000"),

@@ -81,6 +81,60 @@ def test_construction_checks() -> None:
     assert FunctionVector(vector=torch.ones(3), layer=3).layer == 3
 
 
+def test_a_vector_made_by_auto_says_it_carries_a_strength(tmp_path: Path) -> None:
+    def chosen(method: str, strength: float) -> fv_plugin.Selection:
+        best = fv_plugin.Candidate(method, strength, 0.9, 0.5, layer=1)
+        return fv_plugin.Selection((best,), 0, 0.1, 10, "valid", "best accuracy")
+
+    made = FunctionVector(vector=torch.ones(4), layer=1, method="difference", selection=chosen("difference", 4.0))
+    assert made.builtin_strength == 4.0
+    assert "built-in strength 4 (chosen by auto)" in repr(made) == str(made)
+    assert FunctionVector.load(made.save(tmp_path / "auto.safetensors")).builtin_strength == 4.0
+    plain = FunctionVector(vector=torch.ones(4), layer=1, method="difference")
+    assert plain.builtin_strength is None and "built-in" not in repr(plain)
+    selection = chosen("head_patch", 1.0)
+    patch = FunctionVector(
+        vector=torch.ones(4), layer=1, heads=((1, 0),), head_values=torch.ones(1, 2), selection=selection
+    )
+    assert patch.builtin_strength is None  # head_patch: strength interpolates, auto builds none in
+
+
+def test_records_and_settings_named_form_still_load(tmp_path: Path) -> None:
+    """Files written before "form" became "method" (selection candidates, ``config.forms``) load with the new names;
+    the old Python names still work for one release, with a DeprecationWarning."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    best = fv_plugin.Candidate("difference", 2.0, 0.9, 0.5, layer=1)
+    selection = fv_plugin.Selection((best,), 0, 0.1, 10, "valid", "best accuracy")
+    config = fv_plugin.ExtractionConfig(methods=("difference",))
+    path = FunctionVector(vector=torch.ones(4), layer=1, selection=selection, config=config).save(tmp_path / "v.st")
+    with safe_open(str(path), framework="pt") as handle:
+        header, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    meta = json.loads(header["fv_metadata"])
+    meta["selection"]["candidates"] = [{"form": "difference", **c} for c in meta["selection"]["candidates"]]
+    for c in meta["selection"]["candidates"]:
+        del c["method"]
+    meta["config"]["forms"] = meta["config"].pop("methods")
+    save_file(tensors, str(path), metadata={**header, "fv_metadata": json.dumps(meta)})
+    back = FunctionVector.load(path)
+    assert back.selection == selection and back.config == config
+    with pytest.warns(DeprecationWarning, match="Candidate.method"):
+        assert best.form == "difference"
+    with pytest.warns(DeprecationWarning, match="methods="):
+        assert fv_plugin.ExtractionConfig(forms=("heads",)).methods == ("heads",)  # type: ignore[call-arg]
+
+
+def test_every_method_is_listed_with_auto_first() -> None:
+    assert fv_plugin.METHODS[0] == "auto" == fv_plugin.ExtractionConfig().method
+    for method in fv_plugin.METHODS:
+        assert fv_plugin.ExtractionConfig(method=method).method == method  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="method must be one of"):
+        fv_plugin.ExtractionConfig(method="form")  # type: ignore[arg-type]
+
+
 def test_arithmetic_reads_naturally_and_refuses_mismatches() -> None:
     a = FunctionVector(vector=torch.tensor([1.0, 2.0]), layer=2, model_type="llama", task="antonym")
     b = FunctionVector(vector=torch.tensor([0.5, -1.0]), layer=2, model_type="llama", task="capital")

@@ -4,7 +4,7 @@ imported only when its command runs.
 
 - ``overhead`` (:mod:`.overhead`): tokens/s of plain vs attached-idle vs steered generation, batch 1 and 8.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
-- ``quality`` (:mod:`.quality`): test accuracy of every form of vector and the baselines, per task.
+- ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -22,7 +22,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "overhead": ("overhead", "tokens/s of plain vs attached-idle vs steered generation (batch 1 and 8)"),
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
-    "quality": ("quality", "test accuracy of every form of vector and the baselines, per task"),
+    "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),
@@ -37,9 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.main(rest[1:]))
     parser = argparse.ArgumentParser(prog="fv bench", description="fv_plugin's benchmarks")
     sub = parser.add_subparsers(dest="bench", required=True)
+    chosen = rest[0] if rest[:1] and rest[0] in _COMMANDS else None
     for name, (module_name, text) in _COMMANDS.items():
-        module = importlib.import_module(f"fv_plugin.benchmarks.{module_name}")
-        module.add_arguments(sub.add_parser(name, help=text))
+        command = sub.add_parser(name, help=text)
+        if name == chosen:  # only the command that runs is imported (with torch): `fv bench --help` stays light
+            importlib.import_module(f"fv_plugin.benchmarks.{module_name}").add_arguments(command)
     for name, (_, text) in _OWN_PARSERS.items():
         sub.add_parser(name, help=text)
     args = parser.parse_args(rest)

@@ -18,9 +18,9 @@ from fv_plugin.mediation import (
     average_indirect_effect,
     average_indirect_effect_naive,
     mean_head_activations,
-    statistics_prompts,
 )
 from fv_plugin.models import DEFAULT_MODEL, load_model
+from fv_plugin.prompt_sets import statistics_prompts
 from fv_plugin.prompts import encode_prompts
 from fv_plugin.tasks import load_task
 

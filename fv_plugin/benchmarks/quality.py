@@ -1,10 +1,10 @@
-"""``fv bench quality``: how much of in-context learning each form of vector recovers, per task, both protocols.
+"""``fv bench quality``: how much of in-context learning each method's vector recovers, per task, both protocols.
 
 For each task (test split, zero-shot prompts steered at the last prompt token, first-token accuracy with 95%
 Wilson intervals): the model zero-shot and with 10 demonstrations (ICL), then each vector: the layer-mean
 baseline and ``difference`` (layer chosen on validation, strength 1), the paper's ``heads`` (k=10, layer chosen
 on validation, strength 1), ``head_difference`` (k and strength chosen on validation: the best mediation-based
-form measured) and ``auto`` (the library's default). Every score is reported on every test query and, as in the
+method measured) and ``auto`` (the library's default). Every score is reported on every test query and, as in the
 paper, on the queries the model answers correctly with 10-shot ICL. Head statistics are computed once per task.
 """
 
@@ -45,7 +45,7 @@ FORMS: dict[str, dict[str, Any]] = {
     "layer_mean": {"method": "layer_mean"},
     "difference": {"method": "difference"},
     "heads (paper)": {"method": "heads", "k": 10},
-    "head_difference": {"method": "auto", "forms": ("head_difference",)},
+    "head_difference": {"method": "auto", "methods": ("head_difference",)},
     "auto": {"method": "auto"},
 }
 COLUMNS = ("zero-shot", "ICL", *FORMS)
@@ -71,7 +71,7 @@ class Score:
 
 @dataclass(frozen=True)
 class QualityRow:
-    """One task: a :class:`Score` per column, and each vector's form, layer and strength."""
+    """One task: a :class:`Score` per column, and each vector's method, layer and strength."""
 
     task: str
     scores: dict[str, Score]
@@ -118,7 +118,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def quality_table(rows: Sequence[QualityRow], *, protocol: str = "all") -> str:
-    """Markdown: one row per task, a mean row, the share of ICL, and how often a form beats the layer mean."""
+    """Markdown: one row per task, a mean row, the share of ICL, and how often a method beats the layer mean."""
     paper = protocol == "icl_correct"
     head = "| task | n | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]

@@ -1,7 +1,7 @@
 """``fv bench quant``: the default function vector of quantized models against the float32 one.
 
 For each configuration (float32, 8-bit, 4-bit nf4, 4-bit fp4) a fresh subprocess loads the model, extracts the
-default-form vector for a task, and scores zero-shot accuracy on the task's test split with it; its peak memory
+default-method vector for a task, and scores zero-shot accuracy on the task's test split with it; its peak memory
 is the growth of that process's resident set over what it held before loading the model (torch allocations are
 invisible to ``tracemalloc``). float32 runs first and chooses the layer; the quantized runs reuse that layer, so
 the cosine compares vectors at the same place.
@@ -26,7 +26,7 @@ import torch
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import resolve_architecture
 from fv_plugin.benchmarks.memory import peak_rss_mib, rss_mib
-from fv_plugin.config import ExtractionConfig
+from fv_plugin.config import EvalConfig, ExtractionConfig
 
 __all__ = ["QuantRow", "main", "measure_config", "quant_table"]
 
@@ -63,12 +63,12 @@ def measure_config(
     """Run one configuration in this process (meant to be a fresh one) and save its vector to ``vector_out``."""
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
-    from fv_plugin.prompts import make_prompts
+    from fv_plugin.prompt_sets import eval_prompts
     from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
 
     task = load_task(task_name)
-    test = make_prompts(task, n_shots=0, split="test", seed=seed)
+    test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=seed))
     before = rss_mib()
     start = time.perf_counter()
     model, tokenizer = load_model(model_name, quantization=None if config == "fp32" else config)  # type: ignore[arg-type]
@@ -153,15 +153,15 @@ def diagnose(
     import gc
 
     from fv_plugin.models import load_model
-    from fv_plugin.prompts import make_prompts
+    from fv_plugin.prompt_sets import eval_prompts
     from fv_plugin.scoring import zero_shot_scores
     from fv_plugin.tasks import load_task
     from fv_plugin.vector import FunctionVector
 
     task = load_task(task_name)
     settings = ExtractionConfig(n_mean=n_mean, n_shots=n_shots, seed=seed)
-    icl_test = make_prompts(task, n_shots=n_shots, split="test", seed=seed)
-    zero_test = make_prompts(task, n_shots=0, split="test", seed=seed)
+    icl_test = eval_prompts(task, EvalConfig(mode="icl", n_shots=n_shots, seed=seed))
+    zero_test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=seed))
     vectors: dict[str, dict[int, torch.Tensor]] = {}
     lines = []
     for name in ("fp32", config):
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {CONFIGS}")
     rows: list[QuantRow] = []
-    print(f"model: {args.model}; default-form vector; first-token accuracy on the test split", flush=True)
+    print(f"model: {args.model}; default-method vector; first-token accuracy on the test split", flush=True)
     for task in args.tasks.split(","):
         rows += run_task(args.model, task.strip(), configs, seed=args.seed, n_mean=args.n_mean, n_shots=args.n_shots)
     print(quant_table(rows))

@@ -1,14 +1,15 @@
 """Per-request steering arguments: what :func:`steering` writes, and how the server checks and resolves them.
 
-Nothing here imports vLLM. The request travels in three forms:
+Nothing here imports vLLM. The request travels in three shapes:
 
 1. **Request arguments** (``SamplingParams.extra_args`` offline, ``vllm_xargs`` on the OpenAI-compatible server): a
    flat, JSON-serializable dict whose keys start with ``fv_``. Vectors go inline (base64 of little-endian float32,
    with their layer, weight and model type) or by name (vectors the server loaded from ``FV_PLUGIN_VECTORS``).
-2. :class:`SteeringRequest`: the arguments parsed into ``(FunctionVector, weight)`` pairs, like ``fv_plugin.steer``'s.
+2. :class:`VllmSteeringRequest`: the arguments parsed into ``(FunctionVector, weight)`` pairs, like
+   ``fv_plugin.steer``'s.
 3. :class:`ResolvedSteering`: checked against the served model, with the vectors at each layer merged into one
-   (weights folded in; divided by their norms first for ``normalize="relative"``). This is what the server hands
-   to its workers, under the key :data:`RESOLVED_KEY`, as a list of ``(layer, vector)`` entries.
+   by :func:`fv_plugin.merge.merge` (the rule ``fv_plugin.steer`` and GGUF export use). This is what the server
+   hands to its workers, under the key :data:`RESOLVED_KEY`, as a list of ``(layer, vector)`` entries.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 from fv_plugin.architectures import ResolvedArch
+from fv_plugin.merge import Normalize, check_number, merge
 from fv_plugin.positions import Positions
-from fv_plugin.request import Normalize, check_number, check_options, check_strength, check_vector, split_vectors
+from fv_plugin.request import check_options, check_strength, check_vector, split_vectors
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "FORMAT",
     "RESOLVED_KEY",
     "ResolvedSteering",
-    "SteeringRequest",
+    "VllmSteeringRequest",
     "decode_vector",
     "encode_vector",
     "parse_request",
@@ -59,7 +61,7 @@ _INLINE_KEYS = ("fv_vectors", "fv_layers", "fv_weights", "fv_model_types")
 HEAD_PATCH_REFUSAL = (
     "head-level function vectors (method='head_patch' or 'head_difference') act on attention-head slots inside the "
     "attention block, which the vLLM integration does not reach: it adds vectors to the residual stream after "
-    "decoder layers. Steer with the vector's residual-stream form instead, "
+    "decoder layers. Steer with the vector's residual-stream version instead, "
     "dataclasses.replace(fv, head_values=None), which adds fv.vector (the heads' summed output) after layer fv.layer"
 )
 
@@ -98,7 +100,7 @@ def _as_name(item: object) -> tuple[str, float] | None:
     if isinstance(item, str):
         return item, 1.0
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-        return item[0], check_number(item[1], "a vector's strength")
+        return item[0], check_number(item[1], "a vector's weight")
     return None
 
 
@@ -156,14 +158,14 @@ def steering(
 
 
 @dataclass(frozen=True)
-class SteeringRequest:
+class VllmSteeringRequest:
     """Request arguments parsed into the pairs and options ``fv_plugin.steer`` takes (not yet checked against a
     model)."""
 
     pairs: tuple[tuple[FunctionVector, float], ...]
     strength: float
     positions: str
-    normalize: str
+    normalize: Normalize
 
 
 def _typed_list(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], length: int | None) -> list[Any]:
@@ -226,7 +228,9 @@ def _check_keys(args: Mapping[str, Any]) -> None:
         raise ValueError(f"fv_format {version!r} is not supported by this server (it reads format {FORMAT})")
 
 
-def parse_request(args: Mapping[str, Any] | None, lookup: Callable[[str], FunctionVector]) -> SteeringRequest | None:
+def parse_request(
+    args: Mapping[str, Any] | None, lookup: Callable[[str], FunctionVector]
+) -> VllmSteeringRequest | None:
     """Parse request arguments (``None`` when they hold no ``fv_`` key: a plain request).
 
     ``lookup`` returns the server's vector of a given name, or raises ``ValueError`` naming the known ones.
@@ -237,11 +241,11 @@ def parse_request(args: Mapping[str, Any] | None, lookup: Callable[[str], Functi
     if not args or not any(key.startswith("fv_") for key in args):
         return None
     _check_keys(args)
-    positions, normalize = args.get("fv_positions", "generated"), args.get("fv_normalize", "absolute")
-    check_options(positions, normalize)
+    positions = args.get("fv_positions", "generated")
+    normalize = check_options(positions, args.get("fv_normalize", "absolute"))
     strength = check_number(args.get("fv_strength", 1.0), "fv_strength")
     pairs = _inline_pairs(args) + _named_pairs(args, lookup)
-    return SteeringRequest(pairs=tuple(pairs), strength=strength, positions=positions, normalize=normalize)
+    return VllmSteeringRequest(pairs=tuple(pairs), strength=strength, positions=positions, normalize=normalize)
 
 
 @dataclass(frozen=True)
@@ -293,20 +297,7 @@ class ResolvedSteering:
         return mark if existing is None else f"{existing}|{mark}"
 
 
-def _merged(request: SteeringRequest) -> dict[int, torch.Tensor]:
-    merged: dict[int, torch.Tensor] = {}
-    for fv, weight in request.pairs:
-        if weight == 0.0:
-            continue
-        for layer, part in fv.parts().items():
-            vector = part.detach().to("cpu", torch.float64)
-            if request.normalize == "relative":
-                vector = vector / part.float().norm().clamp_min(1e-12).item()
-            merged[layer] = merged.get(layer, torch.zeros_like(vector)) + weight * vector
-    return merged
-
-
-def resolve(request: SteeringRequest, arch: ResolvedArch, *, max_layers: int) -> ResolvedSteering | None:
+def resolve(request: VllmSteeringRequest, arch: ResolvedArch, *, max_layers: int) -> ResolvedSteering | None:
     """Check ``request`` against the served model and merge its vectors per layer (``None``: nothing to add).
 
     Raises:
@@ -319,20 +310,19 @@ def resolve(request: SteeringRequest, arch: ResolvedArch, *, max_layers: int) ->
         check_vector(fv, arch)
     if request.strength == 0.0:
         return None
-    merged = _merged(request)
-    if not merged:
+    merged = merge(request.pairs, request.normalize)
+    if not merged.deltas:
         return None
-    if len(merged) > max_layers:
+    if len(merged.deltas) > max_layers:
         raise ValueError(
-            f"this request steers {len(merged)} layers but the server steers at most {max_layers} per request; "
-            "start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
+            f"this request steers {len(merged.deltas)} layers but the server steers at most {max_layers} per "
+            "request; start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
         )
-    layers = tuple(sorted(merged))
-    vectors = tuple(merged[layer].to(torch.float32).numpy().astype("<f4").tobytes() for layer in layers)
+    vectors = tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for delta in merged.deltas.values())
     return ResolvedSteering(
-        layers=layers,
+        layers=merged.layers,
         vectors=vectors,
         strength=request.strength,
         positions=request.positions,
-        relative=request.normalize == "relative",
+        relative=merged.relative,
     )

@@ -1,9 +1,9 @@
-"""The forms of function vector, one builder each: from head statistics or hidden-state means to a vector.
+"""The methods that make a function vector, one builder each: from head statistics or hidden-state means to a vector.
 
 - ``"heads"`` (the paper): the sum over the top-k heads by AIE of each head's mean activation sent through the
   attention output projection (and, for Gemma 2/3 and OLMo 2, through the norm applied to the attention output
   before it joins the residual stream); added after one layer.
-- ``"head_patch"`` (the head-level form): the top-k heads' mean activations, written into those heads' own
+- ``"head_patch"`` (the head-level method): the top-k heads' mean activations, written into those heads' own
   slots at the steered positions, the very intervention the AIE measures (``vector`` holds their sum for
   inspection; ``layer`` is the lowest head's layer).
 - ``"head_difference"``: the top-k heads' mean activation with demonstrations minus without (the same queries
@@ -11,7 +11,7 @@
 - ``"difference"``: mean last-token hidden state of ICL prompts minus that of zero-shot prompts at the layer.
 - ``"layer_mean"``: mean last-token hidden state of ICL prompts at the layer (the task-vector baseline).
 
-Each builder returns a :class:`Built`: the vector at any layer (single-layer forms) or at its heads' own layers.
+Each builder returns a :class:`Built`: the vector at any layer (single-layer methods) or at its heads' own layers.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics, head_statistics
 from fv_plugin.tasks import Task
 
-__all__ = ["BUILDERS", "HEAD_FORMS", "Built", "FormInputs", "check_layers", "vector_metadata"]
+__all__ = ["BUILDERS", "HEAD_METHODS", "Built", "MethodInputs", "check_layers", "vector_metadata"]
 
-HEAD_FORMS: tuple[str, ...] = ("heads", "head_patch", "head_difference")  # made from head statistics
+HEAD_METHODS: tuple[str, ...] = ("heads", "head_patch", "head_difference")  # made from head statistics
 
 
 def vector_metadata(resolved: ResolvedArch, model: nn.Module, task: Task, template: str) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def check_layers(resolved: ResolvedArch, layers: Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class FormInputs:
+class MethodInputs:
     """One extraction: what it runs on and with which settings (``statistics``: head statistics to reuse)."""
 
     model: nn.Module
@@ -74,13 +74,13 @@ class FormInputs:
             self.model, self.tokenizer, self.task, self.config, arch=self.arch, progress=self.progress
         )
 
-    def with_config(self, **changes: Any) -> FormInputs:
+    def with_config(self, **changes: Any) -> MethodInputs:
         return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
 
 
 @dataclass(frozen=True)
 class Built:
-    """A form's vector at any layer (``at_layer``), its own layer if it has one, and its metadata fields."""
+    """A method's vector at any layer (``at_layer``), its own layer if it has one, and its metadata fields."""
 
     at_layer: Callable[[int], torch.Tensor]
     own_layer: int | None = None
@@ -93,14 +93,14 @@ def _head_fields(stats: HeadStatistics, k: int) -> tuple[list[tuple[int, int]], 
     return heads, {"heads": tuple(heads), "head_scores": scores, "k": k, "aie": stats.aie}
 
 
-def _build_heads(job: FormInputs) -> Built:
+def _build_heads(job: MethodInputs) -> Built:
     stats = job.head_statistics()
     heads, fields = _head_fields(stats, job.config.k)
     vector = head_vector(job.model, stats.means, heads, arch=job.arch)
     return Built(at_layer=lambda _: vector, fields=fields)
 
 
-def _build_head_patch(job: FormInputs) -> Built:
+def _build_head_patch(job: MethodInputs) -> Built:
     stats = job.head_statistics()
     heads, fields = _head_fields(stats, job.config.k)
     vector = head_vector(job.model, stats.means, heads, arch=job.arch)
@@ -108,7 +108,7 @@ def _build_head_patch(job: FormInputs) -> Built:
     return Built(at_layer=lambda _: vector, own_layer=min(h[0] for h in heads), fields=fields)
 
 
-def _build_head_difference(job: FormInputs) -> Built:
+def _build_head_difference(job: MethodInputs) -> Built:
     stats = job.head_statistics()
     if stats.zero_means is None:
         raise ValueError("head_difference needs zero-shot head means: make the statistics with head_statistics()")
@@ -120,7 +120,7 @@ def _build_head_difference(job: FormInputs) -> Built:
     return Built(at_layer=lambda _: vector, own_layer=min(h[0] for h in heads), fields=fields)
 
 
-def _build_states(job: FormInputs, method: Literal["difference", "layer_mean"]) -> Built:
+def _build_states(job: MethodInputs, method: Literal["difference", "layer_mean"]) -> Built:
     wanted = [job.config.layer] if job.config.layer is not None else candidate_layers(job)
     per_layer = task_state_vectors(
         job.model, job.tokenizer, job.task, wanted, method=method, config=job.config, arch=job.arch
@@ -128,7 +128,7 @@ def _build_states(job: FormInputs, method: Literal["difference", "layer_mean"]) 
     return Built(at_layer=per_layer.__getitem__)
 
 
-BUILDERS: dict[str, Callable[[FormInputs], Built]] = {
+BUILDERS: dict[str, Callable[[MethodInputs], Built]] = {
     "heads": _build_heads,
     "head_patch": _build_head_patch,
     "head_difference": _build_head_difference,
@@ -137,6 +137,6 @@ BUILDERS: dict[str, Callable[[FormInputs], Built]] = {
 }
 
 
-def candidate_layers(job: FormInputs) -> list[int]:
+def candidate_layers(job: MethodInputs) -> list[int]:
     layers = job.config.layers if job.config.layers is not None else range(job.resolved.num_layers)
     return check_layers(job.resolved, layers)
