@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,8 +21,7 @@ from fv_plugin.hooks import Attachment
 from fv_plugin.runtime import ActiveSteering
 from fv_plugin.vector import FunctionVector
 
-if TYPE_CHECKING:
-    from fv_plugin.request import SteeringRequest
+# A request is fv_plugin.request.SteeringRequest (typed Any here: that module imports this one).
 
 __all__ = ["bind_all", "check_gate"]
 
@@ -40,7 +39,7 @@ def check_gate(vectors: Iterable[FunctionVector]) -> None:
             )
 
 
-def _per_vector(request: SteeringRequest) -> list[tuple[FunctionVector, SteeringRequest]]:
+def _per_vector(request: Any) -> list[tuple[FunctionVector, Any]]:
     """One request per distinct vector, with that vector's weight in each row (0: absent from the row)."""
     vectors: dict[int, FunctionVector] = {}
     for group in request.rows:
@@ -56,7 +55,7 @@ def _per_vector(request: SteeringRequest) -> list[tuple[FunctionVector, Steering
 
 def bind_all(
     owner: Attachment,
-    request: SteeringRequest,
+    request: Any,
     bind: Callable[..., ActiveSteering | None],
     *,
     gate: bool,

@@ -8,19 +8,18 @@ padding.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from fv_plugin.positions import ForwardInfo, answer_ended
 
-if TYPE_CHECKING:
-    from fv_plugin.runtime import ActiveSteering, CallState
+# The steering (runtime.ActiveSteering) and the call (runtime.CallState) are typed Any: runtime imports this module.
 
 __all__ = ["decide_gate", "gate_rows", "track_answer"]
 
 
-def gate_rows(steering: ActiveSteering, call: CallState, device: torch.device) -> torch.Tensor:
+def gate_rows(steering: Any, call: Any, device: torch.device) -> torch.Tensor:
     decided = call.gates.get(id(steering))
     if decided is None:
         raise RuntimeError(
@@ -30,7 +29,7 @@ def gate_rows(steering: ActiveSteering, call: CallState, device: torch.device) -
     return decided.to(device)
 
 
-def decide_gate(steering: ActiveSteering, hidden: torch.Tensor, call: CallState, layer: int) -> None:
+def decide_gate(steering: Any, hidden: torch.Tensor, call: Any, layer: int) -> None:
     """At the gate's layer: decide for the rows whose final prompt token is in this forward."""
     info, prompt, gate = call.forward, call.prompt, steering.gate
     if info is None or prompt is None or gate is None or info.past >= prompt.length:
@@ -47,7 +46,7 @@ def decide_gate(steering: ActiveSteering, hidden: torch.Tensor, call: CallState,
     call.gates[id(steering)] = torch.where(inside, passed, before.to(passed) if before is not None else 0.0)
 
 
-def track_answer(call: CallState, info: ForwardInfo, ends: torch.Tensor) -> None:
+def track_answer(call: Any, info: ForwardInfo, ends: torch.Tensor) -> None:
     """positions="answer": which new tokens come at or after their row's first generated end token."""
     prompt = call.prompt
     if prompt is None:
