@@ -16,7 +16,11 @@ default method was ``difference`` at the validation-chosen layer; ``--model gemm
 country-capital capitalize`` rebuilds them with ``auto``.
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
-already in the folder.
+already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; learned by
+default at extraction); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
+them (``fv_plugin.learn_condition``, about the cost of a few hundred short forward passes per vector):
+
+    python demo/build_vectors.py --model smollm2-135m-instruct --conditions-only
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ def build(model: Any, tokenizer: Any, model_name: str, tasks: list[str], out_dir
         print(f"{name}: {fv.method}, layer {fv.layer}, {time.perf_counter() - start:.1f} s -> {path.name}", flush=True)
 
 
+def add_conditions(model: Any, tokenizer: Any, folder: Path, tasks: list[str] | None) -> None:
+    """Learn the condition of each vector in ``folder`` (of ``tasks``, default all) and save it in place."""
+    for path in sorted(folder.glob("*.safetensors")):
+        if tasks is not None and path.stem not in tasks:
+            continue
+        start = time.perf_counter()
+        fv = fv_plugin.FunctionVector.load(path)
+        condition = fv_plugin.learn_condition(model, tokenizer, fv_plugin.load_task(path.stem), fv)
+        dataclasses.replace(fv, condition=condition).save(path)
+        print(f"{path.stem}: {time.perf_counter() - start:.1f} s\n{condition.describe()}", flush=True)
+
+
 def measure_side_effects(model: Any, tokenizer: Any, folder: Path) -> dict[str, Any]:
     """Specificity of the folder's vectors on their tasks, and each vector's effects on neutral text."""
     vectors = {p.stem: fv_plugin.FunctionVector.load(p) for p in sorted(folder.glob("*.safetensors"))}
@@ -68,9 +84,13 @@ def main() -> None:
     parser.add_argument("--n-mean", type=int, default=32, help="ICL prompts averaged (library default: 100)")
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: every built-in task)")
     parser.add_argument("--side-effects-only", action="store_true", help="only recompute side_effects.json")
+    parser.add_argument("--conditions-only", action="store_true", help="only learn the saved vectors' conditions")
     args = parser.parse_args()
     model, tokenizer = fv_plugin.load_model(args.model)
     folder = VECTORS_DIR / args.model
+    if args.conditions_only:
+        add_conditions(model, tokenizer, folder, args.tasks)
+        return
     if not args.side_effects_only:
         build(model, tokenizer, args.model, args.tasks or fv_plugin.builtin_tasks(), folder, args.n_mean)
     data = measure_side_effects(model, tokenizer, folder)

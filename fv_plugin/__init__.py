@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from fv_plugin.architectures import ArchSpec, ResolvedArch, register_architecture, resolve_architecture
     from fv_plugin.attribution import attribution_patching, rank_agreement
     from fv_plugin.auto import WeakVectorWarning
+    from fv_plugin.condition import Condition
+    from fv_plugin.condition_fit import learn_condition
     from fv_plugin.config import METHODS, MODES, EvalConfig, ExtractionConfig
     from fv_plugin.devices import input_device
     from fv_plugin.evaluation import EvalResult, EvalRow, evaluate, sweep_k, sweep_layers, sweep_strength
@@ -80,6 +82,8 @@ _EXPORTS: dict[str, str] = {
     "PromptTemplate": "fv_plugin.prompts",
     "ResolvedArch": "fv_plugin.architectures",
     "Selection": "fv_plugin.records",
+    "Condition": "fv_plugin.condition",
+    "learn_condition": "fv_plugin.condition_fit",
     "SteeredModel": "fv_plugin.steering",
     "Sweep": "fv_plugin.records",
     "Task": "fv_plugin.tasks",
@@ -131,6 +135,7 @@ __all__ = [
     "POSITION_MODES",
     "ArchSpec",
     "Candidate",
+    "Condition",
     "EvalConfig",
     "EvalResult",
     "EvalRow",
@@ -170,6 +175,7 @@ __all__ = [
     "last_token_hidden_states",
     "layer_sweep",
     "layer_vectors",
+    "learn_condition",
     "load_model",
     "load_task",
     "make_prompts",

@@ -33,8 +33,9 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--portable",
         action="store_true",
-        help="auto chooses among residual-stream forms only (exportable to llama.cpp with fv export)",
+        help="auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)",
     )
+    parser.add_argument("--no-condition", action="store_true", help="do not learn the condition used by gate=True")
     return parser
 
 
@@ -44,7 +45,13 @@ def _extract(argv: Sequence[str]) -> int:
 
     args = _extract_parser().parse_args(argv)
     config = ExtractionConfig(
-        method=args.method, k=args.k, layer=args.layer, n_shots=args.n_shots, seed=args.seed, portable=args.portable
+        method=args.method,
+        k=args.k,
+        layer=args.layer,
+        n_shots=args.n_shots,
+        seed=args.seed,
+        condition=not args.no_condition,
+        portable=args.portable,
     )
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
@@ -77,6 +84,8 @@ def _extract(argv: Sequence[str]) -> int:
         f"test first-token accuracy: zero-shot {before:.2f} -> with vector {after:.2f} "
         f"({args.n_shots}-shot ICL {with_demos:.2f}, {len(test)} queries)"
     )
+    if fv.condition is not None:
+        print(fv.condition.describe())
     print(f"saved {args.out}")
     return 0
 

@@ -100,6 +100,9 @@ class ExtractionConfig:
             what a small one does; ``None``: every one.
         screen_queries: ``method="auto"`` scores every candidate on this many validation queries first...
         finalists: ...and only this many of the best (plus each method's best two) on the rest.
+        condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
+            see :mod:`fv_plugin.condition_fit`).
+        condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
     """
 
     method: Method = "auto"
@@ -120,6 +123,8 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
+    condition: bool = True
+    condition_negatives: tuple[str, ...] = ()
     forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
     portable: bool = False
     max_validation: int | None = 64
@@ -152,6 +157,7 @@ class ExtractionConfig:
             if not self.layers:
                 raise ValueError("layers is empty: give the candidate layers or None for every layer")
         PromptTemplate(self.template)  # validates
+        object.__setattr__(self, "condition_negatives", tuple(str(t) for t in self.condition_negatives))
 
     def _check_auto(self) -> None:
         for name in ("methods", "ks", "strengths", "head_strengths"):

@@ -16,9 +16,11 @@ from torch import nn
 from fv_plugin.activations import task_state_vectors
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.auto import auto_vector
+from fv_plugin.condition_fit import with_condition
 from fv_plugin.config import METHODS, ExtractionConfig, Method, with_overrides
 from fv_plugin.mediation import HeadStatistics
 from fv_plugin.methods import BUILDERS, Built, MethodInputs, candidate_layers, check_layers, vector_metadata
+from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.scoring import VectorArg
@@ -125,12 +127,20 @@ def extract_function_vector(
     check_layers(resolved, [settings.layer] if settings.layer is not None else [])
     _check_statistics(statistics, task, settings)
     job = MethodInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
-    if settings.method == "auto":
-        if settings.layer is not None:  # the single-layer methods are tried at that layer only
-            job = job.with_config(layers=(settings.layer,))
-        return auto_vector(job)
+    if settings.method == "auto" and settings.layer is not None:  # single-layer methods tried at that layer only
+        job = job.with_config(layers=(settings.layer,))
+    fv = auto_vector(job) if settings.method == "auto" else _one_method(job)
+    if not settings.condition:
+        return fv
+    with stage("condition"):  # recorded like every stage (fv bench extract); its passes show their own bar
+        return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress_enabled(progress))
+
+
+def _one_method(job: MethodInputs) -> FunctionVector:
+    """The vector of the configured method, at the configured layer or at the one its validation sweep chooses."""
+    settings = job.config
     built = BUILDERS[settings.method](job)
-    meta = vector_metadata(resolved, model, task, settings.template)
+    meta = vector_metadata(job.resolved, job.model, job.task, settings.template)
     layer, layer_sweep = built.own_layer if built.own_layer is not None else settings.layer, None
     if layer is None:
         layer_sweep = _layer_sweep(job, built, meta)

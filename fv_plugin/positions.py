@@ -12,23 +12,33 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["POSITION_MODES", "ForwardInfo", "Positions", "PromptInfo", "forward_info", "position_mask"]
+__all__ = [
+    "POSITION_MODES",
+    "ForwardInfo",
+    "Positions",
+    "PromptInfo",
+    "answer_ended",
+    "forward_info",
+    "position_mask",
+]
 
-Positions = Literal["last_prompt", "generated", "all"]
-POSITION_MODES: tuple[str, ...] = ("last_prompt", "generated", "all")
+Positions = Literal["last_prompt", "generated", "all", "answer"]
+POSITION_MODES: tuple[str, ...] = ("last_prompt", "generated", "all", "answer")
 
 
 @dataclass(frozen=True)
 class ForwardInfo:
     """One forward pass: ``length`` new tokens after ``past`` cached ones, for ``batch`` rows.
 
-    ``mask`` is the 2-D attention mask over all ``past + length`` positions, or ``None``.
+    ``mask`` is the 2-D attention mask over all ``past + length`` positions, or ``None``; ``ids`` the new tokens
+    ``[batch, length]`` when the forward was given token ids (not embeddings).
     """
 
     batch: int
     length: int
     past: int
     mask: torch.Tensor | None
+    ids: torch.Tensor | None = None
 
     def positions(self, device: torch.device) -> torch.Tensor:
         """Absolute positions of the new tokens, shape ``[length]``."""
@@ -80,20 +90,44 @@ def forward_info(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> ForwardInf
     if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
         raise ValueError("fv_plugin could not find `input_ids` or `inputs_embeds` of shape [batch, seq] in the call")
     batch, length = int(tokens.shape[0]), int(tokens.shape[1])
+    ids = tokens if tokens.dim() == 2 and not tokens.is_floating_point() else None
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= length:
-        return ForwardInfo(batch=batch, length=length, past=int(mask.shape[1]) - length, mask=mask)
+        return ForwardInfo(batch=batch, length=length, past=int(mask.shape[1]) - length, mask=mask, ids=ids)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return ForwardInfo(batch=batch, length=length, past=_cache_length(cache), mask=None)
+    return ForwardInfo(batch=batch, length=length, past=_cache_length(cache), mask=None, ids=ids)
 
 
-def position_mask(mode: str, info: ForwardInfo, prompt: PromptInfo, device: torch.device) -> torch.Tensor | None:
+def answer_ended(
+    info: ForwardInfo, prompt: PromptInfo, ends: torch.Tensor, before: torch.Tensor | None
+) -> torch.Tensor:
+    """Whether each new token is at or after its row's first generated end token (a token in ``ends``: a newline
+    or an end of sequence), ``[batch, length]`` bool; ``before``: the same for the tokens before this forward.
+
+    Raises:
+        ValueError: when the forward was given embeddings instead of token ids.
+    """
+    if info.ids is None:
+        raise ValueError("positions='answer' needs the token ids of every forward (input_ids, not inputs_embeds)")
+    ids = info.ids
+    generated = (info.positions(ids.device) >= prompt.length)[None, :]
+    ending = torch.isin(ids, ends.to(ids.device)) & generated & info.real(ids.device)
+    ended = ending.cumsum(dim=1) > 0
+    return ended if before is None else ended | before.to(ids.device)[:, None]
+
+
+def position_mask(
+    mode: str, info: ForwardInfo, prompt: PromptInfo, device: torch.device, ended: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Boolean ``[batch, length]`` mask of the new tokens that ``mode`` steers; ``None`` when, by construction,
     it steers none of them (``"last_prompt"`` during decoding), so the hooks can skip the forward.
 
     - ``"last_prompt"``: each row's final real prompt token.
     - ``"generated"``: that token and every token after the (padded) prompt.
     - ``"all"``: every real token.
+    - ``"answer"``: like ``"generated"``, but a row's generated tokens only until its answer ends: the first
+      generated newline or end-of-sequence token and everything after it are not steered (``ended``, from
+      :func:`answer_ended`, says which new tokens are past that point).
     """
     if mode not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
@@ -101,6 +135,10 @@ def position_mask(mode: str, info: ForwardInfo, prompt: PromptInfo, device: torc
     if mode == "last_prompt" and decoding:
         return None
     real = info.real(device)
+    if mode == "answer":
+        if ended is None:
+            raise RuntimeError("fv_plugin: positions='answer' without the answer's end state")
+        real = real & ~ended.to(device)
     if mode == "all" or decoding:
         return real
     pos = info.positions(device)[None, :]

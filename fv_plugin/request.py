@@ -21,6 +21,7 @@ from torch import nn
 
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.devices import input_dtype
+from fv_plugin.gating import bind_all, check_gate
 from fv_plugin.hooks import Attachment, attached, get_attachment
 from fv_plugin.merge import NORMALIZE_MODES, Normalize, check_normalize, check_number, merge
 from fv_plugin.positions import POSITION_MODES
@@ -293,6 +294,8 @@ def steering_context(
     schedule: Callable[[int], float] | None = None,
     clock: object | None = None,
     replay: tuple[int, int] | None = None,
+    gate: bool = False,
+    answer_end: torch.Tensor | None = None,
 ) -> Iterator[ActiveSteering | None]:
     """Steer ``model``'s forwards in the current context for the block; yields the active steering (``None`` when
     the request adds nothing).
@@ -300,12 +303,17 @@ def steering_context(
     The request is validated before the model is touched; the model stays attached for the block and the
     steering is removed when it exits, even on error. ``window``, ``schedule`` and ``clock`` are a
     :class:`~fv_plugin.FunctionVectorProcessor`'s; ``replay=(rows, position)`` marks forwards that re-run only
-    the last prompt token layer by layer (:class:`~fv_plugin.mediation.LastTokenReplay`).
+    the last prompt token layer by layer (:class:`~fv_plugin.mediation.LastTokenReplay`). ``gate``: one gated
+    steering per vector (:mod:`fv_plugin.gating`; the first is yielded); ``answer_end``: for ``positions="answer"``.
     """
     request = validate(
         model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
     )
+    if gate is True:
+        check_gate(fv for group in request.rows for fv, _ in group)
     with attached(model, arch=arch) as owner:
-        steering = bind(owner, request, window=window, schedule=schedule, clock=clock)
-        with activate((steering,) if steering is not None else (), replay=replay):
-            yield steering
+        steerings = bind_all(
+            owner, request, bind, gate=gate, window=window, schedule=schedule, clock=clock, answer_end=answer_end
+        )
+        with activate(steerings, replay=replay):
+            yield steerings[0] if steerings else None

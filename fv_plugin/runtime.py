@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from fv_plugin.condition import Condition
 from fv_plugin.positions import ForwardInfo, PromptInfo, forward_info, generation_steps, position_mask
+from fv_plugin.row_state import decide_gate, gate_rows, track_answer
 
 __all__ = [
     "ActiveSteering",
@@ -102,6 +104,8 @@ class ActiveSteering:
     clock: object | None = None  # the logits processor counting this call's steps
     head_patches: Mapping[int, tuple[HeadPatch, ...]] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
+    gate: Condition | None = None  # steer only the rows whose prompt passes it (fv_plugin.gating)
+    answer_end: torch.Tensor | None = None  # positions="answer": the token ids that end an answer
     _strengths: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def row_strength(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -147,13 +151,16 @@ class CallState:
     clocks: dict[int, int] = field(default_factory=dict)
     masks: dict[tuple[str, torch.device], torch.Tensor | None] = field(default_factory=dict)
     coefficients: dict[tuple[int, torch.device], torch.Tensor | None] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # per gated steering: 1/0 per row, per prompt
+    ended: torch.Tensor | None = None  # positions="answer": new tokens past their row's answer, this forward
+    answer_state: tuple[int, torch.Tensor] | None = None  # (tokens seen, each row's answer over after them)
 
     def mask(self, mode: str, device: torch.device) -> torch.Tensor | None:
         key = (mode, device)
         if key not in self.masks:
             if self.forward is None or self.prompt is None:
                 raise RuntimeError("fv_plugin: a steered forward ran before its positions were recorded")
-            self.masks[key] = position_mask(mode, self.forward, self.prompt, device)
+            self.masks[key] = position_mask(mode, self.forward, self.prompt, device, self.ended)
         return self.masks[key]
 
     def coefficient(self, steering: ActiveSteering, device: torch.device) -> torch.Tensor | None:
@@ -169,6 +176,8 @@ def _coefficients(steering: ActiveSteering, call: CallState, device: torch.devic
     if mask is None or call.forward is None:
         return None
     coef = steering.row_strength(call.forward.batch, device)[:, None] * mask
+    if steering.gate is not None:
+        coef = coef * gate_rows(steering, call, device)[:, None]
     factor = steering.step_factor(call, call.forward, device)
     return coef if factor is None else coef * factor[None, :]
 
@@ -246,12 +255,16 @@ def on_base_forward(owner: object, args: tuple[Any, ...], kwargs: Mapping[str, A
     info = forward_info(args, kwargs)
     if info.past == 0 and (call.prompt is None or not call.in_generate):
         call.prompt = PromptInfo.from_forward(info)
+        call.gates.clear()
     elif call.prompt is None:  # continuing a cache we never saw: everything cached counts as the prompt
         last = torch.full((info.batch,), info.past - 1, dtype=torch.long)
         call.prompt = PromptInfo(length=info.past, last=last)
     call.forward = info
     call.masks.clear()
     call.coefficients.clear()
+    ends = [s.answer_end for s in mine if s.positions == "answer" and s.answer_end is not None]
+    if ends:
+        track_answer(call, info, torch.unique(torch.cat(ends)))
 
 
 def _steer_hidden(hidden: torch.Tensor, steerings: list[ActiveSteering], layer: int, call: CallState) -> torch.Tensor:
@@ -300,13 +313,21 @@ def on_out_proj_input(owner: object, layer: int, args: tuple[Any, ...]) -> tuple
 
 
 def on_layer_output(owner: object, layer: int, output: Any) -> Any:
-    """After decoder layer ``layer``: add the active vectors for it; ``None`` (no change) when there are none."""
+    """After decoder layer ``layer``: take the gates read here, then add the active vectors for it; ``None`` (no
+    change) when there are none."""
     active = _ACTIVE.get()
     if not active:
         return None
-    here = [s for s in active if s.owner is owner and layer in s.deltas]
+    here = [s for s in active if s.owner is owner and (layer in s.deltas or s.gate is not None)]
     call = _CALL.get()
     if not here or call is None:
+        return None
+    hidden = output[0] if isinstance(output, (tuple, list)) and output else output
+    for steering in here:
+        if steering.gate is not None and steering.gate.layer == layer and isinstance(hidden, torch.Tensor):
+            decide_gate(steering, hidden, call, layer)
+    here = [s for s in here if layer in s.deltas]
+    if not here:
         return None
     if isinstance(output, torch.Tensor):
         return _steer_hidden(output, here, layer, call)

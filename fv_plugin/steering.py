@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
+from fv_plugin.answer_span import answer_ends_for
 from fv_plugin.architectures import ArchSpec
+from fv_plugin.gating import check_gate
 from fv_plugin.hooks import attach, get_attachment
 from fv_plugin.merge import Normalize
 from fv_plugin.positions import Positions
@@ -65,6 +67,8 @@ def steer(
     positions: Positions = "generated",
     normalize: Normalize = "absolute",
     arch: ArchSpec | None = None,
+    gate: bool = False,
+    tokenizer: Any = None,
 ) -> Iterator[nn.Module]:
     """Steer every forward pass of ``model`` made in this context (thread, asyncio task) inside the block.
 
@@ -84,17 +88,31 @@ def steer(
             their stored means (0 = off, 1 = replaced); a vector made by ``method="auto"`` already carries the
             strength auto chose (``fv.builtin_strength``, shown by ``print(fv)``), and this one multiplies it.
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
-            ``"last_prompt"`` (final prompt token only) or ``"all"`` (every real token).
+            ``"last_prompt"`` (final prompt token only), ``"all"`` (every real token) or ``"answer"`` (final
+            prompt token and each generated token until the row's answer ends: its first generated newline or
+            end-of-sequence token, which is not steered, nor anything after it; needs ``tokenizer``).
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
             ``strength`` times the norm of the hidden state it is added to.
         arch: where the decoder layers are, for models fv_plugin does not know.
+        gate: steer a row by a vector only if that row's prompt passes the vector's condition (``fv.condition``,
+            learned at extraction), decided at the prompt's last token and kept for its generated tokens; each
+            vector gates on its own (:mod:`fv_plugin.gating`). Every vector needs a condition.
+        tokenizer: the model's tokenizer; needed by ``positions="answer"`` (which tokens end an answer).
 
     Example:
         >>> with fv_plugin.steer(model, fv, strength=2.0):  # doctest: +SKIP
         ...     out = model.generate(**inputs, max_new_tokens=10)
     """
     context = steering_context(
-        model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
+        model,
+        vectors,
+        rows=rows,
+        strength=strength,
+        positions=positions,
+        normalize=normalize,
+        arch=arch,
+        gate=gate,
+        answer_end=answer_ends_for(positions, tokenizer, model),
     )
     with context as steering:
         yield model
@@ -131,6 +149,7 @@ class FunctionVectorProcessor(LogitsProcessor):
             the prompt pass (which produces the first new token), step ``s`` feeds generated token ``s``.
             ``stop=None`` means no end.
         schedule: ``step -> multiplier`` applied on top of ``strength`` (e.g. a decay).
+        gate, tokenizer: as in :func:`steer`.
 
     Example:
         >>> proc = FunctionVectorProcessor(fv, strength=4.0, window=(0, 3))  # doctest: +SKIP
@@ -146,8 +165,11 @@ class FunctionVectorProcessor(LogitsProcessor):
         normalize: Normalize = "absolute",
         window: tuple[int, int | None] | None = None,
         schedule: Callable[[int], float] | None = None,
+        gate: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         check_options(positions, normalize)
+        self.answer_end = answer_ends_for(positions, tokenizer, None)
         self.vectors = tuple(vectors)
         split_vectors(self.vectors)
         self.rows = tuple(tuple(row) for row in rows) if rows is not None else None
@@ -160,6 +182,9 @@ class FunctionVectorProcessor(LogitsProcessor):
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule must be a callable step -> multiplier, got {type(schedule).__name__}")
         self.schedule = schedule
+        if not isinstance(gate, bool):
+            raise TypeError(f"gate must be True or False, got {gate!r}")
+        self.gate = gate
 
     def _fv_plugin_context(self, model: nn.Module) -> contextlib.AbstractContextManager[object]:
         """This processor's steering of the ``generate`` call now starting on ``model`` (called by its hooks)."""
@@ -179,6 +204,8 @@ class FunctionVectorProcessor(LogitsProcessor):
             window=self.window,
             schedule=self.schedule,
             clock=self,
+            gate=self.gate,
+            answer_end=self.answer_end,
         )
 
     @property
@@ -208,7 +235,8 @@ class SteeredModel:
     Args:
         model: a transformers causal LM.
         steering: default vectors for calls that pass none.
-        strength, positions, normalize, arch: defaults, as in :func:`steer`.
+        strength, positions, normalize, arch, gate: defaults, as in :func:`steer`.
+        tokenizer: the model's tokenizer, for ``positions="answer"``.
 
     Example:
         >>> steered = SteeredModel(model)  # doctest: +SKIP
@@ -225,18 +253,29 @@ class SteeredModel:
         positions: Positions = "generated",
         normalize: Normalize = "absolute",
         arch: ArchSpec | None = None,
+        gate: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         if isinstance(model, SteeredModel):
             model = model.__dict__["wrapped_model"]
         check_options(positions, normalize)
         check_strength(strength)
+        answer_ends_for(positions, tokenizer, model)  # refuses "answer" without a tokenizer now
         defaults = tuple(steering or ())
         resolved = model_arch(model, arch)
         for fv, _ in split_vectors(defaults):
             check_vector(fv, resolved)
+        if gate is True:
+            check_gate(fv for fv, _ in split_vectors(defaults))
         self.__dict__["wrapped_model"] = attach(model, arch=arch)
         self.__dict__["default_steering"] = defaults
-        self.__dict__["_steer_options"] = {"strength": strength, "positions": positions, "normalize": normalize}
+        self.__dict__["_steer_options"] = {
+            "strength": strength,
+            "positions": positions,
+            "normalize": normalize,
+            "gate": gate,
+            "tokenizer": tokenizer,
+        }
 
     def _context(
         self, steering: Sequence[Any] | None, rows: Rows | None, overrides: dict[str, Any]
@@ -253,10 +292,11 @@ class SteeredModel:
         strength: float | torch.Tensor | None = None,
         positions: Positions | None = None,
         normalize: Normalize | None = None,
+        gate: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """``model.generate`` steered by ``steering`` (or the wrapper's default vectors), or per input row."""
-        overrides = {"strength": strength, "positions": positions, "normalize": normalize}
+        overrides = {"strength": strength, "positions": positions, "normalize": normalize, "gate": gate}
         with self._context(steering, rows, overrides):
             return self.wrapped_model.generate(*args, **kwargs)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from fv_plugin import vector_files
+from fv_plugin.condition import Condition
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.records import Selection, Sweep
 from fv_plugin.vector_files import WEIGHTS_NAME
@@ -69,6 +70,7 @@ class FunctionVector:
         layer_sweep: the validation sweep that chose ``layer``, if one did.
         selection: every candidate ``method="auto"`` scored on validation prompts, and the one it chose.
         config: the settings it was extracted with, if it was.
+        condition: which prompts it is meant for (see :mod:`fv_plugin.condition`); used by ``gate=True``.
 
     Example:
         >>> import torch
@@ -97,6 +99,7 @@ class FunctionVector:
     config: ExtractionConfig | None = None
     layer_vectors: Mapping[int, torch.Tensor] | None = None
     selection: Selection | None = None
+    condition: Condition | None = None
 
     @classmethod
     def from_layers(cls, parts: Mapping[int, torch.Tensor], **fields: Any) -> FunctionVector:
@@ -151,6 +154,17 @@ class FunctionVector:
             object.__setattr__(self, "layer_vectors", self._checked_parts(self.layer_vectors))
         if self.selection is not None and not isinstance(self.selection, Selection):
             raise TypeError(f"selection must be an fv_plugin Selection, got {type(self.selection).__name__}")
+        if self.condition is not None:
+            self._check_condition(self.condition)
+
+    def _check_condition(self, condition: object) -> None:
+        if not isinstance(condition, Condition):
+            raise TypeError(f"condition must be an fv_plugin Condition, got {type(condition).__name__}")
+        if condition.direction.numel() != self.size or condition.layer >= self.first_layer:
+            raise ValueError(
+                f"a condition reads layer {condition.layer} with size {condition.direction.numel()}; this vector "
+                f"needs a layer below {self.first_layer} (the first it touches) and size {self.size}"
+            )
 
     def _checked_parts(self, parts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         if not parts or self.head_values is not None:
@@ -188,6 +202,12 @@ class FunctionVector:
     def layers(self) -> tuple[int, ...]:
         """The layers it is added after."""
         return tuple(self.layer_vectors) if self.layer_vectors is not None else (self.layer,)
+
+    @property
+    def first_layer(self) -> int:
+        """The first layer steering touches (a head-level form writes inside its heads' layers)."""
+        heads = [layer for layer, _ in self.heads or ()] if self.head_values is not None else []
+        return min([*self.layers, *heads])
 
     def parts(self) -> dict[int, torch.Tensor]:
         """What is added after each layer: ``{layer: [hidden]}`` (one entry for a single-layer vector)."""

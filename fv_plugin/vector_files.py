@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from fv_plugin.condition import Condition
 from fv_plugin.config import METHODS, ExtractionConfig
 from fv_plugin.records import Selection, Sweep
 from fv_plugin.version import __version__
@@ -35,6 +36,7 @@ WEIGHTS_NAME = "function_vector.safetensors"
 FORMAT = "fv_plugin.FunctionVector"
 FORMAT_VERSION = "2"  # 1: fv_plugin 0.1, metadata of its own in `extra`
 _LAYER_PREFIX = "layer_vectors."
+_CONDITION = "condition.direction"
 V = TypeVar("V")
 
 
@@ -84,6 +86,8 @@ class Stored(Protocol):
 
     @property
     def size(self) -> int: ...
+    @property
+    def condition(self) -> Condition | None: ...
 
 
 def metadata(fv: Stored) -> dict[str, Any]:
@@ -105,6 +109,7 @@ def metadata(fv: Stored) -> dict[str, Any]:
         "layer_sweep": fv.layer_sweep.to_dict() if fv.layer_sweep is not None else None,
         "config": fv.config.to_dict() if fv.config is not None else None,
         "selection": fv.selection.to_dict() if fv.selection is not None else None,
+        "condition": fv.condition.metadata() if fv.condition is not None else None,
     }
 
 
@@ -121,6 +126,8 @@ def save(fv: Stored, path: str | Path) -> Path:
         tensors["aie"] = fv.aie.contiguous()
     for layer, part in (fv.layer_vectors or {}).items():
         tensors[f"{_LAYER_PREFIX}{layer}"] = part.detach().to("cpu").contiguous()
+    if fv.condition is not None:
+        tensors[_CONDITION] = fv.condition.direction.detach().to("cpu").contiguous()
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fv_metadata": json.dumps(metadata(fv))}
     save_file(tensors, str(target), metadata=header)
     return target
@@ -182,7 +189,15 @@ def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, leg
         "config": ExtractionConfig.from_dict(config) if config else None,
         "layer_vectors": parts or None,
         "selection": Selection.from_dict(meta["selection"]) if meta.get("selection") else None,
+        "condition": _condition(meta, tensors),
     }
+
+
+def _condition(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Condition | None:
+    """The stored condition; files written before conditions existed have none."""
+    if not meta.get("condition") or _CONDITION not in tensors:
+        return None
+    return Condition.from_metadata(meta["condition"], tensors[_CONDITION])
 
 
 def _legacy_config(meta: Mapping[str, Any], extra: dict[str, str], *, chose_layer: bool) -> dict[str, Any] | None:

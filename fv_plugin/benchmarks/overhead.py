@@ -8,6 +8,7 @@ and at batch 8 (left-padded prompts of different lengths).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from fv_plugin.architectures import resolve_architecture
+from fv_plugin.condition import Condition
 from fv_plugin.devices import input_device
 from fv_plugin.hooks import attach, detach
 from fv_plugin.models import DEFAULT_MODEL, load_model
@@ -80,14 +82,22 @@ def measure_overhead(
     repeats: int = 7,
     layer: int | None = None,
     batch: int = 1,
+    gate: bool = False,
 ) -> OverheadResult:
-    """Time plain, attached-idle and steered greedy generation of ``tokens`` tokens per row, interleaved."""
+    """Time plain, attached-idle and steered greedy generation of ``tokens`` tokens per row, interleaved.
+
+    ``gate``: steer with ``gate=True`` through a condition one layer below the vector that every prompt passes
+    (the decision is computed and applied; the tokens are those of ungated steering)."""
     if tokens < 1 or repeats < 1 or batch < 1:
         raise ValueError(f"tokens, repeats and batch must be >= 1, got {tokens}, {repeats} and {batch}")
     resolved = resolve_architecture(model)
     chosen = resolved.num_layers // 3 if layer is None else layer
     gen = torch.Generator().manual_seed(0)
     fv = FunctionVector(vector=torch.randn(resolved.hidden_size, generator=gen), layer=chosen)
+    if gate:
+        direction = torch.randn(resolved.hidden_size, generator=gen)
+        always = Condition(layer=max(chosen - 1, 0), direction=direction / direction.norm(), threshold=-2.0)
+        fv = dataclasses.replace(fv, condition=always)
     enc = _inputs(model, tokenizer, batch)
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
@@ -100,7 +110,7 @@ def measure_overhead(
         return model.generate(**enc, **kwargs)  # type: ignore[operator]
 
     def steered() -> object:
-        with steer(model, fv, strength=1.0):
+        with steer(model, fv, strength=1.0, gate=gate):
             return model.generate(**enc, **kwargs)  # type: ignore[operator]
 
     speeds: dict[str, list[float]] = {"plain": [], "idle": [], "steered": []}
@@ -125,6 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, default=None, help="layer to steer (default: depth // 3)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 and 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--gate", action="store_true", help="steer with gate=True (a condition every prompt passes)")
 
 
 def run(args: argparse.Namespace) -> Sequence[OverheadResult]:
@@ -135,7 +146,13 @@ def run(args: argparse.Namespace) -> Sequence[OverheadResult]:
     results = []
     for batch in args.batch:
         result = measure_overhead(
-            model, tokenizer, tokens=args.tokens, repeats=args.repeats, layer=args.layer, batch=batch
+            model,
+            tokenizer,
+            tokens=args.tokens,
+            repeats=args.repeats,
+            layer=args.layer,
+            batch=batch,
+            gate=bool(getattr(args, "gate", False)),
         )
         print(result.report(), flush=True)
         results.append(result)

@@ -1,0 +1,302 @@
+"""Learning a vector's :class:`~fv_plugin.condition.Condition` from labelled prompts.
+
+Positives are the task's queries: zero-shot (``Q: x\\nA:`` with the extraction's template), the task-agnostic
+natural templates of :data:`fv_plugin.config.NATURAL_TEMPLATES` filled with the query (``The word "x" means``),
+and the zero-shot query as a chat user message (through the tokenizer's chat template, when it has one).
+Negatives are the shipped corpus ``data/condition_negatives.txt`` (requests, questions and prose fragments,
+written for this library) raw and as chat messages, the user's own negatives, and the other built-in tasks'
+prompts, zero-shot and with five demonstrations of that other task. Other tasks' prompts whose input is also an
+input of this task are left out (their zero-shot prompts would be the same text).
+
+Every kind is split in two: the fit uses the task's ``train`` queries (and half of each negative kind), the
+choice of layer and threshold uses its ``valid`` queries (and the other half). The test split is never read.
+The direction is a class-balanced, L2-regularised logistic regression on unit-normalised hidden states at the
+prompt's last token, one per candidate layer (every layer below the first one the vector touches); the layer
+and threshold with the lowest balanced error on validation win (ties: the earlier layer). The rates stored in
+the condition are those validation rates, with 95% Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from fv_plugin.activations import last_token_hidden_states
+from fv_plugin.architectures import ArchSpec
+from fv_plugin.condition import Condition, RateEstimate
+from fv_plugin.config import NATURAL_TEMPLATES, ExtractionConfig
+from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate, make_prompts
+from fv_plugin.scoring import wilson_interval
+from fv_plugin.tasks import Task, builtin_tasks, load_task
+from fv_plugin.vector import FunctionVector
+
+__all__ = [
+    "LabelledPrompts",
+    "condition_negatives",
+    "condition_prompts",
+    "fit_condition",
+    "learn_condition",
+    "with_condition",
+]
+
+logger = logging.getLogger(__name__)
+
+_OTHER_ZERO_SHOT = 6  # per other task and half
+_OTHER_ICL = 3
+_ICL_SHOTS = 5
+_MAX_POSITIVE_QUERIES = 30
+
+
+def condition_negatives() -> list[str]:
+    """The shipped negative prompts: everyday requests, questions and prose fragments (no task queries)."""
+    text = resources.files("fv_plugin").joinpath("data", "condition_negatives.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass
+class LabelledPrompts:
+    """Prompt texts with a label (``True``: a query of the task) and a kind (``"zero_shot"``, ``"chat"``...)."""
+
+    texts: list[str] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+    def add(self, texts: Sequence[str], label: bool, kind: str) -> None:
+        self.texts += list(texts)
+        self.labels += [label] * len(texts)
+        self.kinds += [kind] * len(texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def without(self, texts: set[str]) -> LabelledPrompts:
+        """The prompts whose text is not in ``texts``."""
+        keep = [i for i, t in enumerate(self.texts) if t not in texts]
+        return LabelledPrompts(
+            [self.texts[i] for i in keep], [self.labels[i] for i in keep], [self.kinds[i] for i in keep]
+        )
+
+
+def _chat(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+
+
+def _halves(items: Sequence[str], rng: random.Random) -> tuple[list[str], list[str]]:
+    shuffled = list(items)
+    rng.shuffle(shuffled)
+    cut = (len(shuffled) + 1) // 2
+    return shuffled[:cut], shuffled[cut:]
+
+
+def _add_other_tasks(sets: tuple[LabelledPrompts, LabelledPrompts], task: Task, template: str, seed: int) -> None:
+    own = {p.input.strip().lower() for p in (*task.train, *task.valid, *task.test)}
+    for name in builtin_tasks():
+        if name == task.name:
+            continue
+        other = load_task(name)
+        for target, split in zip(sets, ("train", "valid"), strict=True):
+            for shots, count, kind in ((0, _OTHER_ZERO_SHOT, "other_task"), (_ICL_SHOTS, _OTHER_ICL, "other_icl")):
+                prompts = make_prompts(other, n_shots=shots, split=split, template=template, seed=seed)
+                texts = [p.text for p in prompts if p.query.input.strip().lower() not in own][:count]
+                target.add(texts, False, kind)
+
+
+def condition_prompts(
+    task: Task,
+    tokenizer: Any,
+    *,
+    negatives: Sequence[str] = (),
+    template: str = DEFAULT_TEMPLATE,
+    seed: int = 0,
+) -> tuple[LabelledPrompts, LabelledPrompts]:
+    """The fitting and validation prompts (see the module docstring); ``negatives``: the user's own."""
+    tmpl = PromptTemplate(template)
+    rng = random.Random(seed)
+    sets = (LabelledPrompts(), LabelledPrompts())
+    for target, split in zip(sets, ("train", "valid"), strict=True):
+        queries = list(getattr(task, split))[:_MAX_POSITIVE_QUERIES]
+        zero_shot = [tmpl.query(p) for p in queries]
+        target.add(zero_shot, True, "zero_shot")
+        target.add([n.replace("{x}", p.input) for p in queries for n in NATURAL_TEMPLATES], True, "natural")
+        target.add(_chat(tokenizer, zero_shot), True, "chat_query")
+    for kind, texts in (("corpus", condition_negatives()), ("user", [str(t) for t in negatives])):
+        for target, half in zip(sets, _halves(texts, rng), strict=True):
+            target.add(half, False, kind)
+            target.add(_chat(tokenizer, half), False, f"{kind}_chat")
+    _add_other_tasks(sets, task, template, seed)
+    return sets[0], sets[1].without(set(sets[0].texts))  # a text seen in the fit does not validate it
+
+
+def _fit_direction(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps: int = 60) -> torch.Tensor:
+    """Logistic regression on ``x`` ``[n, d]`` (standardised here), classes weighted equally; returns the
+    direction in ``x``'s own units (an offset is not needed: the threshold is chosen afterwards)."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    pos = y.float()
+    weights = torch.where(y, 0.5 / pos.sum().clamp_min(1), 0.5 / (1 - pos).sum().clamp_min(1))
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (weights * nn.functional.binary_cross_entropy_with_logits(z @ w + b, pos, reduction="none")).sum()
+        loss = loss + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (w.detach() / std).float()
+
+
+def _best_threshold(scores: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """The threshold with the lowest balanced error ``(FPR + FNR) / 2`` on ``scores``; returns (error, threshold)."""
+    values = torch.sort(scores).values
+    cuts = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
+    passed = scores[None, :] >= cuts[:, None]
+    fnr = (~passed & y[None, :]).sum(1) / y.sum().clamp_min(1)
+    fpr = (passed & ~y[None, :]).sum(1) / (~y).sum().clamp_min(1)
+    error = (fnr + fpr) / 2
+    best = torch.nonzero(error == error.min()).flatten()
+    index = int(best[len(best) // 2])  # the middle of a run of equally good cuts
+    return float(error[index]), float(cuts[index])
+
+
+def _rate(errors: torch.Tensor) -> RateEstimate:
+    count, n = int(errors.sum()), int(errors.numel())
+    return RateEstimate(errors=count, n=n, interval=wilson_interval(count, n))
+
+
+def fit_condition(
+    train: dict[int, torch.Tensor], valid: dict[int, torch.Tensor], data: tuple[LabelledPrompts, LabelledPrompts]
+) -> Condition:
+    """Fit a direction per layer on ``train`` hidden states, choose the layer and threshold on ``valid``."""
+    y_train, y_valid = (torch.tensor(d.labels, dtype=torch.bool) for d in data)
+    if not bool(y_train.any()) or bool(y_train.all()) or not bool(y_valid.any()) or bool(y_valid.all()):
+        raise ValueError("learning a condition needs positive and negative prompts in both fitting and validation")
+    if not train:
+        raise ValueError("no layer to read: a condition needs a layer below the vector's first layer")
+    best: tuple[float, int, torch.Tensor, float] = (2.0, -1, torch.zeros(0), 0.0)
+    for layer in sorted(train):
+        x = train[layer] / train[layer].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        direction = _fit_direction(x, y_train)
+        probe = Condition(layer=layer, direction=direction, threshold=0.0)
+        error, threshold = _best_threshold(probe.score(valid[layer]), y_valid)
+        if error < best[0]:
+            best = (error, layer, direction, threshold)
+    error, layer, direction, threshold = best
+    chosen = Condition(layer=layer, direction=direction, threshold=threshold)
+    passed = chosen.passes(valid[layer])
+    kinds = data[1].kinds
+    by_kind = {
+        kind: _rate(passed[[i for i, k in enumerate(kinds) if k == kind]])
+        for kind in sorted({k for k, label in zip(kinds, data[1].labels, strict=True) if not label})
+    }
+    return Condition(
+        layer=layer,
+        direction=direction,
+        threshold=threshold,
+        false_positive=_rate(passed[~y_valid]),
+        false_negative=_rate(~passed[y_valid]),
+        false_positive_by_kind=by_kind,
+        n_train=(int(y_train.sum()), int((~y_train).sum())),
+        rule=f"logistic regression per layer, layer and threshold by balanced error on validation ({error:.3f})",
+    )
+
+
+def _states(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: list[int], **options: Any
+) -> dict[int, torch.Tensor]:
+    """Last-token states of ``texts`` in their order, run shortest first (batches of similar lengths pad less)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    states = last_token_hidden_states(model, tokenizer, [texts[i] for i in order], layers, **options)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return {layer: found[back] for layer, found in states.items()}
+
+
+def learn_condition(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    fv: FunctionVector,
+    *,
+    negatives: Sequence[str] = (),
+    template: str = DEFAULT_TEMPLATE,
+    seed: int = 0,
+    batch_size: int = 16,
+    arch: ArchSpec | None = None,
+    progress: bool = False,
+) -> Condition:
+    """Learn which prompts are queries of ``task`` for ``fv`` (a layer below ``fv.first_layer``).
+
+    Args:
+        negatives: more prompts the vector must leave alone (e.g. your application's own traffic).
+
+    Raises:
+        ValueError: when the vector starts at layer 0 (no layer before it to read) or the task has no
+            ``valid`` queries.
+
+    Example:
+        >>> fv = dataclasses.replace(fv, condition=learn_condition(model, tok, task, fv))  # doctest: +SKIP
+    """
+    if fv.first_layer == 0:
+        raise ValueError("this vector steers layer 0: a condition needs a layer before it; use a later layer")
+    if not task.valid or not task.train:
+        raise ValueError(f"task {task.name!r} needs train and valid queries to learn a condition")
+    data = condition_prompts(task, tokenizer, negatives=negatives, template=template, seed=seed)
+    layers = list(range(fv.first_layer))
+    states = [
+        last_token_hidden_states(model, tokenizer, d.texts, layers, batch_size=batch_size, arch=arch, progress=progress)
+        for d in data
+    ]
+    condition = fit_condition(states[0], states[1], data)
+    logger.info("%s", condition.describe())
+    return condition
+
+
+def with_condition(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    fv: FunctionVector,
+    config: ExtractionConfig,
+    *,
+    arch: ArchSpec | None = None,
+    progress: bool = False,
+) -> FunctionVector:
+    """``fv`` with the condition ``config`` asks for (``config.condition``); a vector that cannot have one (it
+    steers layer 0, or the task has no validation queries) is returned without, with a warning in the log."""
+    if not config.condition:
+        return fv
+    try:
+        condition = learn_condition(
+            model,
+            tokenizer,
+            task,
+            fv,
+            negatives=config.condition_negatives,
+            template=config.template,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            arch=arch,
+            progress=progress,
+        )
+    except ValueError as exc:
+        logger.warning("no condition learned for task %r: %s", task.name, exc)
+        return fv
+    return dataclasses.replace(fv, condition=condition)
