@@ -16,8 +16,8 @@ default method was ``difference`` at the validation-chosen layer; ``--model gemm
 country-capital capitalize`` rebuilds them with ``auto``.
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
-already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; learned by
-default at extraction); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
+already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; learned
+with ``condition=True``); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
 them (``fv_plugin.learn_condition``, about the cost of a few hundred short forward passes per vector):
 
     python demo/build_vectors.py --model smollm2-135m-instruct --conditions-only
@@ -48,7 +48,9 @@ def build(model: Any, tokenizer: Any, model_name: str, tasks: list[str], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in tasks:
         start = time.perf_counter()
-        fv = fv_plugin.extract_function_vector(model, tokenizer, fv_plugin.load_task(name), n_mean=n_mean)
+        fv = fv_plugin.extract_function_vector(
+            model, tokenizer, fv_plugin.load_task(name), n_mean=n_mean, condition=True
+        )
         # Name the model by its short name, not by the local folder it was loaded from.
         fv = dataclasses.replace(fv, model_name=model_name)
         path = fv.save(out_dir / f"{name}.safetensors")

@@ -35,7 +35,9 @@ def _extract_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)",
     )
-    parser.add_argument("--no-condition", action="store_true", help="do not learn the condition used by gate=True")
+    parser.add_argument(
+        "--condition", action="store_true", help="also learn the condition gate=True uses (costs about an extraction)"
+    )
     return parser
 
 
@@ -50,7 +52,7 @@ def _extract(argv: Sequence[str]) -> int:
         layer=args.layer,
         n_shots=args.n_shots,
         seed=args.seed,
-        condition=not args.no_condition,
+        condition=args.condition,
         portable=args.portable,
     )
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model

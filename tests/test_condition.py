@@ -55,7 +55,9 @@ def test_extraction_learns_and_stores_a_condition(tmp_path: object) -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     task = fv_plugin.load_task("antonym")
     options = {"method": "difference", "layer": 2, "n_mean": 8, "n_shots": 3}
-    fv = fv_plugin.extract_function_vector(model, tok, task, condition_negatives=("my own text",), **options)
+    fv = fv_plugin.extract_function_vector(
+        model, tok, task, condition=True, condition_negatives=("my own text",), **options
+    )
     assert fv.condition is not None and 0 <= fv.condition.layer < 2
     fp, fn = fv.condition.false_positive, fv.condition.false_negative
     assert fp is not None and fn is not None and 0 <= fp.rate <= 1 and fn.n > 0

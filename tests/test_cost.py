@@ -73,7 +73,6 @@ def test_progress_is_on_unless_turned_off_and_stages_are_recorded(monkeypatch: p
         "candidates",
         "finalists",
         "validation baseline",
-        "condition",
     ], names
 
 
