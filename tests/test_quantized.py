@@ -202,7 +202,16 @@ def test_load_model_quantization_errors(checkpoints: dict[str, Path], monkeypatc
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["8bit", "nf4"])
 def test_embedded_model_quantized_steers_like_the_oracle(quant: str) -> None:
-    model, tok = fv_plugin.load_model("smollm2-135m-instruct", quantization=quant)  # type: ignore[arg-type]
+    if quant == "8bit":
+        # LLM.int8() splits out the activation columns above its threshold over all tokens of a forward, so a cached
+        # step (one token) and an uncached one (the whole sequence) may round differently on a real model; with the
+        # threshold at 0 every token is quantized on its own and cached generation must equal uncached exactly.
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+        model, tok = fv_plugin.load_model("smollm2-135m-instruct", quantization_config=config)
+    else:
+        model, tok = fv_plugin.load_model("smollm2-135m-instruct", quantization=quant)  # type: ignore[arg-type]
     assert type(resolve_architecture(model).out_proj(10)).__name__ == bnb_class(quant)
     fv = fv_plugin.FunctionVector(vector=20.0 * torch.randn(576, generator=torch.Generator().manual_seed(0)), layer=10)
     enc = tok(["Q: hot\nA: cold\n\nQ: big\nA:"], return_tensors="pt")
