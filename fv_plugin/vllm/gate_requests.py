@@ -122,6 +122,8 @@ def _is_on(value: object) -> bool:
 
 def _entries(args: Mapping[str, Any], key: str, count: int, kind: type | tuple[type, ...]) -> list[Any]:
     value = args.get(key)
+    if value is None and count == 0:
+        return []
     if not isinstance(value, (list, tuple)) or len(value) != count:
         raise ValueError(f"{key} must be a list with one value per condition in fv_conditions ({count})")
     if any(isinstance(item, bool) or not isinstance(item, kind) for item in value):
