@@ -351,3 +351,16 @@ def test_differently_gated_head_vectors_on_one_head_and_pipeline_stages_are_refu
     staged = Frontend(arch=ARCH, settings=PluginSettings(), pipeline_stages=2)
     with pytest.raises(ValueError, match="pipeline parallelism"):
         staged.resolved_args(steering(dataclasses.replace(vec(2, 0), condition=cond(1, 1)), gate=True), 4)
+
+
+def test_the_vllm_bench_gates_the_share_it_is_asked_for() -> None:
+    from fv_plugin.benchmarks.vllm import _with_conditions
+
+    vectors = [vec(2, seed) for seed in range(8)]
+    marked = _with_conditions(vectors, 0.5)
+    assert [gate for _, gate in marked] == [False, True] * 4
+    for fv, gate in marked:
+        assert (fv.condition is not None) == gate
+        if gate:
+            assert parse_request(over_json(steering(fv, gate=True)), no_names) is not None
+    assert not any(gate for _, gate in _with_conditions(vectors, 0.0))

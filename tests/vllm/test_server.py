@@ -121,7 +121,7 @@ def test_named_vectors(server: str) -> None:
     assert complete(server, "big", steering("ten", ("twenty", -0.5), strength=1.5)) == hf_tokens(case)
 
 
-BAD = ("unknown name", "hidden size", "layer", "nan strength", "positions")
+BAD = ("unknown name", "hidden size", "layer", "nan strength", "positions", "gate without condition")
 
 
 def bad_request(name: str) -> tuple[dict[str, Any], str]:
@@ -132,6 +132,7 @@ def bad_request(name: str) -> tuple[dict[str, Any], str]:
         "layer": (steering(FunctionVector(vector=torch.ones(576), layer=30)), "layer 30 is out of range"),
         "nan strength": ({**steering("ten"), "fv_strength": float("nan")}, "fv_strength must be finite"),
         "positions": ({**steering("ten"), "fv_positions": "everywhere"}, "positions must be one of"),
+        "gate without condition": (steering("ten", gate=True), "gate=True needs a condition on every vector"),
     }[name]
 
 
