@@ -164,8 +164,8 @@ def head_vectors() -> tuple[FunctionVector, FunctionVector]:
 
 def gated_cases() -> list[Case]:
     """Gated requests (``gate=True``): a prompt that passes and one that fails the same vector's condition; the
-    long prompt (prefilled in chunks where the engine's budget is small) passing with head-level vectors; two
-    vectors with different conditions in one request, only one passing."""
+    long prompt (prefilled in chunks where the engine's budget is small) passing with head-level vectors and failing
+    with ``positions="last_prompt"``; two vectors with different conditions in one request, only one passing."""
     a, b = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5)
     diff, patch = head_vectors()
     return [
@@ -173,6 +173,7 @@ def gated_cases() -> list[Case]:
         Case("big", (gated(a, "hot"),), dict(strength=1.0, gate=True)),
         Case("long", ((gated(diff, "long"), 0.5), gated(patch, "long")), dict(strength=1.5, gate=True)),
         Case("story", (gated(a, "hot"), (gated(b, "story"), 2.0)), dict(strength=1.0, gate=True)),
+        Case("long", (gated(a, "hot"),), dict(strength=2.0, positions="last_prompt", gate=True)),
     ]
 
 
