@@ -15,9 +15,9 @@ The forward hook of every decoder layer first takes the decisions of its layer, 
 condition's layer is below every layer the vectors it gates touch, so in the forward pass holding the last prompt
 token the decision is taken before anything it gates is added, as on Hugging Face. Later steps (decode, or the
 rest of a prompt prefilled in chunks, which holds no steered token under ``"generated"``/``"last_prompt"``) read
-the kept decision: nothing is read back to the host, except when a row is taken from a request that is still
-alive (more live gated requests than rows, e.g. preempted ones), whose decision is then kept on the host and
-written back when it returns.
+the kept decision: nothing is read back to the host, except when a row is given to another request (more gated
+requests than rows, e.g. with preempted ones): its decision is then kept on the host and written back if its
+request returns.
 
 Tensor parallelism: the hidden state after a decoder layer is the same on every rank (the row-parallel projections
 end in an all-reduce; the residual is replicated), and every rank builds the same tables from the same batch, so
@@ -94,17 +94,24 @@ def decide_gates(module: nn.Module, layer: int, stream: torch.Tensor) -> None:
 
 
 class GateWriter:
-    """Assigns each gated request's conditions a row of the gate table and writes the step's decisions to take."""
+    """Assigns each gated request's conditions a row of the gate table and writes the step's decisions to take.
+
+    Rows are keyed by (request id, condition index). A request always decides in the step that holds its last
+    prompt token (vLLM never serves a new request's last prompt token from the prefix cache), so a row whose
+    request id is reused only ever serves the new request after it decided again. A request that returns after
+    preemption (Model Runner V2 removes and re-adds it) finds its row, or, if the row was given to another
+    request meanwhile, its decision kept on the host.
+    """
 
     def __init__(self, buffers: GateBuffers) -> None:
         self.buffers = buffers
         self.size = int(buffers.open.shape[0]) - 1  # rows 1 .. size - 1 hold decisions
         self.decisions = int(buffers.row.shape[0])
-        self.owner: list[tuple[GateKey, int] | None] = [None] * self.size  # (key, id of the request's plan)
+        self.owner: list[GateKey | None] = [None] * self.size
         self.where: dict[GateKey, int] = {}
         self.used = np.full(self.size, -1, dtype=np.int64)
         self.used[0] = np.iinfo(np.int64).max  # row 0 is never given out
-        self.kept: dict[GateKey, tuple[int, float]] = {}  # decisions read back when their row was taken
+        self.kept: dict[GateKey, float] = {}  # decisions read back when their row was given to another request
         self.step = 0
         self.pending = False  # the device holds decisions to take
 
@@ -119,7 +126,7 @@ class GateWriter:
                 continue
             last = int(batch.prompt_lengths[i]) - 1 - int(batch.computed[i])
             deciding = 0 <= last < int(batch.starts[i + 1]) - int(batch.starts[i])
-            rows = tuple(self._row((req_id, j), id(plan), deciding, batch) for j in range(len(plan.conditions)))
+            rows = tuple(self._row((req_id, j), deciding) for j in range(len(plan.conditions)))
             if deciding:
                 token = int(batch.starts[i]) + last
                 decide += [(row, token, c) for row, c in zip(rows, plan.conditions, strict=True)]
@@ -130,32 +137,30 @@ class GateWriter:
     def clear(self) -> None:
         self._upload([])
 
-    def _row(self, key: GateKey, plan_id: int, deciding: bool, batch: StepBatch) -> int:
-        found = self.where.pop(key, None)
+    def _row(self, key: GateKey, deciding: bool) -> int:
+        found = self.where.get(key)
         if found is not None:
-            if self.owner[found] == (key, plan_id):
-                self.where[key], self.used[found] = found, self.step
-                return found
-            self.owner[found], self.used[found] = None, -1  # a new request under a finished one's id
-        row = self._take(batch)
-        self.owner[row], self.where[key], self.used[row] = (key, plan_id), row, self.step
-        if not deciding:  # a request whose decision was taken before this row was its own
-            kept = self.kept.pop(key, None)
-            if kept is None or kept[0] != plan_id:
+            self.used[found] = self.step
+            return found
+        row = self._take()
+        self.owner[row], self.where[key], self.used[row] = key, row, self.step
+        kept = self.kept.pop(key, None)
+        if not deciding:  # its decision was taken in an earlier step, while another row held it
+            if kept is None:
                 logger.error("fv_plugin: gated request %s has no decision for its condition %d; not steered", *key)
-            self.buffers.open[row] = kept[1] if kept is not None and kept[0] == plan_id else 0.0
+            self.buffers.open[row] = 0.0 if kept is None else kept
         return row
 
-    def _take(self, batch: StepBatch) -> int:
+    def _take(self) -> int:
         row = int(np.argmin(self.used))
         if self.used[row] == self.step:
             raise RuntimeError(f"fv_plugin: a step needs more than {self.size - 1} gate rows")
         old = self.owner[row]
-        if old is not None:
-            del self.where[old[0]]
-            if old[0][0] in batch.requests:  # alive: keep its decision on the host (one device read)
-                self.kept[old[0]] = (old[1], float(self.buffers.open[row]))
-            self.kept = {key: value for key, value in self.kept.items() if key[0] in batch.requests}
+        if old is not None:  # keep its decision on the host (one device read), in case its request returns
+            del self.where[old]
+            self.kept[old] = float(self.buffers.open[row])
+            while len(self.kept) > self.size:
+                del self.kept[next(iter(self.kept))]  # the oldest
         return row
 
     def _upload(self, decide: list[tuple[int, int, GateCondition]]) -> None:

@@ -383,3 +383,26 @@ def test_a_gate_decides_at_the_last_prompt_token_and_keeps_its_decision(
     x2 = x[[2, 5]]  # "no" now holds the token that passed, "yes" the one that failed
     expected = reference(model, x2, {2: [(1, 1.5 * a, False)]}, {1: [(1, 1, u, 1.5, False)]})
     torch.testing.assert_close(model(x2)[-1], expected)
+
+
+def test_a_gate_row_given_to_another_request_keeps_its_decision_for_its_return() -> None:
+    from fv_plugin.vllm.gate_requests import GateCondition
+    from fv_plugin.vllm.gate_worker import GateBuffers, GateWriter
+    from fv_plugin.vllm.runners import StepBatch
+    from fv_plugin.vllm.tables import RequestPlan
+
+    condition = GateCondition(0, 0.0, np.ones(HIDDEN, dtype="<f4").tobytes())
+    plan = RequestPlan(keys=(), strength=1.0, positions="generated", relative=False, conditions=(condition,))
+    writer = GateWriter(GateBuffers.allocate(rows=1, decisions=1, hidden=HIDDEN, device=torch.device("cpu")))
+
+    def step(req_id: str, computed: int) -> tuple[list[tuple[int, ...]], set[int]]:
+        batch = StepBatch([req_id], np.array([0, 1]), np.array([computed]), np.array([3]), {req_id: None})
+        return writer.prepare(batch, [plan])
+
+    assert step("a", 2) == ([(1,)], {0})  # "a" decides at its last prompt token
+    writer.buffers.open[1] = 1.0  # what the forward pass decided
+    assert step("b", 2) == ([(1,)], {0}) and writer.buffers.layer[0] == 0  # "b" takes the only row
+    writer.buffers.open[1] = 0.0
+    assert step("a", 3) == ([(1,)], set()) and writer.buffers.open[1] == 1.0  # "a" returns: its decision is back
+    assert writer.buffers.layer[0] == -1  # nothing to decide this step
+    assert step("b", 3) == ([(1,)], set()) and writer.buffers.open[1] == 0.0
