@@ -54,11 +54,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # How many prompts of each kind, per split (fit / validation): measured to keep the error rates of the larger
-# earlier sets (docs/conditional_steering.md) at about a fifth of their cost.
+# earlier sets (docs/conditional_steering.md) at about a quarter of their cost: the other tasks' zero-shot
+# prompts are the negatives that matter most (and are short), chat and ICL prompts are long and rarely pass.
 _QUERIES = 64  # zero-shot positives (the fit's are those the extraction ran, when it recorded them)
 _NATURAL = 16  # queries in a natural template (one template each, in turn)
-_CHAT = 6  # chat-wrapped prompts per kind (the chat template's system text makes them long)
-_OTHER_ZERO_SHOT = 3  # per other task
+_CHAT = 4  # chat-wrapped prompts per kind (the chat template's system text makes them long)
+_CORPUS = 24  # shipped negatives (and the user's), raw
+_OTHER_ZERO_SHOT = 6  # per other task: the hardest negatives (the task's own format), and short
 _OTHER_ICL = 1  # per other task, with _ICL_SHOTS demonstrations
 _ICL_SHOTS = 2
 
@@ -152,7 +154,7 @@ def condition_prompts(
         target.add(_chat(tokenizer, own[:_CHAT]), True, "chat_query")
     for kind, texts in (("corpus", condition_negatives()), ("user", [str(t) for t in negatives])):
         for target, half in zip(sets, _halves(texts, rng), strict=True):
-            target.add(half, False, kind)
+            target.add(half[:_CORPUS], False, kind)
             target.add(_chat(tokenizer, half[:_CHAT]), False, f"{kind}_chat")
     _add_other_tasks(sets, task, template, seed)
     return sets[0], sets[1].without(set(sets[0].texts))  # a text seen in the fit does not validate it
@@ -253,7 +255,8 @@ def _states(
             found[text] = known
     missing = [t for t in dict.fromkeys(texts) if t not in found]
     if missing:
-        missing.sort(key=lambda t: len(tokenizer(t)["input_ids"]))
+        lengths = {t: len(ids) for t, ids in zip(missing, tokenizer(missing)["input_ids"], strict=True)}
+        missing.sort(key=lengths.__getitem__)
         ran = last_token_hidden_states(model, tokenizer, missing, layers, stop=True, **options)
         found.update({t: [ran[at][i] for at in layers] for i, t in enumerate(missing)})
     return {at: torch.stack([found[t][j] for t in texts]) for j, at in enumerate(layers)}
