@@ -11,9 +11,10 @@ prompts whose input is also an input of this task are left out (their zero-shot 
 Every kind is split in two: the fit uses the task's ``train`` queries (and half of each negative kind), the
 choice of layer and threshold uses its ``valid`` queries (and the other half). The test split is never read.
 The direction is a class-balanced, L2-regularised logistic regression on unit-normalised hidden states at the
-prompt's last token, one per candidate layer (every layer below the first one the vector touches); the layer
-and threshold with the lowest balanced error on validation win (ties: the earlier layer). The rates stored in
-the condition are those validation rates, with 95% Wilson intervals.
+prompt's last token, one per candidate layer (below the first layer the vector touches, in the first two thirds
+of the model: :func:`condition_layers`); the layer and threshold with the lowest balanced error on validation win
+(ties: the earlier layer). The rates stored in the condition are those validation rates, with 95% Wilson
+intervals.
 
 Cost: an extraction already runs its train queries zero-shot and keeps their states (``recorded``), so those
 positives cost nothing; every other prompt runs shortest first (batches pad little) and only up to the highest
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from fv_plugin.activations import RecordedStates, last_token_hidden_states
-from fv_plugin.architectures import ArchSpec
+from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.condition import Condition, RateEstimate
 from fv_plugin.config import NATURAL_TEMPLATES, ExtractionConfig
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate, make_prompts
@@ -44,6 +46,7 @@ from fv_plugin.vector import FunctionVector
 
 __all__ = [
     "LabelledPrompts",
+    "condition_layers",
     "condition_negatives",
     "condition_prompts",
     "fit_condition",
@@ -57,10 +60,11 @@ logger = logging.getLogger(__name__)
 # earlier sets (docs/conditional_steering.md) at about a quarter of their cost: the other tasks' zero-shot
 # prompts are the negatives that matter most (and are short), chat and ICL prompts are long and rarely pass.
 _QUERIES = 64  # zero-shot positives (the fit's are those the extraction ran, when it recorded them)
-_NATURAL = 16  # queries in a natural template (one template each, in turn)
-_CHAT = 4  # chat-wrapped prompts per kind (the chat template's system text makes them long)
-_CORPUS = 24  # shipped negatives (and the user's), raw
-_OTHER_ZERO_SHOT = 6  # per other task: the hardest negatives (the task's own format), and short
+_NATURAL = 12  # queries in a natural template (one template each, in turn)
+_CHAT = 6  # chat-wrapped prompts per kind (the chat template's system text makes them long)
+_CORPUS = 20  # shipped negatives (and the user's), raw
+_OTHER_ZERO_SHOT = 10  # per other task: the hardest negatives (the task's own format), and short
+_DEPTH = 2 / 3  # candidate layers: below the vector and in the first two thirds of the model
 _OTHER_ICL = 1  # per other task, with _ICL_SHOTS demonstrations
 _ICL_SHOTS = 2
 
@@ -262,6 +266,13 @@ def _states(
     return {at: torch.stack([found[t][j] for t in texts]) for j, at in enumerate(layers)}
 
 
+def condition_layers(fv: FunctionVector, layers: int) -> list[int]:
+    """The layers a condition for ``fv`` may read, in a model of ``layers`` layers: below the first layer the
+    vector touches, and in the first two thirds of the model (where every condition measured so far was chosen;
+    the forwards stop there)."""
+    return list(range(min(fv.first_layer, math.ceil(_DEPTH * layers))))
+
+
 def learn_condition(
     model: nn.Module,
     tokenizer: Any,
@@ -296,7 +307,7 @@ def learn_condition(
         raise ValueError(f"task {task.name!r} needs train and valid queries to learn a condition")
     zero_shot = recorded.texts if recorded is not None else None
     data = condition_prompts(task, tokenizer, negatives=negatives, template=template, seed=seed, zero_shot=zero_shot)
-    layers = list(range(fv.first_layer))
+    layers = condition_layers(fv, resolve_architecture(model, arch).num_layers)
     run: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": progress}
     states = [_states(model, tokenizer, d.texts, layers, recorded, **run) for d in data]
     condition = fit_condition(states[0], states[1], data)
