@@ -24,6 +24,7 @@ candidate layer (the layers above it and the unembedding never run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -115,19 +116,25 @@ def _halves(items: Sequence[str], rng: random.Random) -> tuple[list[str], list[s
     return shuffled[:cut], shuffled[cut:]
 
 
+@functools.lru_cache(maxsize=256)
+def _other_prompts(name: str, split: str, shots: int, template: str, seed: int) -> tuple[tuple[str, str], ...]:
+    """A built-in task's prompts as ``(input, text)`` pairs (cached: every extraction reads the same ones)."""
+    other = load_task(name)
+    if len(other.train) <= shots or not getattr(other, split):
+        return ()
+    prompts = make_prompts(other, n_shots=shots, split=split, template=template, seed=seed)
+    return tuple((p.query.input.strip().lower(), p.text) for p in prompts)
+
+
 def _add_other_tasks(sets: tuple[LabelledPrompts, LabelledPrompts], task: Task, template: str, seed: int) -> None:
     own = {p.input.strip().lower() for p in (*task.train, *task.valid, *task.test)}
     for name in builtin_tasks():
         if name == task.name:
             continue
-        other = load_task(name)
         for target, split in zip(sets, ("train", "valid"), strict=True):
             for shots, count, kind in ((0, _OTHER_ZERO_SHOT, "other_task"), (_ICL_SHOTS, _OTHER_ICL, "other_icl")):
-                if len(other.train) <= shots or not getattr(other, split):
-                    continue
-                prompts = make_prompts(other, n_shots=shots, split=split, template=template, seed=seed)
-                texts = [p.text for p in prompts if p.query.input.strip().lower() not in own][:count]
-                target.add(texts, False, kind)
+                found = _other_prompts(name, split, shots, template, seed)
+                target.add([text for query, text in found if query not in own][:count], False, kind)
 
 
 def condition_prompts(
