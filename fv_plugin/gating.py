@@ -31,8 +31,8 @@ def gate_refusal(what: str) -> str:
     (Hugging Face, vLLM) says it in these words."""
     return (
         f"gate=True needs a condition on every vector, but {what} has none. Vectors from "
-        "fv_plugin.extract_function_vector carry one when asked (ExtractionConfig(condition=True), "
-        "`fv extract --condition`); for another vector use `dataclasses.replace(fv, "
+        "fv_plugin.extract_function_vector carry one (ExtractionConfig(condition=True), the default; not with "
+        "`fv extract --no-condition`); for another vector use `dataclasses.replace(fv, "
         "condition=fv_plugin.learn_condition(model, tokenizer, task, fv))`, or steer with gate=False."
     )
 
