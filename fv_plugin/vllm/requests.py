@@ -31,7 +31,7 @@ from fv_plugin.request import check_options, check_strength, check_vector, split
 from fv_plugin.vector import FunctionVector
 from fv_plugin.vllm.gate_requests import (
     GATE_KEYS,
-    check_gated_positions,
+    check_vllm_positions,
     encode_gate,
     group_by_condition,
     parse_conditions,
@@ -141,7 +141,8 @@ def steering(
             name of a vector the server loaded from ``FV_PLUGIN_VECTORS`` (its file stem), alone or as
             ``(name, weight)``.
         strength: multiplies every vector (one float per request).
-        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``.
+        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``
+            (``"answer"`` is not served on vLLM yet).
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
             ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
         gate: steer with each vector only if the request's prompt passes the vector's condition (``fv.condition``,
@@ -157,7 +158,7 @@ def steering(
         >>> params = SamplingParams(temperature=0, max_tokens=16, extra_args=args)  # doctest: +SKIP
     """
     check_options(positions, normalize)
-    check_gated_positions(gate, positions)
+    check_vllm_positions(gate, positions)
     args: dict[str, Any] = {
         "fv_format": FORMAT,
         "fv_strength": _scalar_strength(strength),
@@ -276,7 +277,7 @@ def parse_request(
     inline, named = _inline_pairs(args), _named_pairs(args, lookup)
     head_pairs = parse_head_vectors(args, decode_vector, check_number)
     gated = parse_conditions(args, len(inline), len(head_pairs), decode_vector, check_number)
-    check_gated_positions(gated is not None, positions)
+    check_vllm_positions(gated is not None, positions)
     if gated is not None:
         inline, named, head_pairs = _with_conditions(args, gated, inline, named, head_pairs)
     return VllmSteeringRequest(

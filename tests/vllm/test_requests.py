@@ -73,6 +73,16 @@ def test_steering_refuses_what_steer_refuses(call: Any, error: type[Exception], 
         call()
 
 
+def test_answer_positions_are_refused_before_the_engine() -> None:
+    """The worker does not track where an answer ends: the client and the server both refuse, never the engine."""
+    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
+        steering(vec(1, 0), positions="answer")
+    args = over_json(steering(vec(1, 0)))
+    args["fv_positions"] = "answer"
+    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
+        parse_request(args, Frontend(arch=ARCH, settings=PluginSettings(), named={}).lookup)
+
+
 def head_vec(heads: tuple[tuple[int, int], ...], seed: int, mode: str = "add") -> FunctionVector:
     values = torch.randn(len(heads), 4, generator=torch.Generator().manual_seed(seed))
     method = "head_difference" if mode == "add" else "head_patch"
