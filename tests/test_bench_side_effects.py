@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -55,6 +56,10 @@ def _naive_run(model: nn.Module, prompt: str, fv: fv_plugin.FunctionVector | Non
     return out[0, ids.shape[1] :].tolist()
 
 
+def _from(start: int, batch: int, length: int) -> torch.Tensor:
+    return (torch.arange(length) >= start)[None, :].expand(batch, length)
+
+
 def _naive_perplexity(model: nn.Module, fv: fv_plugin.FunctionVector | None, texts: tuple[str, ...]) -> float:
     """The paragraphs after their first 4 words in one forward each, the vector added by a plain torch hook at the
     opening's last token and every later one."""
@@ -67,7 +72,7 @@ def _naive_perplexity(model: nn.Module, fv: fv_plugin.FunctionVector | None, tex
         start = len(opening) - 1
         delta = fv.vector if fv is not None else torch.zeros(64)
         layer = fv.layer if fv is not None else 0
-        select = lambda b, s: (torch.arange(s) >= start)[None, :].expand(b, s)  # noqa: E731
+        select = functools.partial(_from, start)
         with torch.no_grad(), reference_steering(model, layer, delta, select):
             logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
         positions = torch.arange(start, ids.shape[1] - 1)
@@ -98,7 +103,8 @@ def test_identical_continuations_and_degeneration_match_a_naive_computation(meas
         runs = {}
         for kind, texts in prompts.items():
             steered = [fv if mode == "ungated" or passed else None for passed in passes[kind]]
-            runs[kind] = [(_naive_run(model, p, s), _naive_run(model, p, None)) for p, s in zip(texts, steered)]
+            pairs = zip(texts, steered, strict=True)
+            runs[kind] = [(_naive_run(model, p, s), _naive_run(model, p, None)) for p, s in pairs]
         row = by_mode[mode]
         assert row.neutral_identical.hits == sum(a == b for a, b in runs["neutral"])
         assert row.chat_identical.hits == sum(a == b for a, b in runs["chat"])
@@ -114,7 +120,8 @@ def test_perplexity_ratio_matches_a_plain_torch_hook(measured: tuple) -> None:
     assert ungated.perplexity_ratio == pytest.approx(expected, rel=1e-4)
     assert abs(expected - 1) > 1e-3
     direct = continuation_perplexity(model, char_tokenizer(), PARAGRAPHS, opening_words=4)
-    assert plain.perplexity == pytest.approx(direct) and direct == pytest.approx(_naive_perplexity(model, None, PARAGRAPHS))
+    assert plain.perplexity == pytest.approx(direct)
+    assert direct == pytest.approx(_naive_perplexity(model, None, PARAGRAPHS))
 
 
 def test_own_task_and_icl_figures_are_those_of_evaluate(measured: tuple) -> None:
