@@ -227,5 +227,7 @@ def gate_decisions(
     """
     check_gate([fv])
     condition = cast(Condition, fv.condition)  # check_gate raised if it is None
-    states = last_token_hidden_states(model, tokenizer, prompts, [condition.layer], batch_size=batch_size, arch=arch)
-    return [bool(v) for v in condition.passes(states[condition.layer]).tolist()]
+    layer = condition.layer
+    options: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": False}
+    states = last_token_hidden_states(model, tokenizer, prompts, [layer], **options)
+    return [bool(v) for v in condition.passes(states[layer]).tolist()]
