@@ -168,3 +168,24 @@ def test_gate_decisions_are_the_decisions_steer_takes() -> None:
     assert not torch.allclose(steered, plain, atol=1e-3)
     with pytest.raises(ValueError, match="needs a condition"):
         fv_plugin.gate_decisions(model, tok, prompts, _vector())
+
+
+def test_evaluate_with_the_gate_steers_the_prompts_that_pass_and_leaves_the_others_plain() -> None:
+    model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    unit = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(5)), dim=0)
+    fv = _vector(scale=20.0)
+    config = EvalConfig(n=4, generate=True, max_new_tokens=4)
+
+    def rows(vectors: list, **changes: object) -> list[tuple[str, str]]:
+        result = fv_plugin.evaluate(model, tok, task, dataclasses.replace(config, **changes), vectors=vectors)
+        return [(r.top_token, r.continuation) for r in result.rows]
+
+    steered, plain = rows([fv]), rows([])
+    assert steered != plain
+    for threshold, expected in ((-2.0, steered), (2.0, plain)):  # a unit direction's score lies in [-1, 1]
+        gated = dataclasses.replace(fv, condition=Condition(layer=0, direction=unit, threshold=threshold))
+        assert rows([gated], gate=True) == expected
+    with pytest.raises(ValueError, match="positions must be one of"):
+        EvalConfig(positions="all")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="gate must be True or False"):
+        EvalConfig(gate="yes")  # type: ignore[arg-type]
