@@ -14,7 +14,8 @@ from test_evaluation import reverse_task
 from torch import nn
 
 import fv_plugin
-from fv_plugin.benchmarks.side_effects import Corpus, Settings, measure_plain, measure_vector, side_effect_table
+from fv_plugin.benchmarks.side_effect_measures import Corpus, Settings, measure_plain, measure_vector
+from fv_plugin.benchmarks.side_effects import gate_table, side_effect_table
 from fv_plugin.condition import Condition
 from fv_plugin.config import EvalConfig
 from fv_plugin.side_effects import continuation_perplexity, degenerate
@@ -110,6 +111,9 @@ def test_identical_continuations_and_degeneration_match_a_naive_computation(meas
         assert row.chat_identical.hits == sum(a == b for a, b in runs["chat"])
         assert row.degenerate.hits == sum(degenerate(a) for kind in runs for a, _ in runs[kind])
     assert by_mode["ungated"].neutral_identical.hits < len(PARAGRAPHS), "the vector should change some text"
+    passed = by_mode["gated"].gate_passes  # the share of prompts the condition lets through, per kind
+    assert (passed["neutral"].hits, passed["chat"].hits) == (sum(passes["neutral"]), sum(passes["chat"]))
+    assert not by_mode["ungated"].gate_passes and "| reverse | " in gate_table(rows)
     assert plain.neutral == tuple(tuple(_naive_run(model, p, None)) for p in corpus.openings)
 
 
