@@ -8,6 +8,7 @@ imported only when its command runs.
 - ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
 - ``side-effects`` (:mod:`.side_effects`): each vector's own-task accuracy and what else it changes, ungated,
   gated and with ``positions="answer"``.
+- ``condition`` (:mod:`.condition`): a condition's cost against the plain forwards, and its error rates.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -28,6 +29,7 @@ _COMMANDS = {
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
     "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
     "side-effects": ("side_effects", "own-task accuracy and side effects of vectors: ungated, gated, answer positions"),
+    "condition": ("condition", "what learning saved vectors' conditions costs, and their validation error rates"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),
