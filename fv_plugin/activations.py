@@ -1,4 +1,5 @@
-"""Reading activations: last-token hidden states of prompts at chosen layers, and a task's hidden-state vectors.
+"""Reading activations: last-token hidden states of prompts at chosen layers, a task's hidden-state vectors, and
+which prompts pass a vector's condition (:func:`gate_decisions`, the decision ``steer(..., gate=True)`` takes).
 
 :func:`task_state_vectors` is the one place the hidden-state methods' vectors are computed: the mean last-token state of
 clean ICL prompts (``layer_mean``, the task-vector baseline) and that mean minus the mean over the same queries
@@ -10,15 +11,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec, resolve_architecture
+from fv_plugin.condition import Condition
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
+from fv_plugin.gating import check_gate
 from fv_plugin.hooks import ForwardStopped, record_head_inputs, record_layer_outputs
 from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import clean_prompts
@@ -32,6 +35,7 @@ __all__ = [
     "RecordedStates",
     "clean_prompts",
     "difference_vector",
+    "gate_decisions",
     "last_token_hidden_states",
     "mean_last_token_hidden_state",
     "prompt_means",
@@ -226,3 +230,33 @@ def prompt_means(
     means = (head_sum / n).view(resolved.num_layers, resolved.num_heads or 1, -1) if head_sum is not None else None
     own = {at: torch.cat(parts) for at, parts in kept.items()}
     return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers}, rows=own)
+
+
+@torch.no_grad()
+def gate_decisions(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    fv: FunctionVector,
+    *,
+    batch_size: int = 8,
+    arch: ArchSpec | None = None,
+) -> list[bool]:
+    """Whether each prompt passes ``fv``'s condition: the decision ``steer(model, fv, gate=True)`` takes for a row
+    holding that prompt (as ``tokenizer(prompts)`` encodes it), computed with the same rule on the plain model's
+    hidden state at the prompt's last token. (Inside ``steer``, other vectors steering layers below
+    ``condition.layer`` in the same call change that state; this function sees the model without them.)
+
+    Raises:
+        ValueError: when ``fv`` has no condition (:func:`fv_plugin.gating.check_gate`) or ``prompts`` is empty.
+
+    Example:
+        >>> fv_plugin.gate_decisions(model, tok, ["Q: hot\nA:", "Tell me a story."], fv)  # doctest: +SKIP
+        [True, False]
+    """
+    check_gate([fv])
+    condition = cast(Condition, fv.condition)  # check_gate raised if it is None
+    layer = condition.layer
+    options: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": False, "stop": True}
+    states = last_token_hidden_states(model, tokenizer, prompts, [layer], **options)
+    return [bool(v) for v in condition.passes(states[layer]).tolist()]

@@ -44,6 +44,7 @@ Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+AnswerPositions = Literal["generated", "answer"]  # where an evaluation's continuation is steered
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
 # The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -224,6 +225,10 @@ class EvalConfig:
         batch_size: prompts per forward pass.
         protocol: ``"all"`` scores every query; ``"icl_correct"`` (the paper's protocol) only the queries the
             plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
+        gate: steer a prompt only if it passes each vector's condition (``steer(..., gate=True)``).
+        positions: where the continuation is steered: ``"generated"`` (the last prompt token and every generated
+            token) or ``"answer"`` (until the row's answer ends; ``steer(..., positions="answer")``). The
+            next-token figures are steered at the last prompt token either way.
     """
 
     mode: Mode = "zero_shot"
@@ -238,8 +243,14 @@ class EvalConfig:
     max_new_tokens: int | None = None
     batch_size: int = 16
     protocol: Protocol = "all"
+    gate: bool = False
+    positions: AnswerPositions = "generated"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gate, bool):
+            raise TypeError(f"gate must be True or False, got {self.gate!r}")
+        if self.positions not in get_args(AnswerPositions):
+            raise ValueError(f"positions must be one of {get_args(AnswerPositions)}, got {self.positions!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.protocol == "icl_correct" and self.n_shots < 1:
