@@ -12,9 +12,9 @@ Every kind is split in two: the fit uses the task's ``train`` queries (and half 
 choice of layer and threshold uses its ``valid`` queries (and the other half). The test split is never read.
 The direction is a class-balanced, L2-regularised logistic regression on unit-normalised hidden states at the
 prompt's last token, one per candidate layer (below the first layer the vector touches, in the first two thirds
-of the model: :func:`condition_layers`); the layer and threshold with the lowest balanced error on validation win
-(ties: the earlier layer). The rates stored in the condition are those validation rates, with 95% Wilson
-intervals.
+of the model: :func:`condition_layers`); the layer and threshold with the lowest validation error win, a missed
+task query weighted :data:`MISS_WEIGHT` times a passed other prompt (ties: the earlier layer). The rates stored
+in the condition are those validation rates, with 95% Wilson intervals.
 
 Cost: an extraction already runs its train queries zero-shot and keeps their states (``recorded``), so those
 positives cost nothing; every other prompt runs shortest first (batches pad little) and only up to the highest
@@ -46,7 +46,9 @@ from fv_plugin.tasks import Task, builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
+    "MISS_WEIGHT",
     "LabelledPrompts",
+    "best_threshold",
     "condition_layers",
     "condition_negatives",
     "condition_prompts",
@@ -194,14 +196,20 @@ def _fit_direction(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps:
     return (w.detach() / std).float()
 
 
-def _best_threshold(scores: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """The threshold with the lowest balanced error ``(FPR + FNR) / 2`` on ``scores``; returns (error, threshold)."""
+MISS_WEIGHT = 3.0
+"""How much more a missed task query (false negative) counts than another prompt passed (false positive) when the
+threshold is chosen: a miss loses the task's answer, a false positive steers one prompt as the ungated vector would."""
+
+
+def best_threshold(scores: torch.Tensor, y: torch.Tensor, miss_weight: float = MISS_WEIGHT) -> tuple[float, float]:
+    """The threshold with the lowest weighted error ``(miss_weight * FNR + FPR) / (miss_weight + 1)`` on
+    ``scores`` (``y``: True for the task's prompts); returns (error, threshold)."""
     values = torch.sort(scores).values
     cuts = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
     passed = scores[None, :] >= cuts[:, None]
     fnr = (~passed & y[None, :]).sum(1) / y.sum().clamp_min(1)
     fpr = (passed & ~y[None, :]).sum(1) / (~y).sum().clamp_min(1)
-    error = (fnr + fpr) / 2
+    error = (miss_weight * fnr + fpr) / (miss_weight + 1)
     best = torch.nonzero(error == error.min()).flatten()
     index = int(best[len(best) // 2])  # the middle of a run of equally good cuts
     return float(error[index]), float(cuts[index])
@@ -226,7 +234,7 @@ def fit_condition(
         x = train[layer] / train[layer].norm(dim=-1, keepdim=True).clamp_min(1e-12)
         direction = _fit_direction(x, y_train)
         probe = Condition(layer=layer, direction=direction, threshold=0.0)
-        error, threshold = _best_threshold(probe.score(valid[layer]), y_valid)
+        error, threshold = best_threshold(probe.score(valid[layer]), y_valid)
         if error < best[0]:
             best = (error, layer, direction, threshold)
     error, layer, direction, threshold = best
@@ -245,7 +253,10 @@ def fit_condition(
         false_negative=_rate(~passed[y_valid]),
         false_positive_by_kind=by_kind,
         n_train=(int(y_train.sum()), int((~y_train).sum())),
-        rule=f"logistic regression per layer, layer and threshold by balanced error on validation ({error:.3f})",
+        rule=(
+            "logistic regression per layer, layer and threshold by validation error with misses weighted "
+            f"{MISS_WEIGHT:g}x ({error:.3f})"
+        ),
     )
 
 

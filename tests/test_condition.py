@@ -8,6 +8,7 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
 
@@ -163,3 +164,27 @@ def test_the_condition_reuses_recorded_states_and_stops_below_the_vector() -> No
     assert set(work["fresh"]) == set(work["recorded"]) == {0, 1}  # the last layer (and the head) never run
     unique = len(set(recorded.texts))
     assert len(work["fresh"]) > len(work["recorded"]) and unique > 0
+
+
+def test_threshold_weighs_misses_against_a_brute_force_oracle() -> None:
+    """The chosen cut minimises ``(w * FNR + FPR) / (w + 1)`` over every cut a brute force tries, and a heavier
+    weight on misses never lets more task prompts fail."""
+    from fv_plugin.condition_fit import MISS_WEIGHT, best_threshold
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.cat([torch.randn(30, generator=gen) + 1.0, torch.randn(50, generator=gen)])
+    y = torch.cat([torch.ones(30, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)])
+
+    def weighted(cut: float, w: float) -> float:
+        passed = scores >= cut
+        fnr = float((~passed & y).sum()) / 30
+        fpr = float((passed & ~y).sum()) / 50
+        return (w * fnr + fpr) / (w + 1)
+
+    grid = [float(v) for v in torch.linspace(-4, 5, 2001)]
+    for w in (1.0, MISS_WEIGHT):
+        error, cut = best_threshold(scores, y, w)
+        assert error == pytest.approx(weighted(cut, w))
+        assert error <= min(weighted(c, w) for c in grid) + 1e-6
+    misses = [int((scores[y] < best_threshold(scores, y, w)[1]).sum()) for w in (1.0, MISS_WEIGHT)]
+    assert misses[1] <= misses[0]
