@@ -104,6 +104,9 @@ class ExtractionConfig:
             see :mod:`fv_plugin.condition_fit`). Off by default for now: on the embedded model it costs more
             than the extraction itself (``fv extract --condition`` turns it on).
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
+        prepend_bos: start every prompt with the tokenizer's BOS token (the paper's code does; SmolLM2's tokenizer
+            adds none). The vector keeps the setting (``fv.prepend_bos``) and :func:`~fv_plugin.evaluate` uses it;
+            tokenize the prompts you steer the same way (:func:`~fv_plugin.prompt_tokenizer`).
     """
 
     method: Method = "auto"
@@ -131,6 +134,7 @@ class ExtractionConfig:
     max_validation: int | None = 64
     screen_queries: int = 12
     finalists: int = 24
+    prepend_bos: bool = False
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -186,6 +190,8 @@ class ExtractionConfig:
             )
         for name in ("screen_queries", "finalists"):
             _at_least(getattr(self, name), 1, name)
+        if not isinstance(self.prepend_bos, bool):
+            raise TypeError(f"prepend_bos must be True or False, got {self.prepend_bos!r}")
         if self.max_validation is not None:
             _at_least(self.max_validation, 1, "max_validation")
         if self.validation not in ("valid", "valid+train"):
@@ -224,6 +230,8 @@ class EvalConfig:
         batch_size: prompts per forward pass.
         protocol: ``"all"`` scores every query; ``"icl_correct"`` (the paper's protocol) only the queries the
             plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
+        prepend_bos: start every prompt with the tokenizer's BOS token; ``None``: as the vectors were extracted
+            (``fv.prepend_bos``), or :class:`ExtractionConfig`'s default without vectors.
     """
 
     mode: Mode = "zero_shot"
@@ -238,8 +246,11 @@ class EvalConfig:
     max_new_tokens: int | None = None
     batch_size: int = 16
     protocol: Protocol = "all"
+    prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
+            raise TypeError(f"prepend_bos must be True, False or None, got {self.prepend_bos!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.protocol == "icl_correct" and self.n_shots < 1:
