@@ -128,7 +128,7 @@ def stage_table(row: ScalingRow, method: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for s in row.measured[method]:
-        p = projected.get(s.name)
+        p = projected.get(s.name.split(" (")[0])  # "candidates (255 x 12 queries)" -> "candidates"
         guess = f"{p.tokens:.0f} | {s.logit_rows} | {p.logit_rows}" if p else f"– | {s.logit_rows} | –"
         lines.append(f"| {s.name} | {s.cpu_seconds:.1f} | {s.tokens:.0f} | {guess} |")
     return "\n".join(lines)
