@@ -140,31 +140,30 @@ def _plot(rows: Sequence[ScalingRow], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ordered = sorted(rows, key=lambda r: r.layers * r.heads)
+    grid = [r.layers * r.heads for r in ordered]
     for color, method in zip(("C0", "C1"), METHODS, strict=True):
-        for embedded, marker in ((False, "o"), (True, "s")):
-            kept = sorted(
-                (r for r in rows if r.model.startswith("random") != embedded), key=lambda r: r.layers * r.heads
-            )
-            if not kept:
-                continue
-            grid = [r.layers * r.heads for r in kept]
-            label = f"{method}, {'embedded model' if embedded else 'random model'}"
-            ax.plot(grid, [r.cpu(method) for r in kept], marker, color=color, label=f"{label}: measured")
-            ax.plot(grid, [r.projected_cpu(method) for r in kept], marker, color=color, mfc="none", ms=11,
-                    label=f"{label}: projected")  # fmt: skip
-    for r in rows:
+        left.plot(grid, [r.cpu(method) for r in ordered], "o", color=color, label=f"{method}: measured")
+        left.plot(grid, [r.projected_cpu(method) for r in ordered], "o", color=color, mfc="none", ms=11,
+                  label=f"{method}: projected")  # fmt: skip
+        right.plot(grid, [r.tokens(method) for r in ordered], "o", color=color, label=f"{method}: counted")
+        right.plot(grid, [r.projected_tokens(method) for r in ordered], "o", color=color, mfc="none", ms=11,
+                   label=f"{method}: projected")  # fmt: skip
+    left.plot(grid, [r.plain.cpu_seconds for r in ordered], "x", color="grey", label="plain forwards")
+    for r in ordered:
         if not r.model.startswith("random"):
-            ax.annotate(
-                r.model, (r.layers * r.heads, r.cpu("auto")), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("layers x heads")
-    ax.set_ylabel("CPU seconds (1 thread)")
-    ax.legend(fontsize=7)
+            for ax, y in ((left, r.cpu("auto")), (right, r.tokens("auto"))):
+                ax.annotate(r.model, (r.layers * r.heads, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    left.set_ylabel("CPU seconds (1 thread)")
+    right.set_ylabel("token passes through the decoder")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("layers x heads")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def _models(args: argparse.Namespace) -> Any:
