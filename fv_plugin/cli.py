@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _extract_parser() -> argparse.ArgumentParser:
-    from fv_plugin.config import DEFAULT_MODEL, METHODS
+    from fv_plugin.config import DEFAULT_MODEL, METHODS, ExtractionConfig
 
     parser = argparse.ArgumentParser(prog="fv extract", description="Extract a function vector for a task.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
@@ -38,6 +38,12 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--condition", action="store_true", help="also learn the condition gate=True uses (costs about an extraction)"
     )
+    parser.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=ExtractionConfig.prepend_bos,
+        help="start every prompt with the tokenizer's BOS token (kept in the vector; evaluation and the demo follow)",
+    )
     return parser
 
 
@@ -54,6 +60,7 @@ def _extract(argv: Sequence[str]) -> int:
         seed=args.seed,
         condition=args.condition,
         portable=args.portable,
+        prepend_bos=args.prepend_bos,
     )
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
