@@ -7,6 +7,7 @@ zero-shot (``difference``, the ICL-minus-zero-shot vector).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import record_head_inputs, record_layer_outputs
+from fv_plugin.hooks import ForwardStopped, record_head_inputs, record_layer_outputs
 from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import clean_prompts
 from fv_plugin.prompts import Prompt, encode_prompts
@@ -28,6 +29,7 @@ from fv_plugin.vector import FunctionVector
 
 __all__ = [
     "PromptMeans",
+    "RecordedStates",
     "clean_prompts",
     "difference_vector",
     "last_token_hidden_states",
@@ -47,8 +49,10 @@ def last_token_hidden_states(
     batch_size: int = 8,
     arch: ArchSpec | None = None,
     progress: bool | None = None,
+    stop: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """Hidden state of each prompt's final token after each of ``layers``.
+    """Hidden state of each prompt's final token after each of ``layers``; ``stop``: run each forward only up
+    to the highest of ``layers`` (the layers above and the unembedding are skipped).
 
     Returns:
         ``{layer: tensor [len(prompts), hidden]}`` in float32 on the CPU.
@@ -62,13 +66,14 @@ def last_token_hidden_states(
     device = input_device(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     batches = range(0, len(prompts), batch_size)
-    with record_layer_outputs(model, layers, arch=arch) as seen:
+    with record_layer_outputs(model, layers, arch=arch, stop=stop) as seen:
         for start in tqdm(batches, desc="hidden states", disable=not progress_enabled(progress)):
             enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)  # type: ignore[operator]
             mask = enc["attention_mask"]
             positions = torch.arange(mask.shape[1])
             last = torch.where(mask.bool(), positions, -1).amax(dim=1)
-            model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
+            with contextlib.suppress(ForwardStopped):
+                model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
             rows = torch.arange(mask.shape[0])
             for layer in layers:
                 out[layer].append(seen[layer][rows, last.to(seen[layer].device)].float().cpu())
@@ -150,10 +155,28 @@ def task_state_vectors(
 @dataclass(frozen=True)
 class PromptMeans:
     """Mean last-token activations over a set of prompts: every head (``heads``, ``[layers, heads, head_dim]``,
-    or ``None`` when not recorded) and the hidden state after each recorded layer (``states``: ``[hidden]``)."""
+    or ``None`` when not recorded) and the hidden state after each recorded layer (``states``: ``[hidden]``);
+    ``rows``: each prompt's own last-token hidden state after the layers asked for (``[prompts, hidden]``)."""
 
     heads: torch.Tensor | None
     states: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordedStates:
+    """Last-token hidden states an extraction already ran: ``texts[i]``'s state after layer ``l`` is
+    ``states[l][i]`` (float32 ``[len(texts), hidden]`` on the CPU). Lets later stages skip those prompts."""
+
+    texts: tuple[str, ...]
+    states: dict[int, torch.Tensor]
+
+    def lookup(self, text: str, layers: Sequence[int]) -> list[torch.Tensor] | None:
+        """``text``'s states after ``layers``, or ``None`` when it was not recorded at all of them."""
+        if text not in self.texts or any(at not in self.states for at in layers):
+            return None
+        i = self.texts.index(text)
+        return [self.states[at][i] for at in layers]
 
 
 @torch.no_grad()
@@ -164,13 +187,15 @@ def prompt_means(
     *,
     heads: bool = False,
     layers: Sequence[int] = (),
+    rows: Sequence[int] = (),
     batch_size: int = 16,
     arch: ArchSpec | None = None,
     name: str = "prompts",
     progress: bool | None = None,
 ) -> PromptMeans:
     """Mean last-token head activations (``heads=True``) and hidden states after ``layers``, in one pass over
-    ``prompts`` (left-padded batches of ``batch_size``), float32 on the CPU."""
+    ``prompts`` (left-padded batches of ``batch_size``), float32 on the CPU; ``rows``: layers after which each
+    prompt's own last-token state is kept too (same pass)."""
     if not prompts:
         raise ValueError("no prompts")
     resolved = resolve_architecture(model, arch)
@@ -178,9 +203,10 @@ def prompt_means(
     device = input_device(model)
     head_sum: torch.Tensor | None = None
     state_sum = {at: torch.zeros(()) for at in layers}
+    kept: dict[int, list[torch.Tensor]] = {at: [] for at in rows}
     with (
         record_head_inputs(resolved, head_layers) as seen_heads,
-        record_layer_outputs(model, layers, arch=arch) as seen_states,
+        record_layer_outputs(model, sorted({*layers, *rows}), arch=arch) as seen_states,
         stage(name, len(prompts), unit="prompt", progress=progress) as bar,
     ):
         for start in range(0, len(prompts), batch_size):
@@ -193,7 +219,10 @@ def prompt_means(
                 head_sum = summed if head_sum is None else head_sum + summed
             for at in layers:
                 state_sum[at] = state_sum[at] + seen_states[at][:, -1].float().sum(0).cpu()
+            for at in rows:
+                kept[at].append(seen_states[at][:, -1].float().cpu())
             bar.update(len(batch))
     n = len(prompts)
     means = (head_sum / n).view(resolved.num_layers, resolved.num_heads or 1, -1) if head_sum is not None else None
-    return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers})
+    own = {at: torch.cat(parts) for at, parts in kept.items()}
+    return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers}, rows=own)

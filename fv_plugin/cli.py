@@ -36,8 +36,9 @@ def _extract_parser() -> argparse.ArgumentParser:
         help="auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)",
     )
     parser.add_argument(
-        "--condition", action="store_true", help="also learn the condition gate=True uses (costs about an extraction)"
+        "--no-condition", action="store_true", help="do not learn the condition gate=True uses (learned by default)"
     )
+    parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     parser.add_argument(
         "--prepend-bos",
         action=argparse.BooleanOptionalAction,
@@ -58,7 +59,7 @@ def _extract(argv: Sequence[str]) -> int:
         layer=args.layer,
         n_shots=args.n_shots,
         seed=args.seed,
-        condition=args.condition,
+        condition=not args.no_condition,
         portable=args.portable,
         prepend_bos=args.prepend_bos,
     )

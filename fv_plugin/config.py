@@ -101,8 +101,8 @@ class ExtractionConfig:
         screen_queries: ``method="auto"`` scores every candidate on this many validation queries first...
         finalists: ...and only this many of the best (plus each method's best two) on the rest.
         condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
-            see :mod:`fv_plugin.condition_fit`). Off by default for now: on the embedded model it costs more
-            than the extraction itself (``fv extract --condition`` turns it on).
+            see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
+            work (``False`` or ``fv extract --no-condition`` skips it).
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
         prepend_bos: start every prompt with the tokenizer's BOS token (the paper's code does; SmolLM2's tokenizer
             adds none). The vector keeps the setting (``fv.prepend_bos``) and :func:`~fv_plugin.evaluate` uses it;
@@ -127,7 +127,7 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
-    condition: bool = False
+    condition: bool = True
     condition_negatives: tuple[str, ...] = ()
     forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
     portable: bool = False

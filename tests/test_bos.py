@@ -22,7 +22,7 @@ import fv_plugin
 BOS = 1  # char_tokenizer's "<s>": it never adds it itself
 SMALL = fv_plugin.ExtractionConfig(
     n_mean=4, n_aie=2, n_shots=3, k=2, ks=(2,), strengths=(1.0,), head_strengths=(1.0,), max_validation=4,
-    screen_queries=2, finalists=1,
+    screen_queries=2, finalists=1, condition=False,  # the condition fit tokenizes its own prompts
 )  # fmt: skip
 
 

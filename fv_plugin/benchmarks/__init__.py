@@ -6,6 +6,7 @@ imported only when its command runs.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
 - ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
+- ``condition`` (:mod:`.condition`): a condition's cost against the plain forwards, and its error rates.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -25,6 +26,7 @@ _COMMANDS = {
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
     "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
+    "condition": ("condition", "what learning saved vectors' conditions costs, and their validation error rates"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),
