@@ -27,6 +27,7 @@ from fv_plugin.side_effects import Specificity, TextEffects
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 POSITIONS = fv_plugin.POSITION_MODES
 N_DEMOS = 10
+DEFAULT_BOS = fv_plugin.ExtractionConfig().prepend_bos  # prompts without vectors: as the library extracts
 SERIES = ("plain", "steered", f"{N_DEMOS}-shot ICL")
 
 Pairs = tuple[tuple[fv_plugin.FunctionVector, float], ...]
@@ -190,13 +191,17 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ checks
-    def check_prompt(self, prompt: str) -> tuple[int, ...]:
+    def tokens(self, text: str, prepend_bos: bool) -> tuple[int, ...]:
+        """``text``'s token ids as the vectors' prompts were tokenized (BOS first when they were extracted so)."""
+        return tuple(fv_plugin.prompt_tokenizer(self.tokenizer, prepend_bos=prepend_bos)(text)["input_ids"])
+
+    def check_prompt(self, prompt: str, *, prepend_bos: bool = DEFAULT_BOS) -> tuple[int, ...]:
         """The prompt's token ids, or a :class:`DemoError` saying what is wrong with it."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise DemoError("Type a prompt first, e.g. 'Q: hot\\nA:'.")
         if len(prompt) > self.limits.max_prompt_chars:
             raise DemoError(f"The prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}.")
-        ids = tuple(self.tokenizer(prompt)["input_ids"])
+        ids = self.tokens(prompt, prepend_bos)
         if len(ids) > self.limits.max_prompt_tokens:
             raise DemoError(f"The prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}.")
         return ids
@@ -238,14 +243,16 @@ class Engine:
         return tuple((dataclasses.replace(fv, layer=int(request.layer)), w) for fv, w in request.pairs)
 
     # ------------------------------------------------------------------ the three rows
-    def demonstrations(self, prompt: str, task: fv_plugin.Task | None) -> Demonstrations:
+    def demonstrations(
+        self, prompt: str, task: fv_plugin.Task | None, *, prepend_bos: bool = DEFAULT_BOS
+    ) -> Demonstrations:
         """The ICL row for ``prompt``: ``N_DEMOS`` training pairs of ``task``, then the prompt."""
         if task is None:
             return Demonstrations(
                 None, "No ICL column: the first vector does not record a built-in task, so there are no examples."
             )
         demos = demonstration_text(task)
-        ids = tuple(self.tokenizer(demos + prompt)["input_ids"])
+        ids = self.tokens(demos + prompt, prepend_bos)
         shots = len(task.train[:N_DEMOS])
         if len(ids) > self.limits.max_icl_tokens:
             return Demonstrations(
@@ -254,22 +261,23 @@ class Engine:
                 f"tokens, more than the {self.limits.max_icl_tokens} the demo allows.",
             )
         return Demonstrations(
-            self.icl_row(ids, demos), f"ICL: your prompt after {shots} demonstrations of *{task.name}*."
+            self.icl_row(ids, demos, prepend_bos), f"ICL: your prompt after {shots} demonstrations of *{task.name}*."
         )
 
-    def icl_row(self, ids: tuple[int, ...], demos: str) -> Row:
+    def icl_row(self, ids: tuple[int, ...], demos: str, prepend_bos: bool = DEFAULT_BOS) -> Row:
         """The ICL row, its demonstrations served from the prefix cache. Their last token is left out of the
         cached part (its merge may depend on what follows); a prompt whose tokens do not start with the cached
         ones is prefilled whole."""
-        cached = tuple(self.tokenizer(demos)["input_ids"])[:-1]
+        cached = self.tokens(demos, prepend_bos)[:-1]
         if not cached or ids[: len(cached)] != cached or len(ids) == len(cached):
             return Row(ids)
         return Row(ids[len(cached) :], prefix=self.prefixes.get(cached))
 
     def warm_up(self) -> None:
         """Prefill the demonstrations of every shared vector's task, so that no user waits for them."""
-        for task in {builtin_task(fv.task) for fv in self.vectors.values() if fv.task} - {None}:
-            self.demonstrations("Q: x\nA:", task)
+        for task, bos in {(builtin_task(fv.task), fv.prepend_bos) for fv in self.vectors.values() if fv.task}:
+            if task is not None:
+                self.demonstrations("Q: x\nA:", task, prepend_bos=bos)
 
     def gate(self, prompt: str, pairs: Pairs) -> tuple[bool | None, ...]:
         """Per vector: does ``prompt`` pass its condition (``None``: it has none)? The rule and the hidden state
@@ -284,12 +292,13 @@ class Engine:
         decided. With the gate on, a vector whose condition the prompt does not pass is left out of the steered
         row (the prompt is decided once, before generation, as ``steer(..., gate=True)`` does at its last token);
         a vector without a condition steers ungated."""
-        ids = self.check_prompt(request.prompt)
+        bos = request.pairs[0][0].prepend_bos if request.pairs else DEFAULT_BOS  # as the first vector's prompts
+        ids = self.check_prompt(request.prompt, prepend_bos=bos)
         pairs = self.check_steering(request)
         decisions = self.gate(request.prompt, request.pairs) if request.gate else None
         if decisions is not None:
             pairs = tuple(pair for pair, passed in zip(pairs, decisions, strict=True) if passed is not False)
-        demos = self.demonstrations(request.prompt, request.task)
+        demos = self.demonstrations(request.prompt, request.task, prepend_bos=bos)
         rows = (Row(ids), Row(ids, pairs), *((demos.row,) if demos.row is not None else ()))
         job = Job(rows, float(request.strength), request.positions, int(request.max_new_tokens))
         return job, demos, decisions

@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     )
     from fv_plugin.models import EMBEDDED_MODELS, load_model
     from fv_plugin.positions import POSITION_MODES
-    from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts
+    from fv_plugin.prompts import Prompt, PromptTemplate, encode_prompts, make_prompts, prompt_tokenizer
     from fv_plugin.records import Candidate, Selection, Sweep
     from fv_plugin.scoring import PromptScores, score_prompts, zero_shot_scores
     from fv_plugin.steering import FunctionVectorProcessor, SteeredModel, UnusedSteeringWarning, steer
@@ -116,6 +116,7 @@ _EXPORTS: dict[str, str] = {
     "mean_head_activations": "fv_plugin.mediation",
     "mean_last_token_hidden_state": "fv_plugin.activations",
     "neutral_texts": "fv_plugin.tasks",
+    "prompt_tokenizer": "fv_plugin.prompts",
     "rank_agreement": "fv_plugin.attribution",
     "register_architecture": "fv_plugin.architectures",
     "resolve_architecture": "fv_plugin.architectures",
@@ -185,6 +186,7 @@ __all__ = [
     "mean_head_activations",
     "mean_last_token_hidden_state",
     "neutral_texts",
+    "prompt_tokenizer",
     "rank_agreement",
     "register_architecture",
     "resolve_architecture",

@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _extract_parser() -> argparse.ArgumentParser:
-    from fv_plugin.config import DEFAULT_MODEL, METHODS
+    from fv_plugin.config import DEFAULT_MODEL, METHODS, ExtractionConfig
 
     parser = argparse.ArgumentParser(prog="fv extract", description="Extract a function vector for a task.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded short name, local path or Hub id")
@@ -39,6 +39,12 @@ def _extract_parser() -> argparse.ArgumentParser:
         "--no-condition", action="store_true", help="do not learn the condition gate=True uses (learned by default)"
     )
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
+    parser.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=ExtractionConfig.prepend_bos,
+        help="start every prompt with the tokenizer's BOS token (kept in the vector; evaluation and the demo follow)",
+    )
     return parser
 
 
@@ -55,6 +61,7 @@ def _extract(argv: Sequence[str]) -> int:
         seed=args.seed,
         condition=not args.no_condition,
         portable=args.portable,
+        prepend_bos=args.prepend_bos,
     )
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 

@@ -105,6 +105,9 @@ class ExtractionConfig:
             see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
             work (``False`` or ``fv extract --no-condition`` skips it).
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
+        prepend_bos: start every prompt with the tokenizer's BOS token (the paper's code does; SmolLM2's tokenizer
+            adds none). The vector keeps the setting (``fv.prepend_bos``) and :func:`~fv_plugin.evaluate` uses it;
+            tokenize the prompts you steer the same way (:func:`~fv_plugin.prompt_tokenizer`).
     """
 
     method: Method = "auto"
@@ -132,6 +135,7 @@ class ExtractionConfig:
     max_validation: int | None = 64
     screen_queries: int = 12
     finalists: int = 24
+    prepend_bos: bool = False
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -187,6 +191,8 @@ class ExtractionConfig:
             )
         for name in ("screen_queries", "finalists"):
             _at_least(getattr(self, name), 1, name)
+        if not isinstance(self.prepend_bos, bool):
+            raise TypeError(f"prepend_bos must be True or False, got {self.prepend_bos!r}")
         if self.max_validation is not None:
             _at_least(self.max_validation, 1, "max_validation")
         if self.validation not in ("valid", "valid+train"):
@@ -229,6 +235,8 @@ class EvalConfig:
         positions: where the continuation is steered: ``"generated"`` (the last prompt token and every generated
             token) or ``"answer"`` (until the row's answer ends; ``steer(..., positions="answer")``). The
             next-token figures are steered at the last prompt token either way.
+        prepend_bos: start every prompt with the tokenizer's BOS token; ``None``: as the vectors were extracted
+            (``fv.prepend_bos``), or :class:`ExtractionConfig`'s default without vectors.
     """
 
     mode: Mode = "zero_shot"
@@ -245,12 +253,15 @@ class EvalConfig:
     protocol: Protocol = "all"
     gate: bool = False
     positions: AnswerPositions = "generated"
+    prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.gate, bool):
             raise TypeError(f"gate must be True or False, got {self.gate!r}")
         if self.positions not in get_args(AnswerPositions):
             raise ValueError(f"positions must be one of {get_args(AnswerPositions)}, got {self.positions!r}")
+        if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
+            raise TypeError(f"prepend_bos must be True, False or None, got {self.prepend_bos!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.protocol == "icl_correct" and self.n_shots < 1:

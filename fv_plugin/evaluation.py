@@ -30,12 +30,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fv_plugin.config import EvalConfig, with_overrides
+from fv_plugin.config import EvalConfig, ExtractionConfig, with_overrides
 from fv_plugin.devices import input_device
 from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics
 from fv_plugin.prompt_sets import eval_prompts
-from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
+from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, prompt_tokenizer
 from fv_plugin.records import Sweep
 from fv_plugin.scoring import (
     VectorArg,
@@ -136,6 +136,20 @@ def _name(entry: VectorArg) -> str:
     return label if weight == 1.0 else f"{weight:g}*{label}"
 
 
+def eval_tokenizer(tokenizer: Any, prepend_bos: bool | None, vectors: Sequence[VectorArg] = ()) -> Any:
+    """The tokenizer an evaluation encodes its prompts with: BOS first as ``prepend_bos`` says, or (``None``) as
+    the ``vectors`` were extracted, or :class:`~fv_plugin.ExtractionConfig`'s default without vectors."""
+    if prepend_bos is None:
+        kept = {(v[0] if isinstance(v, tuple) else v).prepend_bos for v in vectors}
+        if len(kept) > 1:
+            raise ValueError(
+                "the vectors were extracted with and without a BOS token first (fv.prepend_bos); "
+                "set prepend_bos=True or False in the evaluation to choose one"
+            )
+        prepend_bos = kept.pop() if kept else ExtractionConfig().prepend_bos
+    return prompt_tokenizer(tokenizer, prepend_bos=prepend_bos)
+
+
 mode_prompts = eval_prompts  # the former name of :func:`~fv_plugin.prompt_sets.eval_prompts`
 
 
@@ -225,6 +239,7 @@ def evaluate(
     if getattr(tokenizer, "pad_token", None) is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token = tokenizer.eos_token` first")
     prompts = eval_prompts(task, settings)
+    tokenizer = eval_tokenizer(tokenizer, settings.prepend_bos, vectors)
     if settings.protocol == "icl_correct":
         kept = icl_correct_inputs(model, tokenizer, task, settings)
         prompts = [p for p in prompts if p.query.input in kept]
@@ -269,6 +284,7 @@ def icl_correct_inputs(model: nn.Module, tokenizer: Any, task: Task, config: Eva
     """The queries of ``config.split`` the plain model answers correctly (first token) with clean
     ``config.n_shots``-shot ICL prompts: the queries the paper's protocol scores."""
     icl = eval_prompts(task, dataclasses.replace(config, mode="icl", n=None))
+    tokenizer = eval_tokenizer(tokenizer, config.prepend_bos)
     correct = first_token_correct(model, tokenizer, icl, batch_size=config.batch_size)
     return {prompt.query.input for prompt, ok in zip(icl, correct, strict=True) if ok}
 
@@ -282,8 +298,10 @@ def _sweep(
     make: Callable[[float], tuple[Sequence[VectorArg], float]],
     progress: bool,
     overrides: dict[str, Any],
+    vectors: Sequence[VectorArg] = (),
 ) -> Sweep:
     config = with_overrides(EvalConfig(), overrides, what=f"sweep_{parameter}()")
+    tokenizer = eval_tokenizer(tokenizer, config.prepend_bos, vectors)
     if config.mode == "natural":
         raise ValueError("sweeps score the next token: use mode 'zero_shot', 'icl' or 'shuffled'")
     prompts = eval_prompts(task, config)
@@ -302,7 +320,7 @@ def sweep_strength(
     **overrides: Any,
 ) -> Sweep:
     """Next-token scores with ``fv`` at each strength (``overrides``: :class:`~fv_plugin.EvalConfig` fields)."""
-    return _sweep(model, tokenizer, task, "strength", strengths, lambda s: ([fv], s), progress, overrides)
+    return _sweep(model, tokenizer, task, "strength", strengths, lambda s: ([fv], s), progress, overrides, [fv])
 
 
 def sweep_layers(
@@ -329,7 +347,8 @@ def sweep_layers(
         vec = dataclasses.replace(fv, layer=at) if isinstance(fv, FunctionVector) else fv(at)
         return [vec], strength
 
-    return _sweep(model, tokenizer, task, "layer", [float(x) for x in layers], make, progress, overrides)
+    known = [fv] if isinstance(fv, FunctionVector) else []
+    return _sweep(model, tokenizer, task, "layer", [float(x) for x in layers], make, progress, overrides, known)
 
 
 def sweep_k(
@@ -357,4 +376,5 @@ def sweep_k(
         vec = head_vector(model, statistics.means, statistics.top_heads(int(k)))
         return [FunctionVector(vector=vec, layer=layer, task=task.name)], strength
 
+    overrides = {"prepend_bos": statistics.config.prepend_bos, **overrides}
     return _sweep(model, tokenizer, task, "k", [float(k) for k in ks], make, progress, overrides)

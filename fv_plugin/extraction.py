@@ -23,6 +23,7 @@ from fv_plugin.mediation import HeadStatistics
 from fv_plugin.methods import BUILDERS, Built, MethodInputs, candidate_layers, check_layers, vector_metadata
 from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import validation_prompts
+from fv_plugin.prompts import prompt_tokenizer
 from fv_plugin.records import Sweep
 from fv_plugin.scoring import VectorArg
 from fv_plugin.selection import score_candidates
@@ -127,7 +128,8 @@ def extract_function_vector(
     resolved = resolve_architecture(model, arch)
     check_layers(resolved, [settings.layer] if settings.layer is not None else [])
     _check_statistics(statistics, task, settings)
-    job = MethodInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
+    prompts_tokenizer = prompt_tokenizer(tokenizer, prepend_bos=settings.prepend_bos)  # every prompt's tokens
+    job = MethodInputs(model, prompts_tokenizer, task, settings, resolved, arch, progress, statistics)
     if settings.method == "auto" and settings.layer is not None:  # single-layer methods tried at that layer only
         job = job.with_config(layers=(settings.layer,))
     if settings.condition and statistics is None and job.needs_head_statistics():

@@ -28,7 +28,7 @@ from fv_plugin.devices import input_device
 from fv_plugin.hooks import patch_head_inputs, record_layer_calls
 from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import clean_prompts, statistics_prompts
-from fv_plugin.prompts import Prompt, encode_prompts
+from fv_plugin.prompts import Prompt, encode_prompts, prompt_tokenizer
 from fv_plugin.scoring import last_logits_only
 from fv_plugin.tasks import Task
 
@@ -311,7 +311,7 @@ class HeadStatistics:
         return self.effects.top_heads(k)
 
     def matches(self, config: ExtractionConfig) -> bool:
-        fields = ("n_shots", "n_mean", "n_aie", "seed", "template")
+        fields = ("n_shots", "n_mean", "n_aie", "seed", "template", "prepend_bos")
         return all(getattr(self.config, name) == getattr(config, name) for name in fields)
 
 
@@ -336,6 +336,7 @@ def head_statistics(
         >>> stats.top_heads(10)  # doctest: +SKIP
     """
     clean, shuffled = statistics_prompts(task, config)
+    tokenizer = prompt_tokenizer(tokenizer, prepend_bos=config.prepend_bos)
     options: dict[str, Any] = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
     num_heads(resolve_architecture(model, arch))
     icl = prompt_means(model, tokenizer, clean, heads=True, layers=layers, name="ICL prompts", **options)

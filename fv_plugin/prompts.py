@@ -23,6 +23,7 @@ __all__ = [
     "PromptTemplate",
     "encode_prompts",
     "make_prompts",
+    "prompt_tokenizer",
 ]
 
 DEFAULT_TEMPLATE = "Q: {x}\nA: {y}\n\n"
@@ -156,6 +157,71 @@ def _answer_tokens(tokenizer: Any, prompt_ids: list[int], text: str, answer: str
     if not alone:
         raise ValueError(f"answer {answer!r} tokenizes to nothing")
     return tuple(alone)
+
+
+# what a prepended BOS token adds to each per-token list of an encoding
+_BOS_ENTRIES: dict[str, Any] = {
+    "attention_mask": 1,
+    "offset_mapping": (0, 0),
+    "token_type_ids": 0,
+    "special_tokens_mask": 1,
+}
+
+
+class _BosFirst:
+    """A tokenizer whose encodings (with special tokens) start with its BOS token; see :func:`prompt_tokenizer`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos_first = True
+
+    def __getattr__(self, name: str) -> Any:  # only called for names the wrapper lacks
+        return getattr(self.__dict__["tokenizer"], name)
+
+    def __call__(self, text: str | Sequence[str], **options: Any) -> Any:
+        inner = self.tokenizer
+        if not options.get("add_special_tokens", True):
+            return inner(text, **options)
+        layout = {k: options.pop(k) for k in ("return_tensors", "padding", "padding_side") if k in options}
+        rows = inner([text] if isinstance(text, str) else list(text), **options)
+        bos = int(inner.bos_token_id)
+        for i, ids in enumerate(rows["input_ids"]):
+            if ids[:1] != [bos]:
+                rows["input_ids"][i] = [bos, *ids]
+                for key, first in _BOS_ENTRIES.items():
+                    if key in rows:
+                        rows[key][i] = [first, *rows[key][i]]
+        if layout.get("return_tensors") is not None or layout.get("padding"):
+            side = {"padding_side": layout["padding_side"]} if "padding_side" in layout else {}
+            features = {k: v for k, v in rows.items() if k in ("input_ids", "attention_mask")}
+            return inner.pad(features, padding=True, return_tensors=layout.get("return_tensors"), **side)
+        return rows if not isinstance(text, str) else {k: v[0] for k, v in rows.items()}
+
+
+def prompt_tokenizer(tokenizer: Any, *, prepend_bos: bool) -> Any:
+    """``tokenizer``, or with ``prepend_bos`` a wrapper whose encodings with special tokens start with the model's
+    BOS token (as the paper's code starts every prompt; SmolLM2's tokenizer adds none itself).
+
+    Every prompt fv_plugin tokenizes goes through the tokenizer this returns: extraction and evaluation wrap theirs
+    with the setting of :attr:`ExtractionConfig.prepend_bos` (a vector keeps it: ``fv.prepend_bos``), so prompts
+    you steer should be tokenized the same way. A tokenizer that already starts with BOS gets none added twice;
+    encodings without special tokens (answers, chat templates) are left alone.
+
+    Example:
+        >>> tok = prompt_tokenizer(tokenizer, prepend_bos=fv.prepend_bos)  # doctest: +SKIP
+        >>> ids = tok("Q: hot\nA:")["input_ids"]  # doctest: +SKIP
+    """
+    if not isinstance(prepend_bos, bool):
+        raise TypeError(f"prepend_bos must be True or False, got {prepend_bos!r}")
+    inner = tokenizer.tokenizer if isinstance(tokenizer, _BosFirst) else tokenizer
+    if not prepend_bos:
+        return inner
+    if getattr(inner, "bos_token_id", None) is None:
+        raise ValueError(
+            f"prepend_bos=True, but the tokenizer ({type(inner).__name__}) has no BOS token; "
+            "set prepend_bos=False (ExtractionConfig / EvalConfig) for this model"
+        )
+    return _BosFirst(inner)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool = False) -> EncodedPrompts:

@@ -187,6 +187,12 @@ class FunctionVector:
         return checked
 
     @property
+    def prepend_bos(self) -> bool:
+        """Whether its prompts started with the BOS token (``config.prepend_bos``; ``False`` without a config):
+        steer prompts tokenized the same way (:func:`~fv_plugin.prompt_tokenizer`)."""
+        return bool(self.config.prepend_bos) if self.config is not None else False
+
+    @property
     def is_head_patch(self) -> bool:
         """Whether steering writes head activations (head-level method) rather than adding ``vector``."""
         return self.head_values is not None

@@ -145,3 +145,30 @@ def test_the_estimate_counts_the_passes_a_model_runs(tmp_path: Path) -> None:
     folder = tmp_path / "tiny"
     model.config.save_pretrained(folder)  # a config alone: no weights needed
     assert main(["bench", "extract", "--estimate", str(folder), "--flops", "1e12", "-v"]) == 0
+
+
+def test_scaling_rows_report_counted_work_next_to_the_projection(tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from fv_plugin.benchmarks.cost import StageWork
+    from fv_plugin.benchmarks.scaling import ScalingRow, load_rows, scaling_table, stage_table
+    from fv_plugin.progress import StageRecord
+
+    measured = (
+        StageRecord("ICL prompts", 2.0, 100.0, 4, 1.5),
+        StageRecord("layer sweep (3 x 4 queries)", 1.0, 30, 9, 0.5),
+    )
+    projected = (StageWork("ICL prompts", 90.0, 4), StageWork("layer sweep", 36.0, 12))
+    row = ScalingRow(
+        "random 2x2, hidden 8", 2, 2, 8, StageRecord("plain forwards", 1.0, 50.0, 50, 0.8),
+        {"auto": measured, "heads": measured}, {"auto": projected, "heads": projected},
+        {"auto": 300.0, "heads": 150.0, "plain": 100.0}, {"auto": "x", "heads": "y"},
+    )  # fmt: skip
+    assert row.cpu("heads") == 2.0 and row.tokens("heads") == 130.0 and row.projected_tokens("heads") == 126.0
+    assert row.projected_cpu("auto") == pytest.approx(0.8 * 3.0)  # plain CPU seconds x FLOPs ratio
+    assert "| random 2x2, hidden 8 | 4 | 0.8 | 2.0 (2.4) | 130 (126) | 2.0 (1.2) | 130 (126) |" in scaling_table([row])
+    assert "| layer sweep (3 x 4 queries) | 0.5 | 30 | 36 | 9 | 12 |" in stage_table(row, "heads")
+    saved = tmp_path / "scaling.json"
+    saved.write_text(json.dumps([dataclasses.asdict(row)]), encoding="utf-8")
+    assert load_rows(saved) == [row]

@@ -438,3 +438,18 @@ def test_quality_table_of_a_task_the_model_cannot_do_even_with_demonstrations() 
     share = table.splitlines()[4]  # header, rule, task, mean, % of ICL
     assert share.startswith("| **% of ICL** |") and "%" not in share.removeprefix("| **% of ICL** |")
     assert "| synonym | 0 | – | – |" in quality_table([row], protocol="icl_correct")
+
+
+def test_quality_table_of_some_forms_and_of_exact_match() -> None:
+    from fv_plugin.benchmarks.quality import QualityRow, Score, quality_table
+
+    icl = Score(0.8, (0.5, 0.9), 10, 1.0, 8, exact_match=0.6, icl_correct_exact_match=0.75)
+    auto = Score(0.4, (0.2, 0.6), 10, 0.5, 8, exact_match=0.3, icl_correct_exact_match=0.25)
+    row = QualityRow("antonym", {"zero-shot": auto, "ICL": icl, "auto": auto}, {"auto": "x"}, 1.0)
+    first = quality_table([row])
+    assert first.splitlines()[0] == "| task | n | zero-shot | ICL | auto |" and "layer_mean" not in first
+    assert first.splitlines()[4] == "| **% of ICL** | |  |  | 50% |"  # 0.4 / 0.8
+    exact = quality_table([row], metric="exact_match")
+    assert "| antonym | 10 | 0.30 | 0.60 | 0.30 |" in exact and exact.splitlines()[4].endswith("| 50% |")
+    paper = quality_table([row], protocol="icl_correct", metric="exact_match")
+    assert "| antonym | 8 | 0.25 | 0.75 | 0.25 |" in paper and paper.splitlines()[4].endswith("| 33% |")
