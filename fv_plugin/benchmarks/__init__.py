@@ -1,4 +1,4 @@
-"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|quant|vllm`` (or
+"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|choice|quant|vllm`` (or
 ``python -m fv_plugin.benchmarks ...``). Apart from the library: nothing in fv_plugin imports them, and each is
 imported only when its command runs.
 
@@ -6,6 +6,7 @@ imported only when its command runs.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
 - ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
+- ``choice`` (:mod:`.choice`): what ``auto`` chooses per task; test accuracy by first token and exact match.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -25,6 +26,7 @@ _COMMANDS = {
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
     "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
+    "choice": ("choice", "what auto chooses per task, and its test accuracy by first token and exact match"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),
