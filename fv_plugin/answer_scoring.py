@@ -29,7 +29,7 @@ from fv_plugin.mediation import cache_kwarg
 from fv_plugin.progress import stage
 from fv_plugin.prompts import Prompt, encode_prompts
 from fv_plugin.request import steering_context
-from fv_plugin.scoring import VectorArg, answer_settled, correct_first_token, starts_with_answer
+from fv_plugin.scoring import VectorArg, answer_settled, correct_first_token, last_logits_only, starts_with_answer
 
 __all__ = ["AnswerScores", "score_answers"]
 
@@ -60,7 +60,7 @@ def _prepare(model: nn.Module, tokenizer: Any, prompt: Prompt) -> _Prompt:
     ids = enc.input_ids.to(input_device(model))
     cache = None
     if ids.shape[1] > 1:
-        out = model(input_ids=ids[:, :-1], use_cache=True)
+        out = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
         cache = getattr(out, "cache", None) or out.past_key_values
     accepted = enc.answer_tokens[0]
     return _Prompt(prompt, ids[:, -1:], cache, accepted, max(len(a) for a in accepted) + 1)

@@ -30,7 +30,7 @@ from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import eval_prompts
 from fv_plugin.prompts import Prompt
 from fv_plugin.request import steering_context
-from fv_plugin.scoring import VectorArg, kl_divergence, score_prompts
+from fv_plugin.scoring import VectorArg, kl_divergence, last_logits_only, score_prompts
 from fv_plugin.steering import steer
 from fv_plugin.tasks import Task, neutral_texts
 
@@ -312,7 +312,7 @@ def neutral_kl(
         raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
     paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
     ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
-    prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True)
+    prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
     prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
     chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
     plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
