@@ -9,7 +9,7 @@ then only a set of zero-shot validation forwards. Scoring runs in two rounds:
    only the last token (:func:`~fv_plugin.selection.score_candidates`);
 2. the ``config.finalists`` best (and each method's best two) on every validation query by the exact match of the
    greedy answer, decoding only the answer's few tokens on the cached prompt
-   (:func:`~fv_plugin.answer_scoring.score_answers`; the model without a vector too), and by their side effect:
+   (:func:`~fv_plugin.selection.score_answers`; the model without a vector too), and by their side effect:
    the KL divergence of a few neutral paragraphs' next-token distributions at the positions the vector is steered
    at (:func:`~fv_plugin.side_effects.neutral_kl`).
 
@@ -33,13 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fv_plugin.answer_scoring import AnswerScores, score_answers
 from fv_plugin.methods import BUILDERS, HEAD_METHODS, Built, MethodInputs, candidate_layers, vector_metadata
 from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.prompts import Prompt
 from fv_plugin.records import Candidate, Selection
 from fv_plugin.scoring import VectorArg
-from fv_plugin.selection import score_candidates
+from fv_plugin.selection import AnswerScores, score_answers, score_candidates
 from fv_plugin.side_effects import neutral_kl
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
@@ -189,8 +188,14 @@ def _score(
     answers = score_answers(inputs.model, inputs.tokenizer, prompts, [[], *rows], name="finalists", **run)
     side = neutral_kl(inputs.model, inputs.tokenizer, rows, **run)
     for i, a, kl in zip(kept, answers[1:], side, strict=True):
-        scores = {"accuracy": a.accuracy, "answer_prob": a.answer_prob, "exact_match": a.exact_match}
-        found[i] = dataclasses.replace(found[i], **scores, side_effect=kl, n_queries=len(prompts))
+        found[i] = dataclasses.replace(
+            found[i],
+            accuracy=a.accuracy,
+            answer_prob=a.answer_prob,
+            exact_match=a.exact_match,
+            side_effect=kl,
+            n_queries=len(prompts),
+        )
     return found, answers[0]
 
 

@@ -311,7 +311,7 @@ def plot_choice(selection: FunctionVector | Selection, *, title: str | None = No
     for method in dict.fromkeys(c.method for c in shown):
         group = [c for c in shown if c.method == method]
         exact = [c.exact_match if c.exact_match is not None else c.accuracy for c in group]
-        ax.scatter([c.side_effect for c in group], exact, label=method, alpha=0.75)
+        ax.scatter([c.side_effect or 0.0 for c in group], exact, label=method, alpha=0.75)
     best = selection.best
     if best.side_effect is not None:
         y = best.exact_match if best.exact_match is not None else best.accuracy

@@ -9,6 +9,7 @@ only by the report, never by the choice.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -52,8 +53,38 @@ def _candidate(c: Any) -> dict[str, Any]:
     return {key: value for key, value in vars(c).items() if value is not None}
 
 
+def _rebuilt(model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: Any, c: Any) -> Any:
+    """The vector of one recorded candidate, built again from the same statistics, its strength built in."""
+    settings = dataclasses.replace(config, method=c.method, k=c.k or config.k, layer=c.layer)
+    fv = extract_function_vector(model, tokenizer, task, settings, statistics=stats)
+    return fv if c.method == "head_patch" else c.strength * fv
+
+
+def _budgets(
+    model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: Any, sel: Any, budgets: Any
+) -> dict[str, Any]:
+    """The choice under each side-effect budget (recomputed from the recorded finalists) and its test scores."""
+    from fv_plugin.auto import choose
+
+    found: dict[str, Any] = {}
+    tested: dict[int, dict[str, float]] = {}
+    for budget in budgets:
+        index = choose(sel.candidates, config.smooth_layers, budget=budget, baseline=sel.baseline_exact_match)
+        if index not in tested:
+            fv = _rebuilt(model, tokenizer, task, config, stats, sel.candidates[index])
+            tested[index] = _scores(model, tokenizer, task, vectors=[fv])
+        found[str(budget)] = {"chosen": sel.candidates[index].label(), **_candidate(sel.candidates[index])}
+        found[str(budget)]["test"] = tested[index]
+    return found
+
+
 def measure_choice(
-    model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: str | None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    config: ExtractionConfig,
+    stats: str | None,
+    budgets: tuple[float | None, ...] = (),
 ) -> dict[str, Any]:
     """One task: the statistics' and the choice's stages (seconds, token passes), the choice, test scores."""
     with count_forward_work(model, resolve_architecture(model)) as counter, recording(counter) as log:
@@ -63,7 +94,9 @@ def measure_choice(
             fv = extract_function_vector(model, tokenizer, task, config, statistics=statistics)
     sel = fv.selection
     assert sel is not None
+    extra = _budgets(model, tokenizer, task, config, statistics, sel, budgets) if budgets else {}
     return {
+        "budgets": extra,
         "task": task.name,
         "stages": [{"name": s.name, "seconds": round(s.seconds, 1), "tokens": s.tokens} for s in log.stages],
         "chosen": sel.best.label(),
@@ -82,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="choice.json", help="JSON results (one object per task, appended)")
     parser.add_argument("--stats", default=None, help="folder to keep and reuse each task's head statistics")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        help="comma-separated side-effect budgets (nats; 'none': no budget): the choice is made with none, then "
+        "recomputed from the recorded finalists for each, and each distinct choice is scored on test",
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -89,8 +128,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     out, rows = Path(args.out), []
+    budgets = tuple(None if b == "none" else float(b) for b in args.budgets.split(",") if b)
+    config = ExtractionConfig(side_effect_budget=None) if budgets else ExtractionConfig()
     for name in args.tasks.split(","):
-        row = measure_choice(model, tokenizer, load_task(name), ExtractionConfig(), args.stats)
+        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, budgets)
         rows.append(row)
         done = json.loads(out.read_text()) if out.exists() else []
         out.write_text(json.dumps([*done, row], indent=1))
