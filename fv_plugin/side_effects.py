@@ -312,12 +312,14 @@ def neutral_kl(
         raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
     paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
     ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
-    prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
-    prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
-    chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
-    plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
     found: list[float] = []
-    with stage(f"side effects ({len(candidates)} x {n} texts)", len(candidates), progress=progress) as bar:
+    with stage(
+        f"side effects ({len(candidates)} x {len(paragraphs)} texts)", len(candidates), progress=progress
+    ) as bar:
+        prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
+        prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
+        chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
+        plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
         for start in range(0, len(candidates), rows_per_batch):
             group = candidates[start : start + rows_per_batch]
             cache = copy.deepcopy(prefix)
@@ -326,7 +328,6 @@ def neutral_kl(
             with steering_context(model, rows=rows, positions="generated", arch=arch):
                 out = model(input_ids=chunk.repeat_interleave(len(group), dim=0), use_cache=True, **{key: cache})
             steered = out.logits.float().softmax(-1).view(n, len(group), *plain.shape[1:])
-            kl = kl_divergence(steered, plain[:, None]).mean(dim=(0, 2))
-            found += kl.clamp_min(0.0).tolist()
+            found += kl_divergence(steered, plain[:, None]).mean(dim=(0, 2)).clamp_min(0.0).tolist()
             bar.update(len(group))
     return found
