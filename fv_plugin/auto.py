@@ -108,10 +108,11 @@ def _change(option: _Option) -> float:
 
 
 def ranked(candidates: Sequence[Candidate], smooth_layers: int = 0) -> list[int]:
-    """Indices of the candidates scored on the most queries, best first by :data:`RULE` (before the side-effect
-    budget); ``smooth_layers``: neighbours averaged on each side."""
+    """Indices of the candidates scored on the most queries (the finalists, once exact match is scored), best first
+    by :data:`RULE` (before the side-effect budget); ``smooth_layers``: neighbours averaged on each side."""
     most = max((c.n_queries or 0) for c in candidates)
     pool = [i for i, c in enumerate(candidates) if (c.n_queries or 0) == most]
+    pool = [i for i in pool if candidates[i].exact_match is not None] or pool  # the finalists, when scored
     groups: dict[tuple[str, int | None, float], dict[int, float]] = {}
     for i in pool:
         c = candidates[i]

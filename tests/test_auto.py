@@ -68,6 +68,8 @@ def test_choice_reads_the_whole_answer_then_the_side_effect_budget_then_the_mode
     assert found[choose(found, budget=1.5, baseline=0.9)].method == "difference"
     weak = [found[0], found[2], found[3]]
     assert weak[choose(weak, baseline=0.9)].method == "heads"
+    mixed = [_c("difference", 1.0, layer=1), _c("heads", 0.5, em=0.5, kl=0.1)]  # a small task: all on every query
+    assert mixed[choose(mixed, baseline=0.0)].method == "heads"  # only the finalists (exact match scored) compete
 
 
 SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
