@@ -55,7 +55,7 @@ NATURAL_TEMPLATES: tuple[str, ...] = (
     'Here is my answer for "{x}":',
 )
 
-DEFAULT_SIDE_EFFECT_BUDGET = 2.0  # nats of KL on neutral text (docs/choice.md: how it was chosen)
+DEFAULT_SIDE_EFFECT_BUDGET = 2.0  # nats of KL on neutral text: chosen on validation data, see docs/choice.md
 
 C = TypeVar("C")
 
