@@ -16,11 +16,13 @@ default method was ``difference`` at the validation-chosen layer; ``--model gemm
 country-capital capitalize`` rebuilds them with ``auto``.
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
-already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; learned
-with ``condition=True``); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
-them (``fv_plugin.learn_condition``, about the cost of a few hundred short forward passes per vector):
+already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; extraction
+learns it by default); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
+them (``fv_plugin.learn_condition``: a few hundred short prompts run up to the layer below the vector). The
+shipped conditions were made with:
 
-    python demo/build_vectors.py --model smollm2-135m-instruct --conditions-only
+    python demo/build_vectors.py --model smollm2-135m-instruct --conditions-only --threads 1
+    python demo/build_vectors.py --model gemma-3-270m --conditions-only --threads 1
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,9 +52,7 @@ def build(model: Any, tokenizer: Any, model_name: str, tasks: list[str], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in tasks:
         start = time.perf_counter()
-        fv = fv_plugin.extract_function_vector(
-            model, tokenizer, fv_plugin.load_task(name), n_mean=n_mean, condition=True
-        )
+        fv = fv_plugin.extract_function_vector(model, tokenizer, fv_plugin.load_task(name), n_mean=n_mean)
         # Name the model by its short name, not by the local folder it was loaded from.
         fv = dataclasses.replace(fv, model_name=model_name)
         path = fv.save(out_dir / f"{name}.safetensors")
@@ -64,7 +66,9 @@ def add_conditions(model: Any, tokenizer: Any, folder: Path, tasks: list[str] | 
             continue
         start = time.perf_counter()
         fv = fv_plugin.FunctionVector.load(path)
-        condition = fv_plugin.learn_condition(model, tokenizer, fv_plugin.load_task(path.stem), fv)
+        config = fv.config or fv_plugin.ExtractionConfig()
+        task = fv_plugin.load_task(path.stem)
+        condition = fv_plugin.learn_condition(model, tokenizer, task, fv, template=config.template, seed=config.seed)
         dataclasses.replace(fv, condition=condition).save(path)
         print(f"{path.stem}: {time.perf_counter() - start:.1f} s\n{condition.describe()}", flush=True)
 
@@ -87,7 +91,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: every built-in task)")
     parser.add_argument("--side-effects-only", action="store_true", help="only recompute side_effects.json")
     parser.add_argument("--conditions-only", action="store_true", help="only learn the saved vectors' conditions")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, tokenizer = fv_plugin.load_model(args.model)
     folder = VECTORS_DIR / args.model
     if args.conditions_only:

@@ -105,6 +105,21 @@ def render(probs: TokenProbs) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def gate_text(names: list[str], view: SteerView) -> str:
+    """What the gate decided for each of the request's vectors (``names``, in order), for the page."""
+    if view.gate is None:
+        return "**Gate off**: every chosen vector steers the prompt."
+    lines = ["**Gate on** (each vector steers only prompts that pass its learned condition):"]
+    for name, passed in zip(names, view.gate, strict=True):
+        if passed is None:
+            lines.append(f"- *{name}*: no condition — steered ungated")
+        elif passed:
+            lines.append(f"- *{name}*: condition passed — steered")
+        else:
+            lines.append(f"- *{name}*: condition not passed — not steered (its steered column is the plain model's)")
+    return "\n".join(lines)
+
+
 def status(view: SteerView, start: float) -> str:
     """Where the request is: generating, or done (in how long, and with how many others in its batch)."""
     if not view.done:
@@ -149,6 +164,7 @@ class DemoApp:
         positions: str,
         max_new_tokens: float,
         own: Own | None,
+        gate: bool = True,
     ) -> SteerRequest:
         """The UI's values as a :class:`SteerRequest` (vectors by name, from the shared set and the user's own)."""
         chosen = [(v, w) for v, w in choices if v and v != NONE]
@@ -161,6 +177,7 @@ class DemoApp:
             positions=positions,
             max_new_tokens=int(max_new_tokens),
             task=self.task_for(chosen[0][0], own) if chosen else None,
+            gate=bool(gate),
         )
 
     def steer(
@@ -176,11 +193,14 @@ class DemoApp:
         strength: float,
         positions: str,
         max_new_tokens: float,
+        gate: bool = True,
         own: Own | None = None,
-    ) -> Iterator[tuple[str, str, str, Any, str]]:
-        """Streams (unsteered, steered, ICL, probability chart, note) as the tokens arrive."""
+    ) -> Iterator[tuple[str, str, str, Any, str, str]]:
+        """Streams (unsteered, steered, ICL, probability chart, note, gate) as the tokens arrive; ``gate``: steer
+        with each vector only if the prompt passes its condition (the last item says what was decided)."""
         choices = [(vector1, weight1), (vector2, weight2), (vector3, weight3)]
-        request = self.request(prompt, choices, layer, strength, positions, max_new_tokens, own)
+        request = self.request(prompt, choices, layer, strength, positions, max_new_tokens, own, gate)
+        names = [v for v, _ in choices if v and v != NONE]
         image, start = None, time.perf_counter()
         for view in self.engine.steer_stream(request):
             chart: Any = gr.skip()
@@ -188,7 +208,8 @@ class DemoApp:
                 image = chart = render(view.probs)
             elif view.done:
                 chart = image  # the last update carries the chart again, for API users
-            yield view.unsteered, view.steered, view.icl or "", chart, f"{view.note}  \n{status(view, start)}"
+            note = f"{view.note}  \n{status(view, start)}"
+            yield view.unsteered, view.steered, view.icl or "", chart, note, gate_text(names, view)
 
     def extract(
         self,

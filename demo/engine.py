@@ -63,6 +63,13 @@ class SteerRequest:
     positions: str = "generated"
     max_new_tokens: int = 8
     task: fv_plugin.Task | None = None
+    gate: bool = True
+
+
+# Per vector of a request, what its gate decided: True (the prompt passes the vector's condition: steered), False
+# (it does not: that vector is left out of the steered row) or None (the vector has no condition: steered ungated).
+# A whole request's decisions are None when its gate is off.
+GateDecisions = tuple[bool | None, ...] | None
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,8 @@ class TokenProbs:
 @dataclass(frozen=True)
 class SteerView:
     """What the page shows for one request so far: the three continuations (``icl`` is ``None`` when there are
-    no demonstrations), the probabilities once known, a note on the ICL row, whether it is finished, and how many
-    requests shared its ``generate``."""
+    no demonstrations), the probabilities once known, a note on the ICL row, whether it is finished, how many
+    requests shared its ``generate``, and what the gate decided for each vector (``None``: gate off)."""
 
     unsteered: str
     steered: str
@@ -86,6 +93,7 @@ class SteerView:
     note: str
     done: bool
     shared: int = 1
+    gate: GateDecisions = None
 
 
 @dataclass(frozen=True)
@@ -263,25 +271,39 @@ class Engine:
         for task in {builtin_task(fv.task) for fv in self.vectors.values() if fv.task} - {None}:
             self.demonstrations("Q: x\nA:", task)
 
-    def job(self, request: SteerRequest) -> tuple[Job, Demonstrations]:
-        """The request as rows for the batcher (plain, steered, ICL), with what the ICL row is."""
+    def gate(self, prompt: str, pairs: Pairs) -> tuple[bool | None, ...]:
+        """Per vector: does ``prompt`` pass its condition (``None``: it has none)? The rule and the hidden state
+        of ``steer(..., gate=True)``: ``fv_plugin.gate_decisions``, on the plain model."""
+        return tuple(
+            fv_plugin.gate_decisions(self.model, self.tokenizer, [prompt], fv)[0] if fv.condition is not None else None
+            for fv, _ in pairs
+        )
+
+    def job(self, request: SteerRequest) -> tuple[Job, Demonstrations, GateDecisions]:
+        """The request as rows for the batcher (plain, steered, ICL), with what the ICL row is and what the gate
+        decided. With the gate on, a vector whose condition the prompt does not pass is left out of the steered
+        row (the prompt is decided once, before generation, as ``steer(..., gate=True)`` does at its last token);
+        a vector without a condition steers ungated."""
         ids = self.check_prompt(request.prompt)
         pairs = self.check_steering(request)
+        decisions = self.gate(request.prompt, request.pairs) if request.gate else None
+        if decisions is not None:
+            pairs = tuple(pair for pair, passed in zip(pairs, decisions, strict=True) if passed is not False)
         demos = self.demonstrations(request.prompt, request.task)
         rows = (Row(ids), Row(ids, pairs), *((demos.row,) if demos.row is not None else ()))
         job = Job(rows, float(request.strength), request.positions, int(request.max_new_tokens))
-        return job, demos
+        return job, demos, decisions
 
     # ------------------------------------------------------------------ serving
     def steer_stream(self, request: SteerRequest) -> Iterator[SteerView]:
         """Snapshots of the request's continuations as the shared batched ``generate`` produces them."""
-        job, demos = self.job(request)
+        job, demos, decisions = self.job(request)
         probs: TokenProbs | None = None
         try:
             for update in self.batcher.submit(job).follow():
                 if probs is None and update.probs is not None:
                     probs = self.token_probs(update.probs)
-                yield self.view(update, probs, demos.note)
+                yield dataclasses.replace(self.view(update, probs, demos.note), gate=decisions)
         except TimeoutError as exc:
             raise DemoError("The demo is too busy to answer right now; please try again in a minute.") from exc
 

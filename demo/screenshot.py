@@ -29,13 +29,14 @@ CHART_SIZE = "() => { const i = document.querySelector('#probs-chart img'); retu
 
 @dataclass(frozen=True)
 class BrowserRun:
-    """What the page showed after pressing Steer: the three continuations, the note under them, the size of
-    the probability chart as loaded (pixels), and the screenshot."""
+    """What the page showed after pressing Steer: the three continuations, the note under them, what the gate
+    decided, the size of the probability chart as loaded (pixels), and the screenshot."""
 
     unsteered: str
     steered: str
     icl: str
     note: str
+    gate: str
     chart_size: tuple[int, int]
     screenshot: Path
 
@@ -47,9 +48,16 @@ def free_port() -> int:
 
 
 def steer_in_browser(
-    url: str, out: Path, *, prompt: str = "Q: hot\nA:", timeout_s: float = 120.0, executable: str = CHROMIUM
+    url: str,
+    out: Path,
+    *,
+    prompt: str = "Q: hot\nA:",
+    gate: bool = True,
+    timeout_s: float = 120.0,
+    executable: str = CHROMIUM,
 ) -> BrowserRun:
-    """Open ``url``, type ``prompt``, press Steer, wait until the request is done, save a screenshot at ``out``."""
+    """Open ``url``, type ``prompt``, set the gate checkbox to ``gate``, press Steer, wait until the request is
+    done, save a screenshot at ``out``."""
     from playwright.sync_api import sync_playwright
 
     timeout_ms = timeout_s * 1000
@@ -61,6 +69,7 @@ def steer_in_browser(
             box = page.locator("#prompt textarea")
             box.wait_for(timeout=timeout_ms)
             box.fill(prompt)
+            page.locator("#gate input[type=checkbox]").set_checked(gate)
             page.locator("#steer-button").click()
             page.wait_for_function(FINISHED, timeout=timeout_ms)
             page.wait_for_timeout(500)  # let the last update settle before the screenshot
@@ -72,6 +81,7 @@ def steer_in_browser(
                 steered=page.locator("#steered textarea").input_value(),
                 icl=page.locator("#icl textarea").input_value(),
                 note=page.locator("#steer-note").inner_text(),
+                gate=page.locator("#gate-status").inner_text(),
                 chart_size=(int(size[0]), int(size[1])),
                 screenshot=out,
             )

@@ -45,16 +45,18 @@ class VectorChoice:
 
 @dataclass(frozen=True)
 class SteerOutputs:
-    """What a Steer request fills in: three continuations, the chart, and a note (the ICL column, the status)."""
+    """What a Steer request fills in: three continuations, the chart, a note (the ICL column, the status) and what
+    the gate decided."""
 
     unsteered: gr.Textbox
     steered: gr.Textbox
     icl: gr.Textbox
     chart: gr.Image
     note: gr.Markdown
+    gate: gr.Markdown
 
     def all(self) -> list[gr.components.Component]:
-        return [self.unsteered, self.steered, self.icl, self.chart, self.note]
+        return [self.unsteered, self.steered, self.icl, self.chart, self.note, self.gate]
 
 
 def build_app(app: DemoApp) -> gr.Blocks:
@@ -93,6 +95,7 @@ def steer_outputs() -> SteerOutputs:
         steered = gr.Textbox(label="Steered (with the vector)", lines=4, elem_id="steered")
         icl = gr.Textbox(label=f"With {N_DEMOS} examples (ICL), no vector", lines=4, elem_id="icl")
     note = gr.Markdown(elem_id="steer-note")
+    gate = gr.Markdown(elem_id="gate-status")
     chart = gr.Image(
         label="Why it works: probabilities of the first new token",
         type="numpy",
@@ -100,7 +103,7 @@ def steer_outputs() -> SteerOutputs:
         elem_id="probs-chart",
         buttons=[],
     )
-    return SteerOutputs(unsteered, steered, icl, chart, note)
+    return SteerOutputs(unsteered, steered, icl, chart, note, gate)
 
 
 def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
@@ -121,6 +124,13 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
                 "new token (the paper's setting); all: every token",
             )
             new_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
+            gate = gr.Checkbox(
+                value=True,
+                label="Gate: steer only prompts that pass each vector's condition",
+                info="A vector's condition, learned with it, says which prompts are queries of its task; a vector "
+                "without one steers ungated (the page says so).",
+                elem_id="gate",
+            )
         with gr.Column(scale=2):
             prompt = gr.Textbox(
                 value="Q: hot\nA:", lines=3, max_length=limits.max_prompt_chars, label="Prompt", elem_id="prompt"
@@ -133,7 +143,7 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
     picks = [part for choice in choices for part in (choice.vector, choice.weight)]
     run.click(
         shows_errors(app.steer),
-        inputs=[prompt, *picks, layer, strength, positions, new_tokens, own],
+        inputs=[prompt, *picks, layer, strength, positions, new_tokens, gate, own],
         outputs=outputs.all(),
         api_name="steer",
         concurrency_limit=2 * app.engine.batcher.limits.max_jobs,  # one batch running, the next one gathering

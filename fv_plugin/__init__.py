@@ -26,6 +26,7 @@ from fv_plugin.version import __version__
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is imported on first use
     from fv_plugin.activations import (
         difference_vector,
+        gate_decisions,
         last_token_hidden_states,
         mean_last_token_hidden_state,
         task_state_vectors,
@@ -84,6 +85,7 @@ _EXPORTS: dict[str, str] = {
     "Selection": "fv_plugin.records",
     "Condition": "fv_plugin.condition",
     "learn_condition": "fv_plugin.condition_fit",
+    "gate_decisions": "fv_plugin.activations",
     "SteeredModel": "fv_plugin.steering",
     "Sweep": "fv_plugin.records",
     "Task": "fv_plugin.tasks",
@@ -167,6 +169,7 @@ __all__ = [
     "encode_prompts",
     "evaluate",
     "extract_function_vector",
+    "gate_decisions",
     "head_locations",
     "head_statistics",
     "head_vector",

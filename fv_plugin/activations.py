@@ -1,4 +1,5 @@
-"""Reading activations: last-token hidden states of prompts at chosen layers, and a task's hidden-state vectors.
+"""Reading activations: last-token hidden states of prompts at chosen layers, a task's hidden-state vectors, and
+which prompts pass a vector's condition (:func:`gate_decisions`, the decision ``steer(..., gate=True)`` takes).
 
 :func:`task_state_vectors` is the one place the hidden-state methods' vectors are computed: the mean last-token state of
 clean ICL prompts (``layer_mean``, the task-vector baseline) and that mean minus the mean over the same queries
@@ -7,18 +8,21 @@ zero-shot (``difference``, the ICL-minus-zero-shot vector).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fv_plugin.architectures import ArchSpec, resolve_architecture
+from fv_plugin.condition import Condition
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import record_head_inputs, record_layer_outputs
+from fv_plugin.gating import check_gate
+from fv_plugin.hooks import ForwardStopped, record_head_inputs, record_layer_outputs
 from fv_plugin.progress import progress_enabled, stage
 from fv_plugin.prompt_sets import clean_prompts
 from fv_plugin.prompts import Prompt, encode_prompts
@@ -28,8 +32,10 @@ from fv_plugin.vector import FunctionVector
 
 __all__ = [
     "PromptMeans",
+    "RecordedStates",
     "clean_prompts",
     "difference_vector",
+    "gate_decisions",
     "last_token_hidden_states",
     "mean_last_token_hidden_state",
     "prompt_means",
@@ -47,8 +53,10 @@ def last_token_hidden_states(
     batch_size: int = 8,
     arch: ArchSpec | None = None,
     progress: bool | None = None,
+    stop: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """Hidden state of each prompt's final token after each of ``layers``.
+    """Hidden state of each prompt's final token after each of ``layers``; ``stop``: run each forward only up
+    to the highest of ``layers`` (the layers above and the unembedding are skipped).
 
     Returns:
         ``{layer: tensor [len(prompts), hidden]}`` in float32 on the CPU.
@@ -62,13 +70,14 @@ def last_token_hidden_states(
     device = input_device(model)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     batches = range(0, len(prompts), batch_size)
-    with record_layer_outputs(model, layers, arch=arch) as seen:
+    with record_layer_outputs(model, layers, arch=arch, stop=stop) as seen:
         for start in tqdm(batches, desc="hidden states", disable=not progress_enabled(progress)):
             enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)  # type: ignore[operator]
             mask = enc["attention_mask"]
             positions = torch.arange(mask.shape[1])
             last = torch.where(mask.bool(), positions, -1).amax(dim=1)
-            model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
+            with contextlib.suppress(ForwardStopped):
+                model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device))
             rows = torch.arange(mask.shape[0])
             for layer in layers:
                 out[layer].append(seen[layer][rows, last.to(seen[layer].device)].float().cpu())
@@ -150,10 +159,28 @@ def task_state_vectors(
 @dataclass(frozen=True)
 class PromptMeans:
     """Mean last-token activations over a set of prompts: every head (``heads``, ``[layers, heads, head_dim]``,
-    or ``None`` when not recorded) and the hidden state after each recorded layer (``states``: ``[hidden]``)."""
+    or ``None`` when not recorded) and the hidden state after each recorded layer (``states``: ``[hidden]``);
+    ``rows``: each prompt's own last-token hidden state after the layers asked for (``[prompts, hidden]``)."""
 
     heads: torch.Tensor | None
     states: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordedStates:
+    """Last-token hidden states an extraction already ran: ``texts[i]``'s state after layer ``l`` is
+    ``states[l][i]`` (float32 ``[len(texts), hidden]`` on the CPU). Lets later stages skip those prompts."""
+
+    texts: tuple[str, ...]
+    states: dict[int, torch.Tensor]
+
+    def lookup(self, text: str, layers: Sequence[int]) -> list[torch.Tensor] | None:
+        """``text``'s states after ``layers``, or ``None`` when it was not recorded at all of them."""
+        if text not in self.texts or any(at not in self.states for at in layers):
+            return None
+        i = self.texts.index(text)
+        return [self.states[at][i] for at in layers]
 
 
 @torch.no_grad()
@@ -164,13 +191,15 @@ def prompt_means(
     *,
     heads: bool = False,
     layers: Sequence[int] = (),
+    rows: Sequence[int] = (),
     batch_size: int = 16,
     arch: ArchSpec | None = None,
     name: str = "prompts",
     progress: bool | None = None,
 ) -> PromptMeans:
     """Mean last-token head activations (``heads=True``) and hidden states after ``layers``, in one pass over
-    ``prompts`` (left-padded batches of ``batch_size``), float32 on the CPU."""
+    ``prompts`` (left-padded batches of ``batch_size``), float32 on the CPU; ``rows``: layers after which each
+    prompt's own last-token state is kept too (same pass)."""
     if not prompts:
         raise ValueError("no prompts")
     resolved = resolve_architecture(model, arch)
@@ -178,9 +207,10 @@ def prompt_means(
     device = input_device(model)
     head_sum: torch.Tensor | None = None
     state_sum = {at: torch.zeros(()) for at in layers}
+    kept: dict[int, list[torch.Tensor]] = {at: [] for at in rows}
     with (
         record_head_inputs(resolved, head_layers) as seen_heads,
-        record_layer_outputs(model, layers, arch=arch) as seen_states,
+        record_layer_outputs(model, sorted({*layers, *rows}), arch=arch) as seen_states,
         stage(name, len(prompts), unit="prompt", progress=progress) as bar,
     ):
         for start in range(0, len(prompts), batch_size):
@@ -193,7 +223,40 @@ def prompt_means(
                 head_sum = summed if head_sum is None else head_sum + summed
             for at in layers:
                 state_sum[at] = state_sum[at] + seen_states[at][:, -1].float().sum(0).cpu()
+            for at in rows:
+                kept[at].append(seen_states[at][:, -1].float().cpu())
             bar.update(len(batch))
     n = len(prompts)
     means = (head_sum / n).view(resolved.num_layers, resolved.num_heads or 1, -1) if head_sum is not None else None
-    return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers})
+    own = {at: torch.cat(parts) for at, parts in kept.items()}
+    return PromptMeans(heads=means, states={at: state_sum[at] / n for at in layers}, rows=own)
+
+
+@torch.no_grad()
+def gate_decisions(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    fv: FunctionVector,
+    *,
+    batch_size: int = 8,
+    arch: ArchSpec | None = None,
+) -> list[bool]:
+    """Whether each prompt passes ``fv``'s condition: the decision ``steer(model, fv, gate=True)`` takes for a row
+    holding that prompt (as ``tokenizer(prompts)`` encodes it), computed with the same rule on the plain model's
+    hidden state at the prompt's last token. (Inside ``steer``, other vectors steering layers below
+    ``condition.layer`` in the same call change that state; this function sees the model without them.)
+
+    Raises:
+        ValueError: when ``fv`` has no condition (:func:`fv_plugin.gating.check_gate`) or ``prompts`` is empty.
+
+    Example:
+        >>> fv_plugin.gate_decisions(model, tok, ["Q: hot\nA:", "Tell me a story."], fv)  # doctest: +SKIP
+        [True, False]
+    """
+    check_gate([fv])
+    condition = cast(Condition, fv.condition)  # check_gate raised if it is None
+    layer = condition.layer
+    options: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": False, "stop": True}
+    states = last_token_hidden_states(model, tokenizer, prompts, [layer], **options)
+    return [bool(v) for v in condition.passes(states[layer]).tolist()]

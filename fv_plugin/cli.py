@@ -37,7 +37,7 @@ def _extract_parser() -> argparse.ArgumentParser:
         help="auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)",
     )
     parser.add_argument(
-        "--condition", action="store_true", help="also learn the condition gate=True uses (costs about an extraction)"
+        "--no-condition", action="store_true", help="do not learn the condition gate=True uses (learned by default)"
     )
     parser.add_argument(
         "--keep-weak",
@@ -50,6 +50,7 @@ def _extract_parser() -> argparse.ArgumentParser:
         default=None,
         help="auto: the most KL (nats) on neutral text a vector may cause (default: the library's; <0: no budget)",
     )
+    parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     return parser
 
 
@@ -65,7 +66,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         layer=args.layer,
         n_shots=args.n_shots,
         seed=args.seed,
-        condition=args.condition,
+        condition=not args.no_condition,
         portable=args.portable,
         **budget,
     )

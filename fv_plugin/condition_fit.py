@@ -1,25 +1,32 @@
-"""Learning a vector's :class:`~fv_plugin.condition.Condition` from labelled prompts.
+"""Learning a vector's :class:`~fv_plugin.condition.Condition` from labelled prompts, at a small cost.
 
-Positives are the task's queries: zero-shot (``Q: x\\nA:`` with the extraction's template), the task-agnostic
-natural templates of :data:`fv_plugin.config.NATURAL_TEMPLATES` filled with the query (``The word "x" means``),
-and the zero-shot query as a chat user message (through the tokenizer's chat template, when it has one).
+Positives are the task's queries: zero-shot (``Q: x\nA:`` with the extraction's template), in one of the
+task-agnostic natural templates of :data:`fv_plugin.config.NATURAL_TEMPLATES` each (``The word "x" means``),
+and a few zero-shot queries as a chat user message (through the tokenizer's chat template, when it has one).
 Negatives are the shipped corpus ``data/condition_negatives.txt`` (requests, questions and prose fragments,
-written for this library) raw and as chat messages, the user's own negatives, and the other built-in tasks'
-prompts, zero-shot and with five demonstrations of that other task. Other tasks' prompts whose input is also an
-input of this task are left out (their zero-shot prompts would be the same text).
+written for this library) raw and a few as chat messages, the user's own negatives, and the other built-in
+tasks' prompts: a few zero-shot and one with two demonstrations of that other task, per task. Other tasks'
+prompts whose input is also an input of this task are left out (their zero-shot prompts would be the same text).
 
 Every kind is split in two: the fit uses the task's ``train`` queries (and half of each negative kind), the
 choice of layer and threshold uses its ``valid`` queries (and the other half). The test split is never read.
 The direction is a class-balanced, L2-regularised logistic regression on unit-normalised hidden states at the
-prompt's last token, one per candidate layer (every layer below the first one the vector touches); the layer
-and threshold with the lowest balanced error on validation win (ties: the earlier layer). The rates stored in
-the condition are those validation rates, with 95% Wilson intervals.
+prompt's last token, one per candidate layer (below the first layer the vector touches, in the first two thirds
+of the model: :func:`condition_layers`); the layer and threshold with the lowest balanced error on validation win
+(ties: the earlier layer). The rates stored in the condition are those validation rates, with 95% Wilson
+intervals.
+
+Cost: an extraction already runs its train queries zero-shot and keeps their states (``recorded``), so those
+positives cost nothing; every other prompt runs shortest first (batches pad little) and only up to the highest
+candidate layer (the layers above it and the unembedding never run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fv_plugin.activations import last_token_hidden_states
-from fv_plugin.architectures import ArchSpec
+from fv_plugin.activations import RecordedStates, last_token_hidden_states
+from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.condition import Condition, RateEstimate
 from fv_plugin.config import NATURAL_TEMPLATES, ExtractionConfig
 from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate, make_prompts
@@ -40,6 +47,7 @@ from fv_plugin.vector import FunctionVector
 
 __all__ = [
     "LabelledPrompts",
+    "condition_layers",
     "condition_negatives",
     "condition_prompts",
     "fit_condition",
@@ -49,10 +57,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_OTHER_ZERO_SHOT = 6  # per other task and half
-_OTHER_ICL = 3
-_ICL_SHOTS = 5
-_MAX_POSITIVE_QUERIES = 30
+# How many prompts of each kind, per split (fit / validation): measured to keep the error rates of the larger
+# earlier sets (docs/conditional_steering.md) at about a quarter of their cost: the other tasks' zero-shot
+# prompts are the negatives that matter most (and are short), chat and ICL prompts are long and rarely pass.
+_QUERIES = 64  # zero-shot positives (the fit's are those the extraction ran, when it recorded them)
+_NATURAL = 12  # queries in a natural template (one template each, in turn)
+_CHAT = 6  # chat-wrapped prompts per kind (the chat template's system text makes them long)
+_CORPUS = 20  # shipped negatives (and the user's), raw
+_OTHER_ZERO_SHOT = 10  # per other task: the hardest negatives (the task's own format), and short
+_DEPTH = 2 / 3  # candidate layers: below the vector and in the first two thirds of the model
+_OTHER_ICL = 1  # per other task, with _ICL_SHOTS demonstrations
+_ICL_SHOTS = 2
 
 
 def condition_negatives() -> list[str]:
@@ -101,17 +116,25 @@ def _halves(items: Sequence[str], rng: random.Random) -> tuple[list[str], list[s
     return shuffled[:cut], shuffled[cut:]
 
 
+@functools.lru_cache(maxsize=256)
+def _other_prompts(name: str, split: str, shots: int, template: str, seed: int) -> tuple[tuple[str, str], ...]:
+    """A built-in task's prompts as ``(input, text)`` pairs (cached: every extraction reads the same ones)."""
+    other = load_task(name)
+    if len(other.train) <= shots or not getattr(other, split):
+        return ()
+    prompts = make_prompts(other, n_shots=shots, split=split, template=template, seed=seed)
+    return tuple((p.query.input.strip().lower(), p.text) for p in prompts)
+
+
 def _add_other_tasks(sets: tuple[LabelledPrompts, LabelledPrompts], task: Task, template: str, seed: int) -> None:
     own = {p.input.strip().lower() for p in (*task.train, *task.valid, *task.test)}
     for name in builtin_tasks():
         if name == task.name:
             continue
-        other = load_task(name)
         for target, split in zip(sets, ("train", "valid"), strict=True):
             for shots, count, kind in ((0, _OTHER_ZERO_SHOT, "other_task"), (_ICL_SHOTS, _OTHER_ICL, "other_icl")):
-                prompts = make_prompts(other, n_shots=shots, split=split, template=template, seed=seed)
-                texts = [p.text for p in prompts if p.query.input.strip().lower() not in own][:count]
-                target.add(texts, False, kind)
+                found = _other_prompts(name, split, shots, template, seed)
+                target.add([text for query, text in found if query not in own][:count], False, kind)
 
 
 def condition_prompts(
@@ -121,21 +144,29 @@ def condition_prompts(
     negatives: Sequence[str] = (),
     template: str = DEFAULT_TEMPLATE,
     seed: int = 0,
+    zero_shot: Sequence[str] | None = None,
 ) -> tuple[LabelledPrompts, LabelledPrompts]:
-    """The fitting and validation prompts (see the module docstring); ``negatives``: the user's own."""
+    """The fitting and validation prompts (see the module docstring); ``negatives``: the user's own;
+    ``zero_shot``: the fit's zero-shot positives (default: the train queries with ``template``), e.g. the texts of
+    the zero-shot prompts an extraction ran."""
     tmpl = PromptTemplate(template)
     rng = random.Random(seed)
     sets = (LabelledPrompts(), LabelledPrompts())
     for target, split in zip(sets, ("train", "valid"), strict=True):
-        queries = list(getattr(task, split))[:_MAX_POSITIVE_QUERIES]
-        zero_shot = [tmpl.query(p) for p in queries]
-        target.add(zero_shot, True, "zero_shot")
-        target.add([n.replace("{x}", p.input) for p in queries for n in NATURAL_TEMPLATES], True, "natural")
-        target.add(_chat(tokenizer, zero_shot), True, "chat_query")
+        queries = list(getattr(task, split))
+        own = [tmpl.query(p) for p in queries[:_QUERIES]]
+        if split == "train" and zero_shot is not None:
+            own = list(dict.fromkeys(zero_shot))[:_QUERIES]
+        target.add(own, True, "zero_shot")
+        natural = [NATURAL_TEMPLATES[i % len(NATURAL_TEMPLATES)] for i in range(len(queries))]
+        target.add(
+            [t.replace("{x}", p.input) for t, p in zip(natural, queries, strict=True)][:_NATURAL], True, "natural"
+        )
+        target.add(_chat(tokenizer, own[:_CHAT]), True, "chat_query")
     for kind, texts in (("corpus", condition_negatives()), ("user", [str(t) for t in negatives])):
         for target, half in zip(sets, _halves(texts, rng), strict=True):
-            target.add(half, False, kind)
-            target.add(_chat(tokenizer, half), False, f"{kind}_chat")
+            target.add(half[:_CORPUS], False, kind)
+            target.add(_chat(tokenizer, half[:_CHAT]), False, f"{kind}_chat")
     _add_other_tasks(sets, task, template, seed)
     return sets[0], sets[1].without(set(sets[0].texts))  # a text seen in the fit does not validate it
 
@@ -219,14 +250,34 @@ def fit_condition(
 
 
 def _states(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], layers: list[int], **options: Any
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: list[int],
+    recorded: RecordedStates | None,
+    **options: Any,
 ) -> dict[int, torch.Tensor]:
-    """Last-token states of ``texts`` in their order, run shortest first (batches of similar lengths pad less)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    states = last_token_hidden_states(model, tokenizer, [texts[i] for i in order], layers, **options)
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    return {layer: found[back] for layer, found in states.items()}
+    """Last-token states of ``texts`` after ``layers``, in their order: those ``recorded`` already holds are read
+    from it; the rest run once each, shortest first (batches pad little), up to the highest layer only."""
+    found: dict[str, list[torch.Tensor]] = {}
+    for text in dict.fromkeys(texts):
+        known = recorded.lookup(text, layers) if recorded is not None else None
+        if known is not None:
+            found[text] = known
+    missing = [t for t in dict.fromkeys(texts) if t not in found]
+    if missing:
+        lengths = {t: len(ids) for t, ids in zip(missing, tokenizer(missing)["input_ids"], strict=True)}
+        missing.sort(key=lengths.__getitem__)
+        ran = last_token_hidden_states(model, tokenizer, missing, layers, stop=True, **options)
+        found.update({t: [ran[at][i] for at in layers] for i, t in enumerate(missing)})
+    return {at: torch.stack([found[t][j] for t in texts]) for j, at in enumerate(layers)}
+
+
+def condition_layers(fv: FunctionVector, layers: int) -> list[int]:
+    """The layers a condition for ``fv`` may read, in a model of ``layers`` layers: below the first layer the
+    vector touches, and in the first two thirds of the model (where every condition measured so far was chosen;
+    the forwards stop there)."""
+    return list(range(min(fv.first_layer, math.ceil(_DEPTH * layers))))
 
 
 def learn_condition(
@@ -241,11 +292,14 @@ def learn_condition(
     batch_size: int = 16,
     arch: ArchSpec | None = None,
     progress: bool = False,
+    recorded: RecordedStates | None = None,
 ) -> Condition:
     """Learn which prompts are queries of ``task`` for ``fv`` (a layer below ``fv.first_layer``).
 
     Args:
         negatives: more prompts the vector must leave alone (e.g. your application's own traffic).
+        recorded: last-token states of the task's zero-shot train prompts that were already run (an
+            extraction's); they become the fit's zero-shot positives without running again.
 
     Raises:
         ValueError: when the vector starts at layer 0 (no layer before it to read) or the task has no
@@ -258,12 +312,11 @@ def learn_condition(
         raise ValueError("this vector steers layer 0: a condition needs a layer before it; use a later layer")
     if not task.valid or not task.train:
         raise ValueError(f"task {task.name!r} needs train and valid queries to learn a condition")
-    data = condition_prompts(task, tokenizer, negatives=negatives, template=template, seed=seed)
-    layers = list(range(fv.first_layer))
-    states = [
-        last_token_hidden_states(model, tokenizer, d.texts, layers, batch_size=batch_size, arch=arch, progress=progress)
-        for d in data
-    ]
+    zero_shot = recorded.texts if recorded is not None else None
+    data = condition_prompts(task, tokenizer, negatives=negatives, template=template, seed=seed, zero_shot=zero_shot)
+    layers = condition_layers(fv, resolve_architecture(model, arch).num_layers)
+    run: dict[str, Any] = {"batch_size": batch_size, "arch": arch, "progress": progress}
+    states = [_states(model, tokenizer, d.texts, layers, recorded, **run) for d in data]
     condition = fit_condition(states[0], states[1], data)
     logger.info("%s", condition.describe())
     return condition
@@ -278,9 +331,11 @@ def with_condition(
     *,
     arch: ArchSpec | None = None,
     progress: bool = False,
+    recorded: RecordedStates | None = None,
 ) -> FunctionVector:
     """``fv`` with the condition ``config`` asks for (``config.condition``); a vector that cannot have one (it
-    steers layer 0, or the task has no validation queries) is returned without, with a warning in the log."""
+    steers layer 0, or the task has no validation queries) is returned without, with a warning in the log.
+    ``recorded``: see :func:`learn_condition`."""
     if not config.condition:
         return fv
     try:
@@ -295,6 +350,7 @@ def with_condition(
             batch_size=config.batch_size,
             arch=arch,
             progress=progress,
+            recorded=recorded,
         )
     except ValueError as exc:
         logger.warning("no condition learned for task %r: %s", task.name, exc)

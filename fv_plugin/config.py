@@ -45,6 +45,7 @@ Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
+AnswerPositions = Literal["generated", "answer"]  # where an evaluation's continuation is steered
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
 # The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -109,8 +110,8 @@ class ExtractionConfig:
             positions (:func:`~fv_plugin.side_effects.neutral_kl`); the most accurate finalist within it is chosen
             (none within: the one with the least). ``None``: no budget. The default is measured in docs/choice.md.
         condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
-            see :mod:`fv_plugin.condition_fit`). Off by default for now: on the embedded model it costs more
-            than the extraction itself (``fv extract --condition`` turns it on).
+            see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
+            work (``False`` or ``fv extract --no-condition`` skips it).
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
     """
 
@@ -132,7 +133,7 @@ class ExtractionConfig:
     head_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     validation: Literal["valid", "valid+train"] = "valid+train"
     smooth_layers: int = 0
-    condition: bool = False
+    condition: bool = True
     condition_negatives: tuple[str, ...] = ()
     forms: dataclasses.InitVar[tuple[str, ...] | None] = None  # deprecated name of `methods`, construction only
     portable: bool = False
@@ -238,6 +239,10 @@ class EvalConfig:
         batch_size: prompts per forward pass.
         protocol: ``"all"`` scores every query; ``"icl_correct"`` (the paper's protocol) only the queries the
             plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
+        gate: steer a prompt only if it passes each vector's condition (``steer(..., gate=True)``).
+        positions: where the continuation is steered: ``"generated"`` (the last prompt token and every generated
+            token) or ``"answer"`` (until the row's answer ends; ``steer(..., positions="answer")``). The
+            next-token figures are steered at the last prompt token either way.
     """
 
     mode: Mode = "zero_shot"
@@ -252,8 +257,14 @@ class EvalConfig:
     max_new_tokens: int | None = None
     batch_size: int = 16
     protocol: Protocol = "all"
+    gate: bool = False
+    positions: AnswerPositions = "generated"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gate, bool):
+            raise TypeError(f"gate must be True or False, got {self.gate!r}")
+        if self.positions not in get_args(AnswerPositions):
+            raise ValueError(f"positions must be one of {get_args(AnswerPositions)}, got {self.positions!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.protocol == "icl_correct" and self.n_shots < 1:

@@ -140,11 +140,12 @@ mode_prompts = eval_prompts  # the former name of :func:`~fv_plugin.prompt_sets.
 
 
 def _continuations(
-    model: nn.Module, tokenizer: Any, enc: EncodedPrompts, vectors: Sequence[VectorArg], strength: float, budget: int
+    model: nn.Module, tokenizer: Any, enc: EncodedPrompts, vectors: Sequence[VectorArg], config: EvalConfig, budget: int
 ) -> list[str]:
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with steer(model, *vectors, strength=strength, positions="generated"):
+    positions, gate = config.positions, config.gate
+    with steer(model, *vectors, strength=config.strength, positions=positions, gate=gate, tokenizer=tokenizer):
         out = model.generate(  # type: ignore[operator]
             input_ids=enc.input_ids.to(device),
             attention_mask=enc.attention_mask.to(device),
@@ -161,7 +162,7 @@ def _rows(
     """Score one batch of prompts: next-token figures, and the greedy continuation when asked for."""
     natural = config.mode == "natural"
     enc = encode_prompts(tokenizer, batch)
-    probs = next_token_probs(model, enc, vectors, strength=config.strength)
+    probs = next_token_probs(model, enc, vectors, strength=config.strength, gate=config.gate)
     base = next_token_probs(model, enc) if vectors else None
     kl = kl_divergence(probs, base) if base is not None else None
     top, hits = probs.argmax(-1), first_token_hits(probs, enc)
@@ -171,7 +172,7 @@ def _rows(
     if config.generate or natural:
         longest = max(len(t) for answers in enc.answer_tokens for t in answers)
         budget = config.max_new_tokens or (12 if natural else longest + 1)
-        continuations = _continuations(model, tokenizer, enc, vectors, config.strength, budget)
+        continuations = _continuations(model, tokenizer, enc, vectors, config, budget)
     rows = []
     for i, prompt in enumerate(batch):
         text = continuations[i]

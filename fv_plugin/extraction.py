@@ -7,6 +7,7 @@ chooses the method, the layer and the strength on the same prompts (:mod:`fv_plu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -129,11 +130,16 @@ def extract_function_vector(
     job = MethodInputs(model, tokenizer, task, settings, resolved, arch, progress, statistics)
     if settings.method == "auto" and settings.layer is not None:  # single-layer methods tried at that layer only
         job = job.with_config(layers=(settings.layer,))
+    if settings.condition and statistics is None and job.needs_head_statistics():
+        # computed here, as the method would, to keep the zero-shot prompts' states for the condition
+        job = dataclasses.replace(job, statistics=job.head_statistics())
     fv = auto_vector(job) if settings.method == "auto" else _one_method(job)
     if not settings.condition:
         return fv
+    recorded = job.statistics.zero_recorded if job.statistics is not None else None
     with stage("condition"):  # recorded like every stage (fv bench extract); its passes show their own bar
-        return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=progress_enabled(progress))
+        show = progress_enabled(progress)
+        return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=show, recorded=recorded)
 
 
 def _one_method(job: MethodInputs) -> FunctionVector:

@@ -23,20 +23,25 @@ from fv_plugin.vector import FunctionVector
 
 # A request is fv_plugin.request.SteeringRequest (typed Any here: that module imports this one).
 
-__all__ = ["bind_all", "check_gate"]
+__all__ = ["bind_all", "check_gate", "gate_refusal"]
+
+
+def gate_refusal(what: str) -> str:
+    """The refusal of ``gate=True`` for ``what`` (a vector without a condition), with how to get one; every stack
+    (Hugging Face, vLLM) says it in these words."""
+    return (
+        f"gate=True needs a condition on every vector, but {what} has none. Vectors from "
+        "fv_plugin.extract_function_vector carry one (ExtractionConfig(condition=True), the default; not with "
+        "`fv extract --no-condition`); for another vector use `dataclasses.replace(fv, "
+        "condition=fv_plugin.learn_condition(model, tokenizer, task, fv))`, or steer with gate=False."
+    )
 
 
 def check_gate(vectors: Iterable[FunctionVector]) -> None:
     """Refuse ``gate=True`` for a vector without a condition, saying how to get one."""
     for fv in vectors:
         if fv.condition is None:
-            raise ValueError(
-                f"gate=True needs a condition on every vector, but the vector for task {fv.task!r} "
-                f"(method {fv.method!r}, layer {fv.layer}) has none. Vectors from "
-                "fv_plugin.extract_function_vector carry one (ExtractionConfig(condition=True), the default); "
-                "for another vector use `dataclasses.replace(fv, condition=fv_plugin.learn_condition(model, "
-                "tokenizer, task, fv))`, or steer with gate=False."
-            )
+            raise ValueError(gate_refusal(f"the vector for task {fv.task!r} (method {fv.method!r}, layer {fv.layer})"))
 
 
 def _per_vector(request: Any) -> list[tuple[FunctionVector, Any]]:

@@ -31,6 +31,7 @@ from fv_plugin.runtime import (
 
 __all__ = [
     "Attachment",
+    "ForwardStopped",
     "attach",
     "attached",
     "count_forward_work",
@@ -270,21 +271,31 @@ def _check_layers(resolved: ResolvedArch, layers: Sequence[int]) -> None:
             raise ValueError(f"layer {layer} is out of range: the model has {resolved.num_layers} layers")
 
 
+class ForwardStopped(Exception):
+    """Raised by :func:`record_layer_outputs` with ``stop=True`` once the highest recorded layer has run: the
+    caller catches it (the layers above were not needed)."""
+
+
 @contextlib.contextmanager
 def record_layer_outputs(
-    model: nn.Module, layers: Sequence[int], *, arch: ArchSpec | None = None
+    model: nn.Module, layers: Sequence[int], *, arch: ArchSpec | None = None, stop: bool = False
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Record the hidden states each of ``layers`` outputs (after any steering); removed on exit.
 
-    Yields a dict that maps a layer index to its latest output ``[batch, seq, hidden]``.
+    Yields a dict that maps a layer index to its latest output ``[batch, seq, hidden]``. With ``stop``, the
+    forward pass ends with :class:`ForwardStopped` right after the highest of ``layers`` (the rest of the model
+    and the unembedding never run); the caller catches it around the model call.
     """
     resolved = resolve_architecture(model, arch)
     _check_layers(resolved, layers)
     seen: dict[int, torch.Tensor] = {}
+    top = max(layers, default=-1) if stop else -1
 
     def make(index: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             seen[index] = (output if isinstance(output, torch.Tensor) else output[0]).detach()
+            if index == top:
+                raise ForwardStopped(f"stopped after layer {index}")
 
         return hook
 

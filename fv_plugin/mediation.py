@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fv_plugin.activations import prompt_means
+from fv_plugin.activations import RecordedStates, prompt_means
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
@@ -301,6 +301,7 @@ class HeadStatistics:
     zero_means: torch.Tensor | None = None  # [layers, heads, head_dim]
     states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [hidden], clean ICL prompts
     zero_states: dict[int, torch.Tensor] = field(default_factory=dict)  # the same queries zero-shot
+    zero_recorded: RecordedStates | None = None  # each zero-shot prompt's own states (``zero_rows=``)
 
     @property
     def aie(self) -> torch.Tensor:
@@ -324,9 +325,11 @@ def head_statistics(
     progress: bool | None = None,
     zero_shot: bool = True,
     layers: Sequence[int] = (),
+    zero_rows: Sequence[int] = (),
 ) -> HeadStatistics:
     """Mean head activations (ICL and, with ``zero_shot``, zero-shot) and the exact AIE of every head for ``task``
-    (the paper's causal mediation); with ``layers``, also the mean hidden states after them, from the same passes.
+    (the paper's causal mediation); with ``layers``, also the mean hidden states after them, from the same passes;
+    with ``zero_rows``, each zero-shot prompt's own state after those layers (when the zero-shot prompts run).
 
     Example:
         >>> stats = head_statistics(model, tok, load_task("antonym"))  # doctest: +SKIP
@@ -336,12 +339,20 @@ def head_statistics(
     options: dict[str, Any] = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
     num_heads(resolve_architecture(model, arch))
     icl = prompt_means(model, tokenizer, clean, heads=True, layers=layers, name="ICL prompts", **options)
-    zero = None
+    zero, recorded = None, None
     if zero_shot or layers:  # the same queries without demonstrations
         zero_prompts = clean_prompts(task, config, n_shots=0)
         zero = prompt_means(
-            model, tokenizer, zero_prompts, heads=zero_shot, layers=layers, name="zero-shot prompts", **options
+            model,
+            tokenizer,
+            zero_prompts,
+            heads=zero_shot,
+            layers=layers,
+            rows=zero_rows,
+            name="zero-shot prompts",
+            **options,
         )
+        recorded = RecordedStates(tuple(p.text for p in zero_prompts), zero.rows) if zero_rows else None
     assert icl.heads is not None
     effects = average_indirect_effect(
         model, tokenizer, shuffled, icl.heads, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
@@ -354,4 +365,5 @@ def head_statistics(
         zero_means=zero.heads if zero is not None else None,
         states=icl.states,
         zero_states=zero.states if zero is not None else {},
+        zero_recorded=recorded,
     )

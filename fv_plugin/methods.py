@@ -69,7 +69,9 @@ class MethodInputs:
 
     def head_statistics(self) -> HeadStatistics:
         """The given statistics, or those the forms to build need, computed once: zero-shot head means only for
-        ``head_difference``, and the hidden-state means of the candidate layers (same passes) for ``difference``."""
+        ``head_difference``, and the hidden-state means of the candidate layers (same passes) for ``difference``;
+        with ``config.condition``, each zero-shot prompt's states below the last layer too (the condition's
+        positives, kept from the same pass)."""
         if self.statistics is not None:
             return self.statistics
         forms = self.config.auto_methods if self.config.method == "auto" else (self.config.method,)
@@ -83,7 +85,13 @@ class MethodInputs:
             progress=self.progress,
             zero_shot="head_difference" in forms,
             layers=candidate_layers(self) if states else (),
+            zero_rows=range(self.resolved.num_layers - 1) if self.config.condition else (),
         )
+
+    def needs_head_statistics(self) -> bool:
+        """Whether the method (or one ``method="auto"`` chooses among) is made from head statistics."""
+        forms = self.config.auto_methods if self.config.method == "auto" else (self.config.method,)
+        return any(f in HEAD_METHODS for f in forms)
 
     def with_config(self, **changes: Any) -> MethodInputs:
         return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))

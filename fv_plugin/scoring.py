@@ -115,13 +115,15 @@ def next_token_probs(
     *,
     strength: float = 1.0,
     normalize: Normalize = "absolute",
+    gate: bool = False,
 ) -> torch.Tensor:
     """Next-token distribution after each (left-padded) prompt, steered at its final token: ``[batch, vocab]``.
 
-    Float32 on the CPU. With no vectors (or strength 0) it is the plain model's.
+    Float32 on the CPU. With no vectors (or strength 0) it is the plain model's. ``gate``: steer only the prompts
+    that pass each vector's condition (``steer(..., gate=True)``).
     """
     device = input_device(model)
-    with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize):
+    with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize, gate=gate):
         logits = model(
             input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), **last_logits_only(model)
         ).logits

@@ -2,6 +2,9 @@
 
 - :func:`specificity`: every task's vector applied to every task's zero-shot and 10-shot prompts; the diagonal is
   the vector's own task, the rest is what it breaks (or does) elsewhere.
+- :func:`continuations`, :func:`continuation_perplexity`: greedy continuations and the perplexity of text read
+  as a continuation, steered at the positions and with the gate a deployment uses (``fv bench side-effects``);
+  :func:`chat_requests` and :func:`as_chat`: the shipped chat requests those are measured on.
 - :func:`text_effects`: on the shipped neutral paragraphs (:func:`~fv_plugin.tasks.neutral_texts`), with the
   vector added at every token at each strength: the KL divergence from the plain model's next-token
   distributions, the perplexity of the text, the strength at which perplexity rises by 10%, and the fraction of
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import torch
@@ -26,6 +31,7 @@ from fv_plugin.architectures import ArchSpec
 from fv_plugin.config import EvalConfig
 from fv_plugin.devices import input_device
 from fv_plugin.mediation import cache_kwarg
+from fv_plugin.positions import Positions
 from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import eval_prompts
 from fv_plugin.prompts import Prompt
@@ -37,7 +43,12 @@ from fv_plugin.tasks import Task, neutral_texts
 __all__ = [
     "Specificity",
     "TextEffects",
+    "as_chat",
+    "chat_requests",
+    "continuation_perplexity",
+    "continuations",
     "degenerate",
+    "degeneration_rate",
     "neutral_kl",
     "rise_strength",
     "specificity",
@@ -201,21 +212,104 @@ def _text_scores(model: nn.Module, ids: torch.Tensor, vectors: Sequence[VectorAr
 
 
 @torch.no_grad()
-def _continuations(
-    model: nn.Module, tokenizer: Any, openings: Sequence[str], vectors: Sequence[VectorArg], strength: float, n: int
+def continuations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    vectors: Sequence[VectorArg] = (),
+    *,
+    strength: float = 1.0,
+    new_tokens: int = 24,
+    positions: Positions = "generated",
+    gate: bool = False,
+    batch_size: int = 16,
 ) -> list[list[int]]:
-    enc = tokenizer(list(openings), return_tensors="pt", padding=True, padding_side="left")
+    """The token ids of each prompt's greedy continuation of exactly ``new_tokens`` tokens, steered by ``vectors``
+    at ``positions`` (with ``gate``, only the prompts that pass each vector's condition); no vectors: plain.
+
+    Prompts are tokenized as ``tokenizer(prompts)`` does (left-padded, in batches of ``batch_size``).
+    """
+    if new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"new_tokens and batch_size must be >= 1, got {new_tokens} and {batch_size}")
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with steer(model, *vectors, strength=strength, positions="generated"):
-        out = model.generate(  # type: ignore[operator]
-            **{k: v.to(device) for k, v in enc.items()},
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=pad,
+    runs: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(
+            list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, padding_side="left"
         )
-    return out[:, enc["input_ids"].shape[1] :].tolist()
+        options = {"strength": strength, "positions": positions, "gate": gate, "tokenizer": tokenizer}
+        with steer(model, *vectors, **options):
+            out = model.generate(  # type: ignore[operator]
+                **{k: v.to(device) for k, v in enc.items()},
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        runs += out[:, enc["input_ids"].shape[1] :].tolist()
+    return runs
+
+
+@torch.no_grad()
+def continuation_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    vectors: Sequence[VectorArg] = (),
+    *,
+    opening_words: int = 8,
+    strength: float = 1.0,
+    positions: Positions = "generated",
+    gate: bool = False,
+) -> float:
+    """Perplexity of each text after its first ``opening_words`` words, read as a continuation of that opening:
+    the opening is the prompt (one forward), the rest (tokenized on its own, after a space) is fed after it through
+    the KV cache as if generated, so ``vectors`` act where they act in generation (``positions``; with ``gate``,
+    only if the opening passes). No vectors: the plain model's.
+    """
+    device = input_device(model)
+    nll, count = 0.0, 0
+    for text in texts:
+        words = text.split()
+        opening = tokenizer(" ".join(words[:opening_words]), return_tensors="pt")["input_ids"]
+        tail = " " + " ".join(words[opening_words:])
+        rest = tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"] if tail.strip() else None
+        if rest is None or rest.shape[1] == 0:
+            continue
+        options = {"strength": strength, "positions": positions, "gate": gate, "tokenizer": tokenizer}
+        with steer(model, *vectors, **options):
+            first = model(input_ids=opening.to(device), use_cache=True)
+            mask = torch.ones(1, opening.shape[1] + rest.shape[1], dtype=torch.long, device=device)
+            cache = {cache_kwarg(model): getattr(first, "cache", None) or first.past_key_values}
+            second = model(input_ids=rest.to(device), attention_mask=mask, **cache)
+        logits = torch.cat([first.logits[0, -1:], second.logits[0, :-1]]).float().log_softmax(-1).cpu()
+        nll -= float(logits[torch.arange(rest.shape[1]), rest[0]].sum())
+        count += int(rest.shape[1])
+    if count == 0:
+        raise ValueError("continuation_perplexity needs texts longer than their opening")
+    return math.exp(nll / count)
+
+
+def chat_requests() -> list[str]:
+    """Everyday chat requests shipped with the package (``fv_plugin/data/chat_requests.txt``), written for
+    measuring side effects: no task's query among them, and not used to learn any condition."""
+    text = resources.files("fv_plugin").joinpath("data", "chat_requests.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def as_chat(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    """Each text as one user message through the tokenizer's chat template, ready for the assistant's reply.
+
+    Raises:
+        ValueError: when the tokenizer has no chat template.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template; give the prompts as plain text instead")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
 
 
 def text_effects(
@@ -255,7 +349,9 @@ def text_effects(
         count += len(target)
     openings = [" ".join(t.split()[:opening_words]) for t in paragraphs]
     degenerates = [
-        _degenerate_fraction(_continuations(model, tokenizer, openings, vectors if s else (), s, new_tokens))
+        degeneration_rate(
+            continuations(model, tokenizer, openings, vectors if s else (), strength=s, new_tokens=new_tokens)
+        )
         for s in (0.0, *strengths)
     ]
     ppl = (nll / count).exp().tolist()
@@ -270,7 +366,8 @@ def text_effects(
     )
 
 
-def _degenerate_fraction(runs: Sequence[Sequence[int]]) -> float:
+def degeneration_rate(runs: Sequence[Sequence[int]]) -> float:
+    """The fraction of ``runs`` (token ids of continuations) that end in a repetition loop (:func:`degenerate`)."""
     return sum(degenerate(run) for run in runs) / len(runs)
 
 

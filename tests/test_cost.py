@@ -73,25 +73,30 @@ def test_progress_is_on_unless_turned_off_and_stages_are_recorded(monkeypatch: p
         "candidates",
         "finalists",
         "side effects",
+        "condition",  # learned by default: a recorded stage like the others
     ], names
 
 
 def test_a_large_task_file_costs_what_a_small_one_does() -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     costs = {}
-    for n in (100, 5000):
+    fixed = fv_plugin.FunctionVector(vector=torch.ones(64), layer=2, model_type="llama")
+    for n in (400, 5000):  # the condition's prompts are capped too: both tasks have more than its 64 valid queries
         task = _reverse_task(n)
         for method in ("auto", "heads"):
             with warnings.catch_warnings():  # a random model: its vector may or may not beat it
                 warnings.simplefilter("ignore", fv_plugin.WeakVectorWarning)
-                # the condition's passes are capped on their own (at most 30 positive queries a split)
+                # the condition (run or not, by the layer chosen) is counted on its own below, for a fixed vector
                 run = functools.partial(
                     fv_plugin.extract_function_vector, model, tok, task, method=method, condition=False, **SMALL
                 )
                 costs[n, method] = _layer_work(model, run)
+        costs[n, "condition"] = _layer_work(
+            model, functools.partial(fv_plugin.learn_condition, model, tok, task, fixed)
+        )
         assert len(validation_prompts(task, fv_plugin.ExtractionConfig())) == 64  # capped, a seeded sample
-    for method in ("auto", "heads"):
-        (calls_small, tokens_small), (calls_big, tokens_big) = costs[100, method], costs[5000, method]
+    for method in ("auto", "heads", "condition"):
+        (calls_small, tokens_small), (calls_big, tokens_big) = costs[400, method], costs[5000, method]
         assert calls_big == calls_small  # the same passes; the prompts differ only in their words
         assert 0.9 < tokens_big / tokens_small < 1.1
 
@@ -136,6 +141,7 @@ def test_the_estimate_counts_the_passes_a_model_runs(tmp_path: Path) -> None:
         assert measured[name].logit_rows == projected[name].logit_rows, name
         assert measured[name].tokens == pytest.approx(projected[name].tokens, rel=1e-6), name
     assert measured["ICL prompts"].logit_rows == projected["ICL prompts"].logit_rows
+    assert measured["condition"].logit_rows == 0  # its forwards stop below the vector: the unembedding never runs
     folder = tmp_path / "tiny"
     model.config.save_pretrained(folder)  # a config alone: no weights needed
     assert main(["bench", "extract", "--estimate", str(folder), "--flops", "1e12", "-v"]) == 0

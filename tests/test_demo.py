@@ -159,7 +159,7 @@ def test_concurrent_users_get_exactly_their_serial_results(engine: Engine) -> No
 
 
 def test_snapshots_stream_token_by_token(engine: Engine) -> None:
-    job, _ = engine.job(mixed_requests(engine)[0])
+    job, *_ = engine.job(mixed_requests(engine)[0])
     updates = list(engine.batcher.submit(job))
     assert [u.done for u in updates] == [False] * (len(updates) - 1) + [True]
     assert len(updates) >= max(len(tokens) for tokens in updates[-1].tokens) >= 2
@@ -173,11 +173,45 @@ def test_the_page_streams_the_three_boxes_and_the_chart(app: DemoApp) -> None:
     steer = shows_errors(app.steer)
     assert inspect.isgeneratorfunction(steer)  # Gradio streams only generator functions
     outputs = list(steer(PROMPT, "a", 1.0, "b", -0.5, NONE, 1.0, OWN_LAYER, 1.5, "generated", 6))
-    unsteered, steered, icl, chart, note = outputs[-1]
+    unsteered, steered, icl, chart, note, gate = outputs[-1]
     view = app.engine.steer(mixed_requests(app.engine)[0])
     assert (unsteered, steered, icl) == (view.unsteered, view.steered, view.icl)
     assert isinstance(outputs[0][3], np.ndarray) and isinstance(chart, np.ndarray) and chart.shape[2] == 3
     assert "10 demonstrations of *capitalize*" in note
+    assert "*a*: no condition — steered ungated" in gate and "*b*: no condition" in gate
+
+
+def conditioned(threshold: float) -> fv_plugin.FunctionVector:
+    """Vector ``a`` with a condition at layer 0 that every prompt passes (threshold -2) or none does (+2): a unit
+    direction's score lies in [-1, 1]."""
+    unit = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(9)), dim=0)
+    condition = fv_plugin.Condition(layer=0, direction=unit, threshold=threshold)
+    return dataclasses.replace(vector(0, task="capitalize"), condition=condition)
+
+
+def test_the_gate_steers_only_prompts_that_pass_and_says_so(app: DemoApp, engine: Engine) -> None:
+    request = SteerRequest(PROMPT, ((vector(0, task="capitalize"), 1.0),), max_new_tokens=4)
+    ungated = engine.steer(request)
+    assert ungated.gate == (None,) and ungated.steered != ungated.unsteered
+    passed = engine.steer(dataclasses.replace(request, pairs=((conditioned(-2.0), 1.0),)))
+    assert passed.gate == (True,) and passed.steered == ungated.steered
+    blocked = engine.steer(dataclasses.replace(request, pairs=((conditioned(2.0), 1.0),)))
+    assert blocked.gate == (False,) and blocked.steered == blocked.unsteered
+    off = engine.steer(dataclasses.replace(request, pairs=((conditioned(2.0), 1.0),), gate=False))
+    assert off.gate is None and off.steered == ungated.steered
+    # two vectors gate on their own: the blocked one is left out of the steered row, the other still steers
+    both = engine.steer(dataclasses.replace(request, pairs=((conditioned(2.0), 1.0), (engine.vectors["b"], 1.0))))
+    alone = engine.steer(dataclasses.replace(request, pairs=((engine.vectors["b"], 1.0),)))
+    assert both.gate == (False, None) and both.steered == alone.steered
+    # the page says what was decided, per vector, and names an ungated vector
+    task = fv_plugin.load_task("capitalize")
+    own = {"never": OwnVector(conditioned(2.0), task), "always": OwnVector(conditioned(-2.0), task)}
+    args = (PROMPT, "never", 1.0, "always", 1.0, "a", 1.0, OWN_LAYER, 1.0, "generated", 3)
+    *_, gate = list(app.steer(*args, True, own))[-1]
+    assert "*never*: condition not passed — not steered" in gate and "*always*: condition passed — steered" in gate
+    assert "*a*: no condition — steered ungated" in gate
+    *_, gate = list(app.steer(*args, False, own))[-1]
+    assert gate.startswith("**Gate off**")
 
 
 def test_the_icl_column_comes_from_the_first_vectors_task(app: DemoApp, engine: Engine) -> None:
@@ -199,7 +233,7 @@ def test_warm_up_prefills_the_shared_vectors_demonstrations(engine: Engine) -> N
     assert len(fresh.prefixes) == 0
     fresh.warm_up()
     assert len(fresh.prefixes) == 2  # capitalize and antonym; vector "c" records no task
-    job, _ = fresh.job(mixed_requests(fresh)[0])
+    job, *_ = fresh.job(mixed_requests(fresh)[0])
     assert job.rows[2].prefix is not None and len(fresh.prefixes) == 2  # served from the cache
 
 
@@ -240,7 +274,7 @@ def test_batches_respect_the_job_and_token_limits(engine: Engine) -> None:
 
 
 def test_the_worker_gathers_a_burst_and_no_more(engine: Engine) -> None:
-    job, _ = engine.job(SteerRequest(PROMPT, ((engine.vectors["c"], 1.0),), max_new_tokens=1))
+    job, *_ = engine.job(SteerRequest(PROMPT, ((engine.vectors["c"], 1.0),), max_new_tokens=1))
 
     def arrivals(limits: BatchLimits, gaps: list[float]) -> list[int]:
         batcher = Batcher(engine.model, pad_id=0, limits=limits)
@@ -347,7 +381,7 @@ def test_extract_runs_on_a_copy_and_reports_everything(app: DemoApp) -> None:
     assert torch.equal(fv_plugin.FunctionVector.load(path).vector, fv.vector)
     assert name in updates[0]["choices"] and NONE in updates[1]["choices"]
     # the user's new vector steers like any other, with its task's demonstrations in the ICL column
-    *_, note = list(app.steer(PROMPT, name, 1.0, NONE, 0, NONE, 0, OWN_LAYER, 1.0, "generated", 3, mine))[-1]
+    *_, note, _ = list(app.steer(PROMPT, name, 1.0, NONE, 0, NONE, 0, OWN_LAYER, 1.0, "generated", 3, True, mine))[-1]
     assert "of *capitalize*" in note
 
 

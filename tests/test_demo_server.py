@@ -51,8 +51,9 @@ def ui_args(
     weight2: float = 0.0,
     positions: str = "last_prompt",
     new: int = NEW_TOKENS,
+    gate: bool = False,  # off: every request is steered, so a leak between users would show
 ) -> list:
-    return [prompt, vector, 1.0, second, weight2, NONE, 0.0, OWN_LAYER, strength, positions, new]
+    return [prompt, vector, 1.0, second, weight2, NONE, 0.0, OWN_LAYER, strength, positions, new, gate]
 
 
 def direct(app: DemoApp, args: list) -> tuple[str, str, str]:
@@ -64,10 +65,11 @@ def direct(app: DemoApp, args: list) -> tuple[str, str, str]:
 def test_api_streams_the_three_continuations_and_the_chart(served: tuple[DemoApp, str]) -> None:
     app, url = served
     client = connect(url)
-    args = ui_args("Q: hot\nA:", "antonym", new=6)
+    args = ui_args("Q: hot\nA:", "antonym", new=6, gate=True)
     job = client.submit(*args, api_name="/steer")
-    unsteered, steered, icl, chart, note = job.result(timeout=TIMEOUT_S)
+    unsteered, steered, icl, chart, note, gate = job.result(timeout=TIMEOUT_S)
     assert (unsteered, steered, icl) == direct(app, args)
+    assert "*antonym*: condition passed — steered" in gate  # the shipped antonym vector carries a condition
     assert steered != unsteered and icl
     assert "10 demonstrations of *antonym*" in note and "Done in" in note
     assert Path(chart).read_bytes()[:4] in (b"RIFF", b"\x89PNG")  # the chart, as an image file
@@ -93,8 +95,9 @@ def test_extract_through_gradio_client_then_steer_with_the_new_vector(
     assert "How `auto` chose" in summary and "On neutral text" in summary
     assert text is not None and len(tokens["data"]) == 10 and Path(path).stat().st_size > 0
     # the same session can now steer with its own vector, and its ICL column uses the task it came from
-    plain, steered, _, _, note = client.predict(*ui_args("Q: hot\nA:", name), api_name="/steer")
+    plain, steered, _, _, note, gate = client.predict(*ui_args("Q: hot\nA:", name), api_name="/steer")
     assert plain != steered and "of *antonym*" in note
+    assert gate.startswith("**Gate off**")
 
 
 def test_concurrent_clients_get_their_own_steering(served: tuple[DemoApp, str]) -> None:
@@ -134,8 +137,18 @@ def test_real_browser_steers(served: tuple[DemoApp, str], tmp_path: Path) -> Non
     expected = direct(app, ["Q: hot\nA:", "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, "last_prompt", 8])
     assert (run.unsteered, run.steered, run.icl) == expected
     assert "10 demonstrations of antonym" in run.note and "Done in" in run.note
+    assert "Gate on" in run.gate and "antonym: condition passed — steered" in run.gate
     assert min(run.chart_size) > 200  # the probability chart is shown
     assert run.screenshot.stat().st_size > 10_000
+    # a prompt that is no antonym query: the gate (on by default) leaves it plain; unticked, the vector steers it
+    neutral = "The weather in the mountains"
+    gated = steer_in_browser(url, tmp_path / "gated.png", prompt=neutral, timeout_s=TIMEOUT_S)
+    assert "antonym: condition not passed — not steered" in gated.gate and gated.steered == gated.unsteered
+    assert not app.engine.gate(neutral, ((app.engine.vectors["antonym"], 1.0),))[0]  # what the engine decides
+    ungated = steer_in_browser(url, tmp_path / "ungated.png", prompt=neutral, gate=False, timeout_s=TIMEOUT_S)
+    assert "Gate off" in ungated.gate and ungated.steered != ungated.unsteered
+    args = [neutral, "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, "last_prompt", 8, False]
+    assert (ungated.unsteered, ungated.steered) == direct(app, args)[:2]
     keep = os.environ.get("FV_DEMO_SCREENSHOT_DIR")
     if keep:
         shutil.copy(run.screenshot, Path(keep) / "demo.png")

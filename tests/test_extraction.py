@@ -224,7 +224,8 @@ def test_cli_extract_and_bench_extract_on_a_tiny_checkpoint(tmp_path: Path) -> N
     assert timing.ratio("heads") > 0 and timing.ratio("auto") > 0
     heads = next(m for m in timing.methods if m.method == "heads")
     names = [s.name for s in heads.stages]
-    assert names[:2] == ["ICL prompts", "indirect effects"] and names[-1].startswith("layer sweep"), names
+    assert names[:2] == ["ICL prompts", "indirect effects"] and names[2].startswith("layer sweep"), names
+    assert names[3:] == ["condition"], names  # learned by default, recorded as its own stage
     # the plain forwards' tokens: every token of the 8 ICL prompts through every layer
     tokens = sum(
         int(fv_plugin.encode_prompts(tok, [p]).input_ids.shape[1])

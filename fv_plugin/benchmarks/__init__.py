@@ -1,4 +1,4 @@
-"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|choice|quant|vllm`` (or
+"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|choice|side-effects|quant|vllm`` (or
 ``python -m fv_plugin.benchmarks ...``). Apart from the library: nothing in fv_plugin imports them, and each is
 imported only when its command runs.
 
@@ -7,6 +7,9 @@ imported only when its command runs.
 - ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
 - ``choice`` (:mod:`.choice`): what ``auto`` chooses per task; test accuracy by first token and exact match.
+- ``side-effects`` (:mod:`.side_effects`): each vector's own-task accuracy and what else it changes, ungated,
+  gated and with ``positions="answer"``.
+- ``condition`` (:mod:`.condition`): a condition's cost against the plain forwards, and its error rates.
 - ``quant`` (:mod:`.quant`): quantized vs float32 vectors (cosine, accuracy, memory), each in its own process.
 - ``vllm`` (:mod:`.vllm`): steered vs plain throughput of concurrent requests on vLLM.
 """
@@ -27,6 +30,8 @@ _COMMANDS = {
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
     "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
     "choice": ("choice", "what auto chooses per task, and its test accuracy by first token and exact match"),
+    "side-effects": ("side_effects", "own-task accuracy and side effects of vectors: ungated, gated, answer positions"),
+    "condition": ("condition", "what learning saved vectors' conditions costs, and their validation error rates"),
 }
 _OWN_PARSERS = {
     "quant": ("quant", "quantized vs float32 vectors: cosine, accuracy, memory (see fv bench quant -h)"),

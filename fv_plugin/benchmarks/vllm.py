@@ -1,10 +1,11 @@
 """``fv bench vllm``: throughput of steered against plain requests on one vLLM engine.
 
 Each round sends the same concurrent requests twice, once plain and once each with its own vector (a mix of forms:
-residual-stream vectors, ``head_difference`` and ``head_patch`` vectors of 10 heads, in turn), alternating which
-goes first so that drift (other jobs, thermal state) hits both equally. Every request generates exactly
-``--tokens`` tokens (``ignore_eos``), so both batches do the same work. Reported per mode (eager, compiled):
-median tokens/s of each and the median of the per-round ratios steered / plain (the goal is >= 0.95).
+residual-stream vectors, ``head_difference`` and ``head_patch`` vectors of 10 heads, in turn; ``--gated`` of them,
+half by default, with ``gate=True`` and a random condition one layer below the vector that about half the prompts
+pass), alternating which goes first so that drift (other jobs, thermal state) hits both equally. Every request
+generates exactly ``--tokens`` tokens (``ignore_eos``), so both batches do the same work. Reported per mode (eager,
+compiled): median tokens/s of each and the median of the per-round ratios steered / plain (the goal is >= 0.95).
 
 ``--plugin-off`` adds, per mode, an engine started with ``FV_PLUGIN_VLLM=0`` (the model untouched): the plain
 requests there measure what the installed plugin costs plain batches (separate engines: noisier than the ratio).
@@ -15,6 +16,7 @@ Each engine runs in a child process of its own. Needs the vLLM extra.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -106,6 +108,22 @@ def _head_vectors(count: int, config: Any, layer: int, mode: str, seed: int) -> 
     return vectors
 
 
+def _with_conditions(vectors: list[FunctionVector], share: float, seed: int = 7) -> list[tuple[FunctionVector, bool]]:
+    """Each vector, and whether its request is gated: ``share`` of them, spread evenly, get a random condition one
+    layer below the vector with threshold 0 (about half the prompts pass it)."""
+    from fv_plugin.condition import Condition
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i, fv in enumerate(vectors):
+        if int((i + 1) * share) == int(i * share) or fv.first_layer == 0:
+            out.append((fv, False))
+            continue
+        direction = torch.randn(fv.size, generator=generator)
+        out.append((dataclasses.replace(fv, condition=Condition(fv.first_layer - 1, direction, 0.0)), True))
+    return out
+
+
 def _timed(llm: Any, prompts: list[str], params: list[Any]) -> float:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -133,11 +151,11 @@ def _batches(args: argparse.Namespace, llm: Any) -> tuple[list[str], dict[str, l
         else _head_vectors(count, config, layer, form, seed=f)
         for f, (form, count) in enumerate(zip(forms, counts, strict=True))
     }
-    vectors = [made[forms[i % len(forms)]][i // len(forms)] for i in range(args.requests)]
+    vectors = _with_conditions([made[forms[i % len(forms)]][i // len(forms)] for i in range(args.requests)], args.gated)
     plain = [SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True) for _ in prompts]
     steered = [
-        SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, extra_args=steering(fv))
-        for fv in vectors
+        SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, extra_args=steering(fv, gate=gate))
+        for fv, gate in vectors
     ]
     return prompts, {"plain": plain, "steered": steered}
 
@@ -183,6 +201,7 @@ def _child(args: argparse.Namespace, mode: str, *, plugin_off: bool) -> dict[str
         "rounds",
         "norm",
         "forms",
+        "gated",
         "gpu_memory_utilization",
         "max_model_len",
     )
@@ -232,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--forms", default=",".join(FORMS), help=f"comma-separated forms the requests take in turn, from {FORMS}"
     )
+    parser.add_argument("--gated", type=float, default=0.5, help="share of the steered requests sent with gate=True")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.25)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--plugin-off", action="store_true", help="also time plain requests with FV_PLUGIN_VLLM=0")

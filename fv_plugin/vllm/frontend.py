@@ -76,6 +76,7 @@ class Frontend:
     settings: PluginSettings
     named: Mapping[str, FunctionVector] = field(default_factory=dict)
     head_dim: int | None = None
+    pipeline_stages: int = 1
 
     def lookup(self, name: str) -> FunctionVector:
         found = self.named.get(name)
@@ -96,6 +97,11 @@ class Frontend:
             return kept, ""
         if not self.settings.enabled:
             raise ValueError("steering is turned off on this server (FV_PLUGIN_VLLM=0)")
+        if request.gate and self.pipeline_stages > 1:
+            raise ValueError(
+                "gate=True is not served with pipeline parallelism (a condition's layer and the layers it gates may "
+                "sit on different stages); serve with tensor parallelism, or steer with gate=False"
+            )
         resolved = resolve(
             request,
             self.arch,
@@ -129,7 +135,14 @@ def _frontend_for(processor: Any) -> Frontend:
     settings = PluginSettings.from_env()
     named = load_vector_folder(settings.vectors_folder) if settings.vectors_folder is not None else {}
     model_config = processor.model_config
-    return Frontend(arch=_arch_of(model_config), settings=settings, named=named, head_dim=_head_dim_of(model_config))
+    parallel = getattr(getattr(processor, "vllm_config", None), "parallel_config", None)
+    return Frontend(
+        arch=_arch_of(model_config),
+        settings=settings,
+        named=named,
+        head_dim=_head_dim_of(model_config),
+        pipeline_stages=int(getattr(parallel, "pipeline_parallel_size", 1)),
+    )
 
 
 def _wrap_init(original: Callable[..., None]) -> Callable[..., None]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fv_plugin.architectures import ResolvedArch
+from fv_plugin.condition import Condition
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -51,25 +52,28 @@ class HeadVector:
     values: torch.Tensor  # [k, head_dim] float32
     replace: bool
     model_type: str | None = None
+    condition: Condition | None = None  # gate=True: which prompts it steers
 
 
 @dataclass(frozen=True)
 class HeadEntry:
-    """One head slot a request acts on: ``slot + strength * weight * (value - replace * slot)`` at its positions."""
+    """One head slot a request acts on: ``slot + strength * weight * (value - replace * slot)`` at its positions
+    (``gate``: the index of the request's condition that gates it, -1: none)."""
 
     layer: int
     head: int
     replace: bool
     weight: float
     value: bytes  # little-endian float32 [head_dim]
+    gate: int = -1
 
     def to_args(self) -> list[Any]:
-        return [self.layer, self.head, self.replace, self.weight, self.value]
+        return [self.layer, self.head, self.replace, self.weight, self.value, self.gate]
 
     @classmethod
     def from_args(cls, value: Sequence[Any]) -> HeadEntry:
-        layer, head, replace, weight, data = value
-        return cls(int(layer), int(head), bool(replace), float(weight), bytes(data))
+        layer, head, replace, weight, data, *gate = value
+        return cls(int(layer), int(head), bool(replace), float(weight), bytes(data), int(gate[0]) if gate else -1)
 
 
 def head_vector_of(fv: FunctionVector) -> HeadVector:
@@ -77,7 +81,8 @@ def head_vector_of(fv: FunctionVector) -> HeadVector:
     if fv.head_values is None or fv.heads is None:
         raise ValueError("not a head-level function vector: it has no head_values")
     values = fv.head_values.detach().to("cpu", torch.float32)
-    return HeadVector(heads=tuple(fv.heads), values=values, replace=fv.head_mode == "replace", model_type=fv.model_type)
+    replace = fv.head_mode == "replace"
+    return HeadVector(tuple(fv.heads), values, replace, model_type=fv.model_type, condition=fv.condition)
 
 
 def _encode(values: torch.Tensor) -> str:
@@ -174,6 +179,12 @@ def _check(vector: HeadVector, arch: ResolvedArch, head_dim: int | None) -> None
     for layer, head in vector.heads:
         if not 0 <= layer < arch.num_layers or arch.num_heads is None or not 0 <= head < arch.num_heads:
             raise ValueError(f"head ({layer}, {head}) of the function vector does not exist in this model")
+    condition, first = vector.condition, min(layer for layer, _ in vector.heads)
+    if condition is not None and (condition.direction.numel() != arch.hidden_size or condition.layer >= first):
+        raise ValueError(
+            f"a condition reads layer {condition.layer} with size {condition.direction.numel()}; this vector "
+            f"needs a layer below {first} (the first it touches) and size {arch.hidden_size}"
+        )
 
 
 def _folded(entries: list[tuple[bool, float, np.ndarray]], strength: float) -> tuple[bool, float, np.ndarray]:
@@ -195,25 +206,34 @@ def resolve_heads(
     strength: float,
     head_dim: int | None,
     max_heads: int,
+    gates: Sequence[int] | None = None,
 ) -> tuple[HeadEntry, ...]:
     """Check head-level pairs against the served model; one entry per head slot they touch (``strength != 0``).
 
     Entries of the same vector and weight on one slot merge their weights, as ``fv_plugin.steer`` does; different
-    entries on one slot are folded into one that applies them in order (equal up to float rounding).
+    entries on one slot are folded into one that applies them in order (equal up to float rounding). ``gates``:
+    the condition index of each pair (gated requests); entries under different conditions cannot be folded.
 
     Raises:
-        ValueError: a vector made for another model, a head that does not exist, or more head slots than the server
-            steers per request.
+        ValueError: a vector made for another model, a head that does not exist, more head slots than the server
+            steers per request, or two differently gated vectors on one head slot.
     """
     for vector, _ in pairs:
         _check(vector, arch, head_dim)
     if strength == 0.0:
         return ()
+    gate_of = list(gates) if gates is not None else [-1] * len(pairs)
     merged: dict[tuple[int, int, bool, bytes], float] = {}
-    for vector, weight in pairs:
+    slot_gates: dict[tuple[int, int], int] = {}
+    for (vector, weight), gate in zip(pairs, gate_of, strict=True):
         if weight == 0.0:
             continue
         for (layer, head), value in zip(vector.heads, vector.values, strict=True):
+            if slot_gates.setdefault((layer, head), gate) != gate:
+                raise ValueError(
+                    f"two head-level vectors with different conditions act on head ({layer}, {head}); with "
+                    "gate=True the server gates each head slot by one condition: send them in separate requests"
+                )
             key = (layer, head, vector.replace, value.numpy().astype("<f4").tobytes())
             merged[key] = float(np.float32(merged.get(key, 0.0)) + np.float32(weight))
     slots: dict[tuple[int, int], list[tuple[bool, float, np.ndarray]]] = {}
@@ -227,5 +247,6 @@ def resolve_heads(
     out = []
     for (layer, head), items in sorted(slots.items()):
         replace, weight, value = items[0] if len(items) == 1 else _folded(items, strength)
-        out.append(HeadEntry(layer, head, replace, weight, np.asarray(value, dtype="<f4").tobytes()))
+        data = np.asarray(value, dtype="<f4").tobytes()
+        out.append(HeadEntry(layer, head, replace, weight, data, slot_gates[(layer, head)]))
     return tuple(out)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fv_plugin.architectures import ARCHITECTURES, ArchSpec
+from fv_plugin.vllm.gate_worker import GateBuffers
 from fv_plugin.vllm.tables import HeadKey, HeadTable, RequestPlan, SlotTable, build_head_table
 
 __all__ = ["HeadBuffers", "HeadState", "HeadWriter", "find_out_proj", "install_head_hooks", "make_head_hook"]
@@ -40,6 +41,7 @@ class HeadBuffers:
     replace: torch.Tensor  # [rows] float32
     index: torch.Tensor  # [tokens, columns] int64
     coef: torch.Tensor  # [tokens, columns] float32
+    gate: torch.Tensor  # [tokens, columns] int64 row of the gate table (0: always open)
 
     @classmethod
     def allocate(cls, *, rows: int, head_dim: int, tokens: int, columns: int, device: torch.device) -> HeadBuffers:
@@ -50,10 +52,11 @@ class HeadBuffers:
             replace=torch.zeros(rows, dtype=torch.float32, device=device),
             index=torch.zeros(tokens, columns, dtype=torch.int64, device=device),
             coef=torch.zeros(tokens, columns, dtype=torch.float32, device=device),
+            gate=torch.zeros(tokens, columns, dtype=torch.int64, device=device),
         )
 
     def register_on(self, module: nn.Module, local_heads: torch.Tensor) -> None:
-        for name in ("values", "layer", "head", "replace", "index", "coef"):
+        for name in ("values", "layer", "head", "replace", "index", "coef", "gate"):
             module.register_buffer(f"fv_plugin_head_{name}", getattr(self, name), persistent=False)
         module.register_buffer("fv_plugin_local_heads", local_heads, persistent=False)
 
@@ -63,19 +66,24 @@ class HeadState:
     """What eager hooks read to skip work: the layers with head entries this step, and their table columns."""
 
     layers: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    gated: bool = False  # some entry is gated this step
 
 
 def _buffer(module: nn.Module, name: str) -> torch.Tensor:
     return cast(torch.Tensor, getattr(module, f"fv_plugin_{name}"))
 
 
-def moved_slots(module: nn.Module, layer: int, x: torch.Tensor, columns: Sequence[int] | None) -> torch.Tensor:
+def moved_slots(
+    module: nn.Module, layer: int, x: torch.Tensor, columns: Sequence[int] | None, gated: bool = False
+) -> torch.Tensor:
     """``x`` (``[tokens, local heads * head_dim]``) with this step's head entries of ``layer`` applied:
     ``slot + c * (value - replace * slot)`` per (token, owned head), from the table ``columns`` (``None``: all)."""
     count = x.shape[0]
     local = _buffer(module, "local_heads")
     index = _buffer(module, "head_index")[:count]  # [T, C]
     coef = _buffer(module, "head_coef")[:count]
+    if gated:  # each entry times its gate's decision
+        coef = coef * _buffer(module, "gate_open")[_buffer(module, "head_gate")[:count]]
     if columns is not None:
         index, coef = index[:, list(columns)], coef[:, list(columns)]
     live = (_buffer(module, "head_layer")[index] == layer) & (coef != 0)
@@ -104,7 +112,7 @@ def make_head_hook(layer: int, state: HeadState) -> Callable[[nn.Module, Any], A
                 "[tokens, heads * head_dim]; head-level steering cannot reach this model's heads"
             )
         columns = None if compiling else state.layers[layer]
-        return (moved_slots(module, layer, x, columns), *args[1:])
+        return (moved_slots(module, layer, x, columns, compiling or state.gated), *args[1:])
 
     return hook
 
@@ -136,13 +144,21 @@ def _local_heads(proj: nn.Module, head_dim: int, num_heads: int, device: torch.d
 
 
 def install_head_hooks(
-    layers: Mapping[int, nn.Module], *, model_type: str, head_dim: int, num_heads: int, buffers: HeadBuffers
+    layers: Mapping[int, nn.Module],
+    *,
+    model_type: str,
+    head_dim: int,
+    num_heads: int,
+    buffers: HeadBuffers,
+    gates: GateBuffers | None = None,
 ) -> HeadState:
     """Hook the output projection of each ``layers`` entry (``{layer index: decoder layer}``)."""
     state = HeadState()
     for at, module in layers.items():
         proj = find_out_proj(module, model_type)
         buffers.register_on(proj, _local_heads(proj, head_dim, num_heads, buffers.values.device))
+        if gates is not None:
+            gates.register_on(proj, decide=False)
         proj.register_forward_pre_hook(make_head_hook(at, state))
     return state
 
@@ -166,11 +182,12 @@ class HeadWriter:
         starts: np.ndarray,
         computed: np.ndarray,
         prompt_lengths: np.ndarray,
+        gate_rows: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         if not any(plan is not None and plan.heads for plan in plans):
             self.clear()
             return
-        table, writes = build_head_table(plans, starts, computed, prompt_lengths, self.slots, self.columns)
+        table, writes = build_head_table(plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows)
         for row, (layer, head, replace, data) in writes:
             self.buffers.values[row].copy_(torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32)))
             self.buffers.layer[row] = layer
@@ -182,7 +199,7 @@ class HeadWriter:
         if self.dirty:
             self.buffers.coef[: self.dirty].zero_()
             self.dirty = 0
-        self.state.layers = {}
+        self.state.layers, self.state.gated = {}, False
 
     def _upload(self, table: HeadTable) -> None:
         if not table.layers:
@@ -191,7 +208,9 @@ class HeadWriter:
         count = table.index.shape[0]
         self.buffers.index[:count].copy_(torch.from_numpy(table.index))
         self.buffers.coef[:count].copy_(torch.from_numpy(table.coef))
+        if table.gate is not None:
+            self.buffers.gate[:count].copy_(torch.from_numpy(table.gate))
         if self.dirty > count:
             self.buffers.coef[count : self.dirty].zero_()
         self.dirty = count
-        self.state.layers = table.layers
+        self.state.layers, self.state.gated = table.layers, table.gate is not None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,15 +29,23 @@ from fv_plugin.merge import Normalize, check_number, merge
 from fv_plugin.positions import Positions
 from fv_plugin.request import check_options, check_strength, check_vector, split_vectors
 from fv_plugin.vector import FunctionVector
+from fv_plugin.vllm.gate_requests import (
+    GATE_KEYS,
+    check_vllm_positions,
+    encode_gate,
+    group_by_condition,
+    parse_conditions,
+    require_condition,
+)
 from fv_plugin.vllm.head_requests import (
     HEAD_KEYS,
-    HeadEntry,
     HeadVector,
     encode_head_vectors,
     head_vector_of,
     parse_head_vectors,
     resolve_heads,
 )
+from fv_plugin.vllm.resolved import FORMAT, ResolvedSteering
 
 __all__ = [
     "ARGUMENT_KEYS",
@@ -53,7 +60,6 @@ __all__ = [
     "steering",
 ]
 
-FORMAT = 1
 RESOLVED_KEY = "fv_plugin_steering"
 ARGUMENT_KEYS: tuple[str, ...] = (
     "fv_format",
@@ -67,6 +73,7 @@ ARGUMENT_KEYS: tuple[str, ...] = (
     "fv_positions",
     "fv_normalize",
     *HEAD_KEYS,
+    *GATE_KEYS,
 )
 _INLINE_KEYS = ("fv_vectors", "fv_layers", "fv_weights", "fv_model_types")
 HEAD_RELATIVE_REFUSAL = (
@@ -123,6 +130,7 @@ def steering(
     strength: float = 1.0,
     positions: Positions = "generated",
     normalize: Normalize = "absolute",
+    gate: bool = False,
 ) -> dict[str, Any]:
     """Request arguments that steer one vLLM request as ``fv_plugin.steer`` steers a Hugging Face model.
 
@@ -133,9 +141,13 @@ def steering(
             name of a vector the server loaded from ``FV_PLUGIN_VECTORS`` (its file stem), alone or as
             ``(name, weight)``.
         strength: multiplies every vector (one float per request).
-        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``.
+        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``
+            (``"answer"`` is not served on vLLM yet).
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
             ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
+        gate: steer with each vector only if the request's prompt passes the vector's condition (``fv.condition``,
+            decided at the prompt's last token, as ``fv_plugin.steer(..., gate=True)`` does); every vector needs
+            one (a named vector, the one in its file). Not with ``positions="all"`` (see docs/vllm.md).
 
     Returns:
         A flat JSON-serializable dict: pass it as ``SamplingParams(extra_args=...)`` or, on the OpenAI-compatible
@@ -146,6 +158,7 @@ def steering(
         >>> params = SamplingParams(temperature=0, max_tokens=16, extra_args=args)  # doctest: +SKIP
     """
     check_options(positions, normalize)
+    check_vllm_positions(gate, positions)
     args: dict[str, Any] = {
         "fv_format": FORMAT,
         "fv_strength": _scalar_strength(strength),
@@ -166,6 +179,9 @@ def steering(
     if named:
         args["fv_names"] = [name for name, _ in named]
         args["fv_name_weights"] = [weight for _, weight in named]
+    if gate:
+        heads = [fv for fv, _ in _split_sources(vectors)[0] if fv.is_head_patch]
+        args.update(encode_gate([fv for fv, _ in inline for _ in fv.parts()], heads))
     return args
 
 
@@ -179,6 +195,7 @@ class VllmSteeringRequest:
     positions: str
     normalize: Normalize
     head_pairs: tuple[tuple[HeadVector, float], ...] = ()  # inline head-level vectors (named ones are in pairs)
+    gate: bool = False  # each vector (its ``condition``, or its head vector's) gates on its own
 
 
 def _typed_list(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], length: int | None) -> list[Any]:
@@ -257,66 +274,46 @@ def parse_request(
     positions = args.get("fv_positions", "generated")
     normalize = check_options(positions, args.get("fv_normalize", "absolute"))
     strength = check_number(args.get("fv_strength", 1.0), "fv_strength")
-    pairs = _inline_pairs(args) + _named_pairs(args, lookup)
-    head_pairs = tuple(parse_head_vectors(args, decode_vector, check_number))
+    inline, named = _inline_pairs(args), _named_pairs(args, lookup)
+    head_pairs = parse_head_vectors(args, decode_vector, check_number)
+    gated = parse_conditions(args, len(inline), len(head_pairs), decode_vector, check_number)
+    check_vllm_positions(gated is not None, positions)
+    if gated is not None:
+        inline, named, head_pairs = _with_conditions(args, gated, inline, named, head_pairs)
     return VllmSteeringRequest(
-        pairs=tuple(pairs), strength=strength, positions=positions, normalize=normalize, head_pairs=head_pairs
+        pairs=tuple(inline + named),
+        strength=strength,
+        positions=positions,
+        normalize=normalize,
+        head_pairs=tuple(head_pairs),
+        gate=gated is not None,
     )
 
 
-@dataclass(frozen=True)
-class ResolvedSteering:
-    """A request checked against the served model: one merged float32 vector per layer.
+Pairs = list[tuple[FunctionVector, float]]
 
-    ``vectors[i]`` (little-endian float32 bytes) is added after layer ``layers[i]``, times ``strength`` at the
-    positions the mode selects, and also times the hidden state's norm when ``relative``. ``heads``: the head
-    slots its head-level vectors act on (see :class:`~fv_plugin.vllm.head_requests.HeadEntry`).
-    """
 
-    layers: tuple[int, ...]
-    vectors: tuple[bytes, ...]
-    strength: float
-    positions: str
-    relative: bool
-    heads: tuple[HeadEntry, ...] = ()
-
-    def to_args(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers),
-            "vectors": list(self.vectors),
-            "strength": self.strength,
-            "positions": self.positions,
-            "relative": self.relative,
-            "heads": [entry.to_args() for entry in self.heads],
-        }
-
-    @classmethod
-    def from_args(cls, value: Mapping[str, Any]) -> ResolvedSteering:
-        return cls(
-            layers=tuple(int(layer) for layer in value["layers"]),
-            vectors=tuple(bytes(vector) for vector in value["vectors"]),
-            strength=float(value["strength"]),
-            positions=str(value["positions"]),
-            relative=bool(value["relative"]),
-            heads=tuple(HeadEntry.from_args(entry) for entry in value.get("heads", ())),
-        )
-
-    def salt(self, prompt_length: int, existing: str | None = None) -> str:
-        """Prefix-cache salt: equal only for requests whose cached tokens are computed the same way.
-
-        The last prompt token is steered in ``"generated"``/``"last_prompt"`` mode, so those salts include the
-        prompt length (a longer prompt sharing this one's tokens must not reuse them).
-        """
-        digest = hashlib.sha256()
-        digest.update(repr((FORMAT, self.positions, self.relative, self.strength, self.layers)).encode())
-        for vector in self.vectors:
-            digest.update(vector)
-        for entry in self.heads:
-            digest.update(repr(entry.to_args()[:4]).encode() + entry.value)
-        if self.positions != "all":
-            digest.update(f"|prompt={prompt_length}".encode())
-        mark = f"fv_plugin:{digest.hexdigest()}"
-        return mark if existing is None else f"{existing}|{mark}"
+def _with_conditions(
+    args: Mapping[str, Any],
+    gated: tuple[list[Any], list[Any]],
+    inline: Pairs,
+    named: Pairs,
+    head_pairs: list[tuple[HeadVector, float]],
+) -> tuple[Pairs, Pairs, list[tuple[HeadVector, float]]]:
+    """A gated request's vectors, each with its condition (refused, with the gate's words, when one has none)."""
+    residual, heads = gated
+    inline = [
+        (dataclasses.replace(fv, condition=require_condition(c, f"fv_vectors[{i}] (layer {fv.layer})")), w)
+        for i, ((fv, w), c) in enumerate(zip(inline, residual, strict=True))
+    ]
+    names = args.get("fv_names") or []
+    for name, (fv, _) in zip(names, named, strict=True):
+        require_condition(fv.condition, f"the server's vector {name!r}")
+    head_pairs = [
+        (dataclasses.replace(hv, condition=require_condition(c, f"fv_head_values[{i}]")), w)
+        for i, ((hv, w), c) in enumerate(zip(head_pairs, heads, strict=True))
+    ]
+    return inline, named, head_pairs
 
 
 def resolve(
@@ -337,28 +334,58 @@ def resolve(
             a head-level vector, or more distinct layers (heads) than the server steers per request.
     """
     head_pairs = [*request.head_pairs, *((head_vector_of(fv), w) for fv, w in request.pairs if fv.is_head_patch)]
-    residual = dataclasses.replace(request, pairs=tuple(pair for pair in request.pairs if not pair[0].is_head_patch))
-    for fv, _ in residual.pairs:
+    residual = [pair for pair in request.pairs if not pair[0].is_head_patch]
+    for fv, _ in residual:
         check_vector(fv, arch)
     if head_pairs and request.normalize == "relative":
         raise ValueError(HEAD_RELATIVE_REFUSAL)
-    heads = resolve_heads(head_pairs, arch, strength=request.strength, head_dim=head_dim, max_heads=max_heads)
+    gate_of = [fv.condition for fv, _ in residual] + [hv.condition for hv, _ in head_pairs]
+    conditions, gates = group_by_condition(gate_of if request.gate else [None] * len(gate_of))
+    heads = resolve_heads(
+        head_pairs,
+        arch,
+        strength=request.strength,
+        head_dim=head_dim,
+        max_heads=max_heads,
+        gates=gates[len(residual) :],
+    )
     if request.strength == 0.0:
         return None
-    merged = merge(residual.pairs, request.normalize)
-    if not merged.deltas and not heads:
+    columns = _columns(residual, gates[: len(residual)], request.normalize)
+    if not columns and not heads:
         return None
-    if len(merged.deltas) > max_layers:
-        raise ValueError(
-            f"this request steers {len(merged.deltas)} layers but the server steers at most {max_layers} per "
-            "request; start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
-        )
-    vectors = tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for delta in merged.deltas.values())
+    _check_sizes(len(columns), len(conditions), max_layers)
     return ResolvedSteering(
-        layers=merged.layers,
-        vectors=vectors,
+        layers=tuple(layer for layer, _, _ in columns),
+        vectors=tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for _, delta, _ in columns),
         strength=request.strength,
         positions=request.positions,
-        relative=merged.relative,
+        relative=request.normalize == "relative",
         heads=heads,
+        gates=tuple(gate for _, _, gate in columns) if conditions else (),
+        conditions=conditions,
     )
+
+
+def _columns(
+    pairs: Sequence[tuple[FunctionVector, float]], gates: Sequence[int], normalize: Normalize
+) -> list[tuple[int, torch.Tensor, int]]:
+    """``(layer, merged vector, gate)`` per column: the vectors at one layer merged, separately per condition."""
+    columns = []
+    for gate in sorted(set(gates)):
+        merged = merge([pair for pair, g in zip(pairs, gates, strict=True) if g == gate], normalize)
+        columns += [(layer, delta, gate) for layer, delta in merged.deltas.items()]
+    return columns
+
+
+def _check_sizes(columns: int, conditions: int, max_layers: int) -> None:
+    if columns > max_layers:
+        raise ValueError(
+            f"this request steers {columns} layers (gated vectors: per condition) but the server steers at most "
+            f"{max_layers} per request; start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
+        )
+    if conditions > max_layers:
+        raise ValueError(
+            f"this request gates on {conditions} distinct conditions but the server gates on at most {max_layers} "
+            "per request; start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
+        )

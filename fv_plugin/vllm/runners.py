@@ -67,6 +67,11 @@ def v1_batch(runner: Any) -> StepBatch:
     )
 
 
+def _host(values: Any) -> Any:
+    """A V2 per-request array: a CPU/GPU buffer pair (its ``.np``) in recent vLLM, a numpy array in earlier V2."""
+    return getattr(values, "np", values)
+
+
 def v2_batch(runner: Any, batch: Any, requests: Mapping[str, Any]) -> StepBatch:
     count = int(batch.num_reqs)
     rows = np.asarray(batch.idx_mapping_np[:count])
@@ -74,7 +79,7 @@ def v2_batch(runner: Any, batch: Any, requests: Mapping[str, Any]) -> StepBatch:
         req_ids=list(batch.req_ids[:count]),
         starts=np.asarray(batch.query_start_loc_np[: count + 1]),
         computed=np.asarray(batch.num_computed_tokens_np[:count]),
-        prompt_lengths=np.asarray(runner.req_states.prompt_len.np[rows]),
+        prompt_lengths=np.asarray(_host(runner.req_states.prompt_len)[rows]),
         requests=requests,
     )
 

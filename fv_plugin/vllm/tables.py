@@ -15,7 +15,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from fv_plugin.vllm.requests import ResolvedSteering
+from fv_plugin.vllm.gate_requests import GateCondition
+from fv_plugin.vllm.resolved import ResolvedSteering
 
 __all__ = [
     "HeadKey",
@@ -37,7 +38,7 @@ Key = TypeVar("Key", bound=Hashable)
 @dataclass(frozen=True)
 class RequestPlan:
     """One request's steering as a worker applies it: column ``k`` adds vector ``keys[k][1]`` after layer
-    ``keys[k][0]``."""
+    ``keys[k][0]``, gated by condition ``gates[k]`` (-1: ungated; head entry ``j`` by ``head_gates[j]``)."""
 
     keys: tuple[SlotKey, ...]
     strength: float
@@ -45,9 +46,13 @@ class RequestPlan:
     relative: bool
     heads: tuple[HeadKey, ...] = ()  # head slot ``heads[j]`` moves by ``strength * head_weights[j]``
     head_weights: tuple[float, ...] = ()
+    gates: tuple[int, ...] = ()  # empty: no column is gated
+    head_gates: tuple[int, ...] = ()
+    conditions: tuple[GateCondition, ...] = ()
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedSteering) -> RequestPlan:
+        gated = bool(resolved.conditions)
         return cls(
             keys=tuple(zip(resolved.layers, resolved.vectors, strict=True)),
             strength=resolved.strength,
@@ -55,6 +60,9 @@ class RequestPlan:
             relative=resolved.relative,
             heads=tuple((e.layer, e.head, e.replace, e.value) for e in resolved.heads),
             head_weights=tuple(e.weight for e in resolved.heads),
+            gates=resolved.gates if gated else (),
+            head_gates=tuple(e.gate for e in resolved.heads) if gated else (),
+            conditions=resolved.conditions,
         )
 
 
@@ -120,6 +128,7 @@ class TokenTable:
     relative: np.ndarray  # [tokens, columns] float32
     layers: Mapping[int, tuple[int, ...]]  # each steered layer -> the columns that may hold one of its vectors
     any_relative: bool
+    gate: np.ndarray | None = None  # [tokens, columns] int64 row of the gate table (0: always open); None: no gate
 
 
 def _live(
@@ -144,6 +153,7 @@ def build_table(
     prompt_lengths: np.ndarray,
     slots: SlotTable[SlotKey],
     columns: int,
+    gate_rows: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[TokenTable, list[tuple[int, SlotKey]]]:
     """The token table of a step with requests ``plans`` (``None``: plain) in batch order, and the vector-table
     rows to write before it runs.
@@ -154,6 +164,7 @@ def build_table(
         prompt_lengths: ``[requests]`` prompt length of each request.
         slots: the vector table's rows; keys of the requests steering this step get one.
         columns: columns of the table (the most layers one request may steer).
+        gate_rows: per request, the gate-table row of each of its conditions (gated requests only).
     """
     live = _live(plans, starts, computed, prompt_lengths)
     rows, writes = slots.assign(key for _, plan, _ in live for key in plan.keys)
@@ -161,6 +172,7 @@ def build_table(
     index = np.zeros((tokens, columns), dtype=np.int64)
     absolute = np.zeros((tokens, columns), dtype=np.float32)
     relative = np.zeros((tokens, columns), dtype=np.float32)
+    gate = np.zeros((tokens, columns), dtype=np.int64)
     layers: dict[int, set[int]] = {}
     for i, plan, mask in live:
         lo, hi = int(starts[i]), int(starts[i + 1])
@@ -169,14 +181,23 @@ def build_table(
             index[lo:hi, k] = rows[key]
             target[lo:hi, k] = np.where(mask, np.float32(plan.strength), np.float32(0.0))
             layers.setdefault(key[0], set()).add(k)
+            if plan.gates and plan.gates[k] >= 0:
+                gate[lo:hi, k] = _gate_row(gate_rows, i, plan.gates[k])
     table = TokenTable(
         index=index,
         absolute=absolute,
         relative=relative,
         layers={layer: tuple(sorted(columns)) for layer, columns in layers.items()},
         any_relative=bool(relative.any()),
+        gate=gate if gate.any() else None,
     )
     return table, writes
+
+
+def _gate_row(gate_rows: Sequence[tuple[int, ...]] | None, request: int, condition: int) -> int:
+    if gate_rows is None or condition >= len(gate_rows[request]):
+        raise RuntimeError(f"fv_plugin: no gate row for condition {condition} of request {request} in this step")
+    return gate_rows[request][condition]
 
 
 @dataclass(frozen=True)
@@ -188,6 +209,7 @@ class HeadTable:
     index: np.ndarray  # [tokens, columns] int64
     coef: np.ndarray  # [tokens, columns] float32
     layers: Mapping[int, tuple[int, ...]]  # each layer with head entries -> the columns that may hold them
+    gate: np.ndarray | None = None  # [tokens, columns] int64 row of the gate table (0: always open); None: no gate
 
 
 def build_head_table(
@@ -197,6 +219,7 @@ def build_head_table(
     prompt_lengths: np.ndarray,
     slots: SlotTable[HeadKey],
     columns: int,
+    gate_rows: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[HeadTable, list[tuple[int, HeadKey]]]:
     """The head table of a step (arguments as :func:`build_table`'s; ``columns``: head entries per request), and
     the head-table rows to write before it runs. The coefficient is ``float32(strength) * float32(weight)``, the
@@ -206,6 +229,7 @@ def build_head_table(
     tokens = int(starts[len(plans)])
     index = np.zeros((tokens, columns), dtype=np.int64)
     coef = np.zeros((tokens, columns), dtype=np.float32)
+    gate = np.zeros((tokens, columns), dtype=np.int64)
     layers: dict[int, set[int]] = {}
     for i, plan, mask in live:
         lo, hi = int(starts[i]), int(starts[i + 1])
@@ -214,5 +238,8 @@ def build_head_table(
             value = np.float32(plan.strength) * np.float32(weight)
             coef[lo:hi, k] = np.where(mask, value, np.float32(0.0))
             layers.setdefault(key[0], set()).add(k)
-    table = HeadTable(index=index, coef=coef, layers={at: tuple(sorted(ks)) for at, ks in layers.items()})
+            if plan.head_gates and plan.head_gates[k] >= 0:
+                gate[lo:hi, k] = _gate_row(gate_rows, i, plan.head_gates[k])
+    layers_of = {at: tuple(sorted(ks)) for at, ks in layers.items()}
+    table = HeadTable(index=index, coef=coef, layers=layers_of, gate=gate if gate.any() else None)
     return table, writes

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fv_plugin.vllm.gate_worker import GateBuffers, GateWriter, decide_gates
 from fv_plugin.vllm.head_worker import HeadBuffers, HeadWriter, install_head_hooks
-from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering
+from fv_plugin.vllm.requests import RESOLVED_KEY
+from fv_plugin.vllm.resolved import ResolvedSteering
 from fv_plugin.vllm.runners import StepBatch, check_runner, wrap_runner
 from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.tables import RequestPlan, SlotKey, SlotTable, TokenTable, build_table
@@ -53,6 +55,7 @@ class SteeringBuffers:
     index: torch.Tensor  # [tokens, columns] int64
     absolute: torch.Tensor  # [tokens, columns] float32
     relative: torch.Tensor  # [tokens, columns] float32
+    gate: torch.Tensor  # [tokens, columns] int64 row of the gate table (0: always open)
 
     @classmethod
     def allocate(cls, *, slots: int, hidden: int, tokens: int, columns: int, device: torch.device) -> SteeringBuffers:
@@ -62,11 +65,13 @@ class SteeringBuffers:
             index=torch.zeros(tokens, columns, dtype=torch.int64, device=device),
             absolute=torch.zeros(tokens, columns, dtype=torch.float32, device=device),
             relative=torch.zeros(tokens, columns, dtype=torch.float32, device=device),
+            gate=torch.zeros(tokens, columns, dtype=torch.int64, device=device),
         )
 
     def register_on(self, module: nn.Module) -> None:
         for name in ("vectors", "slot_layer", "index", "absolute", "relative"):
             module.register_buffer(f"fv_plugin_{name}", getattr(self, name), persistent=False)
+        module.register_buffer("fv_plugin_gate_index", self.gate, persistent=False)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class StepState:
 
     layers: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     any_relative: bool = False
+    any_gated: bool = False  # some column is gated this step
+    gate_layers: set[int] = field(default_factory=set)  # layers that take a gate decision this step
 
 
 def _buffer(module: nn.Module, name: str) -> torch.Tensor:
@@ -83,10 +90,16 @@ def _buffer(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def layer_delta(
-    module: nn.Module, layer: int, stream: torch.Tensor, with_norm: bool, columns: Sequence[int]
+    module: nn.Module,
+    layer: int,
+    stream: torch.Tensor,
+    with_norm: bool,
+    columns: Sequence[int],
+    gated: bool = False,
 ) -> torch.Tensor:
     """What to add to the output of ``layer`` (``stream`` is its residual stream, ``[tokens, hidden]``), float32,
-    from the table ``columns`` (all of them in a compiled graph; the ones this step uses in eager mode)."""
+    from the table ``columns`` (all of them in a compiled graph; the ones this step uses in eager mode), each
+    column times its gate's decision when ``gated``."""
     count = stream.shape[0]
     index = _buffer(module, "index")[:count]
     vectors = _buffer(module, "vectors")
@@ -94,6 +107,8 @@ def layer_delta(
     if with_norm:
         coef = coef + _buffer(module, "relative")[:count] * stream.float().norm(dim=-1, keepdim=True)
     coef = torch.where(_buffer(module, "slot_layer")[index] == layer, coef, torch.zeros_like(coef))
+    if gated:
+        coef = coef * _buffer(module, "gate_open")[_buffer(module, "gate_index")[:count]]
     first, *rest = columns
     delta = coef[:, first : first + 1] * vectors[index[:, first]]
     for k in rest:
@@ -121,12 +136,15 @@ def make_layer_hook(layer: int, state: StepState) -> Callable[[nn.Module, Any, A
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         hidden, residual = _split_output(output, layer)
         compiling = torch.compiler.is_compiling()
+        if compiling or layer in state.gate_layers:  # first the gate decisions read here, as on Hugging Face
+            decide_gates(module, layer, hidden if residual is None else hidden + residual)
         if not compiling and layer not in state.layers:
             return None  # eager and nothing to add here this step
         with_norm = compiling or state.any_relative
         columns = range(_buffer(module, "index").shape[1]) if compiling else state.layers[layer]
         stream = hidden if residual is None or not with_norm else hidden + residual
-        steered = hidden + layer_delta(module, layer, stream, with_norm, columns).to(hidden.dtype)
+        delta = layer_delta(module, layer, stream, with_norm, columns, compiling or state.any_gated)
+        steered = hidden + delta.to(hidden.dtype)
         return steered if isinstance(output, torch.Tensor) else (steered, residual)
 
     return hook
@@ -159,8 +177,20 @@ def _plan_of(req_id: str, params: Any, hidden: int, columns: int, heads: HeadWri
 class StepWriter:
     """Writes each step's steering into the buffers, from the runner's batch, before the model runs."""
 
-    def __init__(self, buffers: SteeringBuffers, state: StepState, *, hidden: int, heads: HeadWriter) -> None:
+    def __init__(
+        self,
+        buffers: SteeringBuffers,
+        state: StepState,
+        *,
+        hidden: int,
+        heads: HeadWriter,
+        gates: GateWriter | None = None,
+    ) -> None:
         self.buffers, self.state, self.hidden, self.heads = buffers, state, hidden, heads
+        if gates is None:  # a writer that gates nothing
+            device = buffers.vectors.device
+            gates = GateWriter(GateBuffers.allocate(rows=1, decisions=1, hidden=hidden, device=device))
+        self.gates = gates
         self.columns = int(buffers.index.shape[1])
         self.slots: SlotTable[SlotKey] = SlotTable(int(buffers.vectors.shape[0]))
         self.plans: dict[str, tuple[int, RequestPlan | None]] = {}  # request -> (id of its params, plan)
@@ -182,13 +212,16 @@ class StepWriter:
             self.clear()
             return
         starts, computed, prompt_lengths = batch.starts, batch.computed, batch.prompt_lengths
-        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns)
+        gate_rows, self.state.gate_layers = self.gates.prepare(batch, plans)
+        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows)
         self._write_vectors(writes)
         self._upload(table)
-        self.heads.prepare(plans, starts, computed, prompt_lengths)
+        self.heads.prepare(plans, starts, computed, prompt_lengths, gate_rows)
 
     def clear(self) -> None:
         self.heads.clear()
+        self.gates.clear()
+        self.state.gate_layers = set()
         self._clear_residual()
 
     def _clear_residual(self) -> None:
@@ -196,7 +229,7 @@ class StepWriter:
             self.buffers.absolute[: self.dirty].zero_()
             self.buffers.relative[: self.dirty].zero_()
             self.dirty = 0
-        self.state.layers, self.state.any_relative = {}, False
+        self.state.layers, self.state.any_relative, self.state.any_gated = {}, False, False
 
     def _write_vectors(self, writes: list[tuple[int, SlotKey]]) -> None:
         for row, (layer, data) in writes:
@@ -211,11 +244,14 @@ class StepWriter:
         self.buffers.index[:count].copy_(torch.from_numpy(table.index))
         self.buffers.absolute[:count].copy_(torch.from_numpy(table.absolute))
         self.buffers.relative[:count].copy_(torch.from_numpy(table.relative))
+        if table.gate is not None:
+            self.buffers.gate[:count].copy_(torch.from_numpy(table.gate))
         if self.dirty > count:
             self.buffers.absolute[count : self.dirty].zero_()
             self.buffers.relative[count : self.dirty].zero_()
         self.dirty = count
         self.state.layers, self.state.any_relative = table.layers, table.any_relative
+        self.state.any_gated = table.gate is not None
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.ModuleList, int, int]:
@@ -231,8 +267,10 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.ModuleLis
     )
 
 
-def _head_writer(runner: Any, settings: PluginSettings, layers: nn.ModuleList, start: int, end: int) -> HeadWriter:
-    """Head-level buffers and the output-projection pre-hooks of the layers this rank owns."""
+def _head_writer(
+    runner: Any, settings: PluginSettings, layers: nn.ModuleList, span: range, gates: GateBuffers
+) -> HeadWriter:
+    """Head-level buffers and the output-projection pre-hooks of the layers this rank owns (``span``)."""
     text_config = runner.model_config.hf_text_config
     buffers = HeadBuffers.allocate(
         rows=int(runner.max_num_reqs) * settings.max_heads,
@@ -242,11 +280,12 @@ def _head_writer(runner: Any, settings: PluginSettings, layers: nn.ModuleList, s
         device=torch.device(runner.device),
     )
     state = install_head_hooks(
-        {at: layers[at] for at in range(start, end)},
+        {at: layers[at] for at in span},
         model_type=str(text_config.model_type),
         head_dim=int(buffers.values.shape[1]),
         num_heads=int(text_config.num_attention_heads),
         buffers=buffers,
+        gates=gates,
     )
     return HeadWriter(buffers, state)
 
@@ -265,11 +304,15 @@ def install_steering(runner: Any, settings: PluginSettings) -> StepWriter:
         columns=settings.max_layers,
         device=torch.device(runner.device),
     )
+    rows = int(runner.max_num_reqs) * settings.max_layers  # a request gates on at most max_layers conditions
+    gates = GateBuffers.allocate(rows=rows, decisions=rows, hidden=hidden, device=torch.device(runner.device))
     state = StepState()
     for layer in range(start, end):
         buffers.register_on(layers[layer])
+        gates.register_on(layers[layer], decide=True)
         layers[layer].register_forward_hook(make_layer_hook(layer, state))
-    writer = StepWriter(buffers, state, hidden=hidden, heads=_head_writer(runner, settings, layers, start, end))
+    heads = _head_writer(runner, settings, layers, range(start, end), gates)
+    writer = StepWriter(buffers, state, hidden=hidden, heads=heads, gates=GateWriter(gates))
     runner.fv_plugin_writer = writer  # a reloaded model gets a new writer; the runner calls the latest
     wrap_runner(runner, lambda batch: runner.fv_plugin_writer.prepare(batch))
     logger.info("fv_plugin: steering hooks on decoder layers %d..%d", start, end - 1)
@@ -281,7 +324,7 @@ def _compile_cache_factor() -> str:
     from fv_plugin.version import __version__
 
     settings = PluginSettings.from_env()
-    return f"fv_plugin-steering-{__version__}-columns-{settings.max_layers}-heads-{settings.max_heads}"
+    return f"fv_plugin-steering-{__version__}-gate-1-columns-{settings.max_layers}-heads-{settings.max_heads}"
 
 
 def _separate_compile_cache() -> None:

@@ -8,6 +8,7 @@ costs 25-60 s eager and 2-4 minutes compiled on a 2-core CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -20,6 +21,7 @@ import torch
 
 import fv_plugin
 from fv_plugin import FunctionVector
+from fv_plugin.condition import Condition
 
 MODEL = "smollm2-135m-instruct"
 NEW_TOKENS = 10
@@ -103,6 +105,42 @@ def head_vector(heads: tuple[tuple[int, int], ...], seed: int, scale: float, mod
     )
 
 
+GATE_LAYER = 4  # below every layer the gated test vectors touch
+
+
+@functools.cache
+def last_hidden(name: str, layer: int) -> torch.Tensor:
+    """Hugging Face's output of decoder ``layer`` at the last token of prompt ``name`` (what a condition reads)."""
+    model, _ = hf_model()
+    with torch.no_grad():
+        out = model(torch.tensor([token_ids(name)]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0, -1].float()
+
+
+@functools.cache
+def condition_for(name: str) -> Condition:
+    """A condition that only prompt ``name`` passes: its own direction, the threshold halfway between its score (1)
+    and the best other prompt's."""
+    direction = last_hidden(name, GATE_LAYER) / last_hidden(name, GATE_LAYER).norm()
+    others = max(
+        float(Condition(GATE_LAYER, direction, 0.0).score(last_hidden(n, GATE_LAYER))) for n in PROMPTS if n != name
+    )
+    assert others < 0.998, f"no margin to separate {name!r} from the other prompts at layer {GATE_LAYER}"
+    return Condition(layer=GATE_LAYER, direction=direction, threshold=(1.0 + others) / 2)
+
+
+@functools.cache
+def gated(fv: FunctionVector, name: str) -> FunctionVector:
+    """``fv`` with a condition that only prompt ``name`` passes."""
+    return dataclasses.replace(fv, condition=condition_for(name))
+
+
+def passes(fv: FunctionVector, name: str) -> bool:
+    """The gate's decision for prompt ``name``, computed directly from Hugging Face's hidden state."""
+    assert fv.condition is not None
+    return bool(fv.condition.passes(last_hidden(name, fv.condition.layer)))
+
+
 @dataclass(frozen=True)
 class Case:
     """One request: a prompt and how ``fv_plugin.steer`` steers it (no vectors: plain)."""
@@ -124,13 +162,29 @@ def head_vectors() -> tuple[FunctionVector, FunctionVector]:
     return diff, patch
 
 
+def gated_cases() -> list[Case]:
+    """Gated requests (``gate=True``): a prompt that passes and one that fails the same vector's condition; the
+    long prompt (prefilled in chunks where the engine's budget is small) passing with head-level vectors and failing
+    with ``positions="last_prompt"``; two vectors with different conditions in one request, only one passing."""
+    a, b = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5)
+    diff, patch = head_vectors()
+    return [
+        Case("hot", (gated(a, "hot"),), dict(strength=1.0, gate=True)),
+        Case("big", (gated(a, "hot"),), dict(strength=1.0, gate=True)),
+        Case("long", ((gated(diff, "long"), 0.5), gated(patch, "long")), dict(strength=1.5, gate=True)),
+        Case("story", (gated(a, "hot"), (gated(b, "story"), 2.0)), dict(strength=1.0, gate=True)),
+        Case("long", (gated(a, "hot"),), dict(strength=2.0, positions="last_prompt", gate=True)),
+    ]
+
+
 def mixed_batch() -> list[Case]:
     """Plain rows; one vector; two signed vectors at two layers; every positions mode; per-request strengths;
     relative normalization; a long prompt whose prefill is split into chunks; head-level vectors of both forms,
-    alone, together (one head slot shared) and with residual-stream vectors."""
+    alone, together (one head slot shared) and with residual-stream vectors; gated requests (:func:`gated_cases`)."""
     a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
     diff, patch = head_vectors()
     return [
+        *gated_cases(),
         Case("hot", (diff,), dict(strength=1.0)),
         Case("story", (patch, (a, 0.5)), dict(strength=1.0, positions="all")),
         Case("long", ((diff, 0.5), patch), dict(strength=1.5)),
@@ -180,12 +234,24 @@ def vllm_tokens(llm: Any, cases: Sequence[Case], new: int = NEW_TOKENS) -> list[
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
+def ungated(case: Case) -> Case:
+    """A gated case as its decisions, computed directly, make it: only the vectors whose condition its prompt
+    passes, without the gate."""
+    kept = tuple(v for v in case.vectors if passes(v[0] if isinstance(v, tuple) else v, case.prompt))
+    options = {key: value for key, value in case.options.items() if key != "gate"}
+    return Case(case.prompt, kept, options if kept else {})
+
+
 def assert_matches_hf(got: Sequence[Sequence[int]], cases: Sequence[Case]) -> None:
-    """Every row equals the oracle, and every steered row differs from its prompt's plain continuation."""
+    """Every row equals the oracle, and every steered row differs from its prompt's plain continuation; a gated row
+    equals its prompt steered by the vectors whose condition it passes (plain if none), decided directly."""
     expected = [hf_tokens(case) for case in cases]
     mismatches = [(i, cases[i], e, g) for i, (e, g) in enumerate(zip(expected, got, strict=True)) if list(g) != e]
     assert not mismatches, f"vLLM differs from fv_plugin.steer on Hugging Face: {mismatches}"
     for case, tokens in zip(cases, expected, strict=True):
+        if case.options.get("gate"):
+            assert tokens == hf_tokens(ungated(case)), f"the gate of {case} does not decide as its conditions"
+            case = ungated(case)
         if case.steered:
             assert tokens != hf_tokens(Case(case.prompt)), f"the vectors of {case} do not change its tokens"
 

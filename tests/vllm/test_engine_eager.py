@@ -10,6 +10,7 @@ import torch
 from engine_cases import (
     Case,
     check_batch,
+    gated,
     hf_tokens,
     make_engine,
     mixed_batch,
@@ -85,6 +86,8 @@ BAD = (
     "model type",
     "layers",
     "not base64",
+    "gate without condition",
+    "gate at every position",
 )
 
 
@@ -101,6 +104,11 @@ def bad_request(name: str) -> tuple[dict[str, Any], str]:
         "model type": (steering(FunctionVector(vector=torch.ones(576), layer=3, model_type="gpt2")), "gpt2"),
         "layers": (steering(*(random_vector(layer, 1) for layer in (1, 2, 3, 4, 5))), "at most 4"),
         "not base64": ({**good, "fv_vectors": ["???"]}, "not base64"),
+        "gate without condition": ({**good, "fv_gate": True}, "gate=True needs a condition on every vector"),
+        "gate at every position": (
+            {**steering(gated(random_vector(10, 1, 0.6), "hot"), gate=True), "fv_positions": "all"},
+            "positions='all' cannot be served exactly",
+        ),
     }[name]
 
 

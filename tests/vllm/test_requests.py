@@ -73,6 +73,16 @@ def test_steering_refuses_what_steer_refuses(call: Any, error: type[Exception], 
         call()
 
 
+def test_answer_positions_are_refused_before_the_engine() -> None:
+    """The worker does not track where an answer ends: the client and the server both refuse, never the engine."""
+    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
+        steering(vec(1, 0), positions="answer")
+    args = over_json(steering(vec(1, 0)))
+    args["fv_positions"] = "answer"
+    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
+        parse_request(args, Frontend(arch=ARCH, settings=PluginSettings(), named={}).lookup)
+
+
 def head_vec(heads: tuple[tuple[int, int], ...], seed: int, mode: str = "add") -> FunctionVector:
     values = torch.randn(len(heads), 4, generator=torch.Generator().manual_seed(seed))
     method = "head_difference" if mode == "add" else "head_patch"
@@ -284,3 +294,83 @@ def test_the_vllm_bench_makes_valid_head_level_requests() -> None:
         for fv in vectors:  # heads at layers 4 and 5 only (the last layer caps the range), each once
             assert {layer for layer, _ in fv.heads or ()} <= {4, 5} and len(set(fv.heads or ())) == len(fv.heads or ())
             assert resolved_heads(dataclasses.replace(fv, model_type="llama")) is not None
+
+
+def cond(layer: int, seed: int, threshold: float = 0.1) -> Any:
+    from fv_plugin.condition import Condition
+
+    return Condition(
+        layer=layer, direction=torch.randn(8, generator=torch.Generator().manual_seed(seed)), threshold=threshold
+    )
+
+
+def test_gated_vectors_travel_with_their_conditions_and_gate_apart() -> None:
+    c1, c2 = cond(1, 10), cond(0, 11, -0.2)
+    a, b = dataclasses.replace(vec(2, 0), condition=c1), dataclasses.replace(vec(2, 1), condition=c2)
+    same = dataclasses.replace(vec(4, 2), condition=c1)
+    diff = dataclasses.replace(head_vec(((3, 1),), 3), condition=c2)
+    args = over_json(steering(a, (b, -0.5), same, diff, gate=True))
+    assert args["fv_gate"] and args["fv_vector_conditions"] == [0, 1, 0] and args["fv_head_conditions"] == [1]
+    request = parse_request(args, no_names)
+    assert request is not None and request.gate
+    result = resolve(request, ARCH, max_layers=4, head_dim=4)
+    assert result is not None and ResolvedSteering.from_args(result.to_args()) == result
+    assert result.layers == (2, 4, 2) and result.gates == (0, 0, 1)  # layer 2 once per condition
+    assert [(c.layer, c.threshold) for c in result.conditions] == [(1, c1.threshold), (0, c2.threshold)]
+    assert np.array_equal(np.frombuffer(result.conditions[0].direction, dtype="<f4"), c1.direction.numpy())
+    assert [e.gate for e in result.heads] == [1]
+    ungated = resolve(parse_request(steering(a, (b, -0.5)), no_names), ARCH, max_layers=4)  # type: ignore[arg-type]
+    assert ungated is not None and ungated.layers == (2,) and not ungated.conditions
+    assert result.salt(5) != ungated.salt(5)
+    named = parse_request(steering("a", gate=True), lambda name: a)
+    assert named is not None and resolve(named, ARCH, max_layers=4).conditions == result.conditions[:1]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: steering(vec(2, 0), gate=True), "gate=True needs a condition on every vector, but the vector for"),
+        (lambda: parse_request({**steering(vec(2, 0)), "fv_gate": True}, no_names), r"but fv_vectors\[0\] \(layer 2\)"),
+        (lambda: parse_request(steering("x", gate=True), lambda name: vec(2, 0)), "the server's vector 'x' has none"),
+        (lambda: steering(dataclasses.replace(vec(2, 0), condition=cond(1, 1)), positions="all", gate=True), "'all'"),
+        (lambda: parse_request({**steering(vec(2, 0)), "fv_condition_layers": [1]}, no_names), "without fv_gate"),
+        (
+            lambda: parse_request(
+                {
+                    **steering(dataclasses.replace(vec(2, 0), condition=cond(1, 1)), gate=True),
+                    "fv_condition_layers": [3],
+                },
+                no_names,
+            ),
+            "needs a layer below 2",
+        ),
+    ],
+)
+def test_a_bad_gate_is_refused_with_the_reason(build: Any, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_differently_gated_head_vectors_on_one_head_and_pipeline_stages_are_refused() -> None:
+    one = dataclasses.replace(head_vec(((3, 1),), 3), condition=cond(1, 1))
+    two = dataclasses.replace(head_vec(((3, 1),), 4), condition=cond(1, 2))
+    request = parse_request(steering(one, two, gate=True), no_names)
+    assert request is not None
+    with pytest.raises(ValueError, match=r"different conditions act on head \(3, 1\)"):
+        resolve(request, ARCH, max_layers=4, head_dim=4)
+    staged = Frontend(arch=ARCH, settings=PluginSettings(), pipeline_stages=2)
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        staged.resolved_args(steering(dataclasses.replace(vec(2, 0), condition=cond(1, 1)), gate=True), 4)
+
+
+def test_the_vllm_bench_gates_the_share_it_is_asked_for() -> None:
+    from fv_plugin.benchmarks.vllm import _with_conditions
+
+    vectors = [vec(2, seed) for seed in range(8)]
+    marked = _with_conditions(vectors, 0.5)
+    assert [gate for _, gate in marked] == [False, True] * 4
+    for fv, gate in marked:
+        assert (fv.condition is not None) == gate
+        if gate:
+            assert parse_request(over_json(steering(fv, gate=True)), no_names) is not None
+    assert not any(gate for _, gate in _with_conditions(vectors, 0.0))

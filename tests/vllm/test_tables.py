@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from fv_plugin.vllm.head_requests import HeadEntry
 from fv_plugin.vllm.requests import RESOLVED_KEY, ResolvedSteering
 from fv_plugin.vllm.settings import PluginSettings
 from fv_plugin.vllm.tables import SlotTable, build_table, steered_positions
@@ -339,3 +340,69 @@ def test_model_runner_v2_steers_the_same_tokens() -> None:
     )
     runner.prepare_inputs([("abs", 0, 5)])
     torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_a_gate_decides_at_the_last_prompt_token_and_keeps_its_decision(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    from fv_plugin.condition import Condition
+    from fv_plugin.vllm.gate_requests import GateCondition
+
+    if compiled:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(3)
+    model, a, u = ToyModel(), torch.randn(HIDDEN), torch.randn(HEAD_DIM)
+    x = torch.randn(8, HIDDEN)
+    with torch.no_grad():
+        first = model(x)[0]  # layer 0's output: what the condition reads (nothing is added before layer 1)
+    direction = first[2] / first[2].norm()
+    others = float(first[5] @ direction / first[5].norm())
+    assert others < 0.9
+    condition = Condition(layer=0, direction=direction, threshold=(1.0 + others) / 2)
+    assert [bool(condition.passes(first[t])) for t in (2, 5)] == [True, False]  # the direct computation
+    gate = GateCondition.of(condition)
+    head = HeadEntry(1, 1, False, 1.0, u.numpy().astype("<f4").tobytes(), gate=0)
+    gated = dataclasses.replace(
+        resolved({2: a}, 1.5, "generated", False), gates=(0,), conditions=(gate,), heads=(head,)
+    )
+    requests = {name: params(gated) for name in ("yes", "no", "later")}
+    batch = [("yes", 0, 3, 3), ("no", 0, 3, 3), ("later", 0, 2, 5)]  # "later": a first chunk, undecided
+    runner = fake_runner(model, requests, batch)
+    install_steering(runner, PluginSettings(max_layers=2, max_heads=2))
+    runner._model_forward()
+    got = model(x)[-1][:8]
+    expected = reference(model, x, {2: [(2, 1.5 * a, False)]}, {1: [(2, 1, u, 1.5, False)]})
+    torch.testing.assert_close(got, expected)
+    # the next step: both decode one token; the decisions are kept (not read again from these tokens)
+    runner.input_batch.req_ids, runner.input_batch.num_reqs = ["no", "yes"], 2
+    runner.input_batch.num_computed_tokens_cpu = np.array([3, 3])
+    runner.input_batch.num_prompt_tokens = np.array([3, 3])
+    runner.query_start_loc.np = np.array([0, 1, 2])
+    runner._model_forward()
+    x2 = x[[2, 5]]  # "no" now holds the token that passed, "yes" the one that failed
+    expected = reference(model, x2, {2: [(1, 1.5 * a, False)]}, {1: [(1, 1, u, 1.5, False)]})
+    torch.testing.assert_close(model(x2)[-1], expected)
+
+
+def test_a_gate_row_given_to_another_request_keeps_its_decision_for_its_return() -> None:
+    from fv_plugin.vllm.gate_requests import GateCondition
+    from fv_plugin.vllm.gate_worker import GateBuffers, GateWriter
+    from fv_plugin.vllm.runners import StepBatch
+    from fv_plugin.vllm.tables import RequestPlan
+
+    condition = GateCondition(0, 0.0, np.ones(HIDDEN, dtype="<f4").tobytes())
+    plan = RequestPlan(keys=(), strength=1.0, positions="generated", relative=False, conditions=(condition,))
+    writer = GateWriter(GateBuffers.allocate(rows=1, decisions=1, hidden=HIDDEN, device=torch.device("cpu")))
+
+    def step(req_id: str, computed: int) -> tuple[list[tuple[int, ...]], set[int]]:
+        batch = StepBatch([req_id], np.array([0, 1]), np.array([computed]), np.array([3]), {req_id: None})
+        return writer.prepare(batch, [plan])
+
+    assert step("a", 2) == ([(1,)], {0})  # "a" decides at its last prompt token
+    writer.buffers.open[1] = 1.0  # what the forward pass decided
+    assert step("b", 2) == ([(1,)], {0}) and writer.buffers.layer[0] == 0  # "b" takes the only row
+    writer.buffers.open[1] = 0.0
+    assert step("a", 3) == ([(1,)], set()) and writer.buffers.open[1] == 1.0  # "a" returns: its decision is back
+    assert writer.buffers.layer[0] == -1  # nothing to decide this step
+    assert step("b", 3) == ([(1,)], set()) and writer.buffers.open[1] == 0.0

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def llm(request: pytest.FixtureRequest) -> Any:
-    return make_engine(request, enforce_eager=True, tensor_parallel_size=3, max_num_seqs=16)
+    # each rank reserves its own KV cache (a share of the machine's RAM): keep the three small on a shared machine
+    return make_engine(request, enforce_eager=True, tensor_parallel_size=3, max_num_seqs=16, gpu_memory_utilization=0.1)
 
 
 def test_a_mixed_batch_matches_hugging_face_on_three_ranks(llm: Any) -> None:
