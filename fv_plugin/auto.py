@@ -11,7 +11,7 @@ then only a set of zero-shot validation forwards. Scoring runs in two rounds:
    greedy answer, decoding only the answer's few tokens on the cached prompt
    (:func:`~fv_plugin.selection.score_answers`; the model without a vector too), and by their side effect:
    the KL divergence of a few neutral paragraphs' next-token distributions at the positions the vector is steered
-   at (:func:`~fv_plugin.side_effects.neutral_kl`).
+   at (:func:`~fv_plugin.selection.neutral_kl`).
 
 The validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not grow with
 the task file. ``config.portable`` leaves out the head-level methods. The choice (:func:`choose`, :data:`RULE`):
@@ -38,8 +38,7 @@ from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.prompts import Prompt
 from fv_plugin.records import Candidate, Selection
 from fv_plugin.scoring import VectorArg
-from fv_plugin.selection import AnswerScores, score_answers, score_candidates
-from fv_plugin.side_effects import neutral_kl
+from fv_plugin.selection import AnswerScores, neutral_kl, score_answers, score_candidates
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
 

@@ -107,7 +107,7 @@ class ExtractionConfig:
             match of the greedy answer and by their side effect on neutral text.
         side_effect_budget: the most side effect ``method="auto"`` accepts: the mean KL divergence (nats) of a few
             neutral paragraphs' next-token distributions from the plain model's, with the candidate steered at its
-            positions (:func:`~fv_plugin.side_effects.neutral_kl`); the most accurate finalist within it is chosen
+            positions (:func:`~fv_plugin.selection.neutral_kl`); the most accurate finalist within it is chosen
             (none within: the one with the least). ``None``: no budget. The default is measured in docs/choice.md.
         condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
             see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'

@@ -100,7 +100,7 @@ class Candidate:
         exact_match: share of greedy answers that are an accepted answer
             (:func:`~fv_plugin.scoring.starts_with_answer`); ``None`` where not scored (dropped after the first round).
         side_effect: mean KL divergence (nats) of neutral text's next-token distributions from the plain model's,
-            at the positions the vector is steered at (:func:`~fv_plugin.side_effects.neutral_kl`); ``None`` where
+            at the positions the vector is steered at (:func:`~fv_plugin.selection.neutral_kl`); ``None`` where
             not scored.
         change: how much the candidate adds: its strength times the norm of its vector (``head_patch``: of the
             heads' values it writes, sent through the output projection); ties go to the smaller.

@@ -15,6 +15,9 @@ accepted answer's token count plus one (the budget :func:`~fv_plugin.evaluate` g
 its verdict is settled (:func:`~fv_plugin.scoring.answer_settled`: the answer is followed by a newline or another
 non-word character, or the text can no longer become an accepted answer) or it ends the sequence. The result
 equals ``steer`` + ``generate`` per prompt and candidate (the tests check it).
+
+:func:`neutral_kl` scores candidates on what else they change: the KL divergence from the plain model's
+next-token distributions on a few neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from fv_plugin.scoring import (
     VectorArg,
     answer_settled,
     correct_first_token,
+    kl_divergence,
     last_logits_only,
     starts_with_answer,
 )
+from fv_plugin.tasks import neutral_texts
 
-__all__ = ["AnswerScores", "score_answers", "score_candidates"]
+__all__ = ["AnswerScores", "neutral_kl", "score_answers", "score_candidates"]
 
 
 def _lowest_layer(vectors: Sequence[VectorArg]) -> int:
@@ -237,3 +242,62 @@ def score_answers(
             bar.update(1)
     mean = (totals / len(prompts)).tolist()
     return [AnswerScores(a, p, e) for a, p, e in zip(*mean, strict=True)]
+
+
+def _neutral_ids(tokenizer: Any, texts: Sequence[str], width: int) -> torch.Tensor:
+    rows = [tokenizer(t)["input_ids"][:width] for t in texts]
+    short = [t[:40] for t, row in zip(texts, rows, strict=True) if len(row) < width]
+    if short:
+        raise ValueError(f"neutral texts need at least {width} tokens each; too short: {short}")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def neutral_kl(
+    model: nn.Module,
+    tokenizer: Any,
+    candidates: Sequence[Sequence[VectorArg]],
+    *,
+    texts: Sequence[str] | None = None,
+    prompt_tokens: int = 12,
+    steered_tokens: int = 4,
+    rows_per_batch: int = 16,
+    arch: ArchSpec | None = None,
+    progress: bool | None = None,
+) -> list[float]:
+    """Per candidate: the mean KL divergence (nats) from the plain model's next-token distribution to the steered
+    one, over neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
+
+    Each paragraph's first ``prompt_tokens`` tokens are a prompt and its next ``steered_tokens`` tokens stand in
+    for generated ones: the candidate is added at the prompt's last token and at each of them, and the KL is
+    averaged over those ``steered_tokens + 1`` positions and the paragraphs. The paragraphs' common prefix runs
+    once, unsteered; each batch of candidates then runs only the steered tokens, one batch row per paragraph and
+    candidate. An empty candidate scores 0.
+
+    Args:
+        texts: paragraphs of at least ``prompt_tokens + steered_tokens`` tokens (default: the first four shipped
+            neutral paragraphs, :func:`~fv_plugin.tasks.neutral_texts`).
+    """
+    if not candidates or prompt_tokens < 2 or steered_tokens < 0:
+        raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
+    paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
+    ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
+    found: list[float] = []
+    with stage(
+        f"side effects ({len(candidates)} x {len(paragraphs)} texts)", len(candidates), progress=progress
+    ) as bar:
+        prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
+        prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
+        chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
+        plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
+        for start in range(0, len(candidates), rows_per_batch):
+            group = candidates[start : start + rows_per_batch]
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(group))  # row t * len(group) + c: paragraph t, candidate c
+            rows = [group[c] for _ in range(n) for c in range(len(group))]
+            with steering_context(model, rows=rows, positions="generated", arch=arch):
+                out = model(input_ids=chunk.repeat_interleave(len(group), dim=0), use_cache=True, **{key: cache})
+            steered = out.logits.float().softmax(-1).view(n, len(group), *plain.shape[1:])
+            found += kl_divergence(steered, plain[:, None]).mean(dim=(0, 2)).clamp_min(0.0).tolist()
+            bar.update(len(group))
+    return found

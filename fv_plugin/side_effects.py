@@ -9,14 +9,10 @@
   vector added at every token at each strength: the KL divergence from the plain model's next-token
   distributions, the perplexity of the text, the strength at which perplexity rises by 10%, and the fraction of
   steered continuations of the paragraphs' openings that degenerate into repetition.
-- :func:`neutral_kl`: a cheap measure for choosing among many candidates (``method="auto"``): the KL divergence
-  from the plain model's next-token distributions on a few neutral paragraphs, with each candidate added where
-  :func:`~fv_plugin.steer` adds it by default (the last prompt token and every token after it).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -27,16 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fv_plugin.architectures import ArchSpec
 from fv_plugin.config import EvalConfig
 from fv_plugin.devices import input_device
 from fv_plugin.mediation import cache_kwarg
 from fv_plugin.positions import Positions
-from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import eval_prompts
 from fv_plugin.prompts import Prompt
-from fv_plugin.request import steering_context
-from fv_plugin.scoring import VectorArg, kl_divergence, last_logits_only, score_prompts
+from fv_plugin.scoring import VectorArg, score_prompts
 from fv_plugin.steering import steer
 from fv_plugin.tasks import Task, neutral_texts
 
@@ -49,7 +42,6 @@ __all__ = [
     "continuations",
     "degenerate",
     "degeneration_rate",
-    "neutral_kl",
     "rise_strength",
     "specificity",
     "text_effects",
@@ -369,62 +361,3 @@ def text_effects(
 def degeneration_rate(runs: Sequence[Sequence[int]]) -> float:
     """The fraction of ``runs`` (token ids of continuations) that end in a repetition loop (:func:`degenerate`)."""
     return sum(degenerate(run) for run in runs) / len(runs)
-
-
-def _neutral_ids(tokenizer: Any, texts: Sequence[str], width: int) -> torch.Tensor:
-    rows = [tokenizer(t)["input_ids"][:width] for t in texts]
-    short = [t[:40] for t, row in zip(texts, rows, strict=True) if len(row) < width]
-    if short:
-        raise ValueError(f"neutral texts need at least {width} tokens each; too short: {short}")
-    return torch.tensor(rows, dtype=torch.long)
-
-
-@torch.no_grad()
-def neutral_kl(
-    model: nn.Module,
-    tokenizer: Any,
-    candidates: Sequence[Sequence[VectorArg]],
-    *,
-    texts: Sequence[str] | None = None,
-    prompt_tokens: int = 12,
-    steered_tokens: int = 4,
-    rows_per_batch: int = 16,
-    arch: ArchSpec | None = None,
-    progress: bool | None = None,
-) -> list[float]:
-    """Per candidate: the mean KL divergence (nats) from the plain model's next-token distribution to the steered
-    one, over neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
-
-    Each paragraph's first ``prompt_tokens`` tokens are a prompt and its next ``steered_tokens`` tokens stand in
-    for generated ones: the candidate is added at the prompt's last token and at each of them, and the KL is
-    averaged over those ``steered_tokens + 1`` positions and the paragraphs. The paragraphs' common prefix runs
-    once, unsteered; each batch of candidates then runs only the steered tokens, one batch row per paragraph and
-    candidate. An empty candidate scores 0.
-
-    Args:
-        texts: paragraphs of at least ``prompt_tokens + steered_tokens`` tokens (default: the first four shipped
-            neutral paragraphs, :func:`~fv_plugin.tasks.neutral_texts`).
-    """
-    if not candidates or prompt_tokens < 2 or steered_tokens < 0:
-        raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
-    paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
-    ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
-    found: list[float] = []
-    with stage(
-        f"side effects ({len(candidates)} x {len(paragraphs)} texts)", len(candidates), progress=progress
-    ) as bar:
-        prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
-        prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
-        chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
-        plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
-        for start in range(0, len(candidates), rows_per_batch):
-            group = candidates[start : start + rows_per_batch]
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(group))  # row t * len(group) + c: paragraph t, candidate c
-            rows = [group[c] for _ in range(n) for c in range(len(group))]
-            with steering_context(model, rows=rows, positions="generated", arch=arch):
-                out = model(input_ids=chunk.repeat_interleave(len(group), dim=0), use_cache=True, **{key: cache})
-            steered = out.logits.float().softmax(-1).view(n, len(group), *plain.shape[1:])
-            found += kl_divergence(steered, plain[:, None]).mean(dim=(0, 2)).clamp_min(0.0).tolist()
-            bar.update(len(group))
-    return found

@@ -21,8 +21,7 @@ from fv_plugin.cli import main
 from fv_plugin.prompts import encode_prompts
 from fv_plugin.records import Selection
 from fv_plugin.scoring import kl_divergence, starts_with_answer
-from fv_plugin.selection import score_answers
-from fv_plugin.side_effects import neutral_kl
+from fv_plugin.selection import neutral_kl, score_answers
 
 SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))
 

@@ -20,7 +20,7 @@ __all__ = ["ModelShape", "StageWork", "estimate", "model_shape", "print_estimate
 ICL_TOKENS = 88.0  # mean tokens of a 10-shot prompt of the built-in antonym task (SmolLM2's tokenizer)
 ZERO_TOKENS = 7.0  # ... and of its zero-shot prompt
 ANSWER_STEPS = 1.5  # mean greedy steps a finalist's answer runs before its verdict is settled (antonym, SmolLM2)
-NEUTRAL = (4, 12, 4)  # side effects: paragraphs, prompt tokens, steered tokens (fv_plugin.side_effects.neutral_kl)
+NEUTRAL = (4, 12, 4)  # side effects: paragraphs, prompt tokens, steered tokens (fv_plugin.selection.neutral_kl)
 
 
 @dataclass(frozen=True)
