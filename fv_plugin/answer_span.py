@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["answer_end_ids", "answer_ends_for"]
+__all__ = ["answer_end_ids", "answer_ends_for", "end_of_sequence_ids"]
 
 _CACHE: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -25,6 +25,13 @@ def _eos_ids(value: object) -> list[int]:
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)]
     return []
+
+
+def end_of_sequence_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """The end-of-sequence ids of the tokenizer and of ``model.generation_config`` (where generation stops)."""
+    config = getattr(model, "generation_config", None)
+    found = _eos_ids(getattr(tokenizer, "eos_token_id", None)) + _eos_ids(getattr(config, "eos_token_id", None))
+    return sorted(set(found))
 
 
 def _decoded_ends(tokenizer: Any) -> list[int]:
@@ -51,10 +58,8 @@ def answer_end_ids(tokenizer: Any, model: Any = None) -> torch.Tensor:
         found = torch.tensor(sorted(set(_decoded_ends(tokenizer))), dtype=torch.long)
         with _LOCK:
             _CACHE[tokenizer] = found
-    extra = _eos_ids(getattr(tokenizer, "eos_token_id", None))
-    config = getattr(model, "generation_config", None)
-    extra += _eos_ids(getattr(config, "eos_token_id", None))
-    return torch.unique(torch.cat([found, torch.tensor(extra, dtype=torch.long)]))
+    extra = torch.tensor(end_of_sequence_ids(tokenizer, model), dtype=torch.long)
+    return torch.unique(torch.cat([found, extra]))
 
 
 def answer_ends_for(positions: str, tokenizer: Any, model: Any) -> torch.Tensor | None:

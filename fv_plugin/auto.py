@@ -1,19 +1,26 @@
 """``method="auto"``: a task's method, layer and strength, chosen on zero-shot validation prompts
-(:func:`~fv_plugin.prompt_sets.validation_prompts`).
+(:func:`~fv_plugin.prompt_sets.validation_prompts`), on the answer a user reads and on what else changes.
 
 The head statistics and the hidden-state means are computed once, in the same passes over the prompts; every
 candidate (each method of ``config.methods``, at each number of heads, layer and strength of the config's grids) is
-then only a set of zero-shot validation forwards, and those re-run only the last token
-(:func:`~fv_plugin.selection.score_candidates`). Scoring runs in two rounds: every candidate on the first
-``config.screen_queries`` validation queries, then the ``config.finalists`` best (and each method's best two) on
-the rest; the validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not
-grow with the task file. ``config.portable`` leaves out the head-level methods.
-The choice (:func:`choose`, among the candidates scored on every query): the highest validation accuracy
-(``config.smooth_layers`` > 0 averages a single-layer candidate's accuracy with its neighbouring layers', so one
-lucky layer does not win); ties go to the head-based methods (the paper's), then to the strength closest to 1,
-then to the higher answer probability. The chosen strength is built into the vector (steer it at strength 1).
-Every candidate's scores are kept in ``fv.selection``; a vector that does not beat the zero-shot model on
-validation gets a warning.
+then only a set of zero-shot validation forwards. Scoring runs in two rounds:
+
+1. every candidate on the first ``config.screen_queries`` validation queries by first-token accuracy, re-running
+   only the last token (:func:`~fv_plugin.selection.score_candidates`);
+2. the ``config.finalists`` best (and each method's best two) on every validation query by the exact match of the
+   greedy answer, decoding only the answer's few tokens on the cached prompt
+   (:func:`~fv_plugin.selection.score_answers`; the model without a vector too), and by their side effect:
+   the KL divergence of a few neutral paragraphs' next-token distributions at the positions the vector is steered
+   at (:func:`~fv_plugin.selection.neutral_kl`).
+
+The validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not grow with
+the task file. ``config.portable`` leaves out the head-level methods. The choice (:func:`choose`, :data:`RULE`):
+among the finalists that beat the model without a vector by exact match, the most accurate within
+``config.side_effect_budget``; ties go to the first-token accuracy (``config.smooth_layers`` > 0 averages a
+single-layer candidate's with its neighbouring layers'), then to the smallest change (strength x norm), the fewest
+heads. When no finalist beats the model without a vector, the least harmful one is returned with a
+:class:`WeakVectorWarning`. The chosen strength is built into the vector (steer it at strength 1). Every
+candidate's scores are kept in ``fv.selection``.
 """
 
 from __future__ import annotations
@@ -27,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fv_plugin.methods import BUILDERS, HEAD_METHODS, Built, MethodInputs, candidate_layers, vector_metadata
-from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import validation_prompts
 from fv_plugin.prompts import Prompt
 from fv_plugin.records import Candidate, Selection
-from fv_plugin.scoring import score_prompts
-from fv_plugin.selection import score_candidates
+from fv_plugin.scoring import VectorArg
+from fv_plugin.selection import AnswerScores, neutral_kl, score_answers, score_candidates
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
 
@@ -41,9 +47,12 @@ __all__ = ["RULE", "WeakVectorWarning", "auto_vector", "choose", "ranked", "vali
 logger = logging.getLogger(__name__)
 
 RULE = (
-    "first round: every candidate on a few validation queries, the best on all; then the "
-    "highest validation accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on "
-    "each side); ties: head-based methods, then the strength closest to 1, then the higher answer probability"
+    "first round: every candidate on a few validation queries by first token; the finalists on all, by exact match "
+    "of the greedy answer and by side effect (KL on neutral text); among the finalists that beat the model without "
+    "a vector, the highest exact match within the side-effect budget (none within: the least side effect); ties: "
+    "first-token accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on each side), "
+    "then the smallest change (strength x norm), the fewest heads, the higher answer probability; if none beats the "
+    "model without a vector: the least harmful (highest exact match, then least side effect)"
 )
 
 
@@ -92,11 +101,17 @@ def _vector(built: Built, method: str, layer: int | None, meta: dict[str, Any]) 
     return FunctionVector(vector=built.at_layer(layer), layer=layer, method=method, **meta, **built.fields)
 
 
+def _change(option: _Option) -> float:
+    """How much the option adds: its strength times its vector's norm (``head_patch``: strength 1)."""
+    return float(option.strength) * option.vector.norm()
+
+
 def ranked(candidates: Sequence[Candidate], smooth_layers: int = 0) -> list[int]:
-    """Indices of the candidates scored on the most queries, best first by :data:`RULE`; ``smooth_layers``:
-    neighbours averaged on each side."""
+    """Indices of the candidates scored on the most queries (the finalists, once exact match is scored), best first
+    by :data:`RULE` (before the side-effect budget); ``smooth_layers``: neighbours averaged on each side."""
     most = max((c.n_queries or 0) for c in candidates)
     pool = [i for i, c in enumerate(candidates) if (c.n_queries or 0) == most]
+    pool = [i for i in pool if candidates[i].exact_match is not None] or pool  # the finalists, when scored
     groups: dict[tuple[str, int | None, float], dict[int, float]] = {}
     for i in pool:
         c = candidates[i]
@@ -110,44 +125,89 @@ def ranked(candidates: Sequence[Candidate], smooth_layers: int = 0) -> list[int]
         near = [curve[at] for at in range(c.layer - smooth_layers, c.layer + smooth_layers + 1) if at in curve]
         return sum(near) / len(near)
 
-    def key(i: int) -> tuple[float, bool, float, float]:
+    def key(i: int) -> tuple[float, float, float, int, float]:
         c = candidates[i]
-        return (round(smoothed(c), 9), c.method in HEAD_METHODS, -abs(math.log(c.strength)), c.answer_prob)
+        exact = round(c.exact_match, 9) if c.exact_match is not None else -1.0
+        change = c.change if c.change is not None else math.inf
+        return (-exact, -round(smoothed(c), 9), change, c.k or 0, -c.answer_prob)
 
-    return sorted(pool, key=key, reverse=True)
-
-
-def choose(candidates: Sequence[Candidate], smooth_layers: int = 0) -> int:
-    """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side."""
-    return ranked(candidates, smooth_layers)[0]
+    return sorted(pool, key=key)
 
 
-def _score(inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[Prompt]) -> list[Candidate]:
-    """Every option on the first ``screen_queries`` prompts; the finalists on the rest too."""
-    config = inputs.config
+def _exact(c: Candidate) -> float:
+    return c.exact_match if c.exact_match is not None else c.accuracy
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    smooth_layers: int = 0,
+    *,
+    budget: float | None = None,
+    baseline: float | None = None,
+) -> int:
+    """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side;
+    ``budget``: the most side effect allowed; ``baseline``: the model's exact match without a vector (a candidate
+    must beat it; if none does, the least harmful is returned: the highest exact match, then the least side
+    effect)."""
+    order = ranked(candidates, smooth_layers)
+    side = {i: candidates[i].side_effect or 0.0 for i in order}
+    beating = [i for i in order if baseline is None or _exact(candidates[i]) > baseline]
+    if not beating:
+        return min(order, key=lambda i: (-round(_exact(candidates[i]), 9), side[i], order.index(i)))
+    within = [i for i in beating if budget is None or side[i] <= budget]
+    return within[0] if within else min(beating, key=lambda i: (side[i], order.index(i)))
+
+
+def _screen(inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[Prompt]) -> list[Candidate]:
+    """Every option on the first ``screen_queries`` prompts, by first token."""
     rows = [[(o.vector, o.strength)] for o in options]
-    screen, rest = prompts[: config.screen_queries], prompts[config.screen_queries :]
-    run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress}
-    first = score_candidates(inputs.model, inputs.tokenizer, screen, rows, name="candidates", **run)
-    found = [
-        Candidate(o.method, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k, n_queries=len(screen))
-        for o, s in zip(options, first, strict=True)
+    run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress, "name": "candidates"}
+    found = score_candidates(inputs.model, inputs.tokenizer, prompts, rows, **run)
+    return [
+        Candidate(o.method, o.strength, s.accuracy, s.answer_prob, layer=o.layer, k=o.k, n_queries=len(prompts))
+        for o, s in zip(options, found, strict=True)
     ]
-    if not rest:
-        return found
+
+
+def _score(
+    inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[Prompt]
+) -> tuple[list[Candidate], AnswerScores]:
+    """Every option on the first ``screen_queries`` prompts (first token); the finalists on every prompt (first
+    token and exact match of the greedy answer) and on neutral text (side effect). Also the model without a
+    vector on every prompt."""
+    config = inputs.config
+    found = _screen(inputs, options, prompts[: config.screen_queries])
+    found = [dataclasses.replace(c, change=_change(o)) for c, o in zip(found, options, strict=True)]
     order = ranked(found, config.smooth_layers)
     kept = order[: config.finalists]
     for method in config.auto_methods:
         kept += [i for i in order if found[i].method == method][:2]
     kept = sorted(set(kept))
-    more = score_candidates(inputs.model, inputs.tokenizer, rest, [rows[i] for i in kept], name="finalists", **run)
-    n = len(prompts)
-    for i, s in zip(kept, more, strict=True):
-        c = found[i]
-        accuracy = (c.accuracy * len(screen) + s.accuracy * len(rest)) / n
-        prob = (c.answer_prob * len(screen) + s.answer_prob * len(rest)) / n
-        found[i] = dataclasses.replace(c, accuracy=accuracy, answer_prob=prob, n_queries=n)
-    return found
+    rows: list[list[VectorArg]] = [[(options[i].vector, options[i].strength)] for i in kept]
+    run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress}
+    answers = score_answers(inputs.model, inputs.tokenizer, prompts, [[], *rows], name="finalists", **run)
+    side = neutral_kl(inputs.model, inputs.tokenizer, rows, **run)
+    for i, a, kl in zip(kept, answers[1:], side, strict=True):
+        found[i] = dataclasses.replace(
+            found[i],
+            accuracy=a.accuracy,
+            answer_prob=a.answer_prob,
+            exact_match=a.exact_match,
+            side_effect=kl,
+            n_queries=len(prompts),
+        )
+    return found, answers[0]
+
+
+def _weak(task: str, selection: Selection) -> str:
+    c = selection.best
+    return (
+        f"task {task!r}: the best candidate ({c.label()}: exact match {_exact(c):.2f}, first token {c.accuracy:.2f}) "
+        f"does not beat the model without a vector (exact match {selection.baseline_exact_match or 0.0:.2f}, first "
+        f"token {selection.baseline_accuracy:.2f}) on {selection.n_queries} validation queries; returning the least "
+        f"harmful candidate (side effect {c.side_effect or 0.0:.3f} nats). The task may need more pairs, or the "
+        "model does it as well without a vector"
+    )
 
 
 def auto_vector(inputs: MethodInputs) -> FunctionVector:
@@ -155,21 +215,17 @@ def auto_vector(inputs: MethodInputs) -> FunctionVector:
     config = inputs.config
     options = _options(inputs)
     prompts = validation_prompts(inputs.task, config)
-    candidates = tuple(_score(inputs, options, prompts))
-    with stage("validation baseline", progress=inputs.progress):
-        baseline = score_prompts(inputs.model, inputs.tokenizer, prompts, batch_size=config.batch_size).accuracy
-    index = choose(candidates, config.smooth_layers)
-    selection = Selection(candidates, index, baseline, len(prompts), config.validation, RULE)
+    found, baseline = _score(inputs, options, prompts)
+    candidates = tuple(found)
+    budget = config.side_effect_budget
+    index = choose(candidates, config.smooth_layers, budget=budget, baseline=baseline.exact_match)
+    selection = Selection(
+        candidates, index, baseline.accuracy, len(prompts), config.validation, RULE, baseline.exact_match, budget
+    )
     chosen = options[index]
-    logger.info("auto: %s (validation accuracy %.2f)", candidates[index].label(), candidates[index].accuracy)
+    logger.info("auto: %s (validation exact match %.2f)", candidates[index].label(), _exact(candidates[index]))
     if not selection.beats_zero_shot:
-        warnings.warn(
-            f"task {inputs.task.name!r}: the best candidate ({candidates[index].label()}, validation accuracy "
-            f"{candidates[index].accuracy:.2f}) does not beat the model without a vector ({baseline:.2f}) on "
-            f"{len(prompts)} validation queries; the task may need more pairs, or the model cannot do it",
-            WeakVectorWarning,
-            stacklevel=3,
-        )
+        warnings.warn(_weak(inputs.task.name, selection), WeakVectorWarning, stacklevel=3)
     scaled = chosen.strength * chosen.vector if chosen.method != "head_patch" else chosen.vector
     return dataclasses.replace(
         scaled, selection=selection, config=config, library_version=__version__, k=chosen.k or scaled.k

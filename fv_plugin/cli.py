@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-condition", action="store_true", help="do not learn the condition gate=True uses (learned by default)"
     )
+    parser.add_argument(
+        "--keep-weak",
+        action="store_true",
+        help="save the vector even if it does not beat the model without a vector on validation (else: exit 1)",
+    )
+    parser.add_argument(
+        "--side-effect-budget",
+        type=float,
+        default=None,
+        help="auto: the most KL (nats) on neutral text a vector may cause (default: the library's; <0: no budget)",
+    )
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     parser.add_argument(
         "--prepend-bos",
@@ -48,12 +60,13 @@ def _extract_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extract(argv: Sequence[str]) -> int:
-    from fv_plugin.config import EvalConfig, ExtractionConfig
-    from fv_plugin.tasks import load_task
+def _extract_config(args: argparse.Namespace) -> Any:
+    from fv_plugin.config import ExtractionConfig
 
-    args = _extract_parser().parse_args(argv)
-    config = ExtractionConfig(
+    budget = {} if args.side_effect_budget is None else {"side_effect_budget": args.side_effect_budget}
+    if args.side_effect_budget is not None and args.side_effect_budget < 0:
+        budget = {"side_effect_budget": None}
+    return ExtractionConfig(
         method=args.method,
         k=args.k,
         layer=args.layer,
@@ -62,38 +75,72 @@ def _extract(argv: Sequence[str]) -> int:
         condition=not args.no_condition,
         portable=args.portable,
         prepend_bos=args.prepend_bos,
+        **budget,
     )
+
+
+def _weak_message(selection: Any) -> str:
+    c = selection.best
+    exact = (
+        f"exact match {c.exact_match:.2f} vs {selection.baseline_exact_match:.2f}, "
+        if c.exact_match is not None
+        else ""
+    )
+    return (
+        f"fv extract: the best vector ({c.label()}) does not beat the model without a vector on "
+        f"{selection.n_queries} validation queries ({exact}first token {c.accuracy:.2f} vs "
+        f"{selection.baseline_accuracy:.2f}); nothing saved. Use --keep-weak to save it anyway"
+    )
+
+
+def _test_scores(model: Any, tokenizer: Any, task: Any, args: argparse.Namespace, fv: Any) -> str:
+    """Both accuracies on the test split: without a vector, with it, and with demonstrations."""
+    from fv_plugin.config import EvalConfig
+    from fv_plugin.evaluation import evaluate
+
+    config = EvalConfig(mode="zero_shot", seed=args.seed, n_shots=args.n_shots)
+    before = evaluate(model, tokenizer, task, config)
+    after = evaluate(model, tokenizer, task, config, vectors=[fv])
+    icl = evaluate(model, tokenizer, task, config, mode="icl")
+    return (
+        f"test first-token accuracy: zero-shot {before.accuracy:.2f} -> with vector {after.accuracy:.2f} "
+        f"({args.n_shots}-shot ICL {icl.accuracy:.2f}); exact match of the greedy answer: "
+        f"{before.exact_match:.2f} -> {after.exact_match:.2f} (ICL {icl.exact_match:.2f}); {after.n} queries"
+    )
+
+
+def _extract(argv: Sequence[str]) -> int:
+    from fv_plugin.tasks import load_task
+
+    args = _extract_parser().parse_args(argv)
+    config = _extract_config(args)
     task = load_task(args.task, valid=args.valid, test=args.test)  # a bad task file fails here, before the model
 
+    from fv_plugin.auto import WeakVectorWarning
     from fv_plugin.extraction import extract_function_vector
     from fv_plugin.models import load_model
-    from fv_plugin.prompt_sets import eval_prompts
-    from fv_plugin.scoring import zero_shot_scores
 
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
-    fv = extract_function_vector(model, tokenizer, task, config)  # a bar per stage unless FV_PROGRESS=0
+    with warnings.catch_warnings():  # said below in one line, with the figures and the flag
+        warnings.simplefilter("ignore", WeakVectorWarning)
+        fv = extract_function_vector(model, tokenizer, task, config)  # a bar per stage unless FV_PROGRESS=0
     elapsed = time.perf_counter() - start
-    fv.save(args.out)
-    test = eval_prompts(task, EvalConfig(mode="zero_shot", seed=args.seed))
-    icl = eval_prompts(task, EvalConfig(mode="icl", n_shots=args.n_shots, seed=args.seed))
-    before = zero_shot_scores(model, tokenizer, test)[0]
-    after = zero_shot_scores(model, tokenizer, test, [fv])[0]
-    with_demos = zero_shot_scores(model, tokenizer, icl)[0]
     print(f"task {task.name!r} on {args.model}: method {fv.method}, layer {fv.layer}, {elapsed:.1f} s")
     if fv.selection is not None:
         from fv_plugin.report import selection_table
 
         print(selection_table(fv.selection))
+        if not fv.selection.beats_zero_shot and not args.keep_weak:
+            print(_weak_message(fv.selection), file=sys.stderr)
+            return 1
+    fv.save(args.out)
     if fv.heads:
         pairs = zip(fv.heads, fv.head_scores or (), strict=False)
         print(
             "heads (layer, head: AIE): " + ", ".join(f"{layer}.{head}: {score:.4f}" for (layer, head), score in pairs)
         )
-    print(
-        f"test first-token accuracy: zero-shot {before:.2f} -> with vector {after:.2f} "
-        f"({args.n_shots}-shot ICL {with_demos:.2f}, {len(test)} queries)"
-    )
+    print(_test_scores(model, tokenizer, task, args, fv))
     if fv.condition is not None:
         print(fv.condition.describe())
     print(f"saved {args.out}")

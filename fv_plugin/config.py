@@ -19,6 +19,7 @@ __all__ = [
     "AUTO_METHODS",
     "DEFAULT_KS",
     "DEFAULT_MODEL",
+    "DEFAULT_SIDE_EFFECT_BUDGET",
     "DEFAULT_STRENGTHS",
     "HEAD_LEVEL_METHODS",
     "METHODS",
@@ -54,6 +55,8 @@ NATURAL_TEMPLATES: tuple[str, ...] = (
     'When I think of "{x}", I think of',
     'Here is my answer for "{x}":',
 )
+
+DEFAULT_SIDE_EFFECT_BUDGET = 2.0  # nats of KL on neutral text: chosen on validation data, see docs/choice.md
 
 C = TypeVar("C")
 
@@ -100,7 +103,12 @@ class ExtractionConfig:
         max_validation: at most this many validation queries (a seeded sample), so a large task file costs
             what a small one does; ``None``: every one.
         screen_queries: ``method="auto"`` scores every candidate on this many validation queries first...
-        finalists: ...and only this many of the best (plus each method's best two) on the rest.
+        finalists: ...and only this many of the best (plus each method's best two) on every query, by the exact
+            match of the greedy answer and by their side effect on neutral text.
+        side_effect_budget: the most side effect ``method="auto"`` accepts: the mean KL divergence (nats) of a few
+            neutral paragraphs' next-token distributions from the plain model's, with the candidate steered at its
+            positions (:func:`~fv_plugin.selection.neutral_kl`); the most accurate finalist within it is chosen
+            (none within: the one with the least). ``None``: no budget. The default is measured in docs/choice.md.
         condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
             see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
             work (``False`` or ``fv extract --no-condition`` skips it).
@@ -136,6 +144,7 @@ class ExtractionConfig:
     screen_queries: int = 12
     finalists: int = 24
     prepend_bos: bool = False
+    side_effect_budget: float | None = DEFAULT_SIDE_EFFECT_BUDGET
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -195,6 +204,11 @@ class ExtractionConfig:
             raise TypeError(f"prepend_bos must be True or False, got {self.prepend_bos!r}")
         if self.max_validation is not None:
             _at_least(self.max_validation, 1, "max_validation")
+        budget = self.side_effect_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
+            raise ValueError(
+                f"side_effect_budget must be a number of nats >= 0 (or None for no budget), got {budget!r}"
+            )
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
 

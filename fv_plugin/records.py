@@ -91,8 +91,20 @@ class Sweep:
 @dataclass(frozen=True)
 class Candidate:
     """One candidate vector scored on validation prompts: its ``method``, heads ``k`` and ``layer`` where they apply,
-    its ``strength``, and its first-token ``accuracy`` and mean ``answer_prob`` there (on ``n_queries`` of the
-    validation queries: a candidate dropped after the first round was scored on fewer; ``None``: on all)."""
+    its ``strength``, and its scores there (on ``n_queries`` of the validation queries: a candidate dropped after
+    the first round was scored on fewer; ``None``: on all).
+
+    Attributes:
+        accuracy: first-token accuracy (:func:`~fv_plugin.scoring.correct_first_token`).
+        answer_prob: mean probability of the main answer's first token.
+        exact_match: share of greedy answers that are an accepted answer
+            (:func:`~fv_plugin.scoring.starts_with_answer`); ``None`` where not scored (dropped after the first round).
+        side_effect: mean KL divergence (nats) of neutral text's next-token distributions from the plain model's,
+            at the positions the vector is steered at (:func:`~fv_plugin.selection.neutral_kl`); ``None`` where
+            not scored.
+        change: how much the candidate adds: its strength times the norm of its vector (``head_patch``: of the
+            heads' values it writes, sent through the output projection); ties go to the smaller.
+    """
 
     method: str
     strength: float
@@ -101,6 +113,9 @@ class Candidate:
     layer: int | None = None
     k: int | None = None
     n_queries: int | None = None
+    exact_match: float | None = None
+    side_effect: float | None = None
+    change: float | None = None
 
     @property
     def form(self) -> str:
@@ -128,6 +143,9 @@ class Selection:
         n_queries: validation queries each candidate was scored on.
         queries: where they came from (``"valid"``, or ``"valid+train"``: train queries asked zero-shot too).
         rule: how the choice was made, in words.
+        baseline_exact_match: exact match of the model's greedy answers without a vector (``None``: not scored,
+            a file written before exact match was).
+        side_effect_budget: the most side effect (``Candidate.side_effect``) the choice allowed (``None``: any).
     """
 
     candidates: tuple[Candidate, ...]
@@ -136,6 +154,8 @@ class Selection:
     n_queries: int
     queries: str
     rule: str
+    baseline_exact_match: float | None = None
+    side_effect_budget: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.chosen < len(self.candidates):
@@ -153,7 +173,12 @@ class Selection:
 
     @property
     def beats_zero_shot(self) -> bool:
-        return self.best.accuracy > self.baseline_accuracy
+        """The chosen candidate beats the model without a vector: by exact match where both were scored, else by
+        first-token accuracy."""
+        best = self.best
+        if best.exact_match is not None and self.baseline_exact_match is not None:
+            return best.exact_match > self.baseline_exact_match
+        return best.accuracy > self.baseline_accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,4 +197,10 @@ class Selection:
             n_queries=int(data["n_queries"]),
             queries=str(data["queries"]),
             rule=str(data["rule"]),
+            baseline_exact_match=_optional(data.get("baseline_exact_match")),
+            side_effect_budget=_optional(data.get("side_effect_budget")),
         )
+
+
+def _optional(value: Any) -> float | None:
+    return float(value) if value is not None else None

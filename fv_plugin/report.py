@@ -35,24 +35,36 @@ def _vector_summary(fv: FunctionVector) -> dict[str, Any]:
     }
 
 
+def _score(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def selection_table(selection: Selection, *, top: int = 8) -> str:
-    """Markdown: how ``method="auto"`` chose (the chosen candidate, the best of each method, the runners-up)."""
+    """Markdown: how ``method="auto"`` chose (the chosen candidate, the best of each method, the runners-up), with
+    each one's first-token accuracy, exact match of the greedy answer and side effect (where scored)."""
     order = sorted(range(len(selection.candidates)), key=lambda i: -selection.candidates[i].accuracy)
+    scored = [i for i in order if selection.candidates[i].exact_match is not None]
+    order = sorted(scored, key=lambda i: -(selection.candidates[i].exact_match or 0.0)) + order
     best_of: dict[str, int] = {}
     for i in order:
         best_of.setdefault(selection.candidates[i].method, i)
     shown = [selection.chosen, *best_of.values(), *order[:top]]
+    budget = selection.side_effect_budget
     lines = [
         f"{len(selection.candidates)} candidates scored on {selection.n_queries} zero-shot queries "
-        f"({selection.queries}); without a vector: {selection.baseline_accuracy:.2f}. Rule: {selection.rule}.",
+        f"({selection.queries}); without a vector: first token {selection.baseline_accuracy:.2f}, exact match "
+        f"{_score(selection.baseline_exact_match)}; side-effect budget {_score(budget)} nats. Rule: {selection.rule}.",
         "",
-        "| candidate | validation accuracy | answer probability | |",
-        "|---|---|---|---|",
+        "| candidate | first token | exact match | side effect (KL, nats) | answer probability | |",
+        "|---|---|---|---|---|---|",
     ]
     for i in dict.fromkeys(shown):  # in order, once each
         c = selection.candidates[i]
         mark = "**chosen**" if i == selection.chosen else ("best " + c.method if best_of.get(c.method) == i else "")
-        lines.append(f"| {c.label()} | {c.accuracy:.2f} | {c.answer_prob:.3f} | {mark} |")
+        lines.append(
+            f"| {c.label()} | {c.accuracy:.2f} | {_score(c.exact_match)} | {_score(c.side_effect, 3)} | "
+            f"{c.answer_prob:.3f} | {mark} |"
+        )
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ A correct answer is defined here, once, and every score, sweep, report and choic
 pair's main answer and its alternatives (:attr:`~fv_plugin.Pair.answers`);
 
 - next token (:func:`correct_first_token`): the most likely next token is the first token of an accepted answer;
-- greedy continuation of a template prompt (:func:`starts_with_answer`): it starts with a whole accepted answer;
+- greedy continuation of a template prompt (:func:`starts_with_answer`): it starts with a whole accepted answer
+  (:func:`answer_settled`: when more tokens can no longer change that);
 - continuation of natural text (:func:`contains_answer`): an accepted answer appears in it as a whole word.
 
 The answer probability (:func:`answer_probs`) is the probability of the main answer's first token.
@@ -37,6 +38,7 @@ __all__ = [
     "PromptScores",
     "VectorArg",
     "answer_probs",
+    "answer_settled",
     "contains_answer",
     "correct_first_token",
     "first_token_correct",
@@ -76,6 +78,22 @@ def starts_with_answer(continuation: str, answers: Sequence[str]) -> bool:
     """The continuation starts with a whole accepted answer (then ends, or goes on after a non-word character)."""
     text = continuation.strip()
     return any(re.match(re.escape(a.strip()) + r"(?!\w)", text) for a in answers if a.strip())
+
+
+def answer_settled(continuation: str, answers: Sequence[str]) -> bool:
+    """Whether more text after ``continuation`` can no longer change :func:`starts_with_answer`'s verdict: an
+    accepted answer is already followed by a non-word character, or no accepted answer can still begin it (a
+    greedy answer can stop there). Undecided while the text is empty or ends in an incomplete character."""
+    text = continuation.lstrip()
+    if not text or text.endswith("\ufffd"):
+        return False
+    won = still_open = False
+    for answer in (a.strip() for a in answers if a.strip()):
+        if text.startswith(answer) and len(text) > len(answer):
+            won = won or not re.match(r"\w", text[len(answer)])
+        elif answer.startswith(text):
+            still_open = True
+    return won or not still_open
 
 
 def contains_answer(continuation: str, answers: Sequence[str]) -> bool:

@@ -16,6 +16,7 @@ plot                   data
 :func:`plot_specificity`  :class:`~fv_plugin.side_effects.Specificity` (one prompt mode)
 :func:`plot_text_effects`  :class:`~fv_plugin.side_effects.TextEffects`
 :func:`plot_token_probs`  next-token probabilities of a few tokens under several settings
+:func:`plot_choice`    ``fv.selection``: accuracy against side effect, the choice marked
 =====================  ==========================================================
 """
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fv_plugin.analysis import HeadLocation, TokenScore, aie_matrix, layer_sweep, similarity_matrix
-from fv_plugin.records import Sweep
+from fv_plugin.records import Selection, Sweep
 from fv_plugin.side_effects import Specificity, TextEffects
 from fv_plugin.vector import FunctionVector
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_aie",
+    "plot_choice",
     "plot_head_depths",
     "plot_layer_curve",
     "plot_similarity",
@@ -284,4 +286,49 @@ def plot_token_probs(
     ax.set_xlabel("probability of the next token")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or "next-token probabilities")
+    return fig
+
+
+def plot_choice(selection: FunctionVector | Selection, *, title: str | None = None) -> Figure:
+    """How ``method="auto"`` chose: each finalist's exact match on the validation queries against its side effect
+    (KL on neutral text), one marker per method, the chosen candidate circled, the side-effect budget and the
+    model without a vector as lines.
+
+    ``selection`` is a vector made by ``method="auto"`` (its ``selection``) or a
+    :class:`~fv_plugin.records.Selection`. Candidates without a side effect (dropped after the first round, or a
+    file written before side effects were scored) are left out.
+    """
+    if isinstance(selection, FunctionVector):
+        if selection.selection is None:
+            raise ValueError(f"the vector (method {selection.method!r}) was not chosen by method='auto': no selection")
+        title = title or f"auto's choice: {selection.task or 'task'}"
+        selection = selection.selection
+    shown = [c for c in selection.candidates if c.side_effect is not None]
+    if not shown:
+        raise ValueError("no candidate has a side effect recorded (made before side effects were scored?)")
+    fig = _figure(5.5, 3.6)
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(c.method for c in shown):
+        group = [c for c in shown if c.method == method]
+        exact = [c.exact_match if c.exact_match is not None else c.accuracy for c in group]
+        ax.scatter([c.side_effect or 0.0 for c in group], exact, label=method, alpha=0.75)
+    best = selection.best
+    if best.side_effect is not None:
+        y = best.exact_match if best.exact_match is not None else best.accuracy
+        ax.scatter([best.side_effect], [y], s=160, facecolors="none", edgecolors="black", label="chosen")
+    if selection.side_effect_budget is not None:
+        ax.axvline(selection.side_effect_budget, color="grey", linewidth=0.8, linestyle="--", label="budget")
+    base = selection.baseline_exact_match
+    ax.axhline(
+        base if base is not None else selection.baseline_accuracy,
+        color="grey",
+        linewidth=0.8,
+        linestyle=":",
+        label="no vector",
+    )
+    ax.set_xlabel("side effect: KL on neutral text (nats)")
+    ax.set_ylabel("validation exact match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "auto's choice: accuracy against side effect")
     return fig

@@ -15,28 +15,61 @@ from fv_plugin.auto import choose, validation_prompts
 from fv_plugin.records import Candidate
 
 
-def _c(method: str, acc: float, *, layer: int | None = None, s: float = 1.0, prob: float = 0.1) -> Candidate:
+def _c(
+    method: str,
+    acc: float,
+    *,
+    layer: int | None = None,
+    s: float = 1.0,
+    prob: float = 0.1,
+    em: float | None = None,
+    kl: float | None = None,
+    change: float | None = None,
+    k: int | None = 10,
+) -> Candidate:
     return Candidate(
-        method=method, strength=s, accuracy=acc, answer_prob=prob, layer=layer, k=10 if method != "difference" else None
+        method=method,
+        strength=s,
+        accuracy=acc,
+        answer_prob=prob,
+        layer=layer,
+        k=k if method != "difference" else None,
+        exact_match=em,
+        side_effect=kl,
+        change=change,
     )
 
 
-def test_choice_prefers_a_good_neighbourhood_then_the_papers_method_then_moderate_strength() -> None:
+def test_choice_prefers_a_good_neighbourhood_then_the_smallest_change() -> None:
     spike = [_c("difference", a, layer=i) for i, a in enumerate([0.1, 0.2, 0.9, 0.1, 0.5, 0.6, 0.6, 0.5])]
     assert spike[choose(spike)].layer == 2  # without smoothing the best layer wins
     assert spike[choose(spike, smooth_layers=1)].layer == 5  # a lone 0.9 between 0.2 and 0.1 loses to 0.6s
     assert spike[choose(spike, smooth_layers=3)].layer == 7  # layers 4-7 average 0.55, the best window
-    tie = [_c("difference", 0.5, layer=3), _c("head_difference", 0.5), _c("difference", 0.5, layer=4)]
-    tie_groups = [*tie, _c("difference", 0.5, layer=5)]
-    assert tie_groups[choose(tie_groups)].method == "head_difference"
-    strengths = [
-        _c("head_difference", 0.7, s=8.0),
-        _c("head_difference", 0.7, s=2.0),
-        _c("head_difference", 0.7, s=0.5),
-    ]
-    assert strengths[choose(strengths)].strength == 2.0
+    tie = [_c("head_patch", 0.5, change=9.0), _c("difference", 0.5, layer=3, change=2.0), _c("heads", 0.5, change=5.0)]
+    assert tie[choose(tie)].method == "difference"  # ties go to the smallest change, not the largest intervention
+    heads = [_c("head_patch", 0.7, change=3.0, k=80), _c("head_patch", 0.7, change=3.0, k=5)]
+    assert heads[choose(heads)].k == 5  # then the fewest heads
     probs = [_c("head_patch", 0.7, prob=0.2), _c("head_patch", 0.7, prob=0.4)]
     assert probs[choose(probs)].answer_prob == 0.4
+
+
+def test_choice_reads_the_whole_answer_then_the_side_effect_budget_then_the_model_without_a_vector() -> None:
+    found = [
+        _c("head_patch", 1.0, em=0.04, kl=0.5, change=1.0),  # first token perfect, answers wrong
+        _c("difference", 0.9, layer=3, em=0.80, kl=3.0, change=2.0),  # the most accurate, over the budget
+        _c("head_difference", 0.8, em=0.60, kl=1.0, change=4.0),
+        _c("heads", 0.8, em=0.60, kl=0.2, change=5.0),
+    ]
+    assert found[choose(found)].method == "difference"  # exact match first, not the first token
+    assert found[choose(found, budget=1.5)].method == "head_difference"  # the budget; tie: the smaller change
+    assert found[choose(found, budget=0.1)].method == "heads"  # none within: the least side effect that beats
+    assert found[choose(found, budget=1.5, baseline=0.6)].method == "difference"  # the only one beating 0.6
+    # nothing beats the model without a vector: the least harmful (highest exact match, then least side effect)
+    assert found[choose(found, budget=1.5, baseline=0.9)].method == "difference"
+    weak = [found[0], found[2], found[3]]
+    assert weak[choose(weak, baseline=0.9)].method == "heads"
+    mixed = [_c("difference", 1.0, layer=1), _c("heads", 0.5, em=0.5, kl=0.1)]  # a small task: all on every query
+    assert mixed[choose(mixed, baseline=0.0)].method == "heads"  # only the finalists (exact match scored) compete
 
 
 SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))

@@ -72,7 +72,7 @@ def test_progress_is_on_unless_turned_off_and_stages_are_recorded(monkeypatch: p
         "indirect effects",
         "candidates",
         "finalists",
-        "validation baseline",
+        "side effects",
         "condition",  # learned by default: a recorded stage like the others
     ], names
 

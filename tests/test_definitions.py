@@ -13,7 +13,7 @@ from torch import nn
 import fv_plugin
 from fv_plugin import FunctionVector, Pair, Task
 from fv_plugin.scoring import first_token_correct, sweep
-from fv_plugin.selection import score_candidates
+from fv_plugin.selection import score_answers, score_candidates
 
 TEMPLATE = "Q: {x}\nA:{y}\n\n"  # no separator: an answer's first token is its first character
 
@@ -125,16 +125,17 @@ def test_every_choice_reads_the_validation_prompts_and_never_the_test_split(
 
     model, tok = tiny_model("llama"), _Recording(char_tokenizer())
     task = alternative_task(model)
-    seen: dict[str, list[list[str]]] = {"auto": [], "layer": []}
+    seen: dict[str, list[list[str]]] = {"auto": [], "layer": [], "answers": []}
 
-    def spy(key: str) -> object:
+    def spy(key: str, real: Any = score_candidates) -> object:
         def scored(*args: Any, **kwargs: Any) -> object:
             seen[key].append([p.text for p in args[2]])
-            return score_candidates(*args, **kwargs)
+            return real(*args, **kwargs)
 
         return scored
 
     monkeypatch.setattr(fv_plugin.auto, "score_candidates", spy("auto"))
+    monkeypatch.setattr(fv_plugin.auto, "score_answers", spy("answers", score_answers))
     monkeypatch.setattr(fv_plugin.extraction, "score_candidates", spy("layer"))
     small = dict(n_mean=4, n_aie=2, n_shots=2, k=2, ks=(2,), template=TEMPLATE, validation=validation)
     fv_plugin.extract_function_vector(model, tok, task, method="difference", **small)
@@ -142,8 +143,9 @@ def test_every_choice_reads_the_validation_prompts_and_never_the_test_split(
         fv_plugin.extract_function_vector(model, tok, task, methods=("difference", "head_patch"), **small)
     config = fv_plugin.ExtractionConfig(**small)  # type: ignore[arg-type]
     want = [p.text for p in validation_prompts(task, config)]
-    # auto scores every candidate on the first queries, the finalists on the rest: together, every query once
-    assert [q for call in seen["auto"] for q in call] == want and seen["layer"] == [want]
+    # auto scores every candidate on the first queries by first token, the finalists on every query by their answer
+    screen = fv_plugin.ExtractionConfig().screen_queries
+    assert seen["auto"] == [want[:screen]] and seen["answers"] == [want] and seen["layer"] == [want]
     queries = {p.input for p in task.valid} | ({p.input for p in task.train} if validation == "valid+train" else set())
     assert {text.split("\n")[-2][3:] for text in want} == queries  # "...Q: {x}\nA:" -> x
     # the test split's queries were never even tokenized while the vectors were chosen

@@ -1,4 +1,4 @@
-"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|side-effects|quant|vllm`` (or
+"""Benchmarks, run as commands: ``fv bench overhead|extract|quality|scaling|choice|side-effects|quant|vllm`` (or
 ``python -m fv_plugin.benchmarks ...``). Apart from the library: nothing in fv_plugin imports them, and each is
 imported only when its command runs.
 
@@ -6,6 +6,7 @@ imported only when its command runs.
 - ``extract`` (:mod:`.extraction`): one extraction vs the plain forwards of its prompts; fast vs naive AIE.
 - ``quality`` (:mod:`.quality`): test accuracy of every method's vector and the baselines, per task.
 - ``scaling`` (:mod:`.scaling`): extraction cost over the plain forwards as layers x heads grow.
+- ``choice`` (:mod:`.choice`): what ``auto`` chooses per task; test accuracy by first token and exact match.
 - ``side-effects`` (:mod:`.side_effects`): each vector's own-task accuracy and what else it changes, ungated,
   gated and with ``positions="answer"``.
 - ``condition`` (:mod:`.condition`): a condition's cost against the plain forwards, and its error rates.
@@ -28,6 +29,7 @@ _COMMANDS = {
     "extract": ("extraction", "time one extraction vs the plain forwards of its prompts, and fast vs naive AIE"),
     "quality": ("quality", "test accuracy of every method's vector and the baselines, per task"),
     "scaling": ("scaling", "extraction cost over the plain forwards as layers x heads grow"),
+    "choice": ("choice", "what auto chooses per task, and its test accuracy by first token and exact match"),
     "side-effects": ("side_effects", "own-task accuracy and side effects of vectors: ungated, gated, answer positions"),
     "condition": ("condition", "what learning saved vectors' conditions costs, and their validation error rates"),
 }

@@ -19,6 +19,8 @@ __all__ = ["ModelShape", "StageWork", "estimate", "model_shape", "print_estimate
 
 ICL_TOKENS = 88.0  # mean tokens of a 10-shot prompt of the built-in antonym task (SmolLM2's tokenizer)
 ZERO_TOKENS = 7.0  # ... and of its zero-shot prompt
+ANSWER_STEPS = 1.5  # mean greedy steps a finalist's answer runs before its verdict is settled (antonym, SmolLM2)
+NEUTRAL = (4, 12, 4)  # side effects: paragraphs, prompt tokens, steered tokens (fv_plugin.selection.neutral_kl)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,16 @@ def _per_query(name: str, queries: int, starts: Sequence[int], shape: ModelShape
     return StageWork(name, queries * (length + 1 + rows), queries * (3 + len(starts)))
 
 
+def _finalists(queries: int, finalists: int, zero_tokens: float) -> list[StageWork]:
+    """The finalists and the model without a vector: the prefix once per query, then the answers' greedy steps;
+    then the finalists on the neutral paragraphs (their prefix once, then the steered tokens per finalist)."""
+    rows = (finalists + 1) * ANSWER_STEPS
+    answers = StageWork("finalists", queries * (zero_tokens - 1 + rows), int(queries * (1 + rows)))
+    texts, prompt, steered = NEUTRAL
+    side = texts * (prompt - 1 + (steered + 1) * (finalists + 1))
+    return [answers, StageWork("side effects", side, texts * (1 + (steered + 1) * (finalists + 1)))]
+
+
 def _candidate_starts(config: ExtractionConfig, shape: ModelShape) -> list[int]:
     """Lowest layer of each ``auto`` candidate (head-level forms: assumed 0, their heads spread over the stack)."""
     layers = list(range(shape.layers))
@@ -119,10 +131,8 @@ def estimate(
         starts = _candidate_starts(config, shape)
         screen = min(config.screen_queries, queries)
         work.append(_per_query("candidates", screen, starts, shape, zero_tokens))
-        if queries > screen:
-            finalists = min(len(starts), config.finalists + 2 * len(config.auto_methods))
-            work.append(_per_query("finalists", queries - screen, [0] * finalists, shape, zero_tokens))
-        work.append(StageWork("validation baseline", queries * zero_tokens, queries))
+        finalists = min(len(starts), config.finalists + 2 * len(config.auto_methods))
+        work += _finalists(queries, finalists, zero_tokens)
     elif config.method != "head_patch" and config.layer is None:
         work.append(_per_query("layer sweep", queries, [0] * (layers + 1), shape, zero_tokens))
     return work
