@@ -12,8 +12,8 @@ Every kind is split in two: the fit uses the task's ``train`` queries (and half 
 choice of layer and threshold uses its ``valid`` queries (and the other half). The test split is never read.
 The direction is a class-balanced, L2-regularised logistic regression on unit-normalised hidden states at the
 prompt's last token, one per candidate layer (below the first layer the vector touches, in the first two thirds
-of the model: :func:`condition_layers`); the layer and threshold with the lowest validation error win, a missed
-task query weighted :data:`MISS_WEIGHT` times a passed other prompt (ties: the earlier layer). The rates stored
+of the model: :func:`condition_layers`); the layer and threshold with the lowest balanced validation error win
+(:data:`MISS_WEIGHT`; ties: the earlier layer). The rates stored
 in the condition are those validation rates, with 95% Wilson intervals.
 
 Cost: an extraction already runs its train queries zero-shot and keeps their states (``recorded``), so those
@@ -196,9 +196,11 @@ def _fit_direction(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps:
     return (w.detach() / std).float()
 
 
-MISS_WEIGHT = 3.0
-"""How much more a missed task query (false negative) counts than another prompt passed (false positive) when the
-threshold is chosen: a miss loses the task's answer, a false positive steers one prompt as the ungated vector would."""
+MISS_WEIGHT = 1.0
+"""How much a missed task query (false negative) counts against another prompt passed (false positive) when the
+threshold is chosen; 1: the balanced error. A larger weight keeps more of the task's own queries at the price of
+passing more other prompts (on the embedded model, 3 moved the antonym condition to a layer that passes most chat
+prompts: docs/conditional_steering.md)."""
 
 
 def best_threshold(scores: torch.Tensor, y: torch.Tensor, miss_weight: float = MISS_WEIGHT) -> tuple[float, float]:
@@ -253,10 +255,7 @@ def fit_condition(
         false_negative=_rate(~passed[y_valid]),
         false_positive_by_kind=by_kind,
         n_train=(int(y_train.sum()), int((~y_train).sum())),
-        rule=(
-            "logistic regression per layer, layer and threshold by validation error with misses weighted "
-            f"{MISS_WEIGHT:g}x ({error:.3f})"
-        ),
+        rule=(f"logistic regression per layer, layer and threshold by balanced error on validation ({error:.3f})"),
     )
 
 

@@ -169,7 +169,7 @@ def test_the_condition_reuses_recorded_states_and_stops_below_the_vector() -> No
 def test_threshold_weighs_misses_against_a_brute_force_oracle() -> None:
     """The chosen cut minimises ``(w * FNR + FPR) / (w + 1)`` over every cut a brute force tries, and a heavier
     weight on misses never lets more task prompts fail."""
-    from fv_plugin.condition_fit import MISS_WEIGHT, best_threshold
+    from fv_plugin.condition_fit import best_threshold
 
     gen = torch.Generator().manual_seed(3)
     scores = torch.cat([torch.randn(30, generator=gen) + 1.0, torch.randn(50, generator=gen)])
@@ -182,9 +182,9 @@ def test_threshold_weighs_misses_against_a_brute_force_oracle() -> None:
         return (w * fnr + fpr) / (w + 1)
 
     grid = [float(v) for v in torch.linspace(-4, 5, 2001)]
-    for w in (1.0, MISS_WEIGHT):
+    for w in (1.0, 3.0):
         error, cut = best_threshold(scores, y, w)
         assert error == pytest.approx(weighted(cut, w))
         assert error <= min(weighted(c, w) for c in grid) + 1e-6
-    misses = [int((scores[y] < best_threshold(scores, y, w)[1]).sum()) for w in (1.0, MISS_WEIGHT)]
+    misses = [int((scores[y] < best_threshold(scores, y, w)[1]).sum()) for w in (1.0, 3.0)]
     assert misses[1] <= misses[0]
