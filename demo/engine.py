@@ -193,7 +193,11 @@ class Engine:
     # ------------------------------------------------------------------ checks
     def tokens(self, text: str, prepend_bos: bool) -> tuple[int, ...]:
         """``text``'s token ids as the vectors' prompts were tokenized (BOS first when they were extracted so)."""
-        return tuple(fv_plugin.prompt_tokenizer(self.tokenizer, prepend_bos=prepend_bos)(text)["input_ids"])
+        return tuple(self.bos_tokenizer(prepend_bos)(text)["input_ids"])
+
+    def bos_tokenizer(self, prepend_bos: bool) -> Any:
+        """The tokenizer as a vector's prompts were tokenized (``fv.prepend_bos``)."""
+        return fv_plugin.prompt_tokenizer(self.tokenizer, prepend_bos=prepend_bos)
 
     def check_prompt(self, prompt: str, *, prepend_bos: bool = DEFAULT_BOS) -> tuple[int, ...]:
         """The prompt's token ids, or a :class:`DemoError` saying what is wrong with it."""
@@ -283,7 +287,9 @@ class Engine:
         """Per vector: does ``prompt`` pass its condition (``None``: it has none)? The rule and the hidden state
         of ``steer(..., gate=True)``: ``fv_plugin.gate_decisions``, on the plain model."""
         return tuple(
-            fv_plugin.gate_decisions(self.model, self.tokenizer, [prompt], fv)[0] if fv.condition is not None else None
+            fv_plugin.gate_decisions(self.model, self.bos_tokenizer(fv.prepend_bos), [prompt], fv)[0]
+            if fv.condition is not None
+            else None
             for fv, _ in pairs
         )
 

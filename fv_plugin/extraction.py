@@ -141,7 +141,7 @@ def extract_function_vector(
     recorded = job.statistics.zero_recorded if job.statistics is not None else None
     with stage("condition"):  # recorded like every stage (fv bench extract); its passes show their own bar
         show = progress_enabled(progress)
-        return with_condition(model, tokenizer, task, fv, settings, arch=arch, progress=show, recorded=recorded)
+        return with_condition(model, prompts_tokenizer, task, fv, settings, arch=arch, progress=show, recorded=recorded)
 
 
 def _one_method(job: MethodInputs) -> FunctionVector:

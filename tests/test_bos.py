@@ -33,7 +33,7 @@ def first_tokens(model: torch.nn.Module) -> Iterator[list[int]]:
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 models take either name
         if ids is None or (cache is not None and cache.get_seq_length() > 0):
             return
         mask = kwargs.get("attention_mask")
@@ -113,7 +113,7 @@ def test_the_demo_tokenizes_its_rows_as_the_first_vectors_prompts_were(prepend_b
     config = dataclasses.replace(SMALL, prepend_bos=prepend_bos)
     fv = fv_plugin.FunctionVector(vector=torch.randn(64), layer=1, task="antonym", config=config)
     engine = Engine(fresh_model("llama"), char_tokenizer(), model_name="tiny")
-    job, _ = engine.job(SteerRequest("Q: hot\nA:", ((fv, 1.0),), task=fv_plugin.load_task("antonym")))
+    job, _, _ = engine.job(SteerRequest("Q: hot\nA:", ((fv, 1.0),), task=fv_plugin.load_task("antonym")))
     plain, steered, icl = job.rows
     expected = fv_plugin.prompt_tokenizer(char_tokenizer(), prepend_bos=prepend_bos)("Q: hot\nA:")["input_ids"]
     assert list(plain.ids) == list(steered.ids) == expected

@@ -88,7 +88,8 @@ def test_a_default_extraction_learns_a_condition_whose_decisions_are_the_rule(tm
     small = {"n_mean": 8, "n_aie": 2, "n_shots": 3, "ks": (2,), "strengths": (1.0,), "head_strengths": (1.0,)}
     with warnings.catch_warnings():  # a random model: its vector may or may not beat it
         warnings.simplefilter("ignore", fv_plugin.WeakVectorWarning)
-        fv = fv_plugin.extract_function_vector(model, tok, task, layers=(1, 2), **small)  # condition: the default
+        # condition: the default; residual-stream methods at layers 1-2 only, so the vector has a layer below it
+        fv = fv_plugin.extract_function_vector(model, tok, task, layers=(1, 2), methods=("difference",), **small)
     condition = fv.condition
     assert condition is not None and 0 <= condition.layer < fv.first_layer
     assert condition.false_negative is not None and condition.false_positive is not None

@@ -97,7 +97,8 @@ def test_a_large_task_file_costs_what_a_small_one_does() -> None:
         assert len(validation_prompts(task, fv_plugin.ExtractionConfig())) == 64  # capped, a seeded sample
     for method in ("auto", "heads", "condition"):
         (calls_small, tokens_small), (calls_big, tokens_big) = costs[400, method], costs[5000, method]
-        assert calls_big == calls_small  # the same passes; the prompts differ only in their words
+        # the same passes, but for auto's greedy answers, which stop when their verdict is settled (their words)
+        assert calls_big == calls_small if method != "auto" else 0.9 < calls_big / calls_small < 1.1
         assert 0.9 < tokens_big / tokens_small < 1.1
 
 
