@@ -84,7 +84,7 @@ class ExtractionConfig:
         seed: seeds every prompt sample (the shuffled prompts use ``seed + 1``).
         template: the demonstration template.
         batch_size: prompts per forward pass.
-        heads_per_batch: patched heads per forward pass in the AIE.
+        heads_per_batch: patched (prompt, head) rows per forward pass in the AIE.
         methods: the methods ``method="auto"`` chooses among (``forms=``, its former name, is still accepted
             when constructing, with a ``DeprecationWarning``).
         ks: the numbers of heads it tries for ``head_difference`` and ``head_patch`` (``heads``, the paper's method,
@@ -129,7 +129,7 @@ class ExtractionConfig:
     seed: int = 0
     template: str = DEFAULT_TEMPLATE
     batch_size: int = 16
-    heads_per_batch: int = 64
+    heads_per_batch: int = 256
     methods: tuple[str, ...] = ("difference", "head_difference", "heads", "head_patch")
     ks: tuple[int, ...] = (5, 10, 20, 40, 80)
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)

@@ -12,8 +12,6 @@ tests check that both agree.
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +23,11 @@ from fv_plugin.activations import RecordedStates, prompt_means
 from fv_plugin.architectures import ArchSpec, ResolvedArch, resolve_architecture
 from fv_plugin.config import ExtractionConfig
 from fv_plugin.devices import input_device
-from fv_plugin.hooks import patch_head_inputs, record_layer_calls
+from fv_plugin.hooks import patch_head_inputs
 from fv_plugin.progress import stage
 from fv_plugin.prompt_sets import clean_prompts, statistics_prompts
-from fv_plugin.prompts import Prompt, encode_prompts, prompt_tokenizer
-from fv_plugin.scoring import last_logits_only
+from fv_plugin.prompts import Prompt, by_length, encode_prompts, prompt_tokenizer
+from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, position_ids
 from fv_plugin.tasks import Task
 
 __all__ = [
@@ -39,8 +37,10 @@ __all__ = [
     "average_indirect_effect",
     "average_indirect_effect_naive",
     "cache_kwarg",
+    "cache_rows",
     "head_statistics",
     "mean_head_activations",
+    "position_ids",
     "statistics_prompts",
 ]
 
@@ -114,80 +114,6 @@ def _patcher(means: torch.Tensor, rows: torch.Tensor) -> Any:
     return patch
 
 
-def _variants(n_layers: int, n_heads: int) -> torch.Tensor:
-    grid = torch.cartesian_prod(torch.arange(n_layers), torch.arange(n_heads))
-    return torch.cat([torch.tensor([[-1, -1]]), grid])  # row 0: unpatched
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _expand(value: Any, rows: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
-        return value.expand(rows, *value.shape[1:])
-    if isinstance(value, tuple):
-        return tuple(_expand(v, rows) for v in value)
-    return value
-
-
-class LastTokenReplay:
-    """Re-runs one prompt's last token from any layer on, for many batch rows, on top of the prefix's KV cache.
-
-    Built from an unpatched last-token forward that records every decoder layer's call; usable only when
-    replaying those calls from layer 0 reproduces the model's own logits (checked on construction).
-    """
-
-    def __init__(self, model: nn.Module, resolved: ResolvedArch, ids: torch.Tensor, cache_kw: str) -> None:
-        from transformers.cache_utils import Cache
-
-        self.model, self.resolved, self.cache_type = model, resolved, Cache
-        self.length = int(ids.shape[1])  # the prompt's tokens; the replayed one sits at position length - 1
-        prefix = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
-        self.prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
-        with record_layer_calls(resolved) as calls:
-            out = model(
-                input_ids=ids[:, -1:],
-                attention_mask=torch.ones(1, ids.shape[1], dtype=torch.long, device=ids.device),
-                use_cache=True,
-                **{cache_kw: copy.deepcopy(self.prefix_cache)},
-            )
-        self.calls = dict(calls)
-        self.reference = out.logits[:, -1].float()
-        self.usable = resolved.final_norm is not None and len(self.calls) == resolved.num_layers
-        if self.usable:
-            replay = self.logits(0, 1)
-            scale = self.reference.abs().max().clamp_min(1.0)
-            self.usable = bool(((replay - self.reference).abs().max() / scale) < 1e-4)
-
-    def logits(self, start: int, rows: int) -> torch.Tensor:
-        """Last-token logits ``[rows, vocab]`` running layers ``start..`` (hooks on the model apply)."""
-        cache = copy.deepcopy(self.prefix_cache)
-        if rows > 1:
-            cache.batch_repeat_interleave(rows)
-        args, kwargs = self.calls[start]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = hidden.expand(rows, *hidden.shape[1:])
-        for index in range(start, self.resolved.num_layers):
-            args, kwargs = self.calls[index]
-            call_kwargs = {
-                key: cache if isinstance(value, self.cache_type) else _expand(value, rows)
-                for key, value in kwargs.items()
-                if key != "hidden_states"
-            }
-            call_args = tuple(_expand(a, rows) for a in args[1:])
-            out = self.resolved.layers[index](hidden, *call_args, **call_kwargs)
-            hidden = out if isinstance(out, torch.Tensor) else out[0]
-        assert self.resolved.final_norm is not None
-        unembed: Any = getattr(self.model, "get_output_embeddings")()  # noqa: B009
-        logits = unembed(self.resolved.final_norm(hidden))[:, -1].float()
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-
 @torch.no_grad()
 def average_indirect_effect(
     model: nn.Module,
@@ -195,60 +121,72 @@ def average_indirect_effect(
     prompts: Sequence[Prompt],
     means: torch.Tensor,
     *,
-    heads_per_batch: int = 64,
+    heads_per_batch: int = 256,
+    prompts_per_batch: int = 16,
     arch: ArchSpec | None = None,
     progress: bool | None = None,
 ) -> IndirectEffects:
     """Exact AIE of every head on ``prompts`` (shuffled-label ICL prompts).
 
-    Each prompt's prefix runs once (KV cache); the last token is re-run for ``heads_per_batch`` patched heads
-    at a time (one batch row each), and only from the lowest patched layer of the batch on.
+    The prefixes of ``prompts_per_batch`` prompts run once, together (KV cache); then, layer by layer, the last
+    token is re-run from that layer on, one batch row per (prompt, head of the layer) with that head patched, at
+    most ``heads_per_batch`` rows per forward. No row runs a layer below the one it patches.
     """
     resolved = resolve_architecture(model, arch)
     n_layers, n_heads = resolved.num_layers, num_heads(resolved)
     if means.shape[:2] != (n_layers, n_heads):
         raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, head_dim]")
-    if heads_per_batch < 1:
-        raise ValueError(f"heads_per_batch must be >= 1, got {heads_per_batch}")
-    effects, bases = [], []
+    if heads_per_batch < 1 or prompts_per_batch < 1:
+        raise ValueError(
+            f"heads_per_batch and prompts_per_batch must be >= 1, got {heads_per_batch} and {prompts_per_batch}"
+        )
+    effects, bases = torch.empty(len(prompts), n_layers, n_heads), torch.empty(len(prompts))
+    order = by_length(tokenizer, prompts)  # batches of similar lengths pad little
     with stage("indirect effects", len(prompts), unit="prompt", progress=progress) as bar:
-        for prompt in prompts:
-            probs, base = _prompt_effects(model, resolved, tokenizer, prompt, means, heads_per_batch)
-            bases.append(base)
-            effects.append((probs - base).view(n_layers, n_heads))
-            bar.update(1)
-    return IndirectEffects(effects=torch.stack(effects), base_probs=torch.stack(bases))
+        for first in range(0, len(prompts), prompts_per_batch):
+            which = order[first : first + prompts_per_batch]
+            group = [prompts[i] for i in which]
+            probs, base = _group_effects(model, resolved, tokenizer, group, means, heads_per_batch)
+            bases[which] = base
+            effects[which] = (probs - base[:, None]).view(len(group), n_layers, n_heads)
+            bar.update(len(group))
+    return IndirectEffects(effects=effects, base_probs=bases)
 
 
-def _prompt_effects(
-    model: nn.Module, resolved: ResolvedArch, tokenizer: Any, prompt: Prompt, means: torch.Tensor, heads_per_batch: int
+def _layer_rows(layer: int, prompts: int, heads: int, per_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (each row's prompt, each row's ``[layer, head]``) covering every (prompt, head) of ``layer``."""
+    index = torch.arange(prompts).repeat_interleave(heads)
+    grid = torch.stack([torch.full((prompts * heads,), layer), torch.arange(heads).repeat(prompts)], dim=1)
+    return [(index[i : i + per_batch], grid[i : i + per_batch]) for i in range(0, len(index), per_batch)]
+
+
+def _group_effects(
+    model: nn.Module,
+    resolved: ResolvedArch,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    means: torch.Tensor,
+    per_batch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One shuffled prompt: the answer's probability with each head patched (``[layers * heads]``), and unpatched."""
-    n_layers, device, cache_kw = resolved.num_layers, input_device(model), cache_kwarg(model)
-    grid = _variants(n_layers, num_heads(resolved))[1:]
-    enc = encode_prompts(tokenizer, [prompt])
-    ids = enc.input_ids.to(device)
-    answer = int(enc.answer_ids[0])
-    if ids.shape[1] < 2:
+    """Shuffled prompts: the answer's probability with each head patched (``[prompts, layers * heads]``), and
+    unpatched (``[prompts]``)."""
+    n_layers, n_heads, device = resolved.num_layers, num_heads(resolved), input_device(model)
+    enc = encode_prompts(tokenizer, prompts)
+    if enc.input_ids.shape[1] < 2:
         raise ValueError("prompts must have at least two tokens")
-    runner = LastTokenReplay(model, resolved, ids, cache_kw)
-    base = runner.reference.softmax(-1)[0, answer].cpu()
-    probs = torch.empty(len(grid))
-    for start in range(0, len(grid), heads_per_batch):
-        rows = grid[start : start + heads_per_batch]
-        with patch_head_inputs(resolved, range(n_layers), _patcher(means, rows)):
-            if runner.usable:
-                logits = runner.logits(int(rows[:, 0].min()), len(rows))
-            else:  # replaying layers does not reproduce this model: re-run the whole last token
-                cache = copy.deepcopy(runner.prefix_cache)
-                cache.batch_repeat_interleave(len(rows))
-                logits = model(
-                    input_ids=ids[:, -1:].expand(len(rows), 1),
-                    attention_mask=torch.ones(len(rows), ids.shape[1], dtype=torch.long, device=device),
-                    use_cache=True,
-                    **{cache_kw: cache},
-                ).logits[:, -1]
-        probs[start : start + len(rows)] = logits.float().softmax(-1)[:, answer].cpu()
+    answers = enc.answer_ids
+    runner = LastTokenReplay(
+        model, resolved, enc.input_ids.to(device), cache_kwarg(model), enc.attention_mask.to(device)
+    )
+    base = runner.reference.softmax(-1).cpu()[torch.arange(len(prompts)), answers]
+    probs = torch.empty(len(prompts), n_layers * n_heads)
+    for layer in range(n_layers):
+        for index, rows in _layer_rows(layer, len(prompts), n_heads, per_batch):
+            with patch_head_inputs(resolved, [layer], _patcher(means, rows)):
+                # replaying layers does not reproduce some models: they re-run the whole last token
+                logits = runner.logits(layer, index) if runner.usable else runner.full_logits(index)
+            found = logits.float().softmax(-1).cpu()[torch.arange(len(index)), answers[index]]
+            probs[index, layer * n_heads + rows[:, 1]] = found
     return probs, base
 
 
@@ -356,7 +294,14 @@ def head_statistics(
         recorded = RecordedStates(tuple(p.text for p in zero_prompts), zero.rows) if zero_rows else None
     assert icl.heads is not None
     effects = average_indirect_effect(
-        model, tokenizer, shuffled, icl.heads, heads_per_batch=config.heads_per_batch, arch=arch, progress=progress
+        model,
+        tokenizer,
+        shuffled,
+        icl.heads,
+        heads_per_batch=config.heads_per_batch,
+        prompts_per_batch=config.batch_size,
+        arch=arch,
+        progress=progress,
     )
     return HeadStatistics(
         task=task.name,

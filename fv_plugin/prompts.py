@@ -21,6 +21,7 @@ __all__ = [
     "EncodedPrompts",
     "Prompt",
     "PromptTemplate",
+    "by_length",
     "encode_prompts",
     "make_prompts",
     "prompt_tokenizer",
@@ -222,6 +223,12 @@ def prompt_tokenizer(tokenizer: Any, *, prepend_bos: bool) -> Any:
             "set prepend_bos=False (ExtractionConfig / EvalConfig) for this model"
         )
     return _BosFirst(inner)
+
+
+def by_length(tokenizer: Any, prompts: Sequence[Prompt]) -> list[int]:
+    """Indices of ``prompts`` from the fewest tokens to the most: batches of neighbours pad little."""
+    lengths = [len(tokenizer(p.text)["input_ids"]) for p in prompts]
+    return sorted(range(len(prompts)), key=lambda i: lengths[i])
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], *, chat: bool = False) -> EncodedPrompts:

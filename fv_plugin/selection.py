@@ -23,6 +23,7 @@ next-token distributions on a few neutral paragraphs, at the positions :func:`~f
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,9 @@ from torch import nn
 from fv_plugin.answer_span import end_of_sequence_ids
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
-from fv_plugin.mediation import LastTokenReplay, cache_kwarg
 from fv_plugin.progress import stage
-from fv_plugin.prompts import Prompt, encode_prompts
+from fv_plugin.prompts import EncodedPrompts, Prompt, by_length, encode_prompts
+from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, position_ids
 from fv_plugin.request import steering_context
 from fv_plugin.scoring import (
     PromptScores,
@@ -59,27 +60,42 @@ def _lowest_layer(vectors: Sequence[VectorArg]) -> int:
     return min(layers) if layers else 0
 
 
-class _Rows:
-    """Steers ``rows`` of one forward, each with its own candidate's vectors, at the last token."""
+def _start_groups(candidates: Sequence[Sequence[VectorArg]], per_group: int) -> list[tuple[int, list[int]]]:
+    """The candidates by the lowest layer they touch: ``(start layer, candidate indices)``, at most ``per_group``
+    candidates each."""
+    by_start: dict[int, list[int]] = {}
+    for i, candidate in enumerate(candidates):
+        by_start.setdefault(_lowest_layer(candidate), []).append(i)
+    return [
+        (start, chunk[j : j + per_group])
+        for start, chunk in sorted(by_start.items())
+        for j in range(0, len(chunk), per_group)
+    ]
 
-    def __init__(self, model: nn.Module, candidates: Sequence[Sequence[VectorArg]], arch: ArchSpec | None) -> None:
-        self.model, self.candidates, self.arch = model, candidates, arch
 
-    def probs(self, prompt: Prompt, tokenizer: Any, replay: LastTokenReplay | None) -> torch.Tensor:
-        """``[candidates, vocab]`` next-token probabilities of ``prompt`` under each candidate."""
-        rows = len(self.candidates)
-        at = (rows, replay.length - 1) if replay is not None else None
-        context = steering_context(self.model, rows=self.candidates, positions="last_prompt", arch=self.arch, replay=at)
-        with torch.no_grad(), context:
-            if replay is not None:
-                start = min(_lowest_layer(c) for c in self.candidates)
-                logits = replay.logits(start, rows)
-            else:
-                enc = encode_prompts(tokenizer, [prompt] * rows)
-                device = input_device(self.model)
-                out = self.model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
-                logits = out.logits[:, -1]
-        return logits.float().softmax(-1).cpu()
+def _steered_probs(
+    model: nn.Module,
+    enc: EncodedPrompts,
+    replay: LastTokenReplay | None,
+    start: int,
+    rows: Sequence[Sequence[VectorArg]],
+    index: torch.Tensor,
+    arch: ArchSpec | None,
+) -> torch.Tensor:
+    """``[rows, vocab]`` next-token probabilities of prompt ``index[r]`` steered by ``rows[r]`` at its final token."""
+    length = int(enc.input_ids.shape[1])
+    at = (len(rows), length - 1) if replay is not None else None
+    context = steering_context(model, rows=rows, positions="last_prompt", arch=arch, replay=at)
+    with torch.no_grad(), context:
+        if replay is None:  # one-token prompts: nothing to cache
+            device = input_device(model)
+            ids, mask = enc.input_ids.index_select(0, index), enc.attention_mask.index_select(0, index)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
+        elif replay.usable:
+            logits = replay.logits(start, index)
+        else:  # replaying layers does not reproduce this model: the whole last token runs again
+            logits = replay.full_logits(index)
+    return logits.float().softmax(-1).cpu()
 
 
 def score_candidates(
@@ -88,7 +104,8 @@ def score_candidates(
     prompts: Sequence[Prompt],
     candidates: Sequence[Sequence[VectorArg]],
     *,
-    rows_per_batch: int = 64,
+    rows_per_batch: int = 256,
+    prompts_per_batch: int = 64,
     arch: ArchSpec | None = None,
     name: str = "candidates",
     progress: bool | None = None,
@@ -96,39 +113,48 @@ def score_candidates(
     """First-token accuracy and mean answer probability of every candidate on ``prompts`` (steered at the final
     prompt token, as :func:`~fv_plugin.score_prompts`).
 
+    The prefixes of ``prompts_per_batch`` prompts run once, together; then the candidates that start at the same
+    layer re-run the final token from that layer on, one batch row per (prompt, candidate), at most
+    ``rows_per_batch`` rows per forward (at least one candidate's).
+
     Args:
         candidates: each one a list of :class:`~fv_plugin.FunctionVector` or ``(vector, weight)`` pairs; the
             weight carries the candidate's strength.
-        rows_per_batch: candidates re-run together (one batch row each).
         name, progress: the progress bar's name, and whether to show it (see :func:`fv_plugin.progress.stage`).
     """
     if not prompts or not candidates:
         raise ValueError("score_candidates needs prompts and candidates")
-    if rows_per_batch < 1:
-        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
-    resolved = resolve_architecture(model, arch)
-    order = sorted(range(len(candidates)), key=lambda i: _lowest_layer(candidates[i]))
-    batches = [order[i : i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
-    rows = [_Rows(model, [candidates[i] for i in chunk], arch) for chunk in batches]
+    if rows_per_batch < 1 or prompts_per_batch < 1:
+        raise ValueError(
+            f"rows_per_batch and prompts_per_batch must be >= 1, got {rows_per_batch} and {prompts_per_batch}"
+        )
+    resolved, device = resolve_architecture(model, arch), input_device(model)
     correct, prob = torch.zeros(len(candidates)), torch.zeros(len(candidates))
     label = f"{name} ({len(candidates)} x {len(prompts)} queries)"
     with stage(label, len(prompts), unit="query", progress=progress) as bar:
-        for prompt in prompts:
-            enc = encode_prompts(tokenizer, [prompt])
-            ids = enc.input_ids.to(input_device(model))
-            answer, accepted = int(enc.answer_ids[0]), enc.answer_tokens[0]
-            with torch.no_grad():
-                replay = LastTokenReplay(model, resolved, ids, cache_kwarg(model)) if ids.shape[1] > 1 else None
-            usable = replay if replay is not None and replay.usable else None
-            for chunk, batch in zip(batches, rows, strict=True):
-                probs = batch.probs(prompt, tokenizer, usable)
-                top = probs.argmax(-1)
-                for row, index in enumerate(chunk):
-                    correct[index] += float(correct_first_token(int(top[row]), accepted))
-                    prob[index] += float(probs[row, answer])
-            bar.update(1)
-    n = len(prompts)
-    return [PromptScores(float(c) / n, float(p) / n) for c, p in zip(correct, prob, strict=True)]
+        order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
+        for first in range(0, len(prompts), prompts_per_batch):
+            group = [prompts[i] for i in order[first : first + prompts_per_batch]]
+            enc = encode_prompts(tokenizer, group)
+            replay = None
+            if enc.input_ids.shape[1] > 1:
+                with torch.no_grad():
+                    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+                    replay = LastTokenReplay(model, resolved, ids, cache_kwarg(model), mask)
+            n = len(group)
+            for start, chunk in _start_groups(candidates, max(1, rows_per_batch // n)):
+                index = torch.arange(n).repeat(len(chunk))  # row c * n + p: candidate chunk[c], prompt p
+                rows = [candidates[i] for i in chunk for _ in range(n)]
+                probs = _steered_probs(model, enc, replay, start, rows, index, arch)
+                top = probs.argmax(-1).tolist()
+                answer = probs[torch.arange(len(index)), enc.answer_ids[index]].tolist()
+                for row, p in enumerate(index.tolist()):
+                    c = chunk[row // n]
+                    correct[c] += float(correct_first_token(top[row], enc.answer_tokens[p]))
+                    prob[c] += answer[row]
+            bar.update(n)
+    total = len(prompts)
+    return [PromptScores(float(c) / total, float(p) / total) for c, p in zip(correct, prob, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -142,68 +168,102 @@ class AnswerScores:
 
 
 @dataclass
-class _Prompt:
-    """One prompt's prefix cache, final token, answers, and how many tokens its answers may take."""
+class _Group:
+    """Prompts decoded together: their left-padded tokens, their prefixes' KV cache, answers and token budgets."""
 
-    prompt: Prompt
-    last: torch.Tensor  # [1, 1]
-    cache: Any
-    accepted: tuple[tuple[int, ...], ...]
-    budget: int
+    prompts: Sequence[Prompt]
+    enc: EncodedPrompts
+    cache: Any  # the prefixes (all but each prompt's final token); None for one-token prompts
+    budgets: list[int]  # per prompt: the longest accepted answer's tokens plus one
 
 
-def _prepare(model: nn.Module, tokenizer: Any, prompt: Prompt) -> _Prompt:
-    enc = encode_prompts(tokenizer, [prompt])
-    ids = enc.input_ids.to(input_device(model))
+def _prepare(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt]) -> _Group:
+    enc = encode_prompts(tokenizer, prompts)
+    device = input_device(model)
     cache = None
-    if ids.shape[1] > 1:
-        out = model(input_ids=ids[:, :-1], use_cache=True, **last_logits_only(model))
+    if enc.input_ids.shape[1] > 1:
+        mask = enc.attention_mask[:, :-1].to(device)
+        out = model(
+            input_ids=enc.input_ids[:, :-1].to(device),
+            attention_mask=mask,
+            use_cache=True,
+            **_positions(model, mask),
+            **last_logits_only(model),
+        )
         cache = getattr(out, "cache", None) or out.past_key_values
-    accepted = enc.answer_tokens[0]
-    return _Prompt(prompt, ids[:, -1:], cache, accepted, max(len(a) for a in accepted) + 1)
+    return _Group(prompts, enc, cache, [max(len(a) for a in accepted) + 1 for accepted in enc.answer_tokens])
 
 
-def _step(model: nn.Module, tokens: torch.Tensor, cache: Any, rows: Sequence[Sequence[VectorArg]], arch: Any) -> Any:
+def _positions(model: nn.Module, mask: torch.Tensor, last: int | None = None) -> dict[str, torch.Tensor]:
+    """``position_ids`` of left-padded rows (the last ``last`` columns only), when the model takes them."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    found = position_ids(mask)
+    return {"position_ids": found[:, -last:] if last else found}
+
+
+def _step(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    rows: Sequence[Sequence[VectorArg]],
+    arch: Any,
+) -> Any:
     """One forward of ``tokens`` ``[rows, 1]`` on ``cache``, each row steered by its candidate at every new token."""
     kwargs = {cache_kwarg(model): cache} if cache is not None else {}
     with steering_context(model, rows=rows, positions="generated", arch=arch):
-        return model(input_ids=tokens, use_cache=True, **kwargs)
+        return model(input_ids=tokens, attention_mask=mask, use_cache=True, **_positions(model, mask, 1), **kwargs)
 
 
 def _decode(
-    model: nn.Module, tokenizer: Any, job: _Prompt, rows: Sequence[Sequence[VectorArg]], arch: Any, ends: set[int]
+    model: nn.Module,
+    tokenizer: Any,
+    group: _Group,
+    rows: Sequence[Sequence[VectorArg]],
+    index: torch.Tensor,
+    arch: Any,
+    ends: set[int],
 ) -> tuple[list[bool], list[float], list[bool]]:
-    """Greedy answers of ``rows`` candidates to one prompt: (first token correct, answer probability, exact match)."""
-    n = len(rows)
-    cache = copy.deepcopy(job.cache) if job.cache is not None else None
-    if cache is not None and n > 1:
-        cache.batch_repeat_interleave(n)
-    tokens, alive = job.last.expand(n, 1), list(range(n))
-    generated: list[list[int]] = [[] for _ in range(n)]
+    """Greedy answers of row ``r``'s candidate ``rows[r]`` to prompt ``index[r]`` of the group: (first token
+    correct, answer probability, exact match) per row."""
+    device, enc = input_device(model), group.enc
+    steps = max(group.budgets[p] for p in set(index.tolist()))
+    cache = cache_rows(group.cache, index.to(device)) if group.cache is not None else None
+    tokens = enc.input_ids[index, -1:].to(device)
+    mask = enc.attention_mask[index].to(device)
+    alive, prompt_of = list(range(len(rows))), index.tolist()
+    generated: list[list[int]] = [[] for _ in rows]
     first: list[bool] = []
     probs: list[float] = []
-    for step in range(job.budget):
-        out = _step(model, tokens, cache, [rows[i] for i in alive], arch)
+    for step in range(steps):
+        out = _step(model, tokens, mask, cache, [rows[i] for i in alive], arch)
         logits = out.logits[:, -1].float()
         chosen = logits.argmax(-1).tolist()
         if step == 0:
-            first = [correct_first_token(t, job.accepted) for t in chosen]
-            probs = logits.softmax(-1)[:, job.accepted[0][0]].tolist()
+            first = [correct_first_token(t, enc.answer_tokens[p]) for t, p in zip(chosen, prompt_of, strict=True)]
+            answer = enc.answer_ids[index].to(logits.device)
+            probs = logits.softmax(-1)[torch.arange(len(rows), device=logits.device), answer].tolist()
         keep = []
         for j, row in enumerate(alive):
             generated[row].append(chosen[j])
+            p = prompt_of[row]
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
-            if chosen[j] not in ends and not answer_settled(text, job.prompt.answers):
+            settled = chosen[j] in ends or answer_settled(text, group.prompts[p].answers)
+            if not settled and len(generated[row]) < group.budgets[p]:
                 keep.append(j)
         if not keep:
             break
         cache = getattr(out, "cache", None) or out.past_key_values
+        kept = torch.tensor(keep, device=device)
         if len(keep) < len(alive):
-            cache.batch_select_indices(torch.tensor(keep, device=tokens.device))
+            cache.batch_select_indices(kept)
+        mask = torch.cat([mask.index_select(0, kept), torch.ones(len(keep), 1, dtype=mask.dtype, device=device)], 1)
         alive = [alive[j] for j in keep]
-        tokens = torch.tensor([[chosen[j]] for j in keep], device=tokens.device)
+        tokens = torch.tensor([[chosen[j]] for j in keep], device=device)
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-    return first, probs, [starts_with_answer(t, job.prompt.answers) for t in texts]
+    exact = [starts_with_answer(t, group.prompts[p].answers) for t, p in zip(texts, prompt_of, strict=True)]
+    return first, probs, exact
 
 
 @torch.no_grad()
@@ -213,7 +273,8 @@ def score_answers(
     prompts: Sequence[Prompt],
     candidates: Sequence[Sequence[VectorArg]],
     *,
-    rows_per_batch: int = 64,
+    rows_per_batch: int = 256,
+    prompts_per_batch: int = 64,
     arch: ArchSpec | None = None,
     name: str = "answers",
     progress: bool | None = None,
@@ -221,25 +282,35 @@ def score_answers(
     """First-token accuracy, answer probability and exact match of the greedy answer of every candidate on
     ``prompts`` (see the module). An empty candidate (``[]``) is the model without a vector.
 
+    The prefixes of ``prompts_per_batch`` prompts run once, together; their answers are then decoded for many
+    candidates at once, one batch row per (prompt, candidate), at most ``rows_per_batch`` rows (at least one
+    candidate's) per forward.
+
     Args:
         candidates: each one a list of :class:`~fv_plugin.FunctionVector` or ``(vector, weight)`` pairs.
-        rows_per_batch: candidates decoded together (one batch row each).
         name, progress: the progress bar's name, and whether to show it (see :func:`fv_plugin.progress.stage`).
     """
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
-    if rows_per_batch < 1:
-        raise ValueError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    if rows_per_batch < 1 or prompts_per_batch < 1:
+        raise ValueError(
+            f"rows_per_batch and prompts_per_batch must be >= 1, got {rows_per_batch} and {prompts_per_batch}"
+        )
     ends = set(end_of_sequence_ids(tokenizer, model))
-    batches = [range(i, min(i + rows_per_batch, len(candidates))) for i in range(0, len(candidates), rows_per_batch)]
     totals = torch.zeros(3, len(candidates), dtype=torch.float64)
+    order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
     with stage(f"{name} ({len(candidates)} x {len(prompts)} queries)", len(prompts), progress=progress) as bar:
-        for prompt in prompts:
-            job = _prepare(model, tokenizer, prompt)
-            for chunk in batches:
-                found = _decode(model, tokenizer, job, [candidates[i] for i in chunk], arch, ends)
-                totals[:, chunk.start : chunk.stop] += torch.tensor(found, dtype=torch.float64)
-            bar.update(1)
+        for first in range(0, len(prompts), prompts_per_batch):
+            group = _prepare(model, tokenizer, [prompts[i] for i in order[first : first + prompts_per_batch]])
+            n = len(group.prompts)
+            per_chunk = max(1, rows_per_batch // n)
+            for c0 in range(0, len(candidates), per_chunk):
+                chunk = range(c0, min(c0 + per_chunk, len(candidates)))
+                index = torch.arange(n).repeat(len(chunk))  # row c * n + p: candidate chunk[c], prompt p
+                rows = [candidates[c] for c in chunk for _ in range(n)]
+                found = torch.tensor(_decode(model, tokenizer, group, rows, index, arch, ends), dtype=torch.float64)
+                totals[:, chunk.start : chunk.stop] += found.view(3, len(chunk), n).sum(-1)
+            bar.update(n)
     mean = (totals / len(prompts)).tolist()
     return [AnswerScores(a, p, e) for a, p, e in zip(*mean, strict=True)]
 

@@ -97,8 +97,9 @@ def test_a_large_task_file_costs_what_a_small_one_does() -> None:
         assert len(validation_prompts(task, fv_plugin.ExtractionConfig())) == 64  # capped, a seeded sample
     for method in ("auto", "heads", "condition"):
         (calls_small, tokens_small), (calls_big, tokens_big) = costs[400, method], costs[5000, method]
-        # the same passes, but for auto's greedy answers, which stop when their verdict is settled (their words)
-        assert calls_big == calls_small if method != "auto" else 0.9 < calls_big / calls_small < 1.1
+        # the same passes, but for auto's greedy answers, which stop when their verdict is settled (their words):
+        # a batch of answers runs until its slowest is settled, so its forwards vary more than its work
+        assert calls_big == calls_small if method != "auto" else 0.75 < calls_big / calls_small < 1.33
         assert 0.9 < tokens_big / tokens_small < 1.1
 
 
@@ -131,12 +132,19 @@ def test_the_estimate_counts_the_passes_a_model_runs(tmp_path: Path) -> None:
     measured = {s.name.split(" (")[0]: s for s in timing.methods[0].stages}
     _, shuffled = statistics_prompts(task, config)
     queries = validation_prompts(task, config)
-    length = lambda prompts: sum(len(tok(p.text)["input_ids"]) for p in prompts) / len(prompts)  # noqa: E731
+
+    def length(prompts: list[fv_plugin.Prompt], batch: int) -> float:  # mean tokens per prompt as batched, padded
+        lengths = sorted(len(tok(p.text)["input_ids"]) for p in prompts)
+        batches = [lengths[i : i + batch] for i in range(0, len(lengths), batch)]
+        return sum(len(b) * b[-1] for b in batches) / len(lengths)
+
     shape = model_shape(model.config)
     assert (shape.layers, shape.heads, shape.hidden, shape.vocab) == (3, 4, 64, 128)
     projected = {
         s.name: s
-        for s in estimate(shape, config, queries=len(queries), icl_tokens=length(shuffled), zero_tokens=length(queries))
+        for s in estimate(
+            shape, config, queries=len(queries), icl_tokens=length(shuffled, 16), zero_tokens=length(queries, 64)
+        )
     }
     for name in ("indirect effects", "layer sweep"):
         assert measured[name].logit_rows == projected[name].logit_rows, name

@@ -62,21 +62,15 @@ def model_shape(config: Any) -> ModelShape:
     return ModelShape(layers, heads, hidden, int(text.vocab_size), attention + mlp)
 
 
-def _replay(starts: Sequence[int], layers: int, per_batch: int) -> float:
-    """Token passes of rows replayed in batches of ``per_batch`` (sorted by start layer), each batch from the
-    lowest start layer of its rows."""
-    ordered = sorted(starts)
-    total = 0.0
-    for i in range(0, len(ordered), per_batch):
-        rows = ordered[i : i + per_batch]
-        total += len(rows) * (layers - rows[0]) / layers
-    return total
+def _replay(starts: Sequence[int], layers: int) -> float:
+    """Token passes of rows replayed from their start layers (rows that start at the same layer run together, so
+    none runs a layer below its own start)."""
+    return sum((layers - at) / layers for at in starts)
 
 
 def _per_query(name: str, queries: int, starts: Sequence[int], shape: ModelShape, length: float) -> StageWork:
     """Candidates on zero-shot queries: per query its prefix, the reference and check replays, then the rows."""
-    rows = _replay(starts, shape.layers, 64)
-    return StageWork(name, queries * (length + 1 + rows), queries * (3 + len(starts)))
+    return StageWork(name, queries * (length + 1 + _replay(starts, shape.layers)), queries * (3 + len(starts)))
 
 
 def _finalists(queries: int, finalists: int, zero_tokens: float) -> list[StageWork]:
@@ -114,7 +108,8 @@ def estimate(
     zero_tokens: float = ZERO_TOKENS,
 ) -> list[StageWork]:
     """Projected stages of one extraction with ``config.method`` (``"auto"`` or a form) on ``queries``
-    validation queries (capped by ``config.max_validation``), prompts of the given mean token counts."""
+    validation queries (capped by ``config.max_validation``), prompts of the given mean token counts as they are
+    batched (prompts are batched by length; a batch pads its shorter prompts to its longest)."""
     queries = min(queries, config.max_validation or queries)
     forms = config.auto_methods if config.method == "auto" else (config.method,)
     layers, grid = shape.layers, shape.layers * shape.heads
@@ -125,7 +120,7 @@ def estimate(
         work.append(StageWork("zero-shot prompts", config.n_mean * zero_tokens, config.n_mean))
     if heads:
         starts = [i // shape.heads for i in range(grid)]
-        per_prompt = icl_tokens + 1 + _replay(starts, layers, config.heads_per_batch)
+        per_prompt = icl_tokens + 1 + _replay(starts, layers)
         work.append(StageWork("indirect effects", config.n_aie * per_prompt, config.n_aie * (3 + grid)))
     if config.method == "auto":
         starts = _candidate_starts(config, shape)
@@ -134,7 +129,7 @@ def estimate(
         finalists = min(len(starts), config.finalists + 2 * len(config.auto_methods))
         work += _finalists(queries, finalists, zero_tokens)
     elif config.method != "head_patch" and config.layer is None:
-        work.append(_per_query("layer sweep", queries, [0] * (layers + 1), shape, zero_tokens))
+        work.append(_per_query("layer sweep", queries, [0, *range(layers)], shape, zero_tokens))  # no vector: 0
     return work
 
 
