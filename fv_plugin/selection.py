@@ -1,20 +1,21 @@
 """Choosing among many candidate vectors on validation prompts, cheaply.
 
 :func:`score_candidates` scores every candidate (a list of vectors, as :func:`~fv_plugin.steer` takes them)
-on zero-shot prompts steered at their final token, by the first token. Each prompt's prefix runs once; its last
-token is re-run (:class:`~fv_plugin.mediation.LastTokenReplay`) from the lowest layer any candidate of a batch
-touches, one batch row per candidate, with the library's own steering hooks doing the steering. The result equals
-:func:`~fv_plugin.score_prompts` per candidate (the tests check it), at a fraction of the cost.
+on zero-shot prompts steered at their final token, by the first token. The prefixes of many prompts run once,
+together; their last token is re-run (:class:`~fv_plugin.replay.LastTokenReplay`) from the layer the candidates
+of a batch start at, one batch row per (prompt, candidate), with the library's own steering hooks doing the
+steering. The result equals :func:`~fv_plugin.score_prompts` per candidate (the tests check it), at a fraction of
+the cost.
 
 :func:`score_answers` scores candidates on the answer a user reads: the exact match of the greedy answer
 (:func:`~fv_plugin.scoring.starts_with_answer`, alternatives accepted), with the vectors added where
-:func:`~fv_plugin.steer` adds them by default (``positions="generated"``: the final prompt token and every
-generated token). Per prompt, the prefix before the final token runs once, unsteered (no candidate touches it);
-its KV cache is copied into one batch row per candidate, and only the answer's tokens run: at most the longest
+:func:`~fv_plugin.steer` adds them by default (``positions="generated"``: the final prompt token and every generated
+token). The prefixes before the final tokens run once, together, unsteered (no candidate touches them); their KV
+cache is copied into one batch row per (prompt, candidate), and only the answers' tokens run: at most the longest
 accepted answer's token count plus one (the budget :func:`~fv_plugin.evaluate` gives), and a row stops as soon as
 its verdict is settled (:func:`~fv_plugin.scoring.answer_settled`: the answer is followed by a newline or another
-non-word character, or the text can no longer become an accepted answer) or it ends the sequence. The result
-equals ``steer`` + ``generate`` per prompt and candidate (the tests check it).
+non-word character, or the text can no longer become an accepted answer) or it ends the sequence. The result equals
+``steer`` + ``generate`` per prompt and candidate (the tests check it).
 
 :func:`neutral_kl` scores candidates on what else they change: the KL divergence from the plain model's
 next-token distributions on a few neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
