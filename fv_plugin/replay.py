@@ -22,7 +22,7 @@ from fv_plugin.hooks import record_layer_calls
 from fv_plugin.scoring import last_logits_only
 from fv_plugin.shared_prefix import SharedPrefix, Unsupported, row_groups, shared_prefix_attention, split_cache
 
-__all__ = ["LastTokenReplay", "cache_kwarg", "cache_rows", "position_ids"]
+__all__ = ["LastTokenReplay", "cache_kwarg", "cache_rows", "mask_inputs", "position_ids"]
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -70,6 +70,16 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def mask_inputs(model: nn.Module, mask: torch.Tensor, last: int | None = None) -> dict[str, torch.Tensor]:
+    """The forward's ``attention_mask`` and, when the model takes them, the ``position_ids`` of the left-padded rows
+    (their last ``last`` columns only: the tokens the forward runs on top of a cache)."""
+    found = {"attention_mask": mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        positions = position_ids(mask)
+        found["position_ids"] = positions[:, -last:] if last else positions
+    return found
+
+
 class LastTokenReplay:
     """Re-runs the last token of a batch of prompts from any layer on, for many batch rows (each row one of the
     prompts), on top of the prefixes' KV cache.
@@ -99,8 +109,9 @@ class LastTokenReplay:
         self.position = self.length - 1
         mask = attention_mask.to(ids.device) if attention_mask is not None else torch.ones_like(ids)
         self.ids, self.mask = ids, mask
-        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-        prefix = model(input_ids=ids[:, :-1], **self._inputs(mask[:, :-1]), use_cache=True, **last_logits_only(model))
+        prefix = model(
+            input_ids=ids[:, :-1], **mask_inputs(model, mask[:, :-1]), use_cache=True, **last_logits_only(model)
+        )
         self.prefix_cache = getattr(prefix, "cache", None) or prefix.past_key_values
         everyone = torch.arange(self.prompts)
         with record_layer_calls(resolved) as calls:
@@ -124,17 +135,8 @@ class LastTokenReplay:
         scale = self.reference.abs().max().clamp_min(1.0)
         return bool(((replay - self.reference).abs().max() / scale) < 1e-4)
 
-    def _inputs(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        found = {"attention_mask": mask}
-        if self.takes_positions:
-            found["position_ids"] = position_ids(mask)
-        return found
-
     def _last_token(self, index: torch.Tensor, start: int) -> torch.Tensor:
-        mask = self.mask.index_select(0, index.to(self.mask.device))
-        inputs = self._inputs(mask)
-        if "position_ids" in inputs:
-            inputs["position_ids"] = inputs["position_ids"][:, -1:]
+        inputs = mask_inputs(self.model, self.mask.index_select(0, index.to(self.mask.device)), 1)
         out = self.model(
             input_ids=self.ids.index_select(0, index.to(self.ids.device))[:, -1:],
             use_cache=True,

@@ -24,7 +24,6 @@ next-token distributions on a few neutral paragraphs, at the positions :func:`~f
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
 from fv_plugin.progress import stage
 from fv_plugin.prompts import EncodedPrompts, Prompt, by_length, encode_prompts
-from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, position_ids
+from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, mask_inputs
 from fv_plugin.request import steering_context
 from fv_plugin.scoring import (
     PromptScores,
@@ -99,6 +98,13 @@ def _steered_probs(
     return logits.float().softmax(-1).cpu()
 
 
+def _check_sizes(rows_per_batch: int, prompts_per_batch: int) -> None:
+    if rows_per_batch < 1 or prompts_per_batch < 1:
+        raise ValueError(
+            f"rows_per_batch and prompts_per_batch must be >= 1, got {rows_per_batch} and {prompts_per_batch}"
+        )
+
+
 def score_candidates(
     model: nn.Module,
     tokenizer: Any,
@@ -125,10 +131,7 @@ def score_candidates(
     """
     if not prompts or not candidates:
         raise ValueError("score_candidates needs prompts and candidates")
-    if rows_per_batch < 1 or prompts_per_batch < 1:
-        raise ValueError(
-            f"rows_per_batch and prompts_per_batch must be >= 1, got {rows_per_batch} and {prompts_per_batch}"
-        )
+    _check_sizes(rows_per_batch, prompts_per_batch)
     resolved, device = resolve_architecture(model, arch), input_device(model)
     correct, prob = torch.zeros(len(candidates)), torch.zeros(len(candidates))
     label = f"{name} ({len(candidates)} x {len(prompts)} queries)"
@@ -186,21 +189,12 @@ def _prepare(model: nn.Module, tokenizer: Any, prompts: Sequence[Prompt]) -> _Gr
         mask = enc.attention_mask[:, :-1].to(device)
         out = model(
             input_ids=enc.input_ids[:, :-1].to(device),
-            attention_mask=mask,
             use_cache=True,
-            **_positions(model, mask),
+            **mask_inputs(model, mask),
             **last_logits_only(model),
         )
         cache = getattr(out, "cache", None) or out.past_key_values
     return _Group(prompts, enc, cache, [max(len(a) for a in accepted) + 1 for accepted in enc.answer_tokens])
-
-
-def _positions(model: nn.Module, mask: torch.Tensor, last: int | None = None) -> dict[str, torch.Tensor]:
-    """``position_ids`` of left-padded rows (the last ``last`` columns only), when the model takes them."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return {}
-    found = position_ids(mask)
-    return {"position_ids": found[:, -last:] if last else found}
 
 
 def _step(
@@ -214,7 +208,7 @@ def _step(
     """One forward of ``tokens`` ``[rows, 1]`` on ``cache``, each row steered by its candidate at every new token."""
     kwargs = {cache_kwarg(model): cache} if cache is not None else {}
     with steering_context(model, rows=rows, positions="generated", arch=arch):
-        return model(input_ids=tokens, attention_mask=mask, use_cache=True, **_positions(model, mask, 1), **kwargs)
+        return model(input_ids=tokens, use_cache=True, **mask_inputs(model, mask, 1), **kwargs)
 
 
 def _decode(
@@ -293,10 +287,7 @@ def score_answers(
     """
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
-    if rows_per_batch < 1 or prompts_per_batch < 1:
-        raise ValueError(
-            f"rows_per_batch and prompts_per_batch must be >= 1, got {rows_per_batch} and {prompts_per_batch}"
-        )
+    _check_sizes(rows_per_batch, prompts_per_batch)
     ends = set(end_of_sequence_ids(tokenizer, model))
     totals = torch.zeros(3, len(candidates), dtype=torch.float64)
     order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
