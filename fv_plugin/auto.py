@@ -15,12 +15,14 @@ then only a set of zero-shot validation forwards. Scoring runs in two rounds:
 
 The validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not grow with
 the task file. ``config.portable`` leaves out the head-level methods. The choice (:func:`choose`, :data:`RULE`):
-among the finalists that beat the model without a vector by exact match, the most accurate within
-``config.side_effect_budget``; ties go to the first-token accuracy (``config.smooth_layers`` > 0 averages a
-single-layer candidate's with its neighbouring layers'), then to the smallest change (strength x norm), the fewest
-heads. When no finalist beats the model without a vector, the least harmful one is returned with a
-:class:`WeakVectorWarning`. The chosen strength is built into the vector (steer it at strength 1). Every
-candidate's scores are kept in ``fv.selection``.
+among the finalists that beat the model without a vector by exact match and stay within
+``config.side_effect_budget``, the one with the least side effect of those whose exact match is within
+``config.accuracy_tolerance`` of the most accurate (by default one standard error of its exact match: the
+one-standard-error rule); with no tolerance, the most accurate, ties going to the first-token accuracy
+(``config.smooth_layers`` > 0 averages a single-layer candidate's with its neighbouring layers'), then to the
+smallest change (strength x norm), the fewest heads. When no finalist beats the model without a vector, the least
+harmful one is returned with a :class:`WeakVectorWarning`. The chosen strength is built into the vector (steer it
+at strength 1). Every candidate's scores are kept in ``fv.selection``.
 """
 
 from __future__ import annotations
@@ -42,16 +44,26 @@ from fv_plugin.selection import AnswerScores, neutral_kl, score_answers, score_c
 from fv_plugin.vector import FunctionVector
 from fv_plugin.version import __version__
 
-__all__ = ["RULE", "WeakVectorWarning", "auto_vector", "choose", "ranked", "validation_prompts"]
+__all__ = [
+    "RULE",
+    "WeakVectorWarning",
+    "auto_vector",
+    "choice",
+    "choose",
+    "ranked",
+    "tolerance_for",
+    "validation_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
 RULE = (
     "first round: every candidate on a few validation queries by first token; the finalists on all, by exact match "
     "of the greedy answer and by side effect (KL on neutral text); among the finalists that beat the model without "
-    "a vector, the highest exact match within the side-effect budget (none within: the least side effect); ties: "
+    "a vector and stay within the side-effect budget (none within: the least side effect), the least side effect of "
+    "those within the accuracy tolerance of the highest exact match (tolerance 0: the highest exact match; ties: "
     "first-token accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on each side), "
-    "then the smallest change (strength x norm), the fewest heads, the higher answer probability; if none beats the "
+    "then the smallest change (strength x norm), the fewest heads, the higher answer probability); if none beats the "
     "model without a vector: the least harmful (highest exact match, then least side effect)"
 )
 
@@ -138,24 +150,63 @@ def _exact(c: Candidate) -> float:
     return c.exact_match if c.exact_match is not None else c.accuracy
 
 
+def tolerance_for(candidates: Sequence[Candidate], order: Sequence[int], tolerance: float | str) -> float:
+    """The validation exact match the choice may give up for a smaller side effect: a number as given, or
+    ``"se"``: one standard error of the most accurate finalist's exact match, ``sqrt(p (1 - p) / n)`` on its ``n``
+    validation queries (the one-standard-error rule: 0 when it answers all or none)."""
+    if not isinstance(tolerance, str):
+        return float(tolerance)
+    if tolerance != "se":
+        raise ValueError(f"accuracy_tolerance must be a number >= 0 or 'se', got {tolerance!r}")
+    if not order:
+        return 0.0
+    best = candidates[order[0]]
+    p, n = _exact(best), max(best.n_queries or 1, 1)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
 def choose(
     candidates: Sequence[Candidate],
     smooth_layers: int = 0,
     *,
     budget: float | None = None,
     baseline: float | None = None,
+    tolerance: float | str = 0.0,
 ) -> int:
     """The index of the candidate :data:`RULE` picks; ``smooth_layers``: neighbours averaged on each side;
     ``budget``: the most side effect allowed; ``baseline``: the model's exact match without a vector (a candidate
     must beat it; if none does, the least harmful is returned: the highest exact match, then the least side
-    effect)."""
+    effect); ``tolerance``: the exact match given up for a smaller side effect (a number, or ``"se"``: one standard
+    error of the best, see :func:`tolerance_for`): of the candidates within it of the most accurate, the one with
+    the least side effect (0: the most accurate, ties by :func:`ranked`)."""
+    return choice(candidates, smooth_layers, budget=budget, baseline=baseline, tolerance=tolerance)[0]
+
+
+def choice(
+    candidates: Sequence[Candidate],
+    smooth_layers: int = 0,
+    *,
+    budget: float | None = None,
+    baseline: float | None = None,
+    tolerance: float | str = 0.0,
+) -> tuple[int, float]:
+    """:func:`choose`'s index and the exact match it allowed to give up (0 when no tolerance applied)."""
     order = ranked(candidates, smooth_layers)
     side = {i: candidates[i].side_effect or 0.0 for i in order}
     beating = [i for i in order if baseline is None or _exact(candidates[i]) > baseline]
     if not beating:
-        return min(order, key=lambda i: (-round(_exact(candidates[i]), 9), side[i], order.index(i)))
+        return min(order, key=lambda i: (-round(_exact(candidates[i]), 9), side[i], order.index(i))), 0.0
     within = [i for i in beating if budget is None or side[i] <= budget]
-    return within[0] if within else min(beating, key=lambda i: (side[i], order.index(i)))
+    if not within:
+        return min(beating, key=lambda i: (side[i], order.index(i))), 0.0
+    allowed = tolerance_for(candidates, within, tolerance)
+    if allowed < 0:
+        raise ValueError(f"accuracy_tolerance must be >= 0, got {tolerance!r}")
+    if allowed == 0:
+        return within[0], 0.0
+    floor = _exact(candidates[within[0]]) - allowed - 1e-9
+    near = [i for i in within if _exact(candidates[i]) >= floor]
+    return min(near, key=lambda i: (round(side[i], 9), order.index(i))), allowed
 
 
 def _screen(inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[Prompt]) -> list[Candidate]:
@@ -217,10 +268,20 @@ def auto_vector(inputs: MethodInputs) -> FunctionVector:
     prompts = validation_prompts(inputs.task, config)
     found, baseline = _score(inputs, options, prompts)
     candidates = tuple(found)
-    budget = config.side_effect_budget
-    index = choose(candidates, config.smooth_layers, budget=budget, baseline=baseline.exact_match)
+    budget, tolerance = config.side_effect_budget, config.accuracy_tolerance
+    index, given_up = choice(
+        candidates, config.smooth_layers, budget=budget, baseline=baseline.exact_match, tolerance=tolerance
+    )
     selection = Selection(
-        candidates, index, baseline.accuracy, len(prompts), config.validation, RULE, baseline.exact_match, budget
+        candidates,
+        index,
+        baseline.accuracy,
+        len(prompts),
+        config.validation,
+        RULE,
+        baseline.exact_match,
+        budget,
+        accuracy_tolerance=given_up,
     )
     chosen = options[index]
     logger.info("auto: %s (validation exact match %.2f)", candidates[index].label(), _exact(candidates[index]))

@@ -50,6 +50,13 @@ def _extract_parser() -> argparse.ArgumentParser:
         default=None,
         help="auto: the most KL (nats) on neutral text a vector may cause (default: the library's; <0: no budget)",
     )
+    parser.add_argument(
+        "--accuracy-tolerance",
+        type=_tolerance,
+        default=None,
+        help="auto: the validation exact match it may give up for a smaller side effect: 'se' (one standard error "
+        "of the best, the default) or a number (0: always the most accurate)",
+    )
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     parser.add_argument(
         "--prepend-bos",
@@ -60,12 +67,23 @@ def _extract_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerance(text: str) -> float | str:
+    if text == "se":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'se' or a number between 0 and 1, got {text!r}") from None
+
+
 def _extract_config(args: argparse.Namespace) -> Any:
     from fv_plugin.config import ExtractionConfig
 
-    budget = {} if args.side_effect_budget is None else {"side_effect_budget": args.side_effect_budget}
+    budget: dict[str, Any] = {} if args.side_effect_budget is None else {"side_effect_budget": args.side_effect_budget}
     if args.side_effect_budget is not None and args.side_effect_budget < 0:
         budget = {"side_effect_budget": None}
+    if args.accuracy_tolerance is not None:
+        budget["accuracy_tolerance"] = args.accuracy_tolerance
     return ExtractionConfig(
         method=args.method,
         k=args.k,

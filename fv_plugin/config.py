@@ -17,6 +17,7 @@ from fv_plugin.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 __all__ = [
     "AUTO_METHODS",
+    "DEFAULT_ACCURACY_TOLERANCE",
     "DEFAULT_KS",
     "DEFAULT_MODEL",
     "DEFAULT_SIDE_EFFECT_BUDGET",
@@ -56,7 +57,11 @@ NATURAL_TEMPLATES: tuple[str, ...] = (
     'Here is my answer for "{x}":',
 )
 
-DEFAULT_SIDE_EFFECT_BUDGET = 2.0  # nats of KL on neutral text: chosen on validation data, see docs/choice.md
+# `auto`'s trade of accuracy for side effect (docs/choice.md, measured on the built-in and held-out tasks): no cap
+# on the side effect (nats of KL on neutral text), and up to one standard error of the best finalist's validation
+# exact match given up for the least side effect.
+DEFAULT_SIDE_EFFECT_BUDGET: float | None = None
+DEFAULT_ACCURACY_TOLERANCE: float | Literal["se"] = "se"
 
 C = TypeVar("C")
 
@@ -109,6 +114,10 @@ class ExtractionConfig:
             neutral paragraphs' next-token distributions from the plain model's, with the candidate steered at its
             positions (:func:`~fv_plugin.selection.neutral_kl`); the most accurate finalist within it is chosen
             (none within: the one with the least). ``None``: no budget. The default is measured in docs/choice.md.
+        accuracy_tolerance: how much validation exact match ``method="auto"`` gives up for a smaller side effect:
+            of the finalists within this much of the most accurate one, the one with the least side effect is
+            chosen. ``"se"``: one standard error of the most accurate finalist's exact match on the validation
+            queries (the one-standard-error rule); ``0``: always the most accurate.
         condition: also learn which prompts are the task's queries (``fv.condition``, used by ``gate=True``;
             see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
             work (``False`` or ``fv extract --no-condition`` skips it).
@@ -145,6 +154,7 @@ class ExtractionConfig:
     finalists: int = 24
     prepend_bos: bool = False
     side_effect_budget: float | None = DEFAULT_SIDE_EFFECT_BUDGET
+    accuracy_tolerance: float | Literal["se"] = DEFAULT_ACCURACY_TOLERANCE
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -208,6 +218,14 @@ class ExtractionConfig:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
             raise ValueError(
                 f"side_effect_budget must be a number of nats >= 0 (or None for no budget), got {budget!r}"
+            )
+        tolerance = self.accuracy_tolerance
+        if tolerance != "se" and (
+            isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1
+        ):
+            raise ValueError(
+                "accuracy_tolerance must be 'se' (one standard error of the best finalist's validation exact match) "
+                f"or a number between 0 and 1, got {tolerance!r}"
             )
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")

@@ -98,10 +98,18 @@ def head_level_refusal(fv: Exported) -> str:
     best = selection.best_of(PORTABLE_METHODS) if selection is not None else None
     if selection is None or best is None:
         return what + " (this vector holds no record of portable candidates, so their accuracy is not known here)"
+    chosen = selection.best
+    if best.exact_match is not None and chosen.exact_match is not None:
+        return (
+            f"{what}. On this vector's {selection.n_queries} validation queries the best portable candidate "
+            f"({best.label()}) scored {best.exact_match:.2f} by exact match of the answer, against "
+            f"{chosen.exact_match:.2f} for the chosen {chosen.label()} and "
+            f"{selection.baseline_exact_match or 0.0:.2f} without a vector"
+        )
     return (
         f"{what}. On this vector's {selection.n_queries} validation queries the best portable candidate "
-        f"({best.label()}) scored {best.accuracy:.2f}, against {selection.best.accuracy:.2f} for the chosen "
-        f"{selection.best.label()} and {selection.baseline_accuracy:.2f} zero-shot"
+        f"({best.label()}) scored {best.accuracy:.2f}, against {chosen.accuracy:.2f} for the chosen "
+        f"{chosen.label()} and {selection.baseline_accuracy:.2f} zero-shot"
     )
 
 

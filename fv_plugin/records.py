@@ -146,6 +146,8 @@ class Selection:
         baseline_exact_match: exact match of the model's greedy answers without a vector (``None``: not scored,
             a file written before exact match was).
         side_effect_budget: the most side effect (``Candidate.side_effect``) the choice allowed (``None``: any).
+        accuracy_tolerance: the validation exact match the choice allowed to give up for a smaller side effect
+            (``None``: a file written before the choice had one, when it was 0).
     """
 
     candidates: tuple[Candidate, ...]
@@ -156,6 +158,7 @@ class Selection:
     rule: str
     baseline_exact_match: float | None = None
     side_effect_budget: float | None = None
+    accuracy_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.chosen < len(self.candidates):
@@ -166,9 +169,13 @@ class Selection:
         return self.candidates[self.chosen]
 
     def best_of(self, methods: tuple[str, ...]) -> Candidate | None:
-        """The most accurate candidate of the given methods (ties: the higher answer probability); ``None`` if none
-        was scored."""
+        """The most accurate candidate of the given methods; ``None`` if none was scored. Finalists (scored by the
+        exact match of the whole answer, on every validation query) come first, by exact match, then first-token
+        accuracy and answer probability; without finalists of those methods, the best by first-token accuracy."""
         found = [c for c in self.candidates if c.method in methods]
+        finalists = [c for c in found if c.exact_match is not None]
+        if finalists:
+            return max(finalists, key=lambda c: (c.exact_match or 0.0, c.accuracy, c.answer_prob))
         return max(found, key=lambda c: (c.accuracy, c.answer_prob)) if found else None
 
     @property
@@ -199,6 +206,7 @@ class Selection:
             rule=str(data["rule"]),
             baseline_exact_match=_optional(data.get("baseline_exact_match")),
             side_effect_budget=_optional(data.get("side_effect_budget")),
+            accuracy_tolerance=_optional(data.get("accuracy_tolerance")),
         )
 
 

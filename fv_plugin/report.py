@@ -53,7 +53,8 @@ def selection_table(selection: Selection, *, top: int = 8) -> str:
     lines = [
         f"{len(selection.candidates)} candidates scored on {selection.n_queries} zero-shot queries "
         f"({selection.queries}); without a vector: first token {selection.baseline_accuracy:.2f}, exact match "
-        f"{_score(selection.baseline_exact_match)}; side-effect budget {_score(budget)} nats. Rule: {selection.rule}.",
+        f"{_score(selection.baseline_exact_match)}; side-effect budget {_score(budget)} nats; accuracy tolerance "
+        f"{_score(selection.accuracy_tolerance)}. Rule: {selection.rule}.",
         "",
         "| candidate | first token | exact match | side effect (KL, nats) | answer probability | |",
         "|---|---|---|---|---|---|",

@@ -186,8 +186,11 @@ def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, leg
         "head_mode": meta.get("head_mode") or "replace",
         "aie": aie,
         "layer_sweep": Sweep.from_dict(sweep) if sweep is not None else None,
-        # files written before prepend_bos existed made their prompts without a BOS token
-        "config": ExtractionConfig.from_dict({"prepend_bos": False, **config}) if config else None,
+        # files written before prepend_bos existed made their prompts without a BOS token, and those written
+        # before accuracy_tolerance existed chose the most accurate finalist (a tolerance of 0)
+        "config": ExtractionConfig.from_dict({"prepend_bos": False, "accuracy_tolerance": 0.0, **config})
+        if config
+        else None,
         "layer_vectors": parts or None,
         "selection": Selection.from_dict(meta["selection"]) if meta.get("selection") else None,
         "condition": _condition(meta, tensors),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from test_evaluation import reverse_task
 
 import fv_plugin
 from fv_plugin import WeakVectorWarning
-from fv_plugin.auto import choose, validation_prompts
+from fv_plugin.auto import choice, choose, tolerance_for, validation_prompts
+from fv_plugin.config import ExtractionConfig
 from fv_plugin.records import Candidate
 
 
@@ -70,6 +73,33 @@ def test_choice_reads_the_whole_answer_then_the_side_effect_budget_then_the_mode
     assert weak[choose(weak, baseline=0.9)].method == "heads"
     mixed = [_c("difference", 1.0, layer=1), _c("heads", 0.5, em=0.5, kl=0.1)]  # a small task: all on every query
     assert mixed[choose(mixed, baseline=0.0)].method == "heads"  # only the finalists (exact match scored) compete
+
+
+def test_the_accuracy_tolerance_trades_a_standard_error_of_exact_match_for_the_least_side_effect() -> None:
+    n = 25
+    found = [
+        dataclasses.replace(c, n_queries=n)
+        for c in (
+            _c("head_difference", 0.9, em=0.80, kl=5.0, change=4.0),  # the most accurate, the largest side effect
+            _c("difference", 0.9, layer=3, em=0.76, kl=1.0, change=2.0),  # one query fewer: within one SE (0.08)
+            _c("difference", 0.9, layer=5, em=0.72, kl=0.5, change=1.0),  # two fewer: also within it
+            _c("heads", 0.8, em=0.60, kl=0.1, change=5.0),  # far below: never chosen for its side effect
+        )
+    ]
+    se = math.sqrt(0.8 * 0.2 / n)  # the oracle: one standard error of the best exact match, by hand
+    assert tolerance_for(found, [0], "se") == pytest.approx(se)
+    assert found[choose(found)].method == "head_difference"  # tolerance 0: the most accurate
+    assert found[choose(found, tolerance="se")].layer == 5  # within 0.08 of 0.80: the least side effect
+    assert found[choose(found, tolerance=0.05)].layer == 3  # 0.72 is outside a tolerance of 0.05
+    assert found[choose(found, tolerance=0.5)].method == "heads"  # a wide tolerance reaches the weakest
+    index, allowed = choice(found, tolerance="se", budget=0.8)  # the budget first: 0.72 and 0.60 are within it
+    assert found[index].layer == 5 and allowed == pytest.approx(math.sqrt(0.72 * 0.28 / n))
+    perfect = [dataclasses.replace(c, exact_match=1.0) for c in found[:2]]  # SE of 1.0 is 0: ties as before
+    assert perfect[choose(perfect, tolerance="se")].method == "difference"  # the tie goes to the smaller change
+    with pytest.raises(ValueError, match="accuracy_tolerance must be"):
+        choose(found, tolerance="two")
+    with pytest.raises(ValueError, match="accuracy_tolerance must be"):
+        ExtractionConfig(accuracy_tolerance=-0.1)
 
 
 SMALL = dict(n_mean=6, n_aie=2, n_shots=3, k=4, ks=(2, 3), strengths=(1.0, 2.0), head_strengths=(1.0, 4.0))

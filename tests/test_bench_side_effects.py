@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 
 import fv_plugin
 from fv_plugin.benchmarks.side_effect_measures import Corpus, Settings, measure_plain, measure_vector
-from fv_plugin.benchmarks.side_effects import gate_table, side_effect_table
+from fv_plugin.benchmarks.side_effects import gate_table, rows_json, side_effect_table
 from fv_plugin.condition import Condition
 from fv_plugin.config import EvalConfig
 from fv_plugin.side_effects import continuation_perplexity, degenerate
@@ -114,6 +115,9 @@ def test_identical_continuations_and_degeneration_match_a_naive_computation(meas
     passed = by_mode["gated"].gate_passes  # the share of prompts the condition lets through, per kind
     assert (passed["neutral"].hits, passed["chat"].hits) == (sum(passes["neutral"]), sum(passes["chat"]))
     assert not by_mode["ungated"].gate_passes and "| reverse | " in gate_table(rows)
+    written = json.loads(json.dumps(rows_json(rows)))  # what --out writes, gate passes included
+    gated = next(r for r in written if r["mode"] == "gated")
+    assert gated["gate_passes"]["neutral"]["hits"] == sum(passes["neutral"])
     assert plain.neutral == tuple(tuple(_naive_run(model, p, None)) for p in corpus.openings)
 
 

@@ -100,8 +100,12 @@ def test_the_setting_round_trips_through_the_vector_file(tmp_path: Path) -> None
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     meta = json.loads(header["fv_metadata"])
     del meta["config"]["prepend_bos"]
+    del meta["config"]["accuracy_tolerance"]
     save_file(tensors, str(path), metadata={**header, "fv_metadata": json.dumps(meta)})
-    assert fv_plugin.FunctionVector.load(path).prepend_bos is False
+    old = fv_plugin.FunctionVector.load(path)
+    assert old.prepend_bos is False
+    assert old.config is not None and old.config.accuracy_tolerance == 0.0  # before it existed: the most accurate
+    assert fv.config is not None and fv.config.accuracy_tolerance == "se"  # the default now
     assert fv_plugin.FunctionVector(vector=torch.randn(64), layer=1).prepend_bos is False  # no config: none
 
 

@@ -135,7 +135,7 @@ def test_when_no_vector_beats_the_model_auto_warns_and_returns_the_least_harmful
     back = Selection.from_dict(sel.to_dict())
     assert back == sel
     old = sel.to_dict()  # a file written before exact match and side effects were scored still loads
-    for key in ("baseline_exact_match", "side_effect_budget"):
+    for key in ("baseline_exact_match", "side_effect_budget", "accuracy_tolerance"):
         del old[key]
     old["candidates"] = [
         {k: v for k, v in c.items() if k not in ("exact_match", "side_effect", "change")} for c in old["candidates"]

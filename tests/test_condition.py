@@ -54,7 +54,11 @@ def test_prompt_sets_never_read_the_test_split() -> None:
     own = [t for t, label in zip(train.texts + valid.texts, train.labels + valid.labels, strict=True) if label]
     for pair in task.test:
         assert f"Q: {pair.input}\nA:" not in own and f'"{pair.input}"' not in " ".join(own)
-    assert set(train.kinds) >= {"zero_shot", "natural", "corpus", "other_task", "other_icl"}
+    assert set(train.kinds) >= {"zero_shot", "natural", "corpus", "other_icl"}
+    # another task's bare query says nothing of which task is meant: never a negative, only with demonstrations
+    assert "other_task" not in train.kinds + valid.kinds
+    others = [t for t, k in zip(train.texts, train.kinds, strict=True) if k == "other_icl"]
+    assert others and all(t.count("\nA:") == 3 for t in others)  # two demonstrations and the query
     assert any(line in texts for line in condition_negatives())
     assert len(set(train.texts) & set(valid.texts)) == 0
 

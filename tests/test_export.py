@@ -98,6 +98,19 @@ def test_head_level_vectors_are_refused_with_the_portable_choice_and_its_accurac
     with pytest.raises(ValueError, match=message):
         chosen.to_gguf(tmp_path / "heads.gguf")
     assert not (tmp_path / "heads.gguf").exists()
+    # with finalists scored on the whole answer: the portable finalist with the best exact match, not a screened
+    # candidate whose first token was right on a few queries
+    scored = (
+        dataclasses.replace(candidates[0], exact_match=0.9),
+        dataclasses.replace(candidates[1], exact_match=0.6),
+        candidates[2],  # screened only (first token on a few queries): not comparable
+        dataclasses.replace(candidates[3], exact_match=0.8),
+    )
+    sel = Selection(scored, 0, 0.1, 50, "valid+train", "rule", baseline_exact_match=0.05)
+    assert sel.best_of(("heads", "difference")) == scored[1]
+    message = r"best portable candidate \(difference L4 s=2\) scored 0\.60 by exact match.*0\.90.*0\.05 without"
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(fv, selection=sel).to_gguf(tmp_path / "heads.gguf")
 
 
 def test_other_objects_are_refused(tmp_path: Path) -> None:

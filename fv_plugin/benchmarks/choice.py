@@ -60,21 +60,25 @@ def _rebuilt(model: torch.nn.Module, tokenizer: Any, task: Task, config: Extract
     return fv if c.method == "head_patch" else c.strength * fv
 
 
-def _budgets(
-    model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: Any, sel: Any, budgets: Any
+def _rules(
+    model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: Any, sel: Any, rules: Any
 ) -> dict[str, Any]:
-    """The choice under each side-effect budget (recomputed from the recorded finalists) and its test scores."""
-    from fv_plugin.auto import choose
+    """The choice under each (side-effect budget, accuracy tolerance) pair, recomputed from the recorded finalists
+    (validation data only), and the test scores of each distinct choice."""
+    from fv_plugin.auto import choice
 
     found: dict[str, Any] = {}
     tested: dict[int, dict[str, float]] = {}
-    for budget in budgets:
-        index = choose(sel.candidates, config.smooth_layers, budget=budget, baseline=sel.baseline_exact_match)
+    for budget, tolerance in rules:
+        index, allowed = choice(
+            sel.candidates, config.smooth_layers, budget=budget, baseline=sel.baseline_exact_match, tolerance=tolerance
+        )
         if index not in tested:
             fv = _rebuilt(model, tokenizer, task, config, stats, sel.candidates[index])
             tested[index] = _scores(model, tokenizer, task, vectors=[fv])
-        found[str(budget)] = {"chosen": sel.candidates[index].label(), **_candidate(sel.candidates[index])}
-        found[str(budget)]["test"] = tested[index]
+        key = f"budget={budget} tolerance={tolerance}"
+        found[key] = {"chosen": sel.candidates[index].label(), "allowed": allowed, **_candidate(sel.candidates[index])}
+        found[key]["test"] = tested[index]
     return found
 
 
@@ -84,7 +88,7 @@ def measure_choice(
     task: Task,
     config: ExtractionConfig,
     stats: str | None,
-    budgets: tuple[float | None, ...] = (),
+    rules: tuple[tuple[float | None, float | str], ...] = (),
 ) -> dict[str, Any]:
     """One task: the statistics' and the choice's stages (seconds, token passes), the choice, test scores."""
     with count_forward_work(model, resolve_architecture(model)) as counter, recording(counter) as log:
@@ -94,9 +98,9 @@ def measure_choice(
             fv = extract_function_vector(model, tokenizer, task, config, statistics=statistics)
     sel = fv.selection
     assert sel is not None
-    extra = _budgets(model, tokenizer, task, config, statistics, sel, budgets) if budgets else {}
+    extra = _rules(model, tokenizer, task, config, statistics, sel, rules) if rules else {}
     return {
-        "budgets": extra,
+        "rules": extra,
         "task": task.name,
         "stages": [{"name": s.name, "seconds": round(s.seconds, 1), "tokens": s.tokens} for s in log.stages],
         "chosen": sel.best.label(),
@@ -119,7 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budgets",
         default="",
         help="comma-separated side-effect budgets (nats; 'none': no budget): the choice is made with none, then "
-        "recomputed from the recorded finalists for each, and each distinct choice is scored on test",
+        "recomputed from the recorded finalists for each (and each of --tolerances), and each distinct choice is "
+        "scored on test",
+    )
+    parser.add_argument(
+        "--tolerances",
+        default="",
+        help="comma-separated accuracy tolerances (a number, or 'se': one standard error of the best finalist's "
+        "exact match), crossed with --budgets (default: the library's)",
     )
 
 
@@ -129,9 +140,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, tokenizer = load_model(args.model)
     out, rows = Path(args.out), []
     budgets = tuple(None if b == "none" else float(b) for b in args.budgets.split(",") if b)
-    config = ExtractionConfig(side_effect_budget=None) if budgets else ExtractionConfig()
+    tolerances = tuple(t if t == "se" else float(t) for t in args.tolerances.split(",") if t)
+    default = ExtractionConfig()
+    rules = tuple(
+        (b, t)
+        for b in (budgets or (default.side_effect_budget,))
+        for t in (tolerances or (default.accuracy_tolerance,))
+    )
+    config = ExtractionConfig(side_effect_budget=None, accuracy_tolerance=0.0) if budgets or tolerances else default
     for name in args.tasks.split(","):
-        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, budgets)
+        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, rules if config != default else ())
         rows.append(row)
         done = json.loads(out.read_text()) if out.exists() else []
         out.write_text(json.dumps([*done, row], indent=1))

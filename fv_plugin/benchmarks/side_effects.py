@@ -46,7 +46,7 @@ from fv_plugin.models import DEFAULT_MODEL, load_model
 from fv_plugin.tasks import builtin_tasks, load_task
 from fv_plugin.vector import FunctionVector
 
-__all__ = ["add_arguments", "gate_table", "run", "side_effect_table"]
+__all__ = ["add_arguments", "gate_table", "rows_json", "run", "side_effect_table"]
 
 
 def _cell(value: object, fmt: Callable[[Any], str] = str) -> str:
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> list[ModeRow]:
         rows += measure_vector(model, tokenizer, fv, load_task(fv.task), others, corpus, plain, settings)
         print(side_effect_table(rows, plain).splitlines()[-1], f" <- {time.perf_counter() - start:.0f} s", flush=True)
         if args.out:
-            data = {"model": args.model, "settings": dataclasses.asdict(settings), "rows": _rows_json(rows)}
+            data = {"model": args.model, "settings": dataclasses.asdict(settings), "rows": rows_json(rows)}
             data["plain"] = {
                 "icl": dict(plain.icl),
                 "perplexity": plain.perplexity,
@@ -154,10 +154,10 @@ def gate_table(rows: Sequence[ModeRow]) -> str:
     return "\n".join(lines + [f"| {v} | " + " | ".join(str(p[k]) for k in kinds) + " |" for v, p in seen.items()])
 
 
-def _rows_json(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
+def rows_json(rows: Sequence[ModeRow]) -> list[dict[str, Any]]:
     def value(v: object) -> object:
         if isinstance(v, Rate):
             return {"hits": v.hits, "n": v.n, "value": v.value, "interval": list(v.interval)}
-        return dict(v) if isinstance(v, Mapping) else v
+        return {key: value(item) for key, item in v.items()} if isinstance(v, Mapping) else v
 
     return [{f.name: value(getattr(r, f.name)) for f in dataclasses.fields(r)} for r in rows]
