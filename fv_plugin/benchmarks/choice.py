@@ -147,9 +147,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for b in (budgets or (default.side_effect_budget,))
         for t in (tolerances or (default.accuracy_tolerance,))
     )
-    config = ExtractionConfig(side_effect_budget=None, accuracy_tolerance=0.0) if budgets or tolerances else default
+    asked = bool(budgets or tolerances)
+    config = ExtractionConfig(side_effect_budget=None, accuracy_tolerance=0.0) if asked else default
     for name in args.tasks.split(","):
-        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, rules if config != default else ())
+        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, rules if asked else ())
         rows.append(row)
         done = json.loads(out.read_text()) if out.exists() else []
         out.write_text(json.dumps([*done, row], indent=1))
