@@ -13,16 +13,18 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
 
+from fv_plugin.answer_span import answer_end_ids
 from fv_plugin.architectures import ArchSpec, ResolvedArch
 from fv_plugin.vector import FunctionVector
 from fv_plugin.vllm.requests import RESOLVED_KEY, parse_request, resolve
 from fv_plugin.vllm.settings import PluginSettings
 
-__all__ = ["Frontend", "install_frontend", "load_vector_folder", "served_arch"]
+__all__ = ["Frontend", "answer_ends_reader", "install_frontend", "load_vector_folder", "served_arch"]
 
 logger = logging.getLogger(__name__)
 _PATCHED = "fv_plugin_patched"
@@ -68,6 +70,21 @@ def _head_dim_of(model_config: Any) -> int | None:
         return None
 
 
+def answer_ends_reader(tokenizer: Any, eos_token_id: object = None) -> Callable[[], bytes] | None:
+    """The ids that end an answer for ``positions="answer"`` (little-endian ``int64`` bytes), computed from the
+    served tokenizer on first use and kept; ``eos_token_id``: the model's generation config's. ``None`` without a
+    tokenizer."""
+    if tokenizer is None:
+        return None
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos_token_id))
+
+    @functools.cache
+    def ends() -> bytes:
+        return answer_end_ids(tokenizer, model).numpy().astype("<i8").tobytes()
+
+    return ends
+
+
 @dataclass(frozen=True)
 class Frontend:
     """Checks and resolves the steering of each request for one served model."""
@@ -77,6 +94,7 @@ class Frontend:
     named: Mapping[str, FunctionVector] = field(default_factory=dict)
     head_dim: int | None = None
     pipeline_stages: int = 1
+    answer_ends: Callable[[], bytes] | None = None
 
     def lookup(self, name: str) -> FunctionVector:
         found = self.named.get(name)
@@ -108,6 +126,7 @@ class Frontend:
             max_layers=self.settings.max_layers,
             max_heads=self.settings.max_heads,
             head_dim=self.head_dim,
+            answer_ends=self.answer_ends,
         )
         if resolved is None:
             return kept, ""
@@ -142,6 +161,10 @@ def _frontend_for(processor: Any) -> Frontend:
         named=named,
         head_dim=_head_dim_of(model_config),
         pipeline_stages=int(getattr(parallel, "pipeline_parallel_size", 1)),
+        answer_ends=answer_ends_reader(
+            getattr(processor, "tokenizer", None),
+            (getattr(processor, "generation_config_fields", None) or {}).get("eos_token_id"),
+        ),
     )
 
 

@@ -31,7 +31,6 @@ from fv_plugin.gating import check_gate, gate_refusal
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
-    "ANSWER_REFUSAL",
     "GATE_ALL_REFUSAL",
     "GATE_KEYS",
     "GateCondition",
@@ -49,11 +48,6 @@ GATE_KEYS: tuple[str, ...] = (
     "fv_condition_thresholds",
     "fv_vector_conditions",
     "fv_head_conditions",
-)
-ANSWER_REFUSAL = (
-    "positions='answer' is not served on vLLM yet: the worker does not track where each request's answer ends. "
-    "Use positions='generated' with a small max_tokens (or a stop string such as '\\n'), or steer on Hugging Face "
-    "with fv_plugin.steer(model, fv, positions='answer', tokenizer=tokenizer)."
 )
 GATE_ALL_REFUSAL = (
     "gate=True with positions='all' cannot be served exactly on vLLM: the gate decides at the prompt's last token, "
@@ -89,12 +83,9 @@ class GateCondition:
 
 
 def check_vllm_positions(gate: bool, positions: str) -> None:
-    """Refuse what the vLLM worker cannot do exactly: ``positions="answer"`` (:data:`ANSWER_REFUSAL`), and a gate
-    with ``positions="all"`` (:data:`GATE_ALL_REFUSAL`)."""
+    """Refuse what the vLLM worker cannot do exactly: a gate with ``positions="all"`` (:data:`GATE_ALL_REFUSAL`)."""
     if not isinstance(gate, bool):
         raise TypeError(f"gate must be True or False, got {gate!r}")
-    if positions == "answer":
-        raise ValueError(ANSWER_REFUSAL)
     if gate and positions == "all":
         raise ValueError(GATE_ALL_REFUSAL)
 

@@ -183,11 +183,14 @@ class HeadWriter:
         computed: np.ndarray,
         prompt_lengths: np.ndarray,
         gate_rows: Sequence[tuple[int, ...]] | None = None,
+        masks: Mapping[int, np.ndarray] | None = None,
     ) -> None:
         if not any(plan is not None and plan.heads for plan in plans):
             self.clear()
             return
-        table, writes = build_head_table(plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows)
+        table, writes = build_head_table(
+            plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows, masks
+        )
         for row, (layer, head, replace, data) in writes:
             self.buffers.values[row].copy_(torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32)))
             self.buffers.layer[row] = layer

@@ -141,8 +141,9 @@ def steering(
             name of a vector the server loaded from ``FV_PLUGIN_VECTORS`` (its file stem), alone or as
             ``(name, weight)``.
         strength: multiplies every vector (one float per request).
-        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"`` or ``"all"``
-            (``"answer"`` is not served on vLLM yet).
+        positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"``, ``"all"`` or
+            ``"answer"`` (as ``"generated"``, until the first generated newline or end of sequence; the server knows
+            those tokens from its tokenizer).
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
             ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
         gate: steer with each vector only if the request's prompt passes the vector's condition (``fv.condition``,
@@ -323,15 +324,18 @@ def resolve(
     max_layers: int,
     max_heads: int = 64,
     head_dim: int | None = None,
+    answer_ends: Callable[[], bytes] | None = None,
 ) -> ResolvedSteering | None:
     """Check ``request`` against the served model and merge its vectors per layer (``None``: nothing to add).
 
     Head-level vectors become one entry per head slot (``max_heads`` at most; ``head_dim``: the model's, checked
-    when given).
+    when given). ``answer_ends`` gives the ids that end an answer (little-endian ``int64`` bytes), which
+    ``positions="answer"`` needs.
 
     Raises:
         ValueError: a vector made for another model, a layer or head out of range, ``normalize="relative"`` with
-            a head-level vector, or more distinct layers (heads) than the server steers per request.
+            a head-level vector, more distinct layers (heads) than the server steers per request, or
+            ``positions="answer"`` without ``answer_ends``.
     """
     head_pairs = [*request.head_pairs, *((head_vector_of(fv), w) for fv, w in request.pairs if fv.is_head_patch)]
     residual = [pair for pair in request.pairs if not pair[0].is_head_patch]
@@ -355,6 +359,15 @@ def resolve(
     if not columns and not heads:
         return None
     _check_sizes(len(columns), len(conditions), max_layers)
+    ends = b""
+    if request.positions == "answer":
+        if answer_ends is None:
+            raise ValueError(
+                "positions='answer' needs the served model's tokenizer to know which tokens end an answer, and this "
+                "server has none (skip_tokenizer_init?); start it with its tokenizer, or use positions='generated' "
+                "with a stop string such as '\\n'"
+            )
+        ends = answer_ends()
     return ResolvedSteering(
         layers=tuple(layer for layer, _, _ in columns),
         vectors=tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for _, delta, _ in columns),
@@ -364,6 +377,7 @@ def resolve(
         heads=heads,
         gates=tuple(gate for _, _, gate in columns) if conditions else (),
         conditions=conditions,
+        answer_ends=ends,
     )
 
 

@@ -24,7 +24,8 @@ class ResolvedSteering:
     positions the mode selects, and also times the hidden state's norm when ``relative``. ``heads``: the head
     slots its head-level vectors act on (see :class:`~fv_plugin.vllm.head_requests.HeadEntry`). A gated request
     has ``conditions``; ``gates[i]`` (and each head entry's ``gate``) is the index of the condition that gates
-    ``vectors[i]`` (-1: none). One layer may then appear once per condition.
+    ``vectors[i]`` (-1: none). One layer may then appear once per condition. ``answer_ends``
+    (``positions="answer"``): little-endian ``int64`` ids of the served tokenizer's tokens that end an answer.
     """
 
     layers: tuple[int, ...]
@@ -35,6 +36,7 @@ class ResolvedSteering:
     heads: tuple[HeadEntry, ...] = ()
     gates: tuple[int, ...] = ()
     conditions: tuple[GateCondition, ...] = ()
+    answer_ends: bytes = b""
 
     def to_args(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class ResolvedSteering:
             "heads": [entry.to_args() for entry in self.heads],
             "gates": list(self.gates),
             "conditions": [condition.to_args() for condition in self.conditions],
+            "answer_ends": self.answer_ends,
         }
 
     @classmethod
@@ -59,6 +62,7 @@ class ResolvedSteering:
             heads=tuple(HeadEntry.from_args(entry) for entry in value.get("heads", ())),
             gates=tuple(int(gate) for gate in value.get("gates", ())),
             conditions=tuple(GateCondition.from_args(c) for c in value.get("conditions", ())),
+            answer_ends=bytes(value.get("answer_ends", b"")),
         )
 
     def salt(self, prompt_length: int, existing: str | None = None) -> str:

@@ -30,13 +30,15 @@ V2_NEEDS = ("prepare_inputs", "add_requests", "_remove_request", "req_states", "
 class StepBatch:
     """One step's requests in batch order: request ``i`` owns tokens ``starts[i]:starts[i + 1]``, has
     ``computed[i]`` tokens computed before this step and a prompt of ``prompt_lengths[i]`` tokens; ``requests``
-    maps a request id to an object with its ``sampling_params``."""
+    maps a request id to an object with its ``sampling_params``; ``token_ids()`` reads the step's input token ids
+    to the host (``None``: the step runs embeddings), for ``positions="answer"`` only."""
 
     req_ids: list[str]
     starts: np.ndarray
     computed: np.ndarray
     prompt_lengths: np.ndarray
     requests: Mapping[str, Any]
+    token_ids: Callable[[], np.ndarray] | None = None
 
 
 def is_v2_runner(runner: Any) -> bool:
@@ -55,15 +57,25 @@ def check_runner(runner: Any) -> None:
         )
 
 
-def v1_batch(runner: Any) -> StepBatch:
+def host_ids(input_ids: Any, count: int) -> Callable[[], np.ndarray] | None:
+    """A reader of the first ``count`` ids of a device tensor of input ids (``None`` for no tensor). Reading waits
+    for the device: the step's ids may be written there by the previous step's sampler (async scheduling)."""
+    if input_ids is None:
+        return None
+    return lambda: input_ids[:count].to("cpu").numpy().astype(np.int64)
+
+
+def v1_batch(runner: Any, input_ids: Any = None) -> StepBatch:
     batch = runner.input_batch
     count = int(batch.num_reqs)
+    starts = runner.query_start_loc.np[: count + 1]
     return StepBatch(
         req_ids=list(batch.req_ids[:count]),
-        starts=runner.query_start_loc.np[: count + 1],
+        starts=starts,
         computed=batch.num_computed_tokens_cpu[:count],
         prompt_lengths=batch.num_prompt_tokens[:count],
         requests=runner.requests,
+        token_ids=host_ids(input_ids, int(starts[count])),
     )
 
 
@@ -75,12 +87,14 @@ def _host(values: Any) -> Any:
 def v2_batch(runner: Any, batch: Any, requests: Mapping[str, Any]) -> StepBatch:
     count = int(batch.num_reqs)
     rows = np.asarray(batch.idx_mapping_np[:count])
+    starts = np.asarray(batch.query_start_loc_np[: count + 1])
     return StepBatch(
         req_ids=list(batch.req_ids[:count]),
-        starts=np.asarray(batch.query_start_loc_np[: count + 1]),
+        starts=starts,
         computed=np.asarray(batch.num_computed_tokens_np[:count]),
         prompt_lengths=np.asarray(_host(runner.req_states.prompt_len)[rows]),
         requests=requests,
+        token_ids=host_ids(getattr(batch, "input_ids", None), int(starts[count])),
     )
 
 
@@ -98,7 +112,7 @@ def wrap_runner(runner: Any, prepare: Callable[[StepBatch], None]) -> None:
 
         def forward(original: Callable[..., Any]) -> Callable[..., Any]:
             def _model_forward(*args: Any, **kwargs: Any) -> Any:
-                prepare(v1_batch(runner))
+                prepare(v1_batch(runner, kwargs.get("input_ids", args[0] if args else None)))
                 return original(*args, **kwargs)
 
             return _model_forward

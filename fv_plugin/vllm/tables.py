@@ -49,6 +49,7 @@ class RequestPlan:
     gates: tuple[int, ...] = ()  # empty: no column is gated
     head_gates: tuple[int, ...] = ()
     conditions: tuple[GateCondition, ...] = ()
+    answer_ends: tuple[int, ...] = ()  # positions="answer": the ids that end an answer
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedSteering) -> RequestPlan:
@@ -63,6 +64,7 @@ class RequestPlan:
             gates=resolved.gates if gated else (),
             head_gates=tuple(e.gate for e in resolved.heads) if gated else (),
             conditions=resolved.conditions,
+            answer_ends=tuple(int(i) for i in np.frombuffer(resolved.answer_ends, dtype="<i8")),
         )
 
 
@@ -70,14 +72,15 @@ def steered_positions(mode: str, first: int, count: int, prompt_length: int) -> 
     """Which of ``count`` tokens at positions ``first, first + 1, ...`` a mode steers (bool ``[count]``).
 
     ``"generated"``: the last prompt token and every later one; ``"last_prompt"``: the last prompt token;
-    ``"all"``: every token.
+    ``"all"``: every token. ``"answer"`` also depends on the tokens (:class:`fv_plugin.vllm.answers.AnswerTracker`):
+    here it is ``"generated"``'s positions, the most it may steer.
     """
     if mode == "all":
         return np.ones(count, dtype=bool)
     positions = np.arange(first, first + count)
     if mode == "last_prompt":
         return positions == prompt_length - 1
-    if mode == "generated":
+    if mode in ("generated", "answer"):
         return positions >= prompt_length - 1
     raise ValueError(f"unknown positions mode {mode!r}")
 
@@ -132,15 +135,25 @@ class TokenTable:
 
 
 def _live(
-    plans: Sequence[RequestPlan | None], starts: np.ndarray, computed: np.ndarray, prompt_lengths: np.ndarray
+    plans: Sequence[RequestPlan | None],
+    starts: np.ndarray,
+    computed: np.ndarray,
+    prompt_lengths: np.ndarray,
+    masks: Mapping[int, np.ndarray] | None = None,
 ) -> list[tuple[int, RequestPlan, np.ndarray]]:
-    """``(batch index, plan, steered-token mask)`` of each request that steers at least one token this step."""
+    """``(batch index, plan, steered-token mask)`` of each request that steers at least one token this step
+    (``masks``: the masks of answer-mode requests, by batch index)."""
     live = []
     for i, plan in enumerate(plans):
         if plan is None:
             continue
         count = int(starts[i + 1]) - int(starts[i])
-        mask = steered_positions(plan.positions, int(computed[i]), count, int(prompt_lengths[i]))
+        if plan.positions == "answer":
+            if masks is None or i not in masks:
+                raise RuntimeError(f"fv_plugin: no answer mask for request {i} of this step")
+            mask = masks[i]
+        else:
+            mask = steered_positions(plan.positions, int(computed[i]), count, int(prompt_lengths[i]))
         if mask.any():
             live.append((i, plan, mask))
     return live
@@ -154,6 +167,7 @@ def build_table(
     slots: SlotTable[SlotKey],
     columns: int,
     gate_rows: Sequence[tuple[int, ...]] | None = None,
+    masks: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[TokenTable, list[tuple[int, SlotKey]]]:
     """The token table of a step with requests ``plans`` (``None``: plain) in batch order, and the vector-table
     rows to write before it runs.
@@ -165,8 +179,9 @@ def build_table(
         slots: the vector table's rows; keys of the requests steering this step get one.
         columns: columns of the table (the most layers one request may steer).
         gate_rows: per request, the gate-table row of each of its conditions (gated requests only).
+        masks: per answer-mode request (by batch index), which of its tokens are steered.
     """
-    live = _live(plans, starts, computed, prompt_lengths)
+    live = _live(plans, starts, computed, prompt_lengths, masks)
     rows, writes = slots.assign(key for _, plan, _ in live for key in plan.keys)
     tokens = int(starts[len(plans)])
     index = np.zeros((tokens, columns), dtype=np.int64)
@@ -220,11 +235,12 @@ def build_head_table(
     slots: SlotTable[HeadKey],
     columns: int,
     gate_rows: Sequence[tuple[int, ...]] | None = None,
+    masks: Mapping[int, np.ndarray] | None = None,
 ) -> tuple[HeadTable, list[tuple[int, HeadKey]]]:
     """The head table of a step (arguments as :func:`build_table`'s; ``columns``: head entries per request), and
     the head-table rows to write before it runs. The coefficient is ``float32(strength) * float32(weight)``, the
     product ``fv_plugin.steer`` forms."""
-    live = [item for item in _live(plans, starts, computed, prompt_lengths) if item[1].heads]
+    live = [item for item in _live(plans, starts, computed, prompt_lengths, masks) if item[1].heads]
     rows, writes = slots.assign(key for _, plan, _ in live for key in plan.heads)
     tokens = int(starts[len(plans)])
     index = np.zeros((tokens, columns), dtype=np.int64)

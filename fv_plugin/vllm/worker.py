@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fv_plugin.vllm.answers import AnswerTracker
 from fv_plugin.vllm.gate_worker import GateBuffers, GateWriter, decide_gates
 from fv_plugin.vllm.head_worker import HeadBuffers, HeadWriter, install_head_hooks
 from fv_plugin.vllm.requests import RESOLVED_KEY
@@ -195,6 +196,7 @@ class StepWriter:
         self.slots: SlotTable[SlotKey] = SlotTable(int(buffers.vectors.shape[0]))
         self.plans: dict[str, tuple[int, RequestPlan | None]] = {}  # request -> (id of its params, plan)
         self.dirty = 0  # rows of the coefficient buffers that may hold non-zero values
+        self.answers = AnswerTracker()
 
     def plan(self, req_id: str, requests: Mapping[str, Any]) -> RequestPlan | None:
         params = getattr(requests.get(req_id), "sampling_params", None)
@@ -213,10 +215,11 @@ class StepWriter:
             return
         starts, computed, prompt_lengths = batch.starts, batch.computed, batch.prompt_lengths
         gate_rows, self.state.gate_layers = self.gates.prepare(batch, plans)
-        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows)
+        masks = self.answers.masks(batch, plans)
+        table, writes = build_table(plans, starts, computed, prompt_lengths, self.slots, self.columns, gate_rows, masks)
         self._write_vectors(writes)
         self._upload(table)
-        self.heads.prepare(plans, starts, computed, prompt_lengths, gate_rows)
+        self.heads.prepare(plans, starts, computed, prompt_lengths, gate_rows, masks)
 
     def clear(self) -> None:
         self.heads.clear()

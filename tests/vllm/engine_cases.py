@@ -177,14 +177,29 @@ def gated_cases() -> list[Case]:
     ]
 
 
+def answer_cases() -> list[Case]:
+    """``positions="answer"``: each answer ends (a newline) within the generated tokens and steering past its end
+    would change the tokens after it; a residual-stream vector, a head-level one, and gated (passing, failing)."""
+    a = random_vector(10, 1, 0.6)
+    diff, _ = head_vectors()
+    return [
+        Case("big", (a,), dict(strength=1.0, positions="answer")),
+        Case("long", (diff,), dict(strength=1.0, positions="answer")),
+        Case("big", (gated(a, "big"),), dict(strength=1.0, positions="answer", gate=True)),
+        Case("hot", (gated(a, "big"),), dict(strength=1.0, positions="answer", gate=True)),
+    ]
+
+
 def mixed_batch() -> list[Case]:
     """Plain rows; one vector; two signed vectors at two layers; every positions mode; per-request strengths;
     relative normalization; a long prompt whose prefill is split into chunks; head-level vectors of both forms,
-    alone, together (one head slot shared) and with residual-stream vectors; gated requests (:func:`gated_cases`)."""
+    alone, together (one head slot shared) and with residual-stream vectors; gated requests (:func:`gated_cases`);
+    answer positions (:func:`answer_cases`)."""
     a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
     diff, patch = head_vectors()
     return [
         *gated_cases(),
+        *answer_cases(),
         Case("hot", (diff,), dict(strength=1.0)),
         Case("story", (patch, (a, 0.5)), dict(strength=1.0, positions="all")),
         Case("long", ((diff, 0.5), patch), dict(strength=1.5)),
@@ -209,9 +224,12 @@ def hf_tokens(case: Case, new: int = NEW_TOKENS) -> list[int]:
     pairs = [(id(v[0]), v[1]) if isinstance(v, tuple) else (id(v), 1.0) for v in case.vectors]
     key = repr((case.prompt, pairs, sorted(case.options.items()), new))
     if key not in _HF_CACHE:
-        model, _ = hf_model()
+        model, tokenizer = hf_model()
         ids = torch.tensor([token_ids(case.prompt)])
-        with torch.no_grad(), fv_plugin.steer(model, *case.vectors, **case.options):
+        options = (
+            {**case.options, "tokenizer": tokenizer} if case.options.get("positions") == "answer" else case.options
+        )
+        with torch.no_grad(), fv_plugin.steer(model, *case.vectors, **options):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
         _HF_CACHE[key] = out[0, ids.shape[1] :].tolist()
     return _HF_CACHE[key]
@@ -244,7 +262,8 @@ def ungated(case: Case) -> Case:
 
 def assert_matches_hf(got: Sequence[Sequence[int]], cases: Sequence[Case]) -> None:
     """Every row equals the oracle, and every steered row differs from its prompt's plain continuation; a gated row
-    equals its prompt steered by the vectors whose condition it passes (plain if none), decided directly."""
+    equals its prompt steered by the vectors whose condition it passes (plain if none), decided directly; a steered
+    ``positions="answer"`` row differs from the same row steered at every generated token (its answer ended)."""
     expected = [hf_tokens(case) for case in cases]
     mismatches = [(i, cases[i], e, g) for i, (e, g) in enumerate(zip(expected, got, strict=True)) if list(g) != e]
     assert not mismatches, f"vLLM differs from fv_plugin.steer on Hugging Face: {mismatches}"
@@ -254,6 +273,9 @@ def assert_matches_hf(got: Sequence[Sequence[int]], cases: Sequence[Case]) -> No
             case = ungated(case)
         if case.steered:
             assert tokens != hf_tokens(Case(case.prompt)), f"the vectors of {case} do not change its tokens"
+        if case.steered and case.options.get("positions") == "answer":
+            past = Case(case.prompt, case.vectors, {**case.options, "positions": "generated"})
+            assert tokens != hf_tokens(past), f"{case} never ends its answer within the tokens compared"
 
 
 def check_batch(llm: Any, cases: Sequence[Case] | None = None) -> None:

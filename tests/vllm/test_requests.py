@@ -73,14 +73,33 @@ def test_steering_refuses_what_steer_refuses(call: Any, error: type[Exception], 
         call()
 
 
-def test_answer_positions_are_refused_before_the_engine() -> None:
-    """The worker does not track where an answer ends: the client and the server both refuse, never the engine."""
-    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
-        steering(vec(1, 0), positions="answer")
-    args = over_json(steering(vec(1, 0)))
-    args["fv_positions"] = "answer"
-    with pytest.raises(ValueError, match="positions='answer' is not served on vLLM"):
-        parse_request(args, Frontend(arch=ARCH, settings=PluginSettings(), named={}).lookup)
+class WordTokenizer:
+    """A tokenizer stand-in: id ``i`` decodes to ``WORDS[i]``."""
+
+    WORDS = ("a", "b\n", "c", "\n\n", "d", "</s>")
+    eos_token_id = 5
+
+    def __len__(self) -> int:
+        return len(self.WORDS)
+
+    def batch_decode(self, ids: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return ["".join(self.WORDS[i] for i in row) for row in ids]
+
+
+def test_answer_positions_carry_the_served_tokenizers_end_ids() -> None:
+    from fv_plugin.vllm.frontend import answer_ends_reader
+    from fv_plugin.vllm.tables import RequestPlan
+
+    frontend = Frontend(arch=ARCH, settings=PluginSettings(), answer_ends=answer_ends_reader(WordTokenizer(), 4))
+    args, salt = frontend.resolved_args(over_json(steering(vec(1, 0), positions="answer")), 3)
+    plan = RequestPlan.from_resolved(ResolvedSteering.from_args(args[RESOLVED_KEY]))
+    assert plan.positions == "answer" and plan.answer_ends == (1, 3, 4, 5)  # newlines, eos, generation-config eos
+    generated, _ = frontend.resolved_args(over_json(steering(vec(1, 0))), 3)
+    assert ResolvedSteering.from_args(generated[RESOLVED_KEY]).answer_ends == b""  # other modes carry none
+    assert salt != frontend.resolved_args(over_json(steering(vec(1, 0))), 3)[1]
+    without = Frontend(arch=ARCH, settings=PluginSettings())
+    with pytest.raises(ValueError, match="positions='answer' needs the served model's tokenizer"):
+        without.resolved_args(steering(vec(1, 0), positions="answer"), 3)
 
 
 def head_vec(heads: tuple[tuple[int, int], ...], seed: int, mode: str = "add") -> FunctionVector:
