@@ -9,20 +9,17 @@ paragraphs (:func:`fv_plugin.side_effects.text_effects`), which the Compare tab 
 with (a shared 2-core CPU; the command prints each task's time):
 
     python demo/build_vectors.py --model smollm2-135m-instruct --tasks antonym country-capital \
-        english-french capitalize present-past singular-plural
+        english-french capitalize present-past singular-plural --threads 2
 
-Gemma 3's three vectors (antonym, country-capital, capitalize) come from an earlier version of this script, whose
-default method was ``difference`` at the validation-chosen layer; ``--model gemma-3-270m --tasks antonym
-country-capital capitalize`` rebuilds them with ``auto``.
+Gemma 3's three vectors (antonym, country-capital, capitalize) were built by the same :func:`build` with
+``--model gemma-3-270m --tasks antonym country-capital capitalize``, without the side-effects step (its folder
+has no ``side_effects.json``).
 
 Without ``--tasks`` it builds every built-in task. ``--side-effects-only`` recomputes the JSON for the vectors
 already in the folder. Vectors built now carry their condition (``fv.condition``, for ``gate=True``; extraction
 learns it by default); ``--conditions-only`` learns it for the vectors already in the folder without rebuilding
 them (``fv_plugin.learn_condition``: a few hundred short prompts run up to the layer below the vector). The
-shipped conditions were made with:
-
-    python demo/build_vectors.py --model smollm2-135m-instruct --conditions-only --threads 1
-    python demo/build_vectors.py --model gemma-3-270m --conditions-only --threads 1
+shipped vectors' conditions were learned by their extraction.
 """
 
 from __future__ import annotations
