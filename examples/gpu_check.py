@@ -17,16 +17,18 @@ Checks, all on the embedded default model unless ``--model`` says otherwise:
   overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
   vllm         vLLM with its GPU defaults (compiled, full CUDA graphs for decode batches): one batch mixing plain
                and per-request steered requests (two signed vectors at two layers, every positions mode, relative
-               normalization, a head_difference and a head_patch vector, alone and with a residual-stream vector)
-               gives the same greedy tokens as ``fv_plugin.steer`` on Hugging Face, float32. A Python hook does not
+               normalization, a head_difference and a head_patch vector, alone and with a residual-stream vector;
+               ``positions="answer"``, whose end the worker reads from each step's token ids, which under vLLM's
+               async scheduling the previous step's sampler writes on the GPU) gives the same greedy tokens as
+               ``fv_plugin.steer`` on Hugging Face, float32. A Python hook does not
                run when a CUDA graph is replayed, so this checks that each step's per-request coefficients reach the
                graph's buffers before it runs (needs ``pip install "fv_plugin[vllm]"``; skipped with a message when
                vLLM is missing). The plugin prefers vLLM's v1 model runner where vLLM still has it (0.32, 0.33)
   vllm-v2      the same batch on vLLM's Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``; vLLM 0.34 has only V2)
 
 Expected output on a GPU (the first line names the GPU; times vary), e.g.:
-  [ok] vllm (...): 11 requests == fv_plugin.steer (8/8 steered rows differ from plain); runner v1; cudagraph mode ...
-  [ok] vllm-v2 (...): 11 requests == fv_plugin.steer (8/8 steered rows differ from plain); runner V2; cudagraph ...
+  [ok] vllm (...): 13 requests == fv_plugin.steer (10/10 steered rows differ from plain); runner v1; cudagraph ...
+  [ok] vllm-v2 (...): 13 requests == fv_plugin.steer (10/10 steered rows differ from plain); runner V2; cudagraph ...
   8/8 checks passed
 
 Run:  python examples/gpu_check.py [--model NAME] [--task antonym] [--skip overhead,extract]
@@ -263,14 +265,20 @@ def vllm_cases(model: nn.Module, tokenizer: Any) -> list[tuple[list[int], tuple[
         (ids[2], (patch, a), {"strength": 1.0, "positions": "all"}),
         (ids[1], ((diff, 0.5), patch), {"strength": 1.5}),
         (ids[2], ((diff, -1.0),), {"strength": 1.0, "positions": "last_prompt"}),
+        (ids[1], (a,), {"strength": 1.0, "positions": "answer"}),
+        (ids[0], ((diff, 0.5), b), {"strength": 1.0, "positions": "answer"}),
     ]
 
 
-def hf_reference(model: nn.Module, cases: list[tuple[list[int], tuple[Any, ...], dict[str, Any]]]) -> list[list[int]]:
+def hf_reference(
+    model: nn.Module, tokenizer: Any, cases: list[tuple[list[int], tuple[Any, ...], dict[str, Any]]]
+) -> list[list[int]]:
     device = next(model.parameters()).device
     rows = []
     for ids, vectors, options in cases:
         x = torch.tensor([ids], device=device)
+        if options.get("positions") == "answer":
+            options = {**options, "tokenizer": tokenizer}
         with torch.inference_mode(), fv_plugin.steer(model, *vectors, **options):
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)
         rows.append(out[0, len(ids) :].tolist())
@@ -289,7 +297,7 @@ def check_vllm(args: argparse.Namespace, runner: str = "default") -> str:
 
     model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float32, device_map="cuda:0")
     cases = vllm_cases(model, tokenizer)
-    expected = hf_reference(model, cases)
+    expected = hf_reference(model, tokenizer, cases)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
