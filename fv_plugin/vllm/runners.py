@@ -66,6 +66,10 @@ def host_ids(input_ids: Any, count: int) -> Callable[[], np.ndarray] | None:
 
 
 def v1_batch(runner: Any, input_ids: Any = None) -> StepBatch:
+    """The step's batch; ``input_ids``: the forward's ids, or, when it runs embeddings (multimodal models, prompt
+    embeddings), the runner's own buffer of the step's ids, which holds every generated token's id."""
+    if input_ids is None:
+        input_ids = getattr(getattr(runner, "input_ids", None), "gpu", None)
     batch = runner.input_batch
     count = int(batch.num_reqs)
     starts = runner.query_start_loc.np[: count + 1]

@@ -136,3 +136,24 @@ def test_the_hooks_stop_adding_where_the_answer_ends() -> None:
         runner._model_forward(torch.tensor([token]))
         adds = {1: [(0, 2.0 * a, False)]} if steered else {}
         torch.testing.assert_close(model(x)[-1], reference(model, x, adds))
+
+
+def test_a_forward_on_embeddings_reads_the_runners_own_ids() -> None:
+    """vLLM's v1 runner passes ``inputs_embeds`` (and no ids) for multimodal models and prompt embeddings; its
+    ``input_ids`` buffer still holds each generated token's id."""
+    from types import SimpleNamespace
+
+    from fv_plugin.vllm.runners import v1_batch
+
+    runner = SimpleNamespace(
+        input_ids=SimpleNamespace(gpu=torch.tensor([4, 7, 0, 0])),
+        input_batch=SimpleNamespace(
+            num_reqs=1, req_ids=["r"], num_computed_tokens_cpu=np.array([6]), num_prompt_tokens=np.array([6])
+        ),
+        query_start_loc=SimpleNamespace(np=np.array([0, 2])),
+        requests={"r": None},
+    )
+    batch = v1_batch(runner, None)
+    assert batch.token_ids is not None and batch.token_ids().tolist() == [4, 7]
+    masks = AnswerTracker().masks(batch, [plan()])
+    assert masks[0].tolist() == [True, False]
