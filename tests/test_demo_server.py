@@ -141,7 +141,7 @@ def test_real_browser_steers(served: tuple[DemoApp, str], tmp_path: Path) -> Non
     assert min(run.chart_size) > 200  # the probability chart is shown
     assert run.screenshot.stat().st_size > 10_000
     # a prompt that is no antonym query: the gate (on by default) leaves it plain; unticked, the vector steers it
-    neutral = "The weather in the mountains"
+    neutral = "The weather in the mountains is"
     gated = steer_in_browser(url, tmp_path / "gated.png", prompt=neutral, timeout_s=TIMEOUT_S)
     assert "antonym: condition not passed — not steered" in gated.gate and gated.steered == gated.unsteered
     assert not app.engine.gate(neutral, ((app.engine.vectors["antonym"], 1.0),))[0]  # what the engine decides

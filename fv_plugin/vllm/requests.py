@@ -45,7 +45,7 @@ from fv_plugin.vllm.head_requests import (
     parse_head_vectors,
     resolve_heads,
 )
-from fv_plugin.vllm.resolved import FORMAT, ResolvedSteering
+from fv_plugin.vllm.resolved import FORMAT, ResolvedSteering, answer_ends_of
 
 __all__ = [
     "ARGUMENT_KEYS",
@@ -359,15 +359,6 @@ def resolve(
     if not columns and not heads:
         return None
     _check_sizes(len(columns), len(conditions), max_layers)
-    ends = b""
-    if request.positions == "answer":
-        if answer_ends is None:
-            raise ValueError(
-                "positions='answer' needs the served model's tokenizer to know which tokens end an answer, and this "
-                "server has none (skip_tokenizer_init?); start it with its tokenizer, or use positions='generated' "
-                "with a stop string such as '\\n'"
-            )
-        ends = answer_ends()
     return ResolvedSteering(
         layers=tuple(layer for layer, _, _ in columns),
         vectors=tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for _, delta, _ in columns),
@@ -377,7 +368,7 @@ def resolve(
         heads=heads,
         gates=tuple(gate for _, _, gate in columns) if conditions else (),
         conditions=conditions,
-        answer_ends=ends,
+        answer_ends=answer_ends_of(request.positions, answer_ends),
     )
 
 

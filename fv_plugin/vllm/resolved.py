@@ -4,14 +4,14 @@ vLLM)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fv_plugin.vllm.gate_requests import GateCondition
 from fv_plugin.vllm.head_requests import HeadEntry
 
-__all__ = ["FORMAT", "ResolvedSteering"]
+__all__ = ["FORMAT", "ResolvedSteering", "answer_ends_of"]
 
 FORMAT = 1  # the version of the request arguments steering() writes
 
@@ -84,3 +84,20 @@ class ResolvedSteering:
             digest.update(f"|prompt={prompt_length}".encode())
         mark = f"fv_plugin:{digest.hexdigest()}"
         return mark if existing is None else f"{existing}|{mark}"
+
+
+def answer_ends_of(positions: str, reader: Callable[[], bytes] | None) -> bytes:
+    """The end ids a request with ``positions`` carries (``b""`` unless ``"answer"``), from the server's ``reader``.
+
+    Raises:
+        ValueError: ``positions="answer"`` on a server without a tokenizer (``reader`` is ``None``).
+    """
+    if positions != "answer":
+        return b""
+    if reader is None:
+        raise ValueError(
+            "positions='answer' needs the served model's tokenizer to know which tokens end an answer, and this "
+            "server has none (skip_tokenizer_init?); start it with its tokenizer, or use positions='generated' with "
+            "a stop string such as '\\n'"
+        )
+    return reader()
