@@ -218,7 +218,7 @@ def check_overhead(args: argparse.Namespace) -> str:
     from fv_plugin.benchmarks.overhead import measure_overhead
 
     model, tokenizer = fv_plugin.load_model(args.model, dtype=torch.float16, device_map="cuda:0")
-    result = measure_overhead(model, tokenizer, tokens=32, repeats=5)
+    result = measure_overhead(model, tokenizer, tokens=32, repeats=6)
     return " ".join(result.report().split("\n")[1:]).replace("  ", " ")
 
 

@@ -9,9 +9,11 @@ the new token's key and value; the attention function below scores each prompt's
 both. It is used only while :func:`shared_prefix_attention` is active, for the layers it is given; any other layer
 runs the model's own attention.
 
-The result is the same attention (the replay checks it against the model's own logits before using it); models
-whose attention does more than a scaled softmax (logit soft-capping, attention sinks, sliding windows) are refused,
-and the replay then copies prefixes instead.
+The result is the same attention (the replay checks it against the model's own logits before using it). A
+sliding-window layer (Gemma 2 and 3, Mistral-style local attention) is the same attention while the prefix and the
+new token fit in its window, which holds for few-shot prompts shorter than the window (Gemma 3: 512 tokens); a
+longer prefix is refused. Models whose attention does more than a scaled softmax (logit soft-capping, attention
+sinks) are refused, and the replay then copies prefixes instead.
 """
 
 from __future__ import annotations
@@ -102,12 +104,24 @@ def _new_token_only(layer: Any, key_states: torch.Tensor, value_states: torch.Te
     return key_states, value_states
 
 
-def split_cache(cache: Any, start: int) -> tuple[Any, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """A copy of ``cache`` whose full-attention layers from ``start`` on keep nothing and hand attention only the
-    new token's key and value, with those layers' prefix keys and values (read in place, not copied). Raises
-    :class:`Unsupported` for a cache it does not know."""
-    from transformers.cache_utils import DynamicLayer
+def _whole_prefix(entry: Any) -> bool:
+    """Whether a cache layer holds its whole prefix and a new token sees all of it: a plain layer, or a
+    sliding-window layer whose window still holds the prefix and the new token."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+    if type(entry) is DynamicLayer:
+        return True
+    if type(entry) is not DynamicSlidingWindowLayer:  # other subclasses keep their own rules
+        return False
+    held = getattr(entry, "keys", None)
+    length = int(getattr(entry, "cumulative_length", -1))
+    return held is not None and held.shape[-2] == length and length + 1 <= int(entry.sliding_window)
+
+
+def split_cache(cache: Any, start: int) -> tuple[Any, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """A copy of ``cache`` whose layers from ``start`` on keep nothing and hand attention only the new token's key
+    and value, with those layers' prefix keys and values (read in place, not copied). Raises :class:`Unsupported`
+    for a cache layer it does not know, or a sliding window the prefix and the new token do not fit in."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise Unsupported(f"{type(cache).__name__} has no cache layers")
@@ -117,8 +131,8 @@ def split_cache(cache: Any, start: int) -> tuple[Any, dict[int, torch.Tensor], d
     values: dict[int, torch.Tensor] = {}
     for at in range(start, len(layers)):
         entry: Any = found.layers[at]
-        held, plain = getattr(entry, "keys", None), type(entry) is DynamicLayer  # subclasses keep windows etc.
-        if not plain or held is None or not held.numel():
+        held = getattr(entry, "keys", None)
+        if not _whole_prefix(entry) or held is None or not held.numel():
             raise Unsupported(f"cache layer {at} is a {type(entry).__name__}")
         keys[at], values[at] = held, entry.values
         entry.update = functools.partial(_new_token_only, entry)  # this copy only: the prefix cache is unchanged
@@ -140,17 +154,20 @@ def _attention(
     layer = getattr(module, "layer_idx", None)
     if shared is None or layer not in shared.keys:
         raise Unsupported(f"attention of layer {layer} ran outside the replay it was switched for")
-    if dropout or kwargs.get("softcap") or kwargs.get("sliding_window") or kwargs.get("s_aux") is not None:
-        raise Unsupported("attention with dropout, soft-capping, a sliding window or sinks")
+    if dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise Unsupported("attention with dropout, soft-capping or sinks")
     if query.shape[2] != 1:
         raise Unsupported("more than one new token per row")
+    prefix_keys, prefix_values = shared.keys[layer], shared.values[layer]
+    window = kwargs.get("sliding_window")
+    if window and prefix_keys.shape[-2] + 1 > int(window):  # the new token would not see the whole prefix
+        raise Unsupported(f"a prefix of {prefix_keys.shape[-2]} tokens in a sliding window of {window}")
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     q = query.reshape(rows, kv_heads, group, dim).float()
     own = (q * key.reshape(rows, kv_heads, 1, dim).float()).sum(-1, keepdim=True) * scale  # [rows, kv, group, 1]
-    prefix_keys, prefix_values = shared.keys[layer], shared.values[layer]
     v = value.reshape(rows, kv_heads, 1, dim).float()
     if shared.rows.layout is not None:  # one batched product over the prompts
         prompts = prefix_keys.shape[0]

@@ -44,9 +44,9 @@ def make_config(family: str, **overrides: object) -> object:
 
 
 @functools.cache
-def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, **config: object) -> nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(family))
+    model = AutoModelForCausalLM.from_config(make_config(family, **config))
     # Larger random weights give sharper, less tie-prone next-token distributions.
     with torch.no_grad():
         for param in model.parameters():

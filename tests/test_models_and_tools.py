@@ -14,7 +14,7 @@ from conftest import char_tokenizer, left_padded, tiny_model
 
 import fv_plugin
 from fv_plugin import models
-from fv_plugin.benchmarks.overhead import measure_overhead
+from fv_plugin.benchmarks.overhead import VARIANTS, measure_overhead, median_interval, orders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,35 @@ def test_overhead_benchmark_measures_all_three_variants() -> None:
     result = measure_overhead(model, char_tokenizer(), tokens=3, repeats=2, layer=1)
     assert min(result.plain, result.idle, result.steered) > 0
     assert "idle/plain" in result.report() and not fv_plugin.is_attached(model)
+    assert result.repeats == 2 and all(len(v) == 2 for v in result.speeds.values())
+    paired = [s / p for s, p in zip(result.speeds["steered"], result.speeds["plain"], strict=True)]
+    assert result.steered_ratio == pytest.approx(sorted(paired)[0] / 2 + sorted(paired)[1] / 2)
+    # the hook bodies ran in the steered runs: each of the attachment's hooks once per forward pass
+    hooks_per_forward = len(fv_plugin.hooks.get_attachment(fv_plugin.attach(model)).handles)
+    fv_plugin.detach(model)
+    forwards = 2 * 3  # repeats x forwards per generation (the prompt, then two new tokens)
+    assert result.own.calls == forwards * hooks_per_forward and 0 < result.own.hooks < result.own.total
+    assert 0 < result.own.share < 1 and "steered/plain >=" in result.report()
     with pytest.raises(ValueError, match="repeats"):
         measure_overhead(model, char_tokenizer(), tokens=3, repeats=0)
+
+
+def test_overhead_orders_balance_every_position_and_neighbour() -> None:
+    plan = orders(12)
+    assert all(sorted(order) == sorted(VARIANTS) for order in plan)
+    for position in range(3):
+        counts = [order[position] for order in plan]
+        assert all(counts.count(v) == 4 for v in VARIANTS)
+    follows = [(order[i], order[i + 1]) for order in plan for i in range(2)]
+    assert all(follows.count((a, b)) == 4 for a in VARIANTS for b in VARIANTS if a != b)
+
+
+def test_median_interval_is_the_order_statistics_around_the_median() -> None:
+    values = [float(v) for v in range(1, 26)]  # n = 25: n/2 -+ 1.96 * 5 / 2 = 7.6 .. 17.4 -> indices 7 and 18
+    assert median_interval(values[::-1]) == (8.0, 19.0)
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few values: all of them
+    with pytest.raises(ValueError, match="at least one"):
+        median_interval([])
 
 
 def test_cli_help() -> None:

@@ -57,9 +57,24 @@ def test_prefixes_are_shared_where_the_attention_allows_and_the_config_is_restor
     before = model.config._attn_implementation
     ids, mask = _padded(ROWS)
     replay = LastTokenReplay(model, resolve_architecture(model), ids, cache_kwarg(model), mask)
-    # soft-capped attention (Gemma 2) and sliding-window layers (Gemma 3) copy the prefixes instead
-    assert replay.shared == (family in ("llama", "qwen3", "gpt2")), family
+    # soft-capped attention (Gemma 2) copies the prefixes instead; Gemma 3's sliding-window layers share them while
+    # the prefix and the new token fit in the window (here 8 tokens in 4096)
+    assert replay.shared == (family in ("llama", "qwen3", "gpt2", "gemma3_text")), family
     assert model.config._attn_implementation == before
+
+
+@torch.no_grad()
+def test_a_prefix_longer_than_the_sliding_window_is_copied_and_still_exact() -> None:
+    rows = [[5, 9, 17, 33, 12, 7, 40, 41], [8, 60, 3, 90, 91, 92, 93, 94]]  # no padding: the window is unambiguous
+    for window, shared in ((9, True), (8, True), (7, False), (4, False)):  # prefix 7 + the new token fit in 8
+        model = tiny_model("gemma3_text", sliding_window=window)
+        ids, mask = _padded(rows)
+        replay = LastTokenReplay(model, resolve_architecture(model), ids, cache_kwarg(model), mask)
+        assert replay.usable and replay.shared == shared, window
+        expected = torch.stack([_alone(model, row) for row in rows])
+        index = torch.tensor([1, 0, 0, 1])
+        found = replay.logits(1, index)
+        assert ((found - expected[index]).abs().max() / expected.abs().max()) < 1e-4, window
 
 
 def test_row_groups_use_slices_for_the_usual_orders() -> None:
