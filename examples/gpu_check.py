@@ -14,7 +14,8 @@ Checks, all on the embedded default model unless ``--model`` says otherwise:
                accuracy the auto vector recovers zero-shot. Give the largest model that fits on the GPU, e.g.
                ``--model Qwen/Qwen2.5-7B-Instruct``. Expected on a GPU: auto <= 2x and heads <= 1.5x the plain
                forwards, recovery >= 80% (not yet run on a GPU; on CPU, smollm2: see docs/extraction_cost.md)
-  overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered
+  overhead     ``fv bench overhead`` on the GPU: tokens/s plain, attached-idle, steered (order rotated, ratios
+               paired per repeat), and fv_plugin's own work timed inside the steered runs (steered/plain bound)
   vllm         vLLM with its GPU defaults (compiled, full CUDA graphs for decode batches): one batch mixing plain
                and per-request steered requests (two signed vectors at two layers, every positions mode, relative
                normalization, a head_difference and a head_patch vector, alone and with a residual-stream vector;
