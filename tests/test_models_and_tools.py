@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -70,6 +71,9 @@ def test_overhead_benchmark_measures_all_three_variants() -> None:
     forwards = 2 * 3  # repeats x forwards per generation (the prompt, then two new tokens)
     assert result.own.calls == forwards * hooks_per_forward and 0 < result.own.hooks < result.own.total
     assert 0 < result.own.share < 1 and "steered/plain >=" in result.report()
+    written = json.loads(json.dumps(result.as_json()))
+    assert written["speeds"]["steered"] == list(result.speeds["steered"])
+    assert written["own_work"]["calls"] == result.own.calls and written["own_work"]["share"] == result.own.share
     with pytest.raises(ValueError, match="repeats"):
         measure_overhead(model, char_tokenizer(), tokens=3, repeats=0)
 

@@ -13,11 +13,13 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,6 +198,17 @@ class OverheadResult:
     def steered_ratio(self) -> float:
         return statistics.median(self.ratios("steered"))
 
+    def as_json(self) -> dict[str, Any]:
+        """Every repeat's speeds, the medians and paired ratios, and the own work, for ``--out``."""
+        return {
+            "batch": self.batch,
+            "tokens": self.tokens,
+            "speeds": {name: list(values) for name, values in self.speeds.items()},
+            "median_tok_s": {"plain": self.plain, "idle": self.idle, "steered": self.steered},
+            "paired_ratio": {"idle": self.idle_ratio, "steered": self.steered_ratio},
+            "own_work": {**dataclasses.asdict(self.own), "share": self.own.share},
+        }
+
     def report(self) -> str:
         def line(variant: str) -> str:
             low, high = median_interval(self.ratios(variant))
@@ -303,6 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 and 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--gate", action="store_true", help="steer with gate=True (a condition every prompt passes)")
+    parser.add_argument("--out", default=None, help="also write every repeat's figures as JSON here")
 
 
 def run(args: argparse.Namespace) -> Sequence[OverheadResult]:
@@ -323,4 +337,8 @@ def run(args: argparse.Namespace) -> Sequence[OverheadResult]:
         )
         print(result.report(), flush=True)
         results.append(result)
+    if getattr(args, "out", None):
+        gate = bool(getattr(args, "gate", False))
+        data = {"model": args.model, "gate": gate, "results": [r.as_json() for r in results]}
+        Path(args.out).write_text(json.dumps(data, indent=1), encoding="utf-8")
     return results
