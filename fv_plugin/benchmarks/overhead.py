@@ -190,13 +190,16 @@ class OverheadResult:
         """``variant``'s speed over plain's, within each repeat."""
         return [v / p for v, p in zip(self.speeds[variant], self.speeds["plain"], strict=True)]
 
+    def median_ratio(self, variant: str) -> float:
+        return statistics.median(self.ratios(variant))
+
     @property
     def idle_ratio(self) -> float:
-        return statistics.median(self.ratios("idle"))
+        return self.median_ratio("idle")
 
     @property
     def steered_ratio(self) -> float:
-        return statistics.median(self.ratios("steered"))
+        return self.median_ratio("steered")
 
     def as_json(self) -> dict[str, Any]:
         """Every repeat's speeds, the medians and paired ratios, and the own work, for ``--out``."""
@@ -213,8 +216,7 @@ class OverheadResult:
         def line(variant: str) -> str:
             low, high = median_interval(self.ratios(variant))
             label = f"{variant}/plain"
-            median = statistics.median(self.ratios(variant))
-            return f"   {label:13} = {median:.4f} (95% interval of the median {low:.4f}-{high:.4f})"
+            return f"   {label:13} = {self.median_ratio(variant):.4f} (95% interval of the median {low:.4f}-{high:.4f})"
 
         return (
             f"batch {self.batch}: greedy generation, {self.tokens} new tokens per row, {self.repeats} repeats "
