@@ -58,6 +58,8 @@ def _extract_parser() -> argparse.ArgumentParser:
         "of the best, the default) or a number (0: always the most accurate)",
     )
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
+    screen = "every head on every shuffled prompt (the paper's AIE; default: the best heads of a screen, cheaper)"
+    parser.add_argument("--full-aie", action="store_true", help=screen)
     parser.add_argument(
         "--prepend-bos",
         action=argparse.BooleanOptionalAction,
@@ -93,6 +95,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         condition=not args.no_condition,
         portable=args.portable,
         prepend_bos=args.prepend_bos,
+        aie_screen=None if args.full_aie else ExtractionConfig.aie_screen,
         **budget,
     )
 

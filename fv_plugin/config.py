@@ -122,6 +122,13 @@ class ExtractionConfig:
             see :mod:`fv_plugin.condition_fit`); on by default, at about a fifth of the unavoidable passes'
             work (``False`` or ``fv extract --no-condition`` skips it).
         condition_negatives: prompts of your own that the condition must not pass (added to the shipped ones).
+        aie_screen: the AIE runs every head on this many of the ``n_aie`` shuffled prompts first, and on the rest
+            only the ``aie_keep`` x (the most heads the vector may use) heads with the largest effect there; when
+            that is every head, there is no screen. ``None``: every head on every prompt (the paper's AIE). With
+            the defaults, the paper's ``heads`` (k = 10) keeps 80 heads and gets the same top 10 as the full AIE
+            on every built-in and held-out task measured (docs/extraction_cost.md); ``auto`` (k up to 80) keeps
+            every head on a model the size of SmolLM2.
+        aie_keep: see ``aie_screen``.
         prepend_bos: start every prompt with the tokenizer's BOS token (the paper's code does; SmolLM2's tokenizer
             adds none). The vector keeps the setting (``fv.prepend_bos``) and :func:`~fv_plugin.evaluate` uses it;
             tokenize the prompts you steer the same way (:func:`~fv_plugin.prompt_tokenizer`).
@@ -152,6 +159,8 @@ class ExtractionConfig:
     max_validation: int | None = 64
     screen_queries: int = 12
     finalists: int = 24
+    aie_screen: int | None = 12
+    aie_keep: int = 8
     prepend_bos: bool = False
     side_effect_budget: float | None = DEFAULT_SIDE_EFFECT_BUDGET
     accuracy_tolerance: float | Literal["se"] = DEFAULT_ACCURACY_TOLERANCE
@@ -208,8 +217,10 @@ class ExtractionConfig:
             raise ValueError(
                 f"portable=True leaves no method to choose among methods={self.methods}; add one of {PORTABLE_METHODS}"
             )
-        for name in ("screen_queries", "finalists"):
+        for name in ("screen_queries", "finalists", "aie_keep"):
             _at_least(getattr(self, name), 1, name)
+        if self.aie_screen is not None:
+            _at_least(self.aie_screen, 1, "aie_screen")
         if not isinstance(self.prepend_bos, bool):
             raise TypeError(f"prepend_bos must be True or False, got {self.prepend_bos!r}")
         if self.max_validation is not None:
@@ -229,6 +240,20 @@ class ExtractionConfig:
             )
         if self.validation not in ("valid", "valid+train"):
             raise ValueError(f"validation must be 'valid' or 'valid+train', got {self.validation!r}")
+
+    def aie_finalists(self, total_heads: int) -> int | None:
+        """How many heads the AIE's screen keeps for the prompts after the first ``aie_screen`` (see
+        ``aie_screen``), or ``None`` for no screen: every head on every prompt."""
+        if self.aie_screen is None or self.aie_screen >= self.n_aie:
+            return None
+        if self.method == "auto":  # `heads` with k heads, the head-level forms with every k of `ks`
+            uses = [self.k] * ("heads" in self.auto_methods)
+            uses += list(self.ks) * any(m in HEAD_LEVEL_METHODS for m in self.auto_methods)
+        else:
+            uses = [self.k] if self.method in ("heads", *HEAD_LEVEL_METHODS) else []
+        if not uses or self.aie_keep * max(uses) >= total_heads:
+            return None
+        return self.aie_keep * max(uses)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

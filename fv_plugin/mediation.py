@@ -8,6 +8,11 @@ The fast path is exact: patching the last token cannot change earlier positions,
 once (KV cache) and only the last token is re-run, for many patched heads at once (one batch row per head).
 :func:`average_indirect_effect_naive` does one full forward per (head, prompt), as the paper's code does; the
 tests check that both agree.
+
+With a screen (``screen=`` and ``finalists=``, set by :attr:`~fv_plugin.ExtractionConfig.aie_screen`), every head
+runs on the first ``screen`` prompts and only the ``finalists`` heads with the largest mean effect there run on
+the rest: the effects of the other heads on those prompts are ``nan`` (not measured), and the finalists rank
+first. docs/extraction_cost.md measures how often this changes the top heads.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ class IndirectEffects:
     """Per-prompt and average indirect effects.
 
     Attributes:
-        effects: ``[prompts, layers, heads]``: patched minus unpatched probability of the answer's first token.
+        effects: ``[prompts, layers, heads]``: patched minus unpatched probability of the answer's first token;
+            ``nan`` where a screen left the head out on that prompt.
         base_probs: ``[prompts]``: unpatched probability on each (shuffled) prompt.
     """
 
@@ -85,16 +91,23 @@ class IndirectEffects:
 
     @property
     def aie(self) -> torch.Tensor:
-        """``[layers, heads]``: mean over prompts."""
-        return self.effects.mean(0)
+        """``[layers, heads]``: mean over the prompts each head ran on."""
+        return self.effects.nanmean(0)
+
+    @property
+    def complete(self) -> torch.Tensor:
+        """``[layers, heads]``: whether the head ran on every prompt (all of them, without a screen)."""
+        return ~self.effects.isnan().any(0)
 
     def top_heads(self, k: int) -> list[tuple[int, int]]:
-        """The ``k`` (layer, head) pairs with the largest AIE, best first."""
-        flat = self.aie.flatten()
+        """The ``k`` (layer, head) pairs with the largest AIE, best first; after a screen, the heads that ran on
+        every prompt rank above those that did not."""
+        flat, complete = self.aie.flatten(), self.complete.flatten()
         if not 0 < k <= flat.numel():
             raise ValueError(f"k must be in 1..{flat.numel()}, got {k}")
         heads = self.aie.shape[1]
-        return [(int(i) // heads, int(i) % heads) for i in flat.topk(k).indices]
+        order = sorted(range(flat.numel()), key=lambda i: (not bool(complete[i]), -float(flat[i])))
+        return [(i // heads, i % heads) for i in order[:k]]
 
 
 def _patcher(means: torch.Tensor, rows: torch.Tensor) -> Any:
@@ -123,6 +136,8 @@ def average_indirect_effect(
     *,
     heads_per_batch: int = 256,
     prompts_per_batch: int = 16,
+    screen: int | None = None,
+    finalists: int | None = None,
     arch: ArchSpec | None = None,
     progress: bool | None = None,
 ) -> IndirectEffects:
@@ -131,6 +146,9 @@ def average_indirect_effect(
     The prefixes of ``prompts_per_batch`` prompts run once, together (KV cache); then, layer by layer, the last
     token is re-run from that layer on, one batch row per (prompt, head of the layer) with that head patched, at
     most ``heads_per_batch`` rows per forward. No row runs a layer below the one it patches.
+
+    With ``screen`` and ``finalists`` (both or neither), every head runs on the first ``screen`` prompts and only
+    the ``finalists`` heads with the largest mean effect on them run on the other prompts.
     """
     resolved = resolve_architecture(model, arch)
     n_layers, n_heads = resolved.num_layers, num_heads(resolved)
@@ -140,23 +158,55 @@ def average_indirect_effect(
         raise ValueError(
             f"heads_per_batch and prompts_per_batch must be >= 1, got {heads_per_batch} and {prompts_per_batch}"
         )
-    effects, bases = torch.empty(len(prompts), n_layers, n_heads), torch.empty(len(prompts))
-    order = by_length(tokenizer, prompts)  # batches of similar lengths pad little
+    if (screen is None) != (finalists is None) or (screen is not None and min(screen, finalists or 0) < 1):
+        raise ValueError(f"give screen and finalists together, both >= 1 (got {screen} and {finalists})")
+    effects = torch.full((len(prompts), n_layers * n_heads), float("nan"))
+    bases = torch.empty(len(prompts))
+    first = len(prompts) if screen is None else min(screen, len(prompts))
     with stage("indirect effects", len(prompts), unit="prompt", progress=progress) as bar:
-        for first in range(0, len(prompts), prompts_per_batch):
-            which = order[first : first + prompts_per_batch]
-            group = [prompts[i] for i in which]
-            probs, base = _group_effects(model, resolved, tokenizer, group, means, heads_per_batch)
-            bases[which] = base
-            effects[which] = (probs - base[:, None]).view(len(group), n_layers, n_heads)
-            bar.update(len(group))
-    return IndirectEffects(effects=effects, base_probs=bases)
+        run = (model, resolved, tokenizer, prompts, means, heads_per_batch, prompts_per_batch, bar)
+        _effects_on(*run, range(first), None, effects, bases)
+        if first < len(prompts):
+            kept = effects[:first].mean(0).topk(min(finalists or 1, effects.shape[1])).indices
+            _effects_on(*run, range(first, len(prompts)), kept, effects, bases)
+    return IndirectEffects(effects=effects.view(len(prompts), n_layers, n_heads), base_probs=bases)
 
 
-def _layer_rows(layer: int, prompts: int, heads: int, per_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (each row's prompt, each row's ``[layer, head]``) covering every (prompt, head) of ``layer``."""
-    index = torch.arange(prompts).repeat_interleave(heads)
-    grid = torch.stack([torch.full((prompts * heads,), layer), torch.arange(heads).repeat(prompts)], dim=1)
+def _effects_on(
+    model: nn.Module,
+    resolved: ResolvedArch,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    means: torch.Tensor,
+    heads_per_batch: int,
+    prompts_per_batch: int,
+    bar: Any,
+    which: Sequence[int],
+    heads: torch.Tensor | None,
+    effects: torch.Tensor,
+    bases: torch.Tensor,
+) -> None:
+    """Fill ``effects[p]`` (``[layers * heads]``) and ``bases[p]`` for the prompts ``which``: every head, or the
+    flat head indices ``heads``."""
+    chosen = [prompts[i] for i in which]
+    order = [which[i] for i in by_length(tokenizer, chosen)]  # batches of similar lengths pad little
+    for start in range(0, len(order), prompts_per_batch):
+        group = order[start : start + prompts_per_batch]
+        probs, base = _group_effects(
+            model, resolved, tokenizer, [prompts[i] for i in group], means, heads_per_batch, heads
+        )
+        bases[group] = base
+        effects[group] = probs - base[:, None]
+        bar.update(len(group))
+
+
+def _layer_rows(
+    layer: int, prompts: int, heads: torch.Tensor, per_batch: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (each row's prompt, each row's ``[layer, head]``) covering every (prompt, head in ``heads``)
+    of ``layer``."""
+    index = torch.arange(prompts).repeat_interleave(len(heads))
+    grid = torch.stack([torch.full((prompts * len(heads),), layer), heads.repeat(prompts)], dim=1)
     return [(index[i : i + per_batch], grid[i : i + per_batch]) for i in range(0, len(index), per_batch)]
 
 
@@ -167,9 +217,10 @@ def _group_effects(
     prompts: Sequence[Prompt],
     means: torch.Tensor,
     per_batch: int,
+    heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffled prompts: the answer's probability with each head patched (``[prompts, layers * heads]``), and
-    unpatched (``[prompts]``)."""
+    """Shuffled prompts: the answer's probability with each head (or each flat head index in ``heads``)
+    patched (``[prompts, layers * heads]``, ``nan`` for heads not run), and unpatched (``[prompts]``)."""
     n_layers, n_heads, device = resolved.num_layers, num_heads(resolved), input_device(model)
     enc = encode_prompts(tokenizer, prompts)
     if enc.input_ids.shape[1] < 2:
@@ -179,9 +230,13 @@ def _group_effects(
         model, resolved, enc.input_ids.to(device), cache_kwarg(model), enc.attention_mask.to(device)
     )
     base = runner.reference.softmax(-1).cpu()[torch.arange(len(prompts)), answers]
-    probs = torch.empty(len(prompts), n_layers * n_heads)
+    probs = torch.full((len(prompts), n_layers * n_heads), float("nan"))
+    wanted = torch.arange(n_layers * n_heads) if heads is None else heads.sort().values
     for layer in range(n_layers):
-        for index, rows in _layer_rows(layer, len(prompts), n_heads, per_batch):
+        in_layer = wanted[wanted // n_heads == layer] % n_heads
+        if in_layer.numel() == 0:
+            continue
+        for index, rows in _layer_rows(layer, len(prompts), in_layer, per_batch):
             with patch_head_inputs(resolved, [layer], _patcher(means, rows)):
                 # replaying layers does not reproduce some models: they re-run the whole last token
                 logits = runner.logits(layer, index) if runner.usable else runner.full_logits(index)
@@ -249,8 +304,15 @@ class HeadStatistics:
         return self.effects.top_heads(k)
 
     def matches(self, config: ExtractionConfig) -> bool:
+        """Whether these statistics are those ``config`` would make: the same prompts, and an AIE screen that
+        kept at least the heads ``config``'s would (or no screen)."""
         fields = ("n_shots", "n_mean", "n_aie", "seed", "template", "prepend_bos")
-        return all(getattr(self.config, name) == getattr(config, name) for name in fields)
+        same = all(getattr(self.config, name) == getattr(config, name) for name in fields)
+        kept = self.config.aie_finalists(self.effects.complete.numel())
+        if kept is None:  # every head ran on every prompt
+            return same
+        wanted = config.aie_finalists(self.effects.complete.numel())
+        return same and wanted is not None and wanted <= kept and config.aie_screen == self.config.aie_screen
 
 
 def head_statistics(
@@ -276,21 +338,14 @@ def head_statistics(
     clean, shuffled = statistics_prompts(task, config)
     tokenizer = prompt_tokenizer(tokenizer, prepend_bos=config.prepend_bos)
     options: dict[str, Any] = {"batch_size": config.batch_size, "arch": arch, "progress": progress}
-    num_heads(resolve_architecture(model, arch))
+    resolved = resolve_architecture(model, arch)
+    finalists = config.aie_finalists(num_heads(resolved) * resolved.num_layers)
     icl = prompt_means(model, tokenizer, clean, heads=True, layers=layers, name="ICL prompts", **options)
     zero, recorded = None, None
     if zero_shot or layers:  # the same queries without demonstrations
         zero_prompts = clean_prompts(task, config, n_shots=0)
-        zero = prompt_means(
-            model,
-            tokenizer,
-            zero_prompts,
-            heads=zero_shot,
-            layers=layers,
-            rows=zero_rows,
-            name="zero-shot prompts",
-            **options,
-        )
+        found: dict[str, Any] = {"heads": zero_shot, "layers": layers, "rows": zero_rows}
+        zero = prompt_means(model, tokenizer, zero_prompts, name="zero-shot prompts", **found, **options)
         recorded = RecordedStates(tuple(p.text for p in zero_prompts), zero.rows) if zero_rows else None
     assert icl.heads is not None
     effects = average_indirect_effect(
@@ -300,6 +355,8 @@ def head_statistics(
         icl.heads,
         heads_per_batch=config.heads_per_batch,
         prompts_per_batch=config.batch_size,
+        screen=config.aie_screen if finalists is not None else None,
+        finalists=finalists,
         arch=arch,
         progress=progress,
     )

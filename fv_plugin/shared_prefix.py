@@ -12,8 +12,8 @@ runs the model's own attention.
 The result is the same attention (the replay checks it against the model's own logits before using it). A
 sliding-window layer (Gemma 2 and 3, Mistral-style local attention) is the same attention while the prefix and the
 new token fit in its window, which holds for few-shot prompts shorter than the window (Gemma 3: 512 tokens); a
-longer prefix is refused. Models whose attention does more than a scaled softmax (logit soft-capping, attention
-sinks) are refused, and the replay then copies prefixes instead.
+longer prefix is refused. Gemma 2's attention logit soft-capping is applied to the scores as its own attention
+does; attention sinks and dropout are refused, and the replay then copies prefixes instead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import copy
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,13 @@ def split_cache(cache: Any, start: int) -> tuple[Any, dict[int, torch.Tensor], d
     return found, keys, values
 
 
+def _soft_cap(cap: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gemma 2's attention logit soft-capping (``cap * tanh(scores / cap)``, before the mask), or none."""
+    if not cap:
+        return lambda scores: scores
+    return lambda scores: torch.tanh(scores / cap) * cap
+
+
 def _attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -154,8 +161,8 @@ def _attention(
     layer = getattr(module, "layer_idx", None)
     if shared is None or layer not in shared.keys:
         raise Unsupported(f"attention of layer {layer} ran outside the replay it was switched for")
-    if dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
-        raise Unsupported("attention with dropout, soft-capping or sinks")
+    if dropout or kwargs.get("s_aux") is not None:
+        raise Unsupported("attention with dropout or sinks")
     if query.shape[2] != 1:
         raise Unsupported("more than one new token per row")
     prefix_keys, prefix_values = shared.keys[layer], shared.values[layer]
@@ -166,13 +173,14 @@ def _attention(
     kv_heads = key.shape[1]
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
+    cap = _soft_cap(kwargs.get("softcap"))
     q = query.reshape(rows, kv_heads, group, dim).float()
-    own = (q * key.reshape(rows, kv_heads, 1, dim).float()).sum(-1, keepdim=True) * scale  # [rows, kv, group, 1]
+    own = cap((q * key.reshape(rows, kv_heads, 1, dim).float()).sum(-1, keepdim=True) * scale)  # [rows, kv, group, 1]
     v = value.reshape(rows, kv_heads, 1, dim).float()
     if shared.rows.layout is not None:  # one batched product over the prompts
         prompts = prefix_keys.shape[0]
         qp, own_p = _by_prompt(q, shared.rows, prompts), _by_prompt(own, shared.rows, prompts)
-        scores = qp @ prefix_keys.float().transpose(-1, -2) * scale  # [prompts, kv, per * group, length]
+        scores = cap(qp @ prefix_keys.float().transpose(-1, -2) * scale)  # [prompts, kv, per * group, length]
         scores = scores.masked_fill(~shared.real[:, None, None, :], float("-inf"))
         weights = torch.cat([scores, own_p], dim=-1).softmax(-1)
         mixed = _by_row(weights[..., :-1] @ prefix_values.float(), shared.rows, group)
@@ -183,7 +191,7 @@ def _attention(
         qp = q[which]  # [m, kv, group, dim]
         m = qp.shape[0]
         flat = qp.permute(1, 0, 2, 3).reshape(kv_heads, m * group, dim)
-        scores = flat @ prefix_keys[prompt].float().transpose(-1, -2) * scale  # [kv, m * group, length]
+        scores = cap(flat @ prefix_keys[prompt].float().transpose(-1, -2) * scale)  # [kv, m * group, length]
         scores = scores.masked_fill(~shared.real[prompt], float("-inf"))
         scores = scores.reshape(kv_heads, m, group, -1).permute(1, 0, 2, 3)  # [m, kv, group, length]
         weights = torch.cat([scores, own[which]], dim=-1).softmax(-1)

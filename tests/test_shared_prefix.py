@@ -57,10 +57,25 @@ def test_prefixes_are_shared_where_the_attention_allows_and_the_config_is_restor
     before = model.config._attn_implementation
     ids, mask = _padded(ROWS)
     replay = LastTokenReplay(model, resolve_architecture(model), ids, cache_kwarg(model), mask)
-    # soft-capped attention (Gemma 2) copies the prefixes instead; Gemma 3's sliding-window layers share them while
-    # the prefix and the new token fit in the window (here 8 tokens in 4096)
-    assert replay.shared == (family in ("llama", "qwen3", "gpt2", "gemma3_text")), family
+    # Gemma 2 and 3's sliding-window layers share them while the prefix and the new token fit in the window (here
+    # 8 tokens in 4096); Gemma 2's soft-capped scores are capped as its own attention caps them
+    assert replay.shared, family
     assert model.config._attn_implementation == before
+
+
+@torch.no_grad()
+def test_soft_capped_scores_are_capped_in_the_shared_attention() -> None:
+    rows = [[5, 9, 17, 33, 12, 7, 40, 41], [8, 60, 3, 90], [70, 71, 72]]
+    for cap in (50.0, 0.05):  # Gemma 2's default, and one so small that every score is capped hard
+        model = tiny_model("gemma2", attn_logit_softcapping=cap)
+        ids, mask = _padded(rows)
+        replay = LastTokenReplay(model, resolve_architecture(model), ids, cache_kwarg(model), mask)
+        assert replay.usable and replay.shared, cap
+        expected = torch.stack([_alone(model, row) for row in rows])
+        index = torch.tensor([2, 0, 1, 1, 0])
+        for start in (0, 1):
+            found = replay.logits(start, index)
+            assert ((found - expected[index]).abs().max() / expected.abs().max()) < 1e-4, (cap, start)
 
 
 @torch.no_grad()

@@ -68,6 +68,18 @@ def _replay(starts: Sequence[int], layers: int) -> float:
     return sum((layers - at) / layers for at in starts)
 
 
+def _indirect_effects(config: ExtractionConfig, shape: ModelShape, icl_tokens: float) -> StageWork:
+    """Per shuffled prompt its prefix and reference, then one replayed row per head; after a screen
+    (``config.aie_screen``), only the kept heads' rows, assumed spread over the layers as all heads are."""
+    grid = shape.layers * shape.heads
+    every = _replay([i // shape.heads for i in range(grid)], shape.layers)
+    kept = config.aie_finalists(grid)
+    screened = config.n_aie if kept is None else min(config.aie_screen or config.n_aie, config.n_aie)
+    rest, kept = config.n_aie - screened, kept or grid
+    tokens = config.n_aie * (icl_tokens + 1) + screened * every + rest * every * kept / grid
+    return StageWork("indirect effects", tokens, config.n_aie * 3 + screened * grid + rest * kept)
+
+
 def _per_query(name: str, queries: int, starts: Sequence[int], shape: ModelShape, length: float) -> StageWork:
     """Candidates on zero-shot queries: per query its prefix, the reference and check replays, then the rows."""
     return StageWork(name, queries * (length + 1 + _replay(starts, shape.layers)), queries * (3 + len(starts)))
@@ -112,16 +124,14 @@ def estimate(
     batched (prompts are batched by length; a batch pads its shorter prompts to its longest)."""
     queries = min(queries, config.max_validation or queries)
     forms = config.auto_methods if config.method == "auto" else (config.method,)
-    layers, grid = shape.layers, shape.layers * shape.heads
+    layers = shape.layers
     work = []
     heads = any(f in ("heads", "head_patch", "head_difference") for f in forms)
     work.append(StageWork("ICL prompts", config.n_mean * icl_tokens, config.n_mean))
     if "head_difference" in forms or "difference" in forms:
         work.append(StageWork("zero-shot prompts", config.n_mean * zero_tokens, config.n_mean))
     if heads:
-        starts = [i // shape.heads for i in range(grid)]
-        per_prompt = icl_tokens + 1 + _replay(starts, layers)
-        work.append(StageWork("indirect effects", config.n_aie * per_prompt, config.n_aie * (3 + grid)))
+        work.append(_indirect_effects(config, shape, icl_tokens))
     if config.method == "auto":
         starts = _candidate_starts(config, shape)
         screen = min(config.screen_queries, queries)
