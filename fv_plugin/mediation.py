@@ -106,8 +106,9 @@ class IndirectEffects:
         if not 0 < k <= flat.numel():
             raise ValueError(f"k must be in 1..{flat.numel()}, got {k}")
         heads = self.aie.shape[1]
-        order = sorted(range(flat.numel()), key=lambda i: (not bool(complete[i]), -float(flat[i])))
-        return [(i // heads, i % heads) for i in order[:k]]
+        order = flat.argsort(descending=True)
+        order = order[(~complete[order]).int().argsort(stable=True)]  # complete heads first, each part by AIE
+        return [(int(i) // heads, int(i) % heads) for i in order[:k]]
 
 
 def _patcher(means: torch.Tensor, rows: torch.Tensor) -> Any:
@@ -164,40 +165,20 @@ def average_indirect_effect(
     bases = torch.empty(len(prompts))
     first = len(prompts) if screen is None else min(screen, len(prompts))
     with stage("indirect effects", len(prompts), unit="prompt", progress=progress) as bar:
-        run = (model, resolved, tokenizer, prompts, means, heads_per_batch, prompts_per_batch, bar)
-        _effects_on(*run, range(first), None, effects, bases)
+
+        def run(which: range, heads: torch.Tensor | None) -> None:  # every head, or these flat head indices
+            order = [which[i] for i in by_length(tokenizer, [prompts[i] for i in which])]  # little padding
+            for start in range(0, len(order), prompts_per_batch):
+                group = order[start : start + prompts_per_batch]
+                chosen = [prompts[i] for i in group]
+                probs, base = _group_effects(model, resolved, tokenizer, chosen, means, heads_per_batch, heads)
+                bases[group], effects[group] = base, probs - base[:, None]
+                bar.update(len(group))
+
+        run(range(first), None)
         if first < len(prompts):
-            kept = effects[:first].mean(0).topk(min(finalists or 1, effects.shape[1])).indices
-            _effects_on(*run, range(first, len(prompts)), kept, effects, bases)
+            run(range(first, len(prompts)), effects[:first].mean(0).topk(min(finalists or 1, effects.shape[1])).indices)
     return IndirectEffects(effects=effects.view(len(prompts), n_layers, n_heads), base_probs=bases)
-
-
-def _effects_on(
-    model: nn.Module,
-    resolved: ResolvedArch,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    means: torch.Tensor,
-    heads_per_batch: int,
-    prompts_per_batch: int,
-    bar: Any,
-    which: Sequence[int],
-    heads: torch.Tensor | None,
-    effects: torch.Tensor,
-    bases: torch.Tensor,
-) -> None:
-    """Fill ``effects[p]`` (``[layers * heads]``) and ``bases[p]`` for the prompts ``which``: every head, or the
-    flat head indices ``heads``."""
-    chosen = [prompts[i] for i in which]
-    order = [which[i] for i in by_length(tokenizer, chosen)]  # batches of similar lengths pad little
-    for start in range(0, len(order), prompts_per_batch):
-        group = order[start : start + prompts_per_batch]
-        probs, base = _group_effects(
-            model, resolved, tokenizer, [prompts[i] for i in group], means, heads_per_batch, heads
-        )
-        bases[group] = base
-        effects[group] = probs - base[:, None]
-        bar.update(len(group))
 
 
 def _layer_rows(
@@ -308,10 +289,11 @@ class HeadStatistics:
         kept at least the heads ``config``'s would (or no screen)."""
         fields = ("n_shots", "n_mean", "n_aie", "seed", "template", "prepend_bos")
         same = all(getattr(self.config, name) == getattr(config, name) for name in fields)
-        kept = self.config.aie_finalists(self.effects.complete.numel())
-        if kept is None:  # every head ran on every prompt
+        complete = self.effects.complete
+        if complete.all():  # every head ran on every prompt
             return same
-        wanted = config.aie_finalists(self.effects.complete.numel())
+        wanted = config.aie_finalists(complete.numel())
+        kept = int(complete.sum())
         return same and wanted is not None and wanted <= kept and config.aie_screen == self.config.aie_screen
 
 

@@ -73,8 +73,8 @@ def _indirect_effects(config: ExtractionConfig, shape: ModelShape, icl_tokens: f
     (``config.aie_screen``), only the kept heads' rows, assumed spread over the layers as all heads are."""
     grid = shape.layers * shape.heads
     every = _replay([i // shape.heads for i in range(grid)], shape.layers)
-    kept = config.aie_finalists(grid)
-    screened = config.n_aie if kept is None else min(config.aie_screen or config.n_aie, config.n_aie)
+    kept = config.aie_finalists(grid)  # None: no screen (then aie_screen is None or covers every prompt)
+    screened = config.n_aie if kept is None or config.aie_screen is None else config.aie_screen
     rest, kept = config.n_aie - screened, kept or grid
     tokens = config.n_aie * (icl_tokens + 1) + screened * every + rest * every * kept / grid
     return StageWork("indirect effects", tokens, config.n_aie * 3 + screened * grid + rest * kept)
