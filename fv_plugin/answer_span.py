@@ -62,7 +62,7 @@ def answer_end_ids(tokenizer: Any, model: Any = None) -> torch.Tensor:
     return torch.unique(torch.cat([found, extra]))
 
 
-def answer_ends_for(positions: str, tokenizer: Any, model: Any) -> torch.Tensor | None:
+def answer_ends_for(positions: str | None, tokenizer: Any, model: Any) -> torch.Tensor | None:
     """The end ids a steering with ``positions`` needs (``None`` unless it is ``"answer"``)."""
     if positions != "answer":
         return None

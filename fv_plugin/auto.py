@@ -11,7 +11,10 @@ then only a set of zero-shot validation forwards. Scoring runs in two rounds:
    greedy answer, decoding only the answer's few tokens on the cached prompt
    (:func:`~fv_plugin.selection.score_answers`; the model without a vector too), and by their side effect:
    the KL divergence of a few neutral paragraphs' next-token distributions at the positions the vector is steered
-   at (:func:`~fv_plugin.selection.neutral_kl`).
+   at (:func:`~fv_plugin.selection.neutral_kl`). Each finalist is scored once per position mode of
+   ``config.auto_positions``: steered at the last prompt token and every generated token (``"generated"``, the
+   paper's setting) and at the last prompt token only (``"last_prompt"``); each (finalist, positions) pair is a
+   candidate, and the chosen pair's positions go with the vector (``fv.positions``).
 
 The validation queries are a seeded sample of at most ``config.max_validation``, so the cost does not grow with
 the task file. ``config.portable`` leaves out the head-level methods. The choice (:func:`choose`, :data:`RULE`):
@@ -58,13 +61,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RULE = (
-    "first round: every candidate on a few validation queries by first token; the finalists on all, by exact match "
-    "of the greedy answer and by side effect (KL on neutral text); among the finalists that beat the model without "
-    "a vector and stay within the side-effect budget (none within: the least side effect), the least side effect of "
-    "those within the accuracy tolerance of the highest exact match (tolerance 0: the highest exact match; ties: "
-    "first-token accuracy (single-layer candidates: averaged with smooth_layers neighbouring layers on each side), "
-    "then the smallest change (strength x norm), the fewest heads, the higher answer probability); if none beats the "
-    "model without a vector: the least harmful (highest exact match, then least side effect)"
+    "first round: every candidate on a few validation queries by first token; the finalists on all, at each of "
+    "auto_positions, by exact match of the greedy answer and by side effect (KL on neutral text); among the "
+    "finalists that beat the model without a vector and stay within the side-effect budget (none within: the least "
+    "side effect), the least side effect of those within the accuracy tolerance of the highest exact match "
+    "(tolerance 0: the highest exact match; ties: first-token accuracy (single-layer candidates: averaged with "
+    "smooth_layers neighbouring layers on each side), then the smallest change (strength x norm), the fewest heads, "
+    "the higher answer probability); if none beats the model without a vector: the least harmful (highest exact "
+    "match, then least side effect)"
 )
 
 
@@ -222,10 +226,12 @@ def _screen(inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[
 
 def _score(
     inputs: MethodInputs, options: Sequence[_Option], prompts: Sequence[Prompt]
-) -> tuple[list[Candidate], AnswerScores]:
+) -> tuple[list[Candidate], list[int], AnswerScores]:
     """Every option on the first ``screen_queries`` prompts (first token); the finalists on every prompt (first
-    token and exact match of the greedy answer) and on neutral text (side effect). Also the model without a
-    vector on every prompt."""
+    token and exact match of the greedy answer) and on neutral text (side effect), once per position mode of
+    ``config.auto_positions``. Also the model without a vector on every prompt. Returns the candidates (the
+    finalists at a second position mode appended as candidates of their own), each one's option, and the model
+    without a vector."""
     config = inputs.config
     found = _screen(inputs, options, prompts[: config.screen_queries])
     found = [dataclasses.replace(c, change=_change(o)) for c, o in zip(found, options, strict=True)]
@@ -236,18 +242,31 @@ def _score(
     kept = sorted(set(kept))
     rows: list[list[VectorArg]] = [[(options[i].vector, options[i].strength)] for i in kept]
     run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress}
-    answers = score_answers(inputs.model, inputs.tokenizer, prompts, [[], *rows], name="finalists", **run)
-    side = neutral_kl(inputs.model, inputs.tokenizer, rows, **run)
-    for i, a, kl in zip(kept, answers[1:], side, strict=True):
-        found[i] = dataclasses.replace(
-            found[i],
-            accuracy=a.accuracy,
-            answer_prob=a.answer_prob,
-            exact_match=a.exact_match,
-            side_effect=kl,
-            n_queries=len(prompts),
-        )
-    return found, answers[0]
+    screened, sources = list(found), list(range(len(found)))
+    positions = config.auto_positions
+    answers = score_answers(
+        inputs.model, inputs.tokenizer, prompts, [[], *rows], name="finalists", positions=positions, **run
+    )
+    sides = neutral_kl(inputs.model, inputs.tokenizer, rows, positions=positions, **run)
+    for n, where in enumerate(positions):
+        scores = answers[n * (len(rows) + 1) + 1 : (n + 1) * (len(rows) + 1)]  # without the model alone
+        side = sides[n * len(rows) : (n + 1) * len(rows)]
+        for i, a, kl in zip(kept, scores, side, strict=True):
+            c = dataclasses.replace(
+                screened[i],
+                accuracy=a.accuracy,
+                answer_prob=a.answer_prob,
+                exact_match=a.exact_match,
+                side_effect=kl,
+                n_queries=len(prompts),
+                positions=where,
+            )
+            if n == 0:
+                found[i] = c
+            else:
+                found.append(c)
+                sources.append(i)
+    return found, sources, answers[0]
 
 
 def _weak(task: str, selection: Selection) -> str:
@@ -266,7 +285,7 @@ def auto_vector(inputs: MethodInputs) -> FunctionVector:
     config = inputs.config
     options = _options(inputs)
     prompts = validation_prompts(inputs.task, config)
-    found, baseline = _score(inputs, options, prompts)
+    found, sources, baseline = _score(inputs, options, prompts)
     candidates = tuple(found)
     budget, tolerance = config.side_effect_budget, config.accuracy_tolerance
     index, given_up = choice(
@@ -283,11 +302,16 @@ def auto_vector(inputs: MethodInputs) -> FunctionVector:
         budget,
         accuracy_tolerance=given_up,
     )
-    chosen = options[index]
+    chosen = options[sources[index]]
     logger.info("auto: %s (validation exact match %.2f)", candidates[index].label(), _exact(candidates[index]))
     if not selection.beats_zero_shot:
         warnings.warn(_weak(inputs.task.name, selection), WeakVectorWarning, stacklevel=3)
     scaled = chosen.strength * chosen.vector if chosen.method != "head_patch" else chosen.vector
     return dataclasses.replace(
-        scaled, selection=selection, config=config, library_version=__version__, k=chosen.k or scaled.k
+        scaled,
+        selection=selection,
+        config=config,
+        library_version=__version__,
+        k=chosen.k or scaled.k,
+        positions=candidates[index].positions or "generated",
     )

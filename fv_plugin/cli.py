@@ -60,6 +60,8 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     screen = "every head on every shuffled prompt (the paper's AIE; default: the best heads of a screen, cheaper)"
     parser.add_argument("--full-aie", action="store_true", help=screen)
+    paper = "auto: score the finalists at the paper's positions only (default: also at the last prompt token only)"
+    parser.add_argument("--paper-positions", action="store_true", help=paper)
     parser.add_argument(
         "--prepend-bos",
         action=argparse.BooleanOptionalAction,
@@ -96,6 +98,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         portable=args.portable,
         prepend_bos=args.prepend_bos,
         aie_screen=None if args.full_aie else ExtractionConfig.aie_screen,
+        auto_positions=("generated",) if args.paper_positions else ExtractionConfig.auto_positions,
         **budget,
     )
 

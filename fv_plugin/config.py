@@ -46,7 +46,8 @@ Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
-AnswerPositions = Literal["generated", "answer"]  # where an evaluation's continuation is steered
+AnswerPositions = Literal["generated", "last_prompt", "answer"]  # where an evaluation's continuation is steered
+VECTOR_POSITIONS: tuple[str, ...] = ("generated", "last_prompt")  # what a vector may carry (``fv.positions``)
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
 # The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -114,6 +115,10 @@ class ExtractionConfig:
             neutral paragraphs' next-token distributions from the plain model's, with the candidate steered at its
             positions (:func:`~fv_plugin.selection.neutral_kl`); the most accurate finalist within it is chosen
             (none within: the one with the least). ``None``: no budget. The default is measured in docs/choice.md.
+        auto_positions: where ``method="auto"`` steers each finalist when scoring it (exact match, side effect):
+            ``"generated"`` (the last prompt token and every generated token, the paper's setting) and
+            ``"last_prompt"`` (that token only); the chosen pair's positions go with the vector (``fv.positions``,
+            what :func:`~fv_plugin.steer` uses unless told). ``("generated",)``: the paper's setting only.
         accuracy_tolerance: how much validation exact match ``method="auto"`` gives up for a smaller side effect:
             of the finalists within this much of the most accurate one, the one with the least side effect is
             chosen. ``"se"``: one standard error of the most accurate finalist's exact match on the validation
@@ -164,6 +169,7 @@ class ExtractionConfig:
     prepend_bos: bool = False
     side_effect_budget: float | None = DEFAULT_SIDE_EFFECT_BUDGET
     accuracy_tolerance: float | Literal["se"] = DEFAULT_ACCURACY_TOLERANCE
+    auto_positions: tuple[str, ...] = ("generated", "last_prompt")
 
     @property
     def auto_methods(self) -> tuple[str, ...]:
@@ -194,6 +200,10 @@ class ExtractionConfig:
         object.__setattr__(self, "condition_negatives", tuple(str(t) for t in self.condition_negatives))
 
     def _check_auto(self) -> None:
+        object.__setattr__(self, "auto_positions", tuple(self.auto_positions))
+        chosen = self.auto_positions
+        if not chosen or len(set(chosen)) < len(chosen) or any(p not in VECTOR_POSITIONS for p in chosen):
+            raise ValueError(f"auto_positions must be one or more of {VECTOR_POSITIONS}, got {self.auto_positions!r}")
         for name in ("methods", "ks", "strengths", "head_strengths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
@@ -290,8 +300,9 @@ class EvalConfig:
             plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
         gate: steer a prompt only if it passes each vector's condition (``steer(..., gate=True)``).
         positions: where the continuation is steered: ``"generated"`` (the last prompt token and every generated
-            token) or ``"answer"`` (until the row's answer ends; ``steer(..., positions="answer")``). The
-            next-token figures are steered at the last prompt token either way.
+            token), ``"last_prompt"`` (that token only) or ``"answer"`` (until the row's answer ends;
+            ``steer(..., positions="answer")``); ``None``: the vectors' own (``fv.positions``). The next-token
+            figures are steered at the last prompt token either way.
         prepend_bos: start every prompt with the tokenizer's BOS token; ``None``: as the vectors were extracted
             (``fv.prepend_bos``), or :class:`ExtractionConfig`'s default without vectors.
     """
@@ -309,13 +320,13 @@ class EvalConfig:
     batch_size: int = 16
     protocol: Protocol = "all"
     gate: bool = False
-    positions: AnswerPositions = "generated"
+    positions: AnswerPositions | None = None
     prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.gate, bool):
             raise TypeError(f"gate must be True or False, got {self.gate!r}")
-        if self.positions not in get_args(AnswerPositions):
+        if self.positions is not None and self.positions not in get_args(AnswerPositions):
             raise ValueError(f"positions must be one of {get_args(AnswerPositions)}, got {self.positions!r}")
         if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
             raise TypeError(f"prepend_bos must be True, False or None, got {self.prepend_bos!r}")

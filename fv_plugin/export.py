@@ -5,7 +5,9 @@ model's hidden size, and adds ``direction.N`` to the output of decoder block ``N
 fv_plugin adds a vector with ``layer=N``. Its loader refuses ``direction.0`` and has no slot for block 0, so a
 vector at layer 0 cannot be exported. It adds the vector at every position of the sequence (prompt included),
 which is fv_plugin's ``positions="all"``, with no per-token strength, and with no condition: a control vector
-cannot be gated (it is added at every token of every prompt). Head-level vectors cannot be exported (llama.cpp has
+cannot be gated (it is added at every token of every prompt), and a vector ``method="auto"`` chose to steer at the
+last prompt token only (``fv.positions == "last_prompt"``) is then added at every token too (a warning says so).
+Head-level vectors cannot be exported (llama.cpp has
 no head slots): make a portable one with ``fv extract --portable`` (``ExtractionConfig(portable=True)``).
 
 The metadata follows the files llama.cpp users share: ``general.architecture = "controlvector"``,
@@ -16,6 +18,7 @@ number of ``direction`` tensors).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -158,6 +161,13 @@ def to_gguf(vectors: object, path: str | Path, *, model_hint: str | None = None)
         >>> to_gguf([(antonym, 2.0), (other, -0.5)], "steer.gguf")  # doctest: +SKIP
     """
     directions = control_vector_directions(vectors)
+    if any(getattr(fv, "positions", None) == "last_prompt" for fv, _ in _pairs(vectors)):
+        warnings.warn(
+            "a vector chosen to steer the last prompt token only (fv.positions='last_prompt') is exported as a "
+            "control vector, which llama.cpp adds at every token: it will act more strongly than in fv_plugin",
+            UserWarning,
+            stacklevel=2,
+        )
     known = sorted({fv.model_type for fv, _ in _pairs(vectors) if fv.model_type is not None})
     hint = model_hint if model_hint is not None else (known[0] if known else None)
     gguf = _gguf()

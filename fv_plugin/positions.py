@@ -6,24 +6,55 @@ KV-cached generation steps and for left- or right-padded batches.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from fv_plugin.config import VECTOR_POSITIONS
+
 __all__ = [
     "POSITION_MODES",
+    "VECTOR_POSITIONS",
     "ForwardInfo",
     "Positions",
     "PromptInfo",
     "answer_ended",
     "forward_info",
     "position_mask",
+    "request_positions",
+    "steers_generated",
 ]
 
 Positions = Literal["last_prompt", "generated", "all", "answer"]
 POSITION_MODES: tuple[str, ...] = ("last_prompt", "generated", "all", "answer")
+
+
+def steers_generated(positions: str) -> bool:
+    """Whether a vector's ``positions`` steer every generated token (``"generated"``) or the last prompt token
+    only (``"last_prompt"``); anything else is refused."""
+    if positions not in VECTOR_POSITIONS:
+        raise ValueError(f"a vector is steered at one of {VECTOR_POSITIONS}, got {positions!r}")
+    return positions == "generated"
+
+
+def request_positions(explicit: str | None, vectors: Iterable[Any]) -> str:
+    """The positions one request steers: ``explicit`` when given; else the vectors' own (``fv.positions``, which
+    ``method="auto"`` chooses; ``"generated"``, the paper's setting, for a vector without one).
+
+    Raises:
+        ValueError: with ``explicit=None``, when the vectors carry different positions.
+    """
+    if explicit is not None:
+        return explicit
+    own = sorted({getattr(fv, "positions", None) or "generated" for fv in vectors})
+    if len(own) > 1:
+        raise ValueError(
+            f"these vectors are steered at different positions by default ({' and '.join(own)}, their "
+            "`fv.positions`); pass positions=... to steer them all at one, or steer them in separate requests"
+        )
+    return own[0] if own else "generated"
 
 
 @dataclass(frozen=True)

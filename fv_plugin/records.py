@@ -104,6 +104,8 @@ class Candidate:
             not scored.
         change: how much the candidate adds: its strength times the norm of its vector (``head_patch``: of the
             heads' values it writes, sent through the output projection); ties go to the smaller.
+        positions: where it was steered when scored (``"generated"``, or ``"last_prompt"``: the last prompt token
+            only); ``None``: ``"generated"`` (the first round, and records written before finalists had both).
     """
 
     method: str
@@ -116,6 +118,7 @@ class Candidate:
     exact_match: float | None = None
     side_effect: float | None = None
     change: float | None = None
+    positions: str | None = None
 
     @property
     def form(self) -> str:
@@ -129,7 +132,10 @@ class Candidate:
             parts.append(f"k={self.k}")
         if self.layer is not None:
             parts.append(f"L{self.layer}")
-        return " ".join([*parts, f"s={self.strength:g}"])
+        parts.append(f"s={self.strength:g}")
+        if self.positions == "last_prompt":
+            parts.append("last prompt token")
+        return " ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from fv_plugin.devices import input_dtype
 from fv_plugin.gating import bind_all, check_gate
 from fv_plugin.hooks import Attachment, attached, get_attachment
 from fv_plugin.merge import NORMALIZE_MODES, Normalize, check_normalize, check_number, merge
-from fv_plugin.positions import POSITION_MODES
+from fv_plugin.positions import POSITION_MODES, request_positions
 from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta, activate
 from fv_plugin.vector import FunctionVector
 
@@ -63,9 +63,10 @@ def check_strength(strength: object) -> float | torch.Tensor:
     return check_number(strength, "strength")
 
 
-def check_options(positions: str, normalize: str) -> Normalize:
-    """Check both options; returns ``normalize`` as a :data:`~fv_plugin.merge.Normalize`."""
-    if positions not in POSITION_MODES:
+def check_options(positions: str | None, normalize: str) -> Normalize:
+    """Check both options (``positions=None``: the vectors' own, :func:`~fv_plugin.positions.request_positions`);
+    returns ``normalize`` as a :data:`~fv_plugin.merge.Normalize`."""
+    if positions is not None and positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     return check_normalize(normalize)
 
@@ -154,16 +155,17 @@ def validate(
     *,
     rows: object = None,
     strength: object,
-    positions: str,
+    positions: str | None,
     normalize: str,
     arch: ArchSpec | None,
 ) -> SteeringRequest:
-    """Check everything against ``model`` before touching it."""
+    """Check everything against ``model`` before touching it (``positions=None``: the vectors' own)."""
     mode = check_options(positions, normalize)
     checked_strength = check_strength(strength)
     if rows is not None and vectors:
         raise ValueError("give the vectors either for every row (positional) or per row (rows=[...]), not both")
     groups = check_rows(rows) if rows is not None else [split_vectors(vectors)]
+    positions = request_positions(positions, (fv for group in groups for fv, _ in group))
     if rows is not None and isinstance(checked_strength, torch.Tensor) and len(checked_strength) != len(groups):
         raise ValueError(f"strength has {len(checked_strength)} values for {len(groups)} rows; give one per row")
     resolved = model_arch(model, arch)
@@ -287,7 +289,7 @@ def steering_context(
     *,
     rows: object = None,
     strength: object = 1.0,
-    positions: str = "generated",
+    positions: str | None = "generated",
     normalize: str = "absolute",
     arch: ArchSpec | None = None,
     window: tuple[int, int] | None = None,

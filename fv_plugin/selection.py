@@ -17,13 +17,11 @@ its verdict is settled (:func:`~fv_plugin.scoring.answer_settled`: the answer is
 non-word character, or the text can no longer become an accepted answer) or it ends the sequence. The result equals
 ``steer`` + ``generate`` per prompt and candidate (the tests check it).
 
-:func:`neutral_kl` scores candidates on what else they change: the KL divergence from the plain model's
-next-token distributions on a few neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
+What else a candidate changes is scored by :func:`fv_plugin.neutral_text.neutral_kl` (re-exported here).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,8 @@ from torch import nn
 from fv_plugin.answer_span import end_of_sequence_ids
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
+from fv_plugin.neutral_text import neutral_kl
+from fv_plugin.positions import steers_generated
 from fv_plugin.progress import stage
 from fv_plugin.prompts import EncodedPrompts, Prompt, by_length, encode_prompts
 from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, mask_inputs
@@ -43,11 +43,9 @@ from fv_plugin.scoring import (
     VectorArg,
     answer_settled,
     correct_first_token,
-    kl_divergence,
     last_logits_only,
     starts_with_answer,
 )
-from fv_plugin.tasks import neutral_texts
 
 __all__ = ["AnswerScores", "neutral_kl", "score_answers", "score_candidates"]
 
@@ -202,11 +200,14 @@ def _step(
     tokens: torch.Tensor,
     mask: torch.Tensor,
     cache: Any,
-    rows: Sequence[Sequence[VectorArg]],
+    rows: Sequence[Sequence[VectorArg]] | None,
     arch: Any,
 ) -> Any:
-    """One forward of ``tokens`` ``[rows, 1]`` on ``cache``, each row steered by its candidate at every new token."""
+    """One forward of ``tokens`` ``[rows, 1]`` on ``cache``, each row steered by its candidate at every new token
+    (``rows=None``: unsteered)."""
     kwargs = {cache_kwarg(model): cache} if cache is not None else {}
+    if rows is None:
+        return model(input_ids=tokens, use_cache=True, **mask_inputs(model, mask, 1), **kwargs)
     with steering_context(model, rows=rows, positions="generated", arch=arch):
         return model(input_ids=tokens, use_cache=True, **mask_inputs(model, mask, 1), **kwargs)
 
@@ -219,45 +220,57 @@ def _decode(
     index: torch.Tensor,
     arch: Any,
     ends: set[int],
+    modes: Sequence[bool] = (True,),
 ) -> tuple[list[bool], list[float], list[bool]]:
-    """Greedy answers of row ``r``'s candidate ``rows[r]`` to prompt ``index[r]`` of the group: (first token
-    correct, answer probability, exact match) per row."""
-    device, enc = input_device(model), group.enc
+    """Greedy answers of row ``r``'s candidate ``rows[r]`` to prompt ``index[r]`` of the group, once per mode:
+    steered at the last prompt token and, if the mode is ``True``, at every generated token. Returns per row the
+    first token's verdict and the answer's probability (the same in every mode: the first step is shared), and per
+    (mode, row), mode-major, the exact match. The rows of later modes fork from the first after its first step."""
+    device, enc, n = input_device(model), group.enc, len(rows)
     steps = max(group.budgets[p] for p in set(index.tolist()))
     cache = cache_rows(group.cache, index.to(device)) if group.cache is not None else None
     tokens = enc.input_ids[index, -1:].to(device)
     mask = enc.attention_mask[index].to(device)
-    alive, prompt_of = list(range(len(rows))), index.tolist()
-    generated: list[list[int]] = [[] for _ in rows]
-    first: list[bool] = []
-    probs: list[float] = []
+    alive, prompt_of = list(range(n)), index.tolist()  # tracks: mode * n + row
+    generated: list[list[int]] = [[] for _ in range(n * len(modes))]
+    first, probs = [], []
     for step in range(steps):
-        out = _step(model, tokens, mask, cache, [rows[i] for i in alive], arch)
+        steered = [rows[t % n] if step == 0 or modes[t // n] else [] for t in alive]
+        out = _step(model, tokens, mask, cache, steered if any(steered) else None, arch)
         logits = out.logits[:, -1].float()
         chosen = logits.argmax(-1).tolist()
         if step == 0:
             first = [correct_first_token(t, enc.answer_tokens[p]) for t, p in zip(chosen, prompt_of, strict=True)]
             answer = enc.answer_ids[index].to(logits.device)
-            probs = logits.softmax(-1)[torch.arange(len(rows), device=logits.device), answer].tolist()
-        keep = []
-        for j, row in enumerate(alive):
-            generated[row].append(chosen[j])
-            p = prompt_of[row]
-            text = tokenizer.decode(generated[row], skip_special_tokens=True)
+            probs = logits.softmax(-1)[torch.arange(n, device=logits.device), answer].tolist()
+        keep: list[int] = []  # rows of this forward that go on, as the tracks in `going`
+        going: list[int] = []
+        for j, track in enumerate(alive):
+            generated[track].append(chosen[j])
+            p = prompt_of[track % n]
+            text = tokenizer.decode(generated[track], skip_special_tokens=True)
             settled = chosen[j] in ends or answer_settled(text, group.prompts[p].answers)
-            if not settled and len(generated[row]) < group.budgets[p]:
+            if not settled and len(generated[track]) < group.budgets[p]:
                 keep.append(j)
-        if not keep:
+                going.append(track)
+        if step == 0:  # the other modes fork here: the same first token, then their own steering
+            base = list(zip(keep, going, strict=True))
+            for m in range(1, len(modes)):
+                for track in range(n):
+                    generated[m * n + track] = list(generated[track])
+                keep += [j for j, _ in base]
+                going += [m * n + track for _, track in base]
+        if not going:
             break
         cache = getattr(out, "cache", None) or out.past_key_values
         kept = torch.tensor(keep, device=device)
-        if len(keep) < len(alive):
+        if keep != list(range(len(alive))):
             cache.batch_select_indices(kept)
         mask = torch.cat([mask.index_select(0, kept), torch.ones(len(keep), 1, dtype=mask.dtype, device=device)], 1)
-        alive = [alive[j] for j in keep]
+        alive = going
         tokens = torch.tensor([[chosen[j]] for j in keep], device=device)
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-    exact = [starts_with_answer(t, group.prompts[p].answers) for t, p in zip(texts, prompt_of, strict=True)]
+    exact = [starts_with_answer(t, group.prompts[prompt_of[i % n]].answers) for i, t in enumerate(texts)]
     return first, probs, exact
 
 
@@ -273,13 +286,17 @@ def score_answers(
     arch: ArchSpec | None = None,
     name: str = "answers",
     progress: bool | None = None,
+    positions: str | Sequence[str] = "generated",
 ) -> list[AnswerScores]:
     """First-token accuracy, answer probability and exact match of the greedy answer of every candidate on
-    ``prompts`` (see the module). An empty candidate (``[]``) is the model without a vector.
+    ``prompts`` (see the module), steered at ``positions``: ``"generated"`` (the last prompt token and every
+    generated one) or ``"last_prompt"`` (that token only), or several of them: then one score per (positions,
+    candidate), positions-major, and every answer's first step runs once for all of them (it is the same). An
+    empty candidate (``[]``) is the model without a vector.
 
     The prefixes of ``prompts_per_batch`` prompts run once, together; their answers are then decoded for many
     candidates at once, one batch row per (prompt, candidate), at most ``rows_per_batch`` rows (at least one
-    candidate's) per forward.
+    candidate's) per first step.
 
     Args:
         candidates: each one a list of :class:`~fv_plugin.FunctionVector` or ``(vector, weight)`` pairs.
@@ -288,79 +305,27 @@ def score_answers(
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
     _check_sizes(rows_per_batch, prompts_per_batch)
+    modes = [steers_generated(p) for p in ([positions] if isinstance(positions, str) else positions)]
+    if not modes:
+        raise ValueError("score_answers needs at least one positions mode")
     ends = set(end_of_sequence_ids(tokenizer, model))
-    totals = torch.zeros(3, len(candidates), dtype=torch.float64)
+    totals = torch.zeros(len(modes), 3, len(candidates), dtype=torch.float64)
     order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
-    with stage(f"{name} ({len(candidates)} x {len(prompts)} queries)", len(prompts), progress=progress) as bar:
-        for first in range(0, len(prompts), prompts_per_batch):
-            group = _prepare(model, tokenizer, [prompts[i] for i in order[first : first + prompts_per_batch]])
+    label = f"{name} ({len(candidates)} x {len(prompts)} queries{', 2 position sets' if len(modes) > 1 else ''})"
+    with stage(label, len(prompts), progress=progress) as bar:
+        for start in range(0, len(prompts), prompts_per_batch):
+            group = _prepare(model, tokenizer, [prompts[i] for i in order[start : start + prompts_per_batch]])
             n = len(group.prompts)
             per_chunk = max(1, rows_per_batch // n)
             for c0 in range(0, len(candidates), per_chunk):
                 chunk = range(c0, min(c0 + per_chunk, len(candidates)))
                 index = torch.arange(n).repeat(len(chunk))  # row c * n + p: candidate chunk[c], prompt p
                 rows = [candidates[c] for c in chunk for _ in range(n)]
-                found = torch.tensor(_decode(model, tokenizer, group, rows, index, arch, ends), dtype=torch.float64)
-                totals[:, chunk.start : chunk.stop] += found.view(3, len(chunk), n).sum(-1)
+                first, probs, exact = _decode(model, tokenizer, group, rows, index, arch, ends, modes)
+                shared = torch.tensor([first, probs], dtype=torch.float64).view(2, len(chunk), n).sum(-1)
+                matched = torch.tensor(exact, dtype=torch.float64).view(len(modes), len(chunk), n).sum(-1)
+                totals[:, :2, chunk.start : chunk.stop] += shared
+                totals[:, 2, chunk.start : chunk.stop] += matched
             bar.update(n)
     mean = (totals / len(prompts)).tolist()
-    return [AnswerScores(a, p, e) for a, p, e in zip(*mean, strict=True)]
-
-
-def _neutral_ids(tokenizer: Any, texts: Sequence[str], width: int) -> torch.Tensor:
-    rows = [tokenizer(t)["input_ids"][:width] for t in texts]
-    short = [t[:40] for t, row in zip(texts, rows, strict=True) if len(row) < width]
-    if short:
-        raise ValueError(f"neutral texts need at least {width} tokens each; too short: {short}")
-    return torch.tensor(rows, dtype=torch.long)
-
-
-@torch.no_grad()
-def neutral_kl(
-    model: nn.Module,
-    tokenizer: Any,
-    candidates: Sequence[Sequence[VectorArg]],
-    *,
-    texts: Sequence[str] | None = None,
-    prompt_tokens: int = 12,
-    steered_tokens: int = 4,
-    rows_per_batch: int = 16,
-    arch: ArchSpec | None = None,
-    progress: bool | None = None,
-) -> list[float]:
-    """Per candidate: the mean KL divergence (nats) from the plain model's next-token distribution to the steered
-    one, over neutral paragraphs, at the positions :func:`~fv_plugin.steer` steers by default.
-
-    Each paragraph's first ``prompt_tokens`` tokens are a prompt and its next ``steered_tokens`` tokens stand in
-    for generated ones: the candidate is added at the prompt's last token and at each of them, and the KL is
-    averaged over those ``steered_tokens + 1`` positions and the paragraphs. The paragraphs' common prefix runs
-    once, unsteered; each batch of candidates then runs only the steered tokens, one batch row per paragraph and
-    candidate. An empty candidate scores 0.
-
-    Args:
-        texts: paragraphs of at least ``prompt_tokens + steered_tokens`` tokens (default: the first four shipped
-            neutral paragraphs, :func:`~fv_plugin.tasks.neutral_texts`).
-    """
-    if not candidates or prompt_tokens < 2 or steered_tokens < 0:
-        raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
-    paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
-    ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
-    found: list[float] = []
-    with stage(
-        f"side effects ({len(candidates)} x {len(paragraphs)} texts)", len(candidates), progress=progress
-    ) as bar:
-        prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
-        prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values
-        chunk, n, key = ids[:, prompt_tokens - 1 :], ids.shape[0], cache_kwarg(model)
-        plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
-        for start in range(0, len(candidates), rows_per_batch):
-            group = candidates[start : start + rows_per_batch]
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(group))  # row t * len(group) + c: paragraph t, candidate c
-            rows = [group[c] for _ in range(n) for c in range(len(group))]
-            with steering_context(model, rows=rows, positions="generated", arch=arch):
-                out = model(input_ids=chunk.repeat_interleave(len(group), dim=0), use_cache=True, **{key: cache})
-            steered = out.logits.float().softmax(-1).view(n, len(group), *plain.shape[1:])
-            found += kl_divergence(steered, plain[:, None]).mean(dim=(0, 2)).clamp_min(0.0).tolist()
-            bar.update(len(group))
-    return found
+    return [AnswerScores(a, p, e) for per_mode in mean for a, p, e in zip(*per_mode, strict=True)]

@@ -212,12 +212,13 @@ def continuations(
     *,
     strength: float = 1.0,
     new_tokens: int = 24,
-    positions: Positions = "generated",
+    positions: Positions | None = None,
     gate: bool = False,
     batch_size: int = 16,
 ) -> list[list[int]]:
     """The token ids of each prompt's greedy continuation of exactly ``new_tokens`` tokens, steered by ``vectors``
-    at ``positions`` (with ``gate``, only the prompts that pass each vector's condition); no vectors: plain.
+    at ``positions`` (``None``: the vectors' own, ``fv.positions``; with ``gate``, only the prompts that pass each
+    vector's condition); no vectors: plain.
 
     Prompts are tokenized as ``tokenizer(prompts)`` does (left-padded, in batches of ``batch_size``).
     """
@@ -252,13 +253,13 @@ def continuation_perplexity(
     *,
     opening_words: int = 8,
     strength: float = 1.0,
-    positions: Positions = "generated",
+    positions: Positions | None = None,
     gate: bool = False,
 ) -> float:
     """Perplexity of each text after its first ``opening_words`` words, read as a continuation of that opening:
     the opening is the prompt (one forward), the rest (tokenized on its own, after a space) is fed after it through
-    the KV cache as if generated, so ``vectors`` act where they act in generation (``positions``; with ``gate``,
-    only if the opening passes). No vectors: the plain model's.
+    the KV cache as if generated, so ``vectors`` act where they act in generation (``positions``, ``None``: the
+    vectors' own; with ``gate``, only if the opening passes). No vectors: the plain model's.
     """
     device = input_device(model)
     nll, count = 0.0, 0

@@ -64,7 +64,7 @@ def steer(
     *vectors: FunctionVector | tuple[FunctionVector, float],
     rows: Rows | None = None,
     strength: float | torch.Tensor = 1.0,
-    positions: Positions = "generated",
+    positions: Positions | None = None,
     normalize: Normalize = "absolute",
     arch: ArchSpec | None = None,
     gate: bool = False,
@@ -90,7 +90,8 @@ def steer(
         positions: ``"generated"`` (final prompt token and every generated token, the paper's setting),
             ``"last_prompt"`` (final prompt token only), ``"all"`` (every real token) or ``"answer"`` (final
             prompt token and each generated token until the row's answer ends: its first generated newline or
-            end-of-sequence token, which is not steered, nor anything after it; needs ``tokenizer``).
+            end-of-sequence token, which is not steered, nor anything after it; needs ``tokenizer``). ``None``
+            (default): the vectors' own (:func:`~fv_plugin.positions.request_positions`).
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
             ``strength`` times the norm of the hidden state it is added to.
         arch: where the decoder layers are, for models fv_plugin does not know.
@@ -161,7 +162,7 @@ class FunctionVectorProcessor(LogitsProcessor):
         *vectors: FunctionVector | tuple[FunctionVector, float],
         rows: Rows | None = None,
         strength: float | torch.Tensor = 1.0,
-        positions: Positions = "generated",
+        positions: Positions | None = None,
         normalize: Normalize = "absolute",
         window: tuple[int, int | None] | None = None,
         schedule: Callable[[int], float] | None = None,
@@ -250,7 +251,7 @@ class SteeredModel:
         steering: Sequence[FunctionVector | tuple[FunctionVector, float]] | None = None,
         *,
         strength: float | torch.Tensor = 1.0,
-        positions: Positions = "generated",
+        positions: Positions | None = None,
         normalize: Normalize = "absolute",
         arch: ArchSpec | None = None,
         gate: bool = False,

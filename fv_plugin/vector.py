@@ -15,6 +15,7 @@ import torch
 from fv_plugin import vector_files
 from fv_plugin.condition import Condition
 from fv_plugin.config import ExtractionConfig
+from fv_plugin.positions import VECTOR_POSITIONS
 from fv_plugin.records import Selection, Sweep
 from fv_plugin.vector_files import WEIGHTS_NAME
 from fv_plugin.version import __version__
@@ -71,6 +72,9 @@ class FunctionVector:
         selection: every candidate ``method="auto"`` scored on validation prompts, and the one it chose.
         config: the settings it was extracted with, if it was.
         condition: which prompts it is meant for (see :mod:`fv_plugin.condition`); used by ``gate=True``.
+        positions: where ``steer`` adds it when not told (``"generated"``: the last prompt token and every
+            generated one; ``"last_prompt"``: that token only); ``method="auto"`` chooses it, ``None``: ``"generated"``.
+            A sum of vectors keeps it only where they agree.
 
     Example:
         >>> import torch
@@ -100,6 +104,7 @@ class FunctionVector:
     layer_vectors: Mapping[int, torch.Tensor] | None = None
     selection: Selection | None = None
     condition: Condition | None = None
+    positions: str | None = None
 
     @classmethod
     def from_layers(cls, parts: Mapping[int, torch.Tensor], **fields: Any) -> FunctionVector:
@@ -156,6 +161,10 @@ class FunctionVector:
             raise TypeError(f"selection must be an fv_plugin Selection, got {type(self.selection).__name__}")
         if self.condition is not None:
             self._check_condition(self.condition)
+        if self.positions is not None and self.positions not in VECTOR_POSITIONS:
+            raise ValueError(
+                f"FunctionVector.positions must be one of {VECTOR_POSITIONS} or None, got {self.positions!r}"
+            )
 
     def _check_condition(self, condition: object) -> None:
         if not isinstance(condition, Condition):
@@ -239,7 +248,7 @@ class FunctionVector:
     def __repr__(self) -> str:
         what = ", ".join(
             f"{name}={getattr(self, name)!r}"
-            for name in ("model_type", "task", "method", "k")
+            for name in ("model_type", "task", "method", "k", "positions")
             if getattr(self, name) is not None
         )
         if self.builtin_strength is not None:
@@ -288,6 +297,7 @@ class FunctionVector:
             prompt_template=pick("prompt_template"),
             method="combination",
             library_version=_library_version(),
+            positions=self.positions if self.positions == other.positions else None,
         )
 
     def _scaled(self, factor: float) -> FunctionVector:

@@ -37,6 +37,9 @@ FORMAT = "fv_plugin.FunctionVector"
 FORMAT_VERSION = "2"  # 1: fv_plugin 0.1, metadata of its own in `extra`
 _LAYER_PREFIX = "layer_vectors."
 _CONDITION = "condition.direction"
+# settings a file predates: no BOS token, the most accurate finalist (tolerance 0), finalists steered at
+# "generated" only
+_BEFORE = {"prepend_bos": False, "accuracy_tolerance": 0.0, "auto_positions": ("generated",)}
 V = TypeVar("V")
 
 
@@ -88,6 +91,8 @@ class Stored(Protocol):
     def size(self) -> int: ...
     @property
     def condition(self) -> Condition | None: ...
+    @property
+    def positions(self) -> str | None: ...
 
 
 def metadata(fv: Stored) -> dict[str, Any]:
@@ -110,6 +115,7 @@ def metadata(fv: Stored) -> dict[str, Any]:
         "config": fv.config.to_dict() if fv.config is not None else None,
         "selection": fv.selection.to_dict() if fv.selection is not None else None,
         "condition": fv.condition.metadata() if fv.condition is not None else None,
+        "positions": fv.positions,
     }
 
 
@@ -186,14 +192,11 @@ def _fields(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, leg
         "head_mode": meta.get("head_mode") or "replace",
         "aie": aie,
         "layer_sweep": Sweep.from_dict(sweep) if sweep is not None else None,
-        # files written before prepend_bos existed made their prompts without a BOS token, and those written
-        # before accuracy_tolerance existed chose the most accurate finalist (a tolerance of 0)
-        "config": ExtractionConfig.from_dict({"prepend_bos": False, "accuracy_tolerance": 0.0, **config})
-        if config
-        else None,
+        "config": ExtractionConfig.from_dict({**_BEFORE, **config}) if config else None,
         "layer_vectors": parts or None,
         "selection": Selection.from_dict(meta["selection"]) if meta.get("selection") else None,
         "condition": _condition(meta, tensors),
+        "positions": meta.get("positions"),  # files written before vectors carried positions: None ("generated")
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -113,10 +114,21 @@ def test_auto_records_every_candidate_and_returns_the_one_it_scored() -> None:
     assert sel is not None and sel.queries == "valid+train"
     layers = 3
     expected = layers * 2 + 2 * 2 + 2 * 1 + 1 * 2 * 2  # difference, head_difference, head_patch, heads (k, L 0, 2)
-    assert len(sel.candidates) == expected
+    grid, twins = sel.candidates[:expected], sel.candidates[expected:]
+    finalists = [c for c in grid if c.exact_match is not None]
+    assert finalists and all(c.positions == "generated" for c in finalists)
+
+    # every finalist is scored again steered at the last prompt token only: the same first token, its own answers
+    def same(c: Candidate) -> Candidate:
+        return dataclasses.replace(c, exact_match=None, side_effect=None, positions=None, answer_prob=0.0)
+
+    assert [same(c) for c in twins] == [same(c) for c in finalists]
+    assert [c.answer_prob for c in twins] == pytest.approx([c.answer_prob for c in finalists], rel=1e-4)
+    assert all(c.positions == "last_prompt" and c.exact_match is not None for c in twins)
     assert sel.n_queries == len(task.valid) + len(task.train)
     best = sel.best
     assert fv.method == best.method and fv.config is not None and fv.config.method == "auto"
+    assert fv.positions == best.positions
     # the oracle: the chosen method's vector built explicitly, scaled by the chosen strength, scored with plain steering
     built = fv_plugin.extract_function_vector(
         model, tok, task, **{**SMALL, "method": best.method, "k": best.k or 4, "layer": best.layer}
@@ -140,7 +152,7 @@ def test_selection_travels_with_the_vector(tmp_path: Path) -> None:
     assert fv.selection is not None and {c.method for c in fv.selection.candidates} == {"difference"}
     assert fv.selection.n_queries == len(task.valid)
     back = fv_plugin.FunctionVector.load(fv.save(tmp_path / "auto.safetensors"))
-    assert back.selection == fv.selection and back.config == fv.config
+    assert back.selection == fv.selection and back.config == fv.config and back.positions == fv.positions
     with pytest.raises(ValueError, match="cannot be chosen by 'auto'"):
         fv_plugin.ExtractionConfig(methods=("layer_mean",))
 
@@ -155,3 +167,42 @@ def test_portable_auto_chooses_among_residual_stream_forms_only() -> None:
         fv_plugin.ExtractionConfig(method="head_patch", portable=True)
     with pytest.raises(ValueError, match="leaves no method"):
         fv_plugin.ExtractionConfig(methods=("head_patch", "head_difference"), portable=True)
+
+
+def test_auto_positions_decide_where_finalists_are_scored_and_the_vector_is_steered(tmp_path: Path) -> None:
+    model, tok, task = tiny_model("llama"), char_tokenizer(), reverse_task()
+    small = {**SMALL, "methods": ("difference",), "validation": "valid", "ks": (2,)}
+    with pytest.warns(WeakVectorWarning):
+        fv = fv_plugin.extract_function_vector(model, tok, task, auto_positions=("last_prompt",), **small)
+    assert fv.selection is not None and fv.positions == "last_prompt"
+    finalists = [c for c in fv.selection.candidates if c.exact_match is not None]
+    assert finalists and {c.positions for c in finalists} == {"last_prompt"}
+    assert "last prompt token" in fv.selection.best.label()
+    with pytest.warns(WeakVectorWarning):
+        paper = fv_plugin.extract_function_vector(model, tok, task, auto_positions=("generated",), **small)
+    assert paper.selection is not None and len(paper.selection.candidates) == len(fv.selection.candidates)
+    assert paper.positions == "generated"
+    for wrong in ((), ("answer",), ("generated", "generated")):
+        with pytest.raises(ValueError, match="auto_positions must be"):
+            ExtractionConfig(auto_positions=wrong)
+    # a file written before vectors carried positions: none, steered at "generated"; finalists scored there only
+    path = fv.save(tmp_path / "v.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        header, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    meta = json.loads(header["fv_metadata"])
+    del meta["positions"], meta["config"]["auto_positions"]
+    save_file(tensors, str(path), metadata={**header, "fv_metadata": json.dumps(meta)})
+    old = fv_plugin.FunctionVector.load(path)
+    assert old.positions is None and old.config is not None and old.config.auto_positions == ("generated",)
+
+
+def test_fv_extract_scores_both_position_sets_unless_told_the_papers() -> None:
+    from fv_plugin.cli import _extract_config, _extract_parser
+
+    argv = ["--task", "antonym", "--out", "v.safetensors"]
+    assert _extract_config(_extract_parser().parse_args(argv)).auto_positions == ("generated", "last_prompt")
+    paper = _extract_config(_extract_parser().parse_args([*argv, "--paper-positions"]))
+    assert paper.auto_positions == ("generated",) and ExtractionConfig.from_dict(paper.to_dict()) == paper

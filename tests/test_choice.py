@@ -55,7 +55,10 @@ def _fv(seed: int, layer: int, scale: float) -> FunctionVector:
     return FunctionVector(vector=torch.randn(64, generator=gen) * scale, layer=layer)
 
 
-def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate() -> None:
+@pytest.mark.parametrize(
+    "positions", ["generated", "last_prompt", ("generated", "last_prompt"), ("last_prompt", "generated")]
+)
+def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate(positions: str | tuple[str, ...]) -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     prompts = fv_plugin.make_prompts(echo_task(), n_shots=0, split="train")[:8]
     gen = torch.Generator().manual_seed(5)
@@ -63,13 +66,15 @@ def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate() -> Non
         vector=torch.zeros(64), layer=1, heads=((1, 2), (2, 0)), head_values=torch.randn(2, 16, generator=gen) * 2
     )
     candidates = [[], [_fv(1, 0, 1.0)], [(_fv(2, 2, 2.0), -0.5)], [_fv(3, 1, 0.7), (_fv(4, 0, 1.0), 0.5)], [patch]]
-    fast = score_answers(model, tok, prompts, candidates, rows_per_batch=3)
-    for candidate, got in zip(candidates, fast, strict=True):
+    fast = score_answers(model, tok, prompts, candidates, rows_per_batch=3, positions=positions)
+    modes = [positions] if isinstance(positions, str) else list(positions)
+    assert len(fast) == len(modes) * len(candidates)  # one score per (positions, candidate), positions-major
+    for mode, candidate, got in zip([m for m in modes for _ in candidates], candidates * len(modes), fast, strict=True):
         hits = []
         for prompt in prompts:  # the naive reference: steer + generate, one query at a time, the text rule
             enc = encode_prompts(tok, [prompt])
             budget = max(len(a) for a in enc.answer_tokens[0]) + 1
-            with fv_plugin.steer(model, *candidate):
+            with fv_plugin.steer(model, *candidate, positions=mode):
                 out = model.generate(
                     input_ids=enc.input_ids, max_new_tokens=budget, do_sample=False, pad_token_id=0, eos_token_id=2
                 )
@@ -78,33 +83,45 @@ def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate() -> Non
                     tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True), prompt.answers
                 )
             )
-        assert got.exact_match == pytest.approx(sum(hits) / len(hits))
+        assert got.exact_match == pytest.approx(sum(hits) / len(hits)), (mode, candidate)
         plain = fv_plugin.score_prompts(model, tok, prompts, candidate)
         assert got.accuracy == pytest.approx(plain.accuracy)
         assert got.answer_prob == pytest.approx(plain.answer_prob, rel=1e-4, abs=1e-6)
     assert fast[0].exact_match == 1.0 and len({s.exact_match for s in fast}) >= 3  # the candidates really differ
+    if len(modes) > 1:  # the two position sets answer differently here, or the fork is not tested
+        assert [s.exact_match for s in fast[: len(candidates)]] != [s.exact_match for s in fast[len(candidates) :]]
 
 
-def test_neutral_kl_equals_a_naive_per_paragraph_computation() -> None:
+@pytest.mark.parametrize("positions", ["generated", "last_prompt", ("generated", "last_prompt")])
+def test_neutral_kl_equals_a_naive_per_paragraph_computation(positions: str | tuple[str, ...]) -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     texts = ["The river ran slowly past the old mill.", "We bought bread and apples at the market today."]
     candidates = [[], [_fv(1, 0, 1.0)], [(_fv(2, 2, 2.0), 1.5)], [_fv(3, 1, 0.5)]]
-    fast = neutral_kl(model, tok, candidates, texts=texts, prompt_tokens=10, steered_tokens=3, rows_per_batch=2)
+    run = dict(texts=texts, prompt_tokens=10, steered_tokens=3, rows_per_batch=3, positions=positions)
+    fast = neutral_kl(model, tok, candidates, **run)
+    modes = [positions] if isinstance(positions, str) else list(positions)
+    assert len(fast) == len(modes) * len(candidates)  # positions-major
     layers = decoder_layers(model)
-    for candidate, got in zip(candidates, fast, strict=True):
+    for k, (mode, candidate) in enumerate((m, c) for m in modes for c in candidates):
+        stop = 13 if mode == "generated" else 10  # the last prompt token is position 9
         total = 0.0
-        for text in texts:  # the oracle: our own hook adds the vector at positions 9.. of one full forward
+        for text in texts:  # the oracle: our own hook adds the vector at positions 9 to stop of one full forward
             ids = torch.tensor([tok(text)["input_ids"][:13]])
             handles = []
             for item in candidate:
                 fv, weight = item if isinstance(item, tuple) else (item, 1.0)
 
                 def add(
-                    module: object, args: object, output: object, fv: FunctionVector = fv, w: float = weight
+                    module: object,
+                    args: object,
+                    output: object,
+                    fv: FunctionVector = fv,
+                    w: float = weight,
+                    stop: int = stop,
                 ) -> object:
                     hidden = output[0] if isinstance(output, tuple) else output
                     hidden = hidden.clone()
-                    hidden[:, 9:] += w * fv.vector.to(hidden.dtype)
+                    hidden[:, 9:stop] += w * fv.vector.to(hidden.dtype)
                     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
                 handles.append(layers[fv.layer].register_forward_hook(add))
@@ -115,8 +132,8 @@ def test_neutral_kl_equals_a_naive_per_paragraph_computation() -> None:
             with torch.no_grad():
                 plain = model(input_ids=ids).logits[0, 9:].float().softmax(-1)
             total += float(kl_divergence(steered, plain).mean())
-        assert got == pytest.approx(total / len(texts), rel=1e-4, abs=1e-6)
-    assert fast[0] == pytest.approx(0.0, abs=1e-6) and min(fast[1:]) > 1e-4
+        assert fast[k] == pytest.approx(total / len(texts), rel=1e-4, abs=1e-6), (mode, k)
+    assert fast[0] == pytest.approx(0.0, abs=1e-6) and min(fast[1 : len(candidates)]) > 1e-4
 
 
 def test_when_no_vector_beats_the_model_auto_warns_and_returns_the_least_harmful(

@@ -71,7 +71,7 @@ def test_progress_is_on_unless_turned_off_and_stages_are_recorded(monkeypatch: p
         "zero-shot prompts",
         "indirect effects",
         "candidates",
-        "finalists",
+        "finalists",  # at both position sets: steered at every generated token, and at the last prompt token only
         "side effects",
         "condition",  # learned by default: a recorded stage like the others
     ], names
@@ -111,7 +111,7 @@ def test_auto_scores_every_candidate_on_a_few_queries_and_the_finalists_on_all()
         fv = fv_plugin.extract_function_vector(model, tok, task, screen_queries=5, finalists=3, **SMALL)
     sel = fv.selection
     assert sel is not None
-    full = [c for c in sel.candidates if c.n_queries == sel.n_queries]
+    full = [c for c in sel.candidates if c.n_queries == sel.n_queries and c.positions == "generated"]
     assert {c.n_queries for c in sel.candidates} == {5, sel.n_queries} and 3 <= len(full) <= 3 + 2 * 4
     assert sel.best.n_queries == sel.n_queries and {c.method for c in full} == {c.method for c in sel.candidates}
     # the oracle: the chosen vector, steered plainly on every validation query, scores what was recorded

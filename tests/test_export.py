@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,14 @@ def test_a_vector_over_several_layers_gives_one_direction_per_layer(tmp_path: Pa
         np.testing.assert_allclose(tensors[f"direction.{layer}"], part.numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="block 0"):
         to_gguf(FunctionVector.from_layers({0: parts[2], 2: parts[5]}), tmp_path / "zero.gguf")
+
+
+def test_a_vector_chosen_for_the_last_prompt_token_warns_that_llama_cpp_adds_it_everywhere(tmp_path: Path) -> None:
+    fv = dataclasses.replace(vector(2, 1), positions="last_prompt")
+    with pytest.warns(UserWarning, match="adds at every token"):
+        path = to_gguf([fv, vector(3, 2)], tmp_path / "last.gguf")
+    _, tensors = read_back(path)
+    np.testing.assert_array_equal(tensors["direction.2"], fv.vector.numpy())  # exported all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_gguf(vector(2, 1), tmp_path / "plain.gguf")

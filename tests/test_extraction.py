@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -333,7 +334,8 @@ def test_quality_bench_reports_every_form_on_both_protocols(tmp_path: Path) -> N
 
     model, tok = tiny_model("llama"), char_tokenizer()
     base = fv_plugin.ExtractionConfig(n_mean=4, n_aie=2, n_shots=3, k=3, ks=(2,), strengths=(1.0,))
-    with pytest.warns(fv_plugin.WeakVectorWarning):
+    with warnings.catch_warnings():  # a random model: auto may warn that no vector beats it, or find one that does
+        warnings.simplefilter("ignore", fv_plugin.WeakVectorWarning)
         row = measure_quality(model, tok, "first-letter", base=base)
     assert set(COLUMNS) == set(row.scores)
     task = fv_plugin.load_task("first-letter")

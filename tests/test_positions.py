@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (
@@ -168,3 +170,35 @@ def test_right_padded_generation_same_with_and_without_cache(mode: str) -> None:
     fv = _vector(seed=4).to(dtype=torch.float64)
     cached, uncached = generate_cached_and_uncached(model, (fv,), ids, mask, strength=1.5, positions=mode)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("own", [None, "generated", "last_prompt"])
+def test_every_entry_point_steers_a_vector_at_its_own_positions_unless_told(own: str | None) -> None:
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = left_padded(ROWS)
+    fv = dataclasses.replace(_vector(seed=3, scale=2.0).to(dtype=torch.float64), positions=own)
+    expected = _reference_generate(model, ids, mask, fv, 1.0, own or "generated", new=6)
+    other = "generated" if own == "last_prompt" else "last_prompt"
+    told = _reference_generate(model, ids, mask, fv, 1.0, other, new=6)
+    assert not torch.equal(expected, told), "the two position modes must differ here, or the test proves nothing"
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    options["eos_token_id"] = None
+    with fv_plugin.steer(model, fv):
+        assert torch.equal(model.generate(**options), expected)
+    with fv_plugin.steer(model, fv, positions=other):  # an explicit mode wins over the vector's
+        assert torch.equal(model.generate(**options), told)
+    assert torch.equal(fv_plugin.SteeredModel(model, [fv]).generate(**options), expected)
+    processor = fv_plugin.FunctionVectorProcessor(fv)
+    assert torch.equal(fv_plugin.attach(model).generate(**options, logits_processor=[processor]), expected)
+    twin = dataclasses.replace(fv, positions=other)
+    with pytest.raises(ValueError, match="different positions by default"), fv_plugin.steer(model, fv, twin):
+        pass
+    with fv_plugin.steer(model, fv, twin, positions="all"):  # told: no conflict
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_a_vector_refuses_positions_it_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="positions must be one of"):
+        dataclasses.replace(_vector(), positions="answer")
+    a, b = dataclasses.replace(_vector(1), positions="last_prompt"), dataclasses.replace(_vector(2), positions=None)
+    assert (a + a).positions == "last_prompt" and (a + b).positions is None and (2.0 * a).positions == "last_prompt"

@@ -54,9 +54,11 @@ def _candidate(c: Any) -> dict[str, Any]:
 
 
 def _rebuilt(model: torch.nn.Module, tokenizer: Any, task: Task, config: ExtractionConfig, stats: Any, c: Any) -> Any:
-    """The vector of one recorded candidate, built again from the same statistics, its strength built in."""
+    """The vector of one recorded candidate, built again from the same statistics, its strength and positions
+    built in."""
     settings = dataclasses.replace(config, method=c.method, k=c.k or config.k, layer=c.layer)
     fv = extract_function_vector(model, tokenizer, task, settings, statistics=stats)
+    fv = dataclasses.replace(fv, positions=c.positions or "generated")
     return fv if c.method == "head_patch" else c.strength * fv
 
 

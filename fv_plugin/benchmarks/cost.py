@@ -85,14 +85,16 @@ def _per_query(name: str, queries: int, starts: Sequence[int], shape: ModelShape
     return StageWork(name, queries * (length + 1 + _replay(starts, shape.layers)), queries * (3 + len(starts)))
 
 
-def _finalists(queries: int, finalists: int, zero_tokens: float) -> list[StageWork]:
-    """The finalists and the model without a vector: the prefix once per query, then the answers' greedy steps;
-    then the finalists on the neutral paragraphs (their prefix once, then the steered tokens per finalist)."""
-    rows = (finalists + 1) * ANSWER_STEPS
-    answers = StageWork("finalists", queries * (zero_tokens - 1 + rows), int(queries * (1 + rows)))
+def _finalists(queries: int, finalists: int, zero_tokens: float, positions: Sequence[str]) -> list[StageWork]:
+    """The finalists and the model without a vector: the prefix once per query, then the answers' greedy steps,
+    the first step shared by every position set (later sets fork after it); then the finalists on the neutral
+    paragraphs (their prefix and the plain model once, then the steered tokens per finalist, the first shared)."""
+    rows = (finalists + 1) * (ANSWER_STEPS + (len(positions) - 1) * (ANSWER_STEPS - 1))
+    work = [StageWork("finalists", queries * (zero_tokens - 1 + rows), int(queries * (1 + rows)))]
     texts, prompt, steered = NEUTRAL
-    side = texts * (prompt - 1 + (steered + 1) * (finalists + 1))
-    return [answers, StageWork("side effects", side, texts * (1 + (steered + 1) * (finalists + 1)))]
+    per = (steered + 1) + finalists * (1 + steered * len(positions))  # the plain model, then each finalist
+    work.append(StageWork("side effects", texts * (prompt - 1 + per), texts * (1 + per)))
+    return work
 
 
 def _candidate_starts(config: ExtractionConfig, shape: ModelShape) -> list[int]:
@@ -137,7 +139,7 @@ def estimate(
         screen = min(config.screen_queries, queries)
         work.append(_per_query("candidates", screen, starts, shape, zero_tokens))
         finalists = min(len(starts), config.finalists + 2 * len(config.auto_methods))
-        work += _finalists(queries, finalists, zero_tokens)
+        work += _finalists(queries, finalists, zero_tokens, config.auto_positions)
     elif config.method != "head_patch" and config.layer is None:
         work.append(_per_query("layer sweep", queries, [0, *range(layers)], shape, zero_tokens))  # no vector: 0
     return work

@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 # mode -> (gate, positions of the continuation)
-MODES: dict[str, tuple[bool, str]] = {
-    "ungated": (False, "generated"),
-    "gated": (True, "generated"),
+MODES: dict[str, tuple[bool, str | None]] = {  # positions None: the vectors' own
+    "ungated": (False, None),
+    "gated": (True, None),
     "answer": (False, "answer"),
     "gated+answer": (True, "answer"),
 }

@@ -26,7 +26,7 @@ import torch
 
 from fv_plugin.architectures import ResolvedArch
 from fv_plugin.merge import Normalize, check_number, merge
-from fv_plugin.positions import Positions
+from fv_plugin.positions import Positions, request_positions
 from fv_plugin.request import check_options, check_strength, check_vector, split_vectors
 from fv_plugin.vector import FunctionVector
 from fv_plugin.vllm.gate_requests import (
@@ -36,6 +36,7 @@ from fv_plugin.vllm.gate_requests import (
     group_by_condition,
     parse_conditions,
     require_condition,
+    sent_positions,
 )
 from fv_plugin.vllm.head_requests import (
     HEAD_KEYS,
@@ -128,7 +129,7 @@ def _split_sources(vectors: Sequence[object]) -> tuple[list[tuple[FunctionVector
 def steering(
     *vectors: FunctionVector | tuple[FunctionVector, float] | str | tuple[str, float],
     strength: float = 1.0,
-    positions: Positions = "generated",
+    positions: Positions | None = None,
     normalize: Normalize = "absolute",
     gate: bool = False,
 ) -> dict[str, Any]:
@@ -143,7 +144,8 @@ def steering(
         strength: multiplies every vector (one float per request).
         positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"``, ``"all"`` or
             ``"answer"`` (as ``"generated"``, until the first generated newline or end of sequence; the server knows
-            those tokens from its tokenizer).
+            those tokens from its tokenizer). ``None``: the vectors' own (``fv.positions``, a named vector's from its
+            file; ``"generated"`` for a vector without one), as ``fv_plugin.steer`` does.
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
             ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
         gate: steer with each vector only if the request's prompt passes the vector's condition (``fv.condition``,
@@ -159,14 +161,10 @@ def steering(
         >>> params = SamplingParams(temperature=0, max_tokens=16, extra_args=args)  # doctest: +SKIP
     """
     check_options(positions, normalize)
-    check_vllm_positions(gate, positions)
-    args: dict[str, Any] = {
-        "fv_format": FORMAT,
-        "fv_strength": _scalar_strength(strength),
-        "fv_positions": positions,
-        "fv_normalize": normalize,
-    }
     inline, named = _split_sources(vectors)
+    sent = sent_positions(positions, [fv for fv, _ in inline], bool(named), gate)
+    args: dict[str, Any] = {"fv_format": FORMAT, "fv_strength": _scalar_strength(strength), "fv_normalize": normalize}
+    args.update({"fv_positions": sent} if sent is not None else {})
     if normalize == "relative" and any(fv.is_head_patch for fv, _ in inline):
         raise ValueError(HEAD_RELATIVE_REFUSAL)
     args.update(encode_head_vectors([(fv, weight) for fv, weight in inline if fv.is_head_patch]))
@@ -272,10 +270,10 @@ def parse_request(
     if not args or not any(key.startswith("fv_") for key in args):
         return None
     _check_keys(args)
-    positions = args.get("fv_positions", "generated")
-    normalize = check_options(positions, args.get("fv_normalize", "absolute"))
+    normalize = check_options(args.get("fv_positions"), args.get("fv_normalize", "absolute"))
     strength = check_number(args.get("fv_strength", 1.0), "fv_strength")
     inline, named = _inline_pairs(args), _named_pairs(args, lookup)
+    positions = request_positions(args.get("fv_positions"), (fv for fv, _ in inline + named))
     head_pairs = parse_head_vectors(args, decode_vector, check_number)
     gated = parse_conditions(args, len(inline), len(head_pairs), decode_vector, check_number)
     check_vllm_positions(gated is not None, positions)

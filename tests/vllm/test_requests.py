@@ -393,3 +393,23 @@ def test_the_vllm_bench_gates_the_share_it_is_asked_for() -> None:
         if gate:
             assert parse_request(over_json(steering(fv, gate=True)), no_names) is not None
     assert not any(gate for _, gate in _with_conditions(vectors, 0.0))
+
+
+def test_a_vector_travels_with_its_own_positions_unless_told() -> None:
+    last = dataclasses.replace(vec(1, 0), positions="last_prompt")
+    args = over_json(steering(last))
+    assert args["fv_positions"] == "last_prompt" and over_json(steering(vec(1, 0)))["fv_positions"] == "generated"
+    told = parse_request(over_json(steering(last, positions="generated")), no_names)
+    parsed = parse_request(args, no_names)
+    assert parsed is not None and told is not None
+    assert (parsed.positions, told.positions) == ("last_prompt", "generated")
+    frontend = Frontend(arch=ARCH, settings=PluginSettings(), named={"last": last, "plain": vec(2, 1)})
+    sent = over_json(steering("last"))  # a named vector's positions are in the server's file
+    by_name = parse_request(sent, frontend.lookup)
+    assert "fv_positions" not in sent and by_name is not None and by_name.positions == "last_prompt"
+    with pytest.raises(ValueError, match="different positions by default"):
+        parse_request(steering("last", "plain"), frontend.lookup)
+    both = parse_request(steering("last", "plain", positions="generated"), frontend.lookup)
+    assert both is not None and both.positions == "generated"
+    with pytest.raises(ValueError, match="pass positions"):
+        steering(last, "plain")
