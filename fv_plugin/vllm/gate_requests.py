@@ -54,7 +54,7 @@ GATE_KEYS: tuple[str, ...] = (
 GATE_ALL_REFUSAL = (
     "gate=True with positions='all' cannot be served exactly on vLLM: the gate decides at the prompt's last token, "
     "and vLLM may run the earlier prompt tokens in earlier steps (chunked prefill, the prefix cache), before the "
-    "decision exists; use positions='generated' (the default) or 'last_prompt' with gate=True"
+    "decision exists; use positions='generated' or 'last_prompt' with gate=True"
 )
 
 
