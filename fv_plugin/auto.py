@@ -242,7 +242,7 @@ def _score(
     kept = sorted(set(kept))
     rows: list[list[VectorArg]] = [[(options[i].vector, options[i].strength)] for i in kept]
     run: dict[str, Any] = {"arch": inputs.arch, "progress": inputs.progress}
-    screened, sources = list(found), list(range(len(found)))
+    sources = list(range(len(found)))
     positions = config.auto_positions
     answers = score_answers(
         inputs.model, inputs.tokenizer, prompts, [[], *rows], name="finalists", positions=positions, **run
@@ -252,8 +252,8 @@ def _score(
         scores = answers[n * (len(rows) + 1) + 1 : (n + 1) * (len(rows) + 1)]  # without the model alone
         side = sides[n * len(rows) : (n + 1) * len(rows)]
         for i, a, kl in zip(kept, scores, side, strict=True):
-            c = dataclasses.replace(
-                screened[i],
+            c = dataclasses.replace(  # every scored field is set: found[i] serves for each position set
+                found[i],
                 accuracy=a.accuracy,
                 answer_prob=a.answer_prob,
                 exact_match=a.exact_match,

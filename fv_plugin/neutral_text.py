@@ -14,7 +14,7 @@ from torch import nn
 
 from fv_plugin.architectures import ArchSpec
 from fv_plugin.devices import input_device
-from fv_plugin.positions import steers_generated
+from fv_plugin.positions import position_modes
 from fv_plugin.progress import stage
 from fv_plugin.replay import cache_kwarg
 from fv_plugin.request import steering_context
@@ -45,8 +45,8 @@ def _continued(
     found = []
     for m, every_token in enumerate(modes):
         mine = cache if m == len(modes) - 1 else copy.deepcopy(cache)
-        steering = steering_context(model, rows=rows, positions="generated", arch=arch)
-        with steering if every_token else contextlib.nullcontext():
+        steered = steering_context(model, rows=rows, positions="generated", arch=arch) if every_token else None
+        with steered or contextlib.nullcontext():
             rest = model(input_ids=tokens[:, 1:], use_cache=True, **{key: mine}).logits
         found.append(torch.cat([first, rest], 1))
     return found
@@ -82,11 +82,12 @@ def neutral_kl(
     """
     if not candidates or prompt_tokens < 2 or steered_tokens < 0:
         raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
-    modes = [steers_generated(p) for p in ([positions] if isinstance(positions, str) else positions)]
+    modes = position_modes(positions)
     paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
     ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
     found = torch.zeros(len(modes), len(candidates), dtype=torch.float64)
-    label = f"side effects ({len(candidates)} x {len(paragraphs)} texts{', 2 position sets' if len(modes) > 1 else ''})"
+    sets = f", {len(modes)} position sets" if len(modes) > 1 else ""
+    label = f"side effects ({len(candidates)} x {len(paragraphs)} texts{sets})"
     with stage(label, len(candidates), progress=progress) as bar:
         prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
         prefix = getattr(prefix_out, "cache", None) or prefix_out.past_key_values

@@ -6,7 +6,7 @@ KV-cached generation steps and for left- or right-padded batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ __all__ = [
     "answer_ended",
     "forward_info",
     "position_mask",
+    "position_modes",
     "request_positions",
     "steers_generated",
 ]
@@ -37,6 +38,14 @@ def steers_generated(positions: str) -> bool:
     if positions not in VECTOR_POSITIONS:
         raise ValueError(f"a vector is steered at one of {VECTOR_POSITIONS}, got {positions!r}")
     return positions == "generated"
+
+
+def position_modes(positions: str | Sequence[str]) -> list[bool]:
+    """One :func:`steers_generated` flag per position set of ``positions`` (one set, or several)."""
+    modes = [steers_generated(p) for p in ([positions] if isinstance(positions, str) else positions)]
+    if not modes:
+        raise ValueError("at least one position set is needed")
+    return modes
 
 
 def request_positions(explicit: str | None, vectors: Iterable[Any]) -> str:

@@ -33,7 +33,7 @@ from fv_plugin.answer_span import end_of_sequence_ids
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
 from fv_plugin.neutral_text import neutral_kl
-from fv_plugin.positions import steers_generated
+from fv_plugin.positions import position_modes
 from fv_plugin.progress import stage
 from fv_plugin.prompts import EncodedPrompts, Prompt, by_length, encode_prompts
 from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, mask_inputs
@@ -305,13 +305,12 @@ def score_answers(
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
     _check_sizes(rows_per_batch, prompts_per_batch)
-    modes = [steers_generated(p) for p in ([positions] if isinstance(positions, str) else positions)]
-    if not modes:
-        raise ValueError("score_answers needs at least one positions mode")
+    modes = position_modes(positions)
     ends = set(end_of_sequence_ids(tokenizer, model))
     totals = torch.zeros(len(modes), 3, len(candidates), dtype=torch.float64)
     order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
-    label = f"{name} ({len(candidates)} x {len(prompts)} queries{', 2 position sets' if len(modes) > 1 else ''})"
+    sets = f", {len(modes)} position sets" if len(modes) > 1 else ""
+    label = f"{name} ({len(candidates)} x {len(prompts)} queries{sets})"
     with stage(label, len(prompts), progress=progress) as bar:
         for start in range(0, len(prompts), prompts_per_batch):
             group = _prepare(model, tokenizer, [prompts[i] for i in order[start : start + prompts_per_batch]])

@@ -14,8 +14,7 @@ import torch
 
 from fv_plugin import vector_files
 from fv_plugin.condition import Condition
-from fv_plugin.config import ExtractionConfig
-from fv_plugin.positions import VECTOR_POSITIONS
+from fv_plugin.config import VECTOR_POSITIONS, ExtractionConfig
 from fv_plugin.records import Selection, Sweep
 from fv_plugin.vector_files import WEIGHTS_NAME
 from fv_plugin.version import __version__
