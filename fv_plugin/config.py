@@ -163,7 +163,7 @@ class ExtractionConfig:
     portable: bool = False
     max_validation: int | None = 64
     screen_queries: int = 12
-    finalists: int = 24
+    finalists: int = 20
     aie_screen: int | None = 12
     aie_keep: int = 8
     prepend_bos: bool = False

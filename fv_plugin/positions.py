@@ -26,6 +26,7 @@ __all__ = [
     "position_modes",
     "request_positions",
     "steers_generated",
+    "vector_positions",
 ]
 
 Positions = Literal["last_prompt", "generated", "all", "answer"]
@@ -48,16 +49,23 @@ def position_modes(positions: str | Sequence[str]) -> list[bool]:
     return modes
 
 
+def vector_positions(fv: Any) -> str:
+    """A vector's own positions: ``fv.positions`` (which ``method="auto"`` chooses), or ``"generated"`` (the
+    paper's setting) for a vector without one."""
+    return getattr(fv, "positions", None) or "generated"
+
+
 def request_positions(explicit: str | None, vectors: Iterable[Any]) -> str:
-    """The positions one request steers: ``explicit`` when given; else the vectors' own (``fv.positions``, which
-    ``method="auto"`` chooses; ``"generated"``, the paper's setting, for a vector without one).
+    """The one positions mode a request steers where it has a single mode (vLLM): ``explicit`` when given; else
+    the vectors' own (:func:`vector_positions`). On Hugging Face models vectors that disagree are each steered at
+    their own (:func:`fv_plugin.request.by_positions`).
 
     Raises:
         ValueError: with ``explicit=None``, when the vectors carry different positions.
     """
     if explicit is not None:
         return explicit
-    own = sorted({getattr(fv, "positions", None) or "generated" for fv in vectors})
+    own = sorted({vector_positions(fv) for fv in vectors})
     if len(own) > 1:
         raise ValueError(
             f"these vectors are steered at different positions by default ({' and '.join(own)}, their "

@@ -11,6 +11,7 @@ the front ends, and candidate scoring (:func:`~fv_plugin.selection.score_candida
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from fv_plugin.devices import input_dtype
 from fv_plugin.gating import bind_all, check_gate
 from fv_plugin.hooks import Attachment, attached, get_attachment
 from fv_plugin.merge import NORMALIZE_MODES, Normalize, check_normalize, check_number, merge
-from fv_plugin.positions import POSITION_MODES, request_positions
+from fv_plugin.positions import POSITION_MODES, vector_positions
 from fv_plugin.runtime import ActiveSteering, HeadPatch, LayerDelta, activate
 from fv_plugin.vector import FunctionVector
 
@@ -35,6 +36,7 @@ __all__ = [
     "SteeringRequest",
     "VectorLike",
     "bind",
+    "by_positions",
     "check_number",
     "check_options",
     "check_representable",
@@ -64,7 +66,7 @@ def check_strength(strength: object) -> float | torch.Tensor:
 
 
 def check_options(positions: str | None, normalize: str) -> Normalize:
-    """Check both options (``positions=None``: the vectors' own, :func:`~fv_plugin.positions.request_positions`);
+    """Check both options (``positions=None``: each vector's own, :func:`by_positions`);
     returns ``normalize`` as a :data:`~fv_plugin.merge.Normalize`."""
     if positions is not None and positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
@@ -145,7 +147,7 @@ class SteeringRequest:
     rows: tuple[Pairs, ...]
     per_row: bool
     strength: float | torch.Tensor
-    positions: str
+    positions: str | None  # None: each vector at its own (they differ; see by_positions)
     normalize: Normalize
 
 
@@ -165,7 +167,9 @@ def validate(
     if rows is not None and vectors:
         raise ValueError("give the vectors either for every row (positional) or per row (rows=[...]), not both")
     groups = check_rows(rows) if rows is not None else [split_vectors(vectors)]
-    positions = request_positions(positions, (fv for group in groups for fv, _ in group))
+    if positions is None:  # the vectors' own: one mode, or None when they differ (each steered at its own)
+        own = {vector_positions(fv) for group in groups for fv, _ in group}
+        positions = own.pop() if len(own) == 1 else None if own else "generated"
     if rows is not None and isinstance(checked_strength, torch.Tensor) and len(checked_strength) != len(groups):
         raise ValueError(f"strength has {len(checked_strength)} values for {len(groups)} rows; give one per row")
     resolved = model_arch(model, arch)
@@ -249,6 +253,24 @@ def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
     return {layer: tuple(items) for layer, items in patches.items()}
 
 
+def by_positions(request: SteeringRequest) -> list[SteeringRequest]:
+    """``request`` as one request per positions mode: itself when it has one; else, for vectors that carry
+    different positions (``fv.positions``), one per mode with each row's vectors of that mode. What each adds is
+    computed from the same hidden state (:mod:`fv_plugin.runtime`), so the parts add up to the whole request, also
+    with ``normalize="relative"``."""
+    if request.positions is not None:
+        return [request]
+    modes = sorted({vector_positions(fv) for group in request.rows for fv, _ in group})
+    return [
+        dataclasses.replace(
+            request,
+            rows=tuple(tuple(pair for pair in group if vector_positions(pair[0]) == mode) for group in request.rows),
+            positions=mode,
+        )
+        for mode in modes
+    ]
+
+
 def bind(
     owner: Attachment,
     request: SteeringRequest,
@@ -258,6 +280,8 @@ def bind(
     clock: object | None = None,
 ) -> ActiveSteering | None:
     """The active steering of ``request`` on an attached model (``None`` when it would add nothing)."""
+    if request.positions is None:
+        raise ValueError("a request whose vectors carry different positions is bound per mode; see by_positions")
     if isinstance(request.strength, float) and request.strength == 0.0:
         return None
     deltas = _deltas(request, owner.arch.hidden_size)
@@ -307,6 +331,7 @@ def steering_context(
     :class:`~fv_plugin.FunctionVectorProcessor`'s; ``replay=(rows, position)`` marks forwards that re-run only
     the last prompt token layer by layer (:class:`~fv_plugin.mediation.LastTokenReplay`). ``gate``: one gated
     steering per vector (:mod:`fv_plugin.gating`; the first is yielded); ``answer_end``: for ``positions="answer"``.
+    ``positions=None``: each vector at its own (``fv.positions``; one steering per mode when they differ).
     """
     request = validate(
         model, vectors, rows=rows, strength=strength, positions=positions, normalize=normalize, arch=arch
@@ -314,8 +339,12 @@ def steering_context(
     if gate is True:
         check_gate(fv for group in request.rows for fv, _ in group)
     with attached(model, arch=arch) as owner:
-        steerings = bind_all(
-            owner, request, bind, gate=gate, window=window, schedule=schedule, clock=clock, answer_end=answer_end
+        steerings = tuple(
+            steering
+            for part in by_positions(request)
+            for steering in bind_all(
+                owner, part, bind, gate=gate, window=window, schedule=schedule, clock=clock, answer_end=answer_end
+            )
         )
         with activate(steerings, replay=replay):
             yield steerings[0] if steerings else None

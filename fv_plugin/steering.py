@@ -91,7 +91,7 @@ def steer(
             ``"last_prompt"`` (final prompt token only), ``"all"`` (every real token) or ``"answer"`` (final
             prompt token and each generated token until the row's answer ends: its first generated newline or
             end-of-sequence token, which is not steered, nor anything after it; needs ``tokenizer``). ``None``
-            (default): the vectors' own (:func:`~fv_plugin.positions.request_positions`).
+            (default): each vector's own (``fv.positions``), also when they differ.
         normalize: ``"absolute"`` adds ``strength * vector``; ``"relative"`` rescales the vector to
             ``strength`` times the norm of the hidden state it is added to.
         arch: where the decoder layers are, for models fv_plugin does not know.

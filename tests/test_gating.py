@@ -125,6 +125,23 @@ def test_generation_keeps_the_decision(use_cache: bool) -> None:
         assert torch.equal(steered[row], alone[0]) and torch.equal(processed[row], alone[0])
 
 
+def test_gated_vectors_keep_their_own_positions() -> None:
+    model = tiny_model("llama")
+    a = dataclasses.replace(_gated(_vector(9, scale=10.0), model, layer=1, seed=10), positions="last_prompt")
+    b = dataclasses.replace(_gated(_vector(11, scale=10.0), model, layer=0, seed=12), positions="generated")
+    ids, mask = left_padded(PROMPTS)
+    pass_a = a.condition.passes(_plain_last_states(model, ids, mask, 1))  # type: ignore[union-attr]
+    pass_b = b.condition.passes(_plain_last_states(model, ids, mask, 0))  # type: ignore[union-attr]
+    assert not torch.equal(pass_a, pass_b), "the two gates must split the rows differently here"
+    with fv_plugin.steer(model, a, b, gate=True):
+        gated = _generate(model, ids, mask, True)
+    for row in range(len(PROMPTS)):
+        kept = [fv for fv, passed in ((a, pass_a[row]), (b, pass_b[row])) if bool(passed)]
+        with fv_plugin.steer(model, *kept):  # each at its own positions, ungated
+            alone = _generate(model, ids[row : row + 1], mask[row : row + 1], True)
+        assert torch.equal(gated[row], alone[0])
+
+
 def test_gate_needs_a_condition_and_a_layer_before_the_vector() -> None:
     model = tiny_model("llama")
     fv = _vector(0)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import (
+    decoder_layers,
     generate_cached_and_uncached,
     left_padded,
     next_layer_input,
@@ -97,8 +98,14 @@ def _reference_generate(
         real = torch.cat([mask.bool(), torch.ones(batch, seq - prompt_len, dtype=torch.bool)], dim=1)
         return real
 
+    with reference_steering(model, fv.layer, strength * fv.vector, select):
+        return _greedy_without_cache(model, ids, mask, new)
+
+
+def _greedy_without_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    """``new`` greedy tokens, every step a full forward of the whole sequence (no KV cache)."""
     seq, att = ids.clone(), mask.clone()
-    with torch.no_grad(), reference_steering(model, fv.layer, strength * fv.vector, select):
+    with torch.no_grad():
         for _ in range(new):
             position_ids = (att.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=seq, attention_mask=att, position_ids=position_ids).logits[:, -1]
@@ -191,10 +198,89 @@ def test_every_entry_point_steers_a_vector_at_its_own_positions_unless_told(own:
     processor = fv_plugin.FunctionVectorProcessor(fv)
     assert torch.equal(fv_plugin.attach(model).generate(**options, logits_processor=[processor]), expected)
     twin = dataclasses.replace(fv, positions=other)
-    with pytest.raises(ValueError, match="different positions by default"), fv_plugin.steer(model, fv, twin):
-        pass
-    with fv_plugin.steer(model, fv, twin, positions="all"):  # told: no conflict
+    with fv_plugin.steer(model, fv, twin, positions="all"):  # told: every vector there
         model(input_ids=ids, attention_mask=mask)
+
+
+def _reference_generate_each(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, adds: list[tuple], new: int, relative: bool = False
+) -> torch.Tensor:
+    """Naive reference for several vectors, each at its own positions and rows: a greedy loop without cache and
+    one plain hook per decoder layer adding, for each ``(layer, vector, weight, mode, rows)``, ``weight * vector``
+    (``relative``: ``weight * |h| * vector / |vector|``, with ``h`` the layer's own output) where ``mode`` and
+    ``rows`` (bool ``[batch]``) select."""
+    prompt_len = ids.shape[1]
+    last = torch.tensor([int(r.nonzero().max()) for r in mask.bool()])
+    layers = decoder_layers(model)
+
+    def hook_for(layer: int):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: object, output: object) -> object:
+            hidden = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+            pos = torch.arange(hidden.shape[1])[None, :]
+            out = hidden
+            for at, vector, weight, mode, rows in adds:
+                if at != layer:
+                    continue
+                where = (pos == last[:, None]) | ((pos >= prompt_len) & (mode == "generated"))
+                where = where & rows[:, None]
+                size = hidden.norm(dim=-1, keepdim=True) / vector.norm() if relative else 1.0
+                out = out + where[..., None].to(hidden.dtype) * weight * size * vector.to(hidden.dtype)
+            return out if isinstance(output, torch.Tensor) else (out, *output[1:])  # type: ignore[index]
+
+        return hook
+
+    handles = [layers[layer].register_forward_hook(hook_for(layer)) for layer in {add[0] for add in adds}]
+    try:
+        return _greedy_without_cache(model, ids, mask, new)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("normalize", ["absolute", "relative"])
+@pytest.mark.parametrize("b_layer", [LAYER, LAYER + 1])
+def test_vectors_with_different_positions_are_each_steered_at_their_own(normalize: str, b_layer: int) -> None:
+    model = tiny_model("llama", dtype=torch.float64)
+    ids, mask = left_padded(ROWS)
+    a = dataclasses.replace(_vector(seed=5, scale=2.0).to(dtype=torch.float64), positions="last_prompt")
+    raw = _vector(seed=6, scale=2.0).to(dtype=torch.float64).vector
+    b = FunctionVector(vector=raw, layer=b_layer, positions="generated")
+    wa, wb = (1.0, 0.7) if normalize == "absolute" else (0.4, 0.3)
+    every = torch.ones(len(ROWS), dtype=torch.bool)
+    adds = [(LAYER, a.vector, wa, "last_prompt", every), (b_layer, b.vector, wb, "generated", every)]
+    relative, norm = normalize == "relative", {"normalize": normalize}
+    expected = _reference_generate_each(model, ids, mask, adds, new=6, relative=relative)
+    at_one = _reference_generate_each(model, ids, mask, [(*add[:3], "generated", every) for add in adds], 6, relative)
+    assert not torch.equal(expected, at_one), "steering both at one mode must differ here, or the test proves nothing"
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    options["eos_token_id"] = None
+    pairs = [(a, wa), (b, wb)]
+    if b_layer == LAYER:  # one forward of the prompts: both add at the last token, from the same hidden state
+        with torch.no_grad(), next_layer_input(model, LAYER) as plain:
+            model(input_ids=ids, attention_mask=mask)
+        with torch.no_grad(), next_layer_input(model, LAYER) as steered, fv_plugin.steer(model, *pairs, **norm):
+            model(input_ids=ids, attention_mask=mask)
+        h = plain[0][:, -1]  # left padded: every row's last token
+        unit = (lambda v: v / v.norm()) if relative else (lambda v: v)
+        size = h.norm(dim=-1, keepdim=True) if relative else 1.0
+        torch.testing.assert_close(steered[0][:, -1], h + size * (wa * unit(a.vector) + wb * unit(b.vector)))
+        assert torch.equal(steered[0][:, :-1], plain[0][:, :-1])
+    with fv_plugin.steer(model, *pairs, normalize=normalize):
+        assert torch.equal(model.generate(**options), expected)
+    assert torch.equal(fv_plugin.SteeredModel(model, pairs, normalize=normalize).generate(**options), expected)
+    processor = fv_plugin.FunctionVectorProcessor(*pairs, normalize=normalize)
+    assert torch.equal(fv_plugin.attach(model).generate(**options, logits_processor=[processor]), expected)
+    with fv_plugin.steer(model, *pairs, positions="generated", normalize=normalize):  # an explicit mode wins
+        assert torch.equal(model.generate(**options), at_one)
+    # per row: a alone, b alone, both
+    rows = [[(a, wa)], [(b, wb)], [(a, wa), (b, wb)]]
+    per_row = [
+        (LAYER, a.vector, wa, "last_prompt", torch.tensor([True, False, True])),
+        (b_layer, b.vector, wb, "generated", torch.tensor([False, True, True])),
+    ]
+    expected_rows = _reference_generate_each(model, ids, mask, per_row, new=6, relative=relative)
+    with fv_plugin.steer(model, rows=rows, normalize=normalize):
+        assert torch.equal(model.generate(**options), expected_rows)
 
 
 def test_a_vector_refuses_positions_it_cannot_carry() -> None:
