@@ -147,7 +147,7 @@ class SteeringRequest:
     rows: tuple[Pairs, ...]
     per_row: bool
     strength: float | torch.Tensor
-    positions: str | None  # None: each vector at its own (they differ; see by_positions)
+    positions: str | None  # None: each vector at its own (see by_positions)
     normalize: Normalize
 
 
@@ -167,9 +167,6 @@ def validate(
     if rows is not None and vectors:
         raise ValueError("give the vectors either for every row (positional) or per row (rows=[...]), not both")
     groups = check_rows(rows) if rows is not None else [split_vectors(vectors)]
-    if positions is None:  # the vectors' own: one mode, or None when they differ (each steered at its own)
-        own = {vector_positions(fv) for group in groups for fv, _ in group}
-        positions = own.pop() if len(own) == 1 else None if own else "generated"
     if rows is not None and isinstance(checked_strength, torch.Tensor) and len(checked_strength) != len(groups):
         raise ValueError(f"strength has {len(checked_strength)} values for {len(groups)} rows; give one per row")
     resolved = model_arch(model, arch)
@@ -254,10 +251,9 @@ def _head_patches(request: SteeringRequest) -> dict[int, tuple[HeadPatch, ...]]:
 
 
 def by_positions(request: SteeringRequest) -> list[SteeringRequest]:
-    """``request`` as one request per positions mode: itself when it has one; else, for vectors that carry
-    different positions (``fv.positions``), one per mode with each row's vectors of that mode. What each adds is
-    computed from the same hidden state (:mod:`fv_plugin.runtime`), so the parts add up to the whole request, also
-    with ``normalize="relative"``."""
+    """``request`` as one request per positions mode: itself when it has one; else one per mode its vectors carry
+    (``fv.positions``), with each row's vectors of that mode. What each adds is computed from the same hidden state
+    (:mod:`fv_plugin.runtime`), so the parts add up to the whole request, also with ``normalize="relative"``."""
     if request.positions is not None:
         return [request]
     modes = sorted({vector_positions(fv) for group in request.rows for fv, _ in group})

@@ -248,7 +248,7 @@ def test_vectors_with_different_positions_are_each_steered_at_their_own(normaliz
     wa, wb = (1.0, 0.7) if normalize == "absolute" else (0.4, 0.3)
     every = torch.ones(len(ROWS), dtype=torch.bool)
     adds = [(LAYER, a.vector, wa, "last_prompt", every), (b_layer, b.vector, wb, "generated", every)]
-    relative, norm = normalize == "relative", {"normalize": normalize}
+    relative = normalize == "relative"
     expected = _reference_generate_each(model, ids, mask, adds, new=6, relative=relative)
     at_one = _reference_generate_each(model, ids, mask, [(*add[:3], "generated", every) for add in adds], 6, relative)
     assert not torch.equal(expected, at_one), "steering both at one mode must differ here, or the test proves nothing"
@@ -258,7 +258,11 @@ def test_vectors_with_different_positions_are_each_steered_at_their_own(normaliz
     if b_layer == LAYER:  # one forward of the prompts: both add at the last token, from the same hidden state
         with torch.no_grad(), next_layer_input(model, LAYER) as plain:
             model(input_ids=ids, attention_mask=mask)
-        with torch.no_grad(), next_layer_input(model, LAYER) as steered, fv_plugin.steer(model, *pairs, **norm):
+        with (
+            torch.no_grad(),
+            next_layer_input(model, LAYER) as steered,
+            fv_plugin.steer(model, *pairs, normalize=normalize),
+        ):
             model(input_ids=ids, attention_mask=mask)
         h = plain[0][:, -1]  # left padded: every row's last token
         unit = (lambda v: v / v.norm()) if relative else (lambda v: v)
