@@ -197,6 +197,7 @@ class Batcher:
         stop_ids: end-of-sequence ids: a row ends at the first one (it is not part of its tokens).
         limits: batch size, padded-token budget and gathering window.
         timeout_s: how long a request waits for its next snapshot before giving up.
+        tokenizer: the model's tokenizer, which says where an answer ends (jobs with ``positions="answer"``).
     """
 
     def __init__(
@@ -207,9 +208,10 @@ class Batcher:
         stop_ids: frozenset[int] = frozenset(),
         limits: BatchLimits = BatchLimits(),
         timeout_s: float = 600.0,
+        tokenizer: Any = None,
     ) -> None:
         self.model = fv_plugin.attach(model)  # the steering processors need it; attaching twice is a no-op
-        self.pad_id, self.stop_ids, self.limits = pad_id, stop_ids, limits
+        self.pad_id, self.stop_ids, self.limits, self.tokenizer = pad_id, stop_ids, limits, tokenizer
         self.timeout_s = timeout_s
         self.stats: deque[BatchStat] = deque(maxlen=1000)
         self._pending: deque[Pending] = deque()
@@ -273,7 +275,14 @@ class Batcher:
         try:
             jobs = [p.job for p in batch]
             watch = [FirstStepProbs(slots)]
-            generate_batch(self.model, jobs, pad_id=self.pad_id, streamer=BatchStreamer(slots), watch=watch)
+            generate_batch(
+                self.model,
+                jobs,
+                pad_id=self.pad_id,
+                streamer=BatchStreamer(slots),
+                watch=watch,
+                tokenizer=self.tokenizer,
+            )
         except Exception as exc:  # one request's failure must not take the others down
             if len(batch) > 1 and not any(slot.published for slot in slots):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(batch), exc)

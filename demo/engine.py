@@ -21,11 +21,11 @@ import torch
 
 import fv_plugin
 from demo.batching import Batcher, BatchLimits, Update
-from demo.generation import Job, PrefixCache, Row
+from demo.generation import OWN, Job, PrefixCache, Row
 from fv_plugin.side_effects import Specificity, TextEffects
 
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
-POSITIONS = fv_plugin.POSITION_MODES
+POSITIONS = (OWN, *fv_plugin.POSITION_MODES)  # OWN: each vector at its own (fv.positions)
 N_DEMOS = 10
 DEFAULT_BOS = fv_plugin.ExtractionConfig().prepend_bos  # prompts without vectors: as the library extracts
 SERIES = ("plain", "steered", f"{N_DEMOS}-shot ICL")
@@ -187,7 +187,11 @@ class Engine:
         self.num_layers = fv_plugin.resolve_architecture(model).num_layers
         self.prefixes = PrefixCache(self.model)
         self.batcher = Batcher(
-            self.model, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids(model), limits=batching or BatchLimits()
+            self.model,
+            pad_id=tokenizer.pad_token_id,
+            stop_ids=stop_ids(model),
+            limits=batching or BatchLimits(),
+            tokenizer=tokenizer,
         )
 
     # ------------------------------------------------------------------ checks

@@ -13,7 +13,8 @@ Steering uses ``positions="all"`` (every real token of a pass) on the right pass
 exactly: ``"all"`` rows are steered in pass 1 and in every step of pass 2; ``"generated"`` rows in every step of
 pass 2 (their last prompt token and every generated token); ``"last_prompt"`` rows only in the first step of pass
 2 (a :class:`fv_plugin.FunctionVectorProcessor` with ``window=(0, 1)``). Positions come from the attention mask,
-so left padding and masked slots in the middle of a row do not move any token.
+so left padding and masked slots in the middle of a row do not move any token. A job with positions ``OWN`` steers
+each vector at its own (``fv.positions``, what ``auto`` chose), as ``fv_plugin.steer`` does by default.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 import fv_plugin
 
 Pairs = tuple[tuple[fv_plugin.FunctionVector, float], ...]
+OWN = "own"  # a job's positions: each vector's own
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,24 @@ class SteeringGroup:
         return [list(pairs) for pairs in self.rows]
 
 
+def _mode(job: Job, fv: Any) -> str:
+    """Where ``job`` steers with ``fv``: its positions, or (``OWN``) the vector's own."""
+    return (fv.positions or "generated") if job.positions == OWN else job.positions
+
+
 def steering_groups(jobs: Sequence[Job]) -> dict[str, SteeringGroup]:
-    """One group per positions mode that some job steers with."""
-    modes = dict.fromkeys(job.positions for job in jobs if any(row.vectors for row in job.rows))
+    """One group per positions mode that some job steers with; a row's vectors go to their modes' groups (one
+    mode per job, or each vector's own with ``OWN``)."""
+    modes = dict.fromkeys(_mode(job, fv) for job in jobs for row in job.rows for fv, _ in row.vectors)
     groups = {}
     for mode in modes:
         rows: list[Pairs] = []
         strengths: list[float] = []
         for job in jobs:
-            mine = job.positions == mode
-            rows += [row.vectors if mine else () for row in job.rows]
-            strengths += [job.strength if mine else 0.0] * len(job.rows)
+            for row in job.rows:
+                mine = tuple(pair for pair in row.vectors if _mode(job, pair[0]) == mode)
+                rows.append(mine)
+                strengths.append(job.strength if mine else 0.0)
         groups[mode] = SteeringGroup(mode, tuple(rows), torch.tensor(strengths))
     return groups
 
@@ -186,14 +195,17 @@ def prefill(model: Any, batch: Layout, groups: dict[str, SteeringGroup]) -> Dyna
     return out.cache
 
 
-def processors(groups: dict[str, SteeringGroup]) -> list[LogitsProcessor]:
-    """Pass 2's steering: every step for ``"all"`` and ``"generated"`` rows, the first for ``"last_prompt"``."""
+def processors(groups: dict[str, SteeringGroup], tokenizer: Any = None) -> list[LogitsProcessor]:
+    """Pass 2's steering: every step for ``"all"`` and ``"generated"`` rows, the first for ``"last_prompt"``, and
+    for ``"answer"`` rows every step until the row's answer ends (the library's own rule, which needs
+    ``tokenizer``)."""
     return [
         fv_plugin.FunctionVectorProcessor(
             rows=group.vectors(),
             strength=group.strength,
-            positions="all",
+            positions="answer" if mode == "answer" else "all",
             window=(0, 1) if mode == "last_prompt" else None,
+            tokenizer=tokenizer if mode == "answer" else None,
         )
         for mode, group in groups.items()
     ]
@@ -206,8 +218,10 @@ def generate_batch(
     pad_id: int,
     streamer: BaseStreamer | None = None,
     watch: Sequence[LogitsProcessor] = (),
+    tokenizer: Any = None,
 ) -> torch.Tensor:
-    """One greedy ``generate`` over every row of ``jobs`` (in order); ``watch``: pass-through processors.
+    """One greedy ``generate`` over every row of ``jobs`` (in order); ``watch``: pass-through processors;
+    ``tokenizer``: what ends an answer, for ``"answer"`` jobs.
 
     ``model`` must be :func:`fv_plugin.attach`-ed (the steering processors need it). Returns the sequences
     ``[rows, width + new tokens]`` in the :class:`Layout`'s columns.
@@ -225,6 +239,6 @@ def generate_batch(
             do_sample=False,
             pad_token_id=pad_id,
             streamer=streamer,
-            logits_processor=LogitsProcessorList([*watch, *processors(groups)]),
+            logits_processor=LogitsProcessorList([*watch, *processors(groups, tokenizer)]),
         )
     return out

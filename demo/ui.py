@@ -10,6 +10,7 @@ import fv_plugin
 from demo.callbacks import NONE, OWN_LAYER, DemoApp, shows_errors
 from demo.engine import N_DEMOS, POSITIONS, Limits
 from demo.extractor import METHODS
+from demo.generation import OWN
 
 QUEUE_SIZE = 32  # requests waiting, over all events
 CONCURRENCY = 4  # extract and compare requests running at once
@@ -118,10 +119,11 @@ def steer_tab(app: DemoApp, own: gr.State) -> list[VectorChoice]:
             layer = gr.Dropdown(layers, value=OWN_LAYER, label="Layer (the vector is added after it)")
             positions = gr.Radio(
                 list(POSITIONS),
-                value="last_prompt",
+                value=OWN,
                 label="Positions",
-                info="last_prompt: the prompt's final token (as the vectors were chosen); generated: that and every "
-                "new token (the paper's setting); all: every token",
+                info="own: each vector's own (where auto chose to steer it; generated for vectors without one); "
+                "last_prompt: the prompt's final token; generated: that and every new token (the paper's "
+                "setting); all: every token; answer: generated, until the answer's line ends",
             )
             new_tokens = gr.Slider(1, limits.max_new_tokens, value=8, step=1, label="New tokens")
             gate = gr.Checkbox(

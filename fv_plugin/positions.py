@@ -6,7 +6,7 @@ KV-cached generation steps and for left- or right-padded batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +24,6 @@ __all__ = [
     "forward_info",
     "position_mask",
     "position_modes",
-    "request_positions",
     "steers_generated",
     "vector_positions",
 ]
@@ -53,25 +52,6 @@ def vector_positions(fv: Any) -> str:
     """A vector's own positions: ``fv.positions`` (which ``method="auto"`` chooses), or ``"generated"`` (the
     paper's setting) for a vector without one."""
     return getattr(fv, "positions", None) or "generated"
-
-
-def request_positions(explicit: str | None, vectors: Iterable[Any]) -> str:
-    """The one positions mode a request steers where it has a single mode (vLLM): ``explicit`` when given; else
-    the vectors' own (:func:`vector_positions`). On Hugging Face models vectors that disagree are each steered at
-    their own (:func:`fv_plugin.request.by_positions`).
-
-    Raises:
-        ValueError: with ``explicit=None``, when the vectors carry different positions.
-    """
-    if explicit is not None:
-        return explicit
-    own = sorted({vector_positions(fv) for fv in vectors})
-    if len(own) > 1:
-        raise ValueError(
-            f"these vectors are steered at different positions by default ({' and '.join(own)}, their "
-            "`fv.positions`); pass positions=... to steer them all at one, or steer them in separate requests"
-        )
-    return own[0] if own else "generated"
 
 
 @dataclass(frozen=True)

@@ -253,10 +253,11 @@ def on_base_forward(owner: object, args: tuple[Any, ...], kwargs: Mapping[str, A
     for steering in mine:
         steering.usage.forwards += 1
     info = forward_info(args, kwargs)
-    if info.past == 0 and (call.prompt is None or not call.in_generate):
+    if (info.past == 0 or call.in_generate) and (call.prompt is None or not call.in_generate):
+        # a call's prompt: from the start, or (generate on a cache filled before it) the prompt's uncached end
         call.prompt = PromptInfo.from_forward(info)
         call.gates.clear()
-    elif call.prompt is None:  # continuing a cache we never saw: everything cached counts as the prompt
+    elif call.prompt is None:  # plain forwards continuing a cache we never saw: everything cached is the prompt
         last = torch.full((info.batch,), info.past - 1, dtype=torch.long)
         call.prompt = PromptInfo(length=info.past, last=last)
     call.forward = info

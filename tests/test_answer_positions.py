@@ -5,6 +5,7 @@ per-row vectors)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import VOCAB, decoder_layers, left_padded, tiny_model
 from torch import nn
 
 import fv_plugin
+from fv_plugin.condition import Condition
 from fv_plugin.positions import ForwardInfo, PromptInfo, answer_ended, position_mask
 
 PROMPTS = [[5, 9, 13, 17, 21], [7, 3, 40], [60, 61, 62, 63, 64, 65, 66], [30, 31]]
@@ -38,8 +40,11 @@ def _vector(seed: int) -> fv_plugin.FunctionVector:
     return fv_plugin.FunctionVector(vector=8 * torch.randn(64, generator=gen), layer=1, model_type="llama")
 
 
-def _generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool) -> torch.Tensor:
+def _generate(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, **kwargs: object
+) -> torch.Tensor:
     return model.generate(
+        **kwargs,  # type: ignore[arg-type]
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=NEW,
@@ -105,6 +110,38 @@ def test_answer_positions_match_explicit_positions(use_cache: bool) -> None:
     with fv_plugin.steer(model, rows=rows):
         generated = _generate(model, ids, mask, use_cache)
     assert not torch.equal(out, generated)  # steering past the answer's end changes something
+
+
+@pytest.mark.parametrize("mode", ["last_prompt", "generated", "answer", "gated"])
+def test_generate_on_a_cache_filled_before_it_steers_as_without(mode: str) -> None:
+    """A prompt's first tokens prefilled outside the steering block, then ``generate`` on that cache: the call's
+    prompt is all of it, so every mode (and the gate, decided at the prompt's last token) steers the same tokens
+    as ``generate`` on the whole prompt."""
+    model = tiny_model("llama", dtype=torch.float64)  # a cache filled in two calls then agrees to ~1e-15
+    a = dataclasses.replace(_vector(0), layer=0).to(dtype=torch.float64)  # later layers see the prompt's tokens
+    ids, mask = left_padded(PROMPTS)
+    with fv_plugin.steer(model, a):
+        free = _generate(model, ids, mask, True)[:, ids.shape[1] :]
+    options: dict = {"positions": mode, "tokenizer": EndsAt({int(free[0, 1]), int(free[2, 3])})}
+    if mode == "gated":
+        hidden = torch.randn(64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        condition = Condition(layer=0, direction=hidden / hidden.norm(), threshold=0.0)
+        a = dataclasses.replace(a, layer=1, condition=condition)  # the gate reads a layer below the vector's
+        options = {"gate": True}
+    outs = []
+    for prefix in (0, 3):  # 3: the first three columns (left padding included) cached before the call
+        cache = None
+        if prefix:
+            with torch.no_grad():
+                part = mask[:, :prefix]  # positions from the mask, as generate counts them
+                position_ids = (part.cumsum(-1) - 1).clamp(min=0)
+                cache = model(input_ids=ids[:, :prefix], attention_mask=part, position_ids=position_ids, use_cache=True)
+            cache = cache.past_key_values
+        with fv_plugin.steer(model, a, strength=0.1, **options):
+            kwargs = {"past_key_values": cache} if cache is not None else {}
+            outs.append(_generate(model, ids, mask, True, **kwargs))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], _generate(model, ids, mask, True))  # the vector changes tokens
 
 
 def test_answer_mask_unit() -> None:

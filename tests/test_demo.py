@@ -92,7 +92,33 @@ def mixed_requests(engine: Engine) -> list[SteerRequest]:
             "Q: a longer prompt\nA:", ((c, 1.0),), 2.0, None, "last_prompt", 3, fv_plugin.load_task("antonym")
         ),
         SteerRequest("Q: xyz\nA:", ((a, 1.0),), 1.0, 0, "all", 5, None),
+        SteerRequest("Q: mixed\nA:", ((at_last_prompt(a), 1.0), (b, 0.5)), 1.0, None, "own", 6, None),
+        SteerRequest("Q: ab\nA:", ((newline_vector(engine.model), 1.0),), 1.0, None, "answer", 8, None),
     ]
+
+
+def newline_vector(model: torch.nn.Module) -> fv_plugin.FunctionVector:
+    """A vector after the last layer toward the newline's output embedding: the steered answer ends at once, so
+    ``positions="answer"`` leaves the later tokens plain (``"generated"`` would give newline after newline)."""
+    newline = char_tokenizer()("\n")["input_ids"][0]
+    direction = model.get_output_embeddings().weight[newline].detach()
+    layers = fv_plugin.resolve_architecture(model).num_layers
+    kind = model.config.model_type
+    return fv_plugin.FunctionVector(vector=5 * direction / direction.norm(), layer=layers - 1, model_type=kind)
+
+
+def at_last_prompt(fv: fv_plugin.FunctionVector) -> fv_plugin.FunctionVector:
+    return dataclasses.replace(fv, positions="last_prompt")
+
+
+def steer_options(request: SteerRequest) -> dict[str, object]:
+    """``fv_plugin.steer``'s options for the request: the demo's ``"own"`` is the library's default (``None``)."""
+    options: dict[str, object] = dict(strength=request.strength, positions=request.positions)
+    if request.positions == "own":
+        options["positions"] = None
+    if request.positions == "answer":
+        options["tokenizer"] = char_tokenizer()
+    return options
 
 
 def expected_rows(request: SteerRequest) -> list[tuple[list[int], tuple]]:
@@ -126,8 +152,7 @@ def check_batch_against_rows_alone(engine: Engine, requests: list[SteerRequest])
         rows = expected_rows(request)
         assert final.probs is not None and len(final.tokens) == len(rows) == final.probs.shape[0]
         for r, (ids, pairs) in enumerate(rows):
-            options = dict(strength=request.strength, positions=request.positions)
-            tokens, probs = alone(engine.model, ids, pairs, new=request.max_new_tokens, **options)
+            tokens, probs = alone(engine.model, ids, pairs, new=request.max_new_tokens, **steer_options(request))
             assert list(final.tokens[r]) == tokens, f"{request.prompt!r} row {r}"
             torch.testing.assert_close(final.probs[r], probs, atol=1e-6, rtol=0)
     assert all(final.tokens[1] != final.tokens[0] for final in finals)  # the vectors change greedy tokens

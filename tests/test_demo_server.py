@@ -20,6 +20,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from demo.app import launch, make_app  # noqa: E402
 from demo.callbacks import NONE, OWN_LAYER, DemoApp  # noqa: E402
 from demo.extractor import ExtractSettings  # noqa: E402
+from demo.generation import OWN  # noqa: E402
 from demo.screenshot import CHROMIUM, free_port, steer_in_browser  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,7 @@ def test_real_browser_steers(served: tuple[DemoApp, str], tmp_path: Path) -> Non
     run = steer_in_browser(url, tmp_path / "demo.png", prompt="Q: hot\nA:", timeout_s=TIMEOUT_S)
     assert run.steered and run.icl and run.steered != run.unsteered
     # what the page shows is what the app computes for the page's default settings
-    expected = direct(app, ["Q: hot\nA:", "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, "last_prompt", 8])
+    expected = direct(app, ["Q: hot\nA:", "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, OWN, 8])
     assert (run.unsteered, run.steered, run.icl) == expected
     assert "10 demonstrations of antonym" in run.note and "Done in" in run.note
     assert "Gate on" in run.gate and "antonym: condition passed — steered" in run.gate
@@ -147,7 +148,7 @@ def test_real_browser_steers(served: tuple[DemoApp, str], tmp_path: Path) -> Non
     assert not app.engine.gate(neutral, ((app.engine.vectors["antonym"], 1.0),))[0]  # what the engine decides
     ungated = steer_in_browser(url, tmp_path / "ungated.png", prompt=neutral, gate=False, timeout_s=TIMEOUT_S)
     assert "Gate off" in ungated.gate and ungated.steered != ungated.unsteered
-    args = [neutral, "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, "last_prompt", 8, False]
+    args = [neutral, "antonym", 1.0, NONE, 1.0, NONE, -1.0, OWN_LAYER, 1.0, OWN, 8, False]
     assert (ungated.unsteered, ungated.steered) == direct(app, args)[:2]
     keep = os.environ.get("FV_DEMO_SCREENSHOT_DIR")
     if keep:

@@ -28,7 +28,6 @@ import torch
 
 from fv_plugin.condition import Condition
 from fv_plugin.gating import check_gate, gate_refusal
-from fv_plugin.positions import request_positions
 from fv_plugin.vector import FunctionVector
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "group_by_condition",
     "parse_conditions",
     "require_condition",
-    "sent_positions",
 ]
 
 GATE_KEYS: tuple[str, ...] = (
@@ -90,22 +88,6 @@ def check_vllm_positions(gate: bool, positions: str) -> None:
         raise TypeError(f"gate must be True or False, got {gate!r}")
     if gate and positions == "all":
         raise ValueError(GATE_ALL_REFUSAL)
-
-
-def sent_positions(positions: str | None, inline: Sequence[FunctionVector], named: bool, gate: bool) -> str | None:
-    """The ``fv_positions`` a request carries: ``positions``, or (``None``) the vectors' own; ``None`` (not sent)
-    when the request names server vectors, whose positions the server reads from their files."""
-    if positions is None:
-        own = request_positions(None, inline)
-        if named and own != "generated":
-            raise ValueError(
-                f"the vectors sent with this request are steered at {own!r} by default and the server reads its "
-                "named vectors' positions from their files; pass positions=... for all of them"
-            )
-        positions = None if named else own
-    if positions is not None:
-        check_vllm_positions(gate, positions)
-    return positions
 
 
 def encode_gate(residual: Sequence[FunctionVector], heads: Sequence[FunctionVector]) -> dict[str, Any]:

@@ -53,12 +53,14 @@ class HeadVector:
     replace: bool
     model_type: str | None = None
     condition: Condition | None = None  # gate=True: which prompts it steers
+    positions: str | None = None  # its own positions (None: "generated"), where the request does not set them
 
 
 @dataclass(frozen=True)
 class HeadEntry:
     """One head slot a request acts on: ``slot + strength * weight * (value - replace * slot)`` at its positions
-    (``gate``: the index of the request's condition that gates it, -1: none)."""
+    (``gate``: the index of the request's condition that gates it, -1: none; ``positions``: its mode, ``""``: the
+    request's)."""
 
     layer: int
     head: int
@@ -66,14 +68,16 @@ class HeadEntry:
     weight: float
     value: bytes  # little-endian float32 [head_dim]
     gate: int = -1
+    positions: str = ""
 
     def to_args(self) -> list[Any]:
-        return [self.layer, self.head, self.replace, self.weight, self.value, self.gate]
+        return [self.layer, self.head, self.replace, self.weight, self.value, self.gate, self.positions]
 
     @classmethod
     def from_args(cls, value: Sequence[Any]) -> HeadEntry:
-        layer, head, replace, weight, data, *gate = value
-        return cls(int(layer), int(head), bool(replace), float(weight), bytes(data), int(gate[0]) if gate else -1)
+        layer, head, replace, weight, data, *rest = value
+        gate, positions = (int(rest[0]) if rest else -1), (str(rest[1]) if len(rest) > 1 else "")
+        return cls(int(layer), int(head), bool(replace), float(weight), bytes(data), gate, positions)
 
 
 def head_vector_of(fv: FunctionVector) -> HeadVector:
@@ -82,7 +86,9 @@ def head_vector_of(fv: FunctionVector) -> HeadVector:
         raise ValueError("not a head-level function vector: it has no head_values")
     values = fv.head_values.detach().to("cpu", torch.float32)
     replace = fv.head_mode == "replace"
-    return HeadVector(tuple(fv.heads), values, replace, model_type=fv.model_type, condition=fv.condition)
+    return HeadVector(
+        tuple(fv.heads), values, replace, model_type=fv.model_type, condition=fv.condition, positions=fv.positions
+    )
 
 
 def _encode(values: torch.Tensor) -> str:
@@ -199,6 +205,21 @@ def _folded(entries: list[tuple[bool, float, np.ndarray]], strength: float) -> t
     return True, (1.0 - a) / strength, b / (1.0 - a)
 
 
+def _check_slot(first: tuple[int, str], other: tuple[int, str], slot: tuple[int, int]) -> None:
+    """Refuse a second vector on a head slot with another condition or positions mode than the first's."""
+    if first[0] != other[0]:
+        raise ValueError(
+            f"two head-level vectors with different conditions act on head {slot}; with gate=True the server "
+            "gates each head slot by one condition: send them in separate requests"
+        )
+    if first[1] != other[1]:
+        raise ValueError(
+            f"two head-level vectors steered at different positions ({first[1]} and {other[1]}, their own) act on "
+            f"head {slot}; the server moves each head slot at one positions mode per request: pass positions=... "
+            "to steer them all at one, or send them in separate requests"
+        )
+
+
 def resolve_heads(
     pairs: Sequence[tuple[HeadVector, float]],
     arch: ResolvedArch,
@@ -207,33 +228,32 @@ def resolve_heads(
     head_dim: int | None,
     max_heads: int,
     gates: Sequence[int] | None = None,
+    positions: Sequence[str] | None = None,
 ) -> tuple[HeadEntry, ...]:
     """Check head-level pairs against the served model; one entry per head slot they touch (``strength != 0``).
 
     Entries of the same vector and weight on one slot merge their weights, as ``fv_plugin.steer`` does; different
     entries on one slot are folded into one that applies them in order (equal up to float rounding). ``gates``:
-    the condition index of each pair (gated requests); entries under different conditions cannot be folded.
+    the condition index of each pair (gated requests); ``positions``: each pair's mode, where the request's
+    vectors keep their own. Entries under different conditions or modes cannot be folded.
 
     Raises:
         ValueError: a vector made for another model, a head that does not exist, more head slots than the server
-            steers per request, or two differently gated vectors on one head slot.
+            steers per request, or two differently gated (or positioned) vectors on one head slot.
     """
     for vector, _ in pairs:
         _check(vector, arch, head_dim)
     if strength == 0.0:
         return ()
     gate_of = list(gates) if gates is not None else [-1] * len(pairs)
+    mode_of = list(positions) if positions is not None else [""] * len(pairs)
     merged: dict[tuple[int, int, bool, bytes], float] = {}
-    slot_gates: dict[tuple[int, int], int] = {}
-    for (vector, weight), gate in zip(pairs, gate_of, strict=True):
+    slot_gates: dict[tuple[int, int], tuple[int, str]] = {}
+    for (vector, weight), gate, mode in zip(pairs, gate_of, mode_of, strict=True):
         if weight == 0.0:
             continue
         for (layer, head), value in zip(vector.heads, vector.values, strict=True):
-            if slot_gates.setdefault((layer, head), gate) != gate:
-                raise ValueError(
-                    f"two head-level vectors with different conditions act on head ({layer}, {head}); with "
-                    "gate=True the server gates each head slot by one condition: send them in separate requests"
-                )
+            _check_slot(slot_gates.setdefault((layer, head), (gate, mode)), (gate, mode), (layer, head))
             key = (layer, head, vector.replace, value.numpy().astype("<f4").tobytes())
             merged[key] = float(np.float32(merged.get(key, 0.0)) + np.float32(weight))
     slots: dict[tuple[int, int], list[tuple[bool, float, np.ndarray]]] = {}
@@ -248,5 +268,5 @@ def resolve_heads(
     for (layer, head), items in sorted(slots.items()):
         replace, weight, value = items[0] if len(items) == 1 else _folded(items, strength)
         data = np.asarray(value, dtype="<f4").tobytes()
-        out.append(HeadEntry(layer, head, replace, weight, data, slot_gates[(layer, head)]))
+        out.append(HeadEntry(layer, head, replace, weight, data, *slot_gates[(layer, head)]))
     return tuple(out)

@@ -14,19 +14,16 @@ Nothing here imports vLLM. The request travels in three shapes:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from fv_plugin.architectures import ResolvedArch
 from fv_plugin.merge import Normalize, check_number, merge
-from fv_plugin.positions import Positions, request_positions
+from fv_plugin.positions import Positions, vector_positions
 from fv_plugin.request import check_options, check_strength, check_vector, split_vectors
 from fv_plugin.vector import FunctionVector
 from fv_plugin.vllm.gate_requests import (
@@ -36,7 +33,6 @@ from fv_plugin.vllm.gate_requests import (
     group_by_condition,
     parse_conditions,
     require_condition,
-    sent_positions,
 )
 from fv_plugin.vllm.head_requests import (
     HEAD_KEYS,
@@ -46,7 +42,9 @@ from fv_plugin.vllm.head_requests import (
     parse_head_vectors,
     resolve_heads,
 )
+from fv_plugin.vllm.position_args import OWN, POSITION_KEYS, parse_own_positions, request_mode, sent_positions
 from fv_plugin.vllm.resolved import FORMAT, ResolvedSteering, answer_ends_of
+from fv_plugin.vllm.vector_args import decode_vector, encode_vector, inline_pairs, named_pairs
 
 __all__ = [
     "ARGUMENT_KEYS",
@@ -75,30 +73,13 @@ ARGUMENT_KEYS: tuple[str, ...] = (
     "fv_normalize",
     *HEAD_KEYS,
     *GATE_KEYS,
+    *POSITION_KEYS,
 )
-_INLINE_KEYS = ("fv_vectors", "fv_layers", "fv_weights", "fv_model_types")
 HEAD_RELATIVE_REFUSAL = (
     "normalize='relative' applies to added vectors, not to head-level (head_patch, head_difference) vectors"
 )
 
 VectorSource = FunctionVector | str
-
-
-def encode_vector(vector: torch.Tensor) -> str:
-    """``[hidden]`` tensor -> base64 of its little-endian float32 bytes."""
-    data = vector.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
-    return base64.b64encode(data).decode("ascii")
-
-
-def decode_vector(text: str, what: str) -> torch.Tensor:
-    """Inverse of :func:`encode_vector`; ``what`` names the value in error messages."""
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{what} is not base64 text ({exc}); encode vectors with fv_plugin.vllm.steering()") from exc
-    if not data or len(data) % 4:
-        raise ValueError(f"{what} holds {len(data)} bytes, not a whole number of float32 values")
-    return torch.from_numpy(np.frombuffer(data, dtype="<f4").astype(np.float32))
 
 
 def _scalar_strength(strength: object) -> float:
@@ -144,8 +125,8 @@ def steering(
         strength: multiplies every vector (one float per request).
         positions: ``"generated"`` (last prompt token and every generated token), ``"last_prompt"``, ``"all"`` or
             ``"answer"`` (as ``"generated"``, until the first generated newline or end of sequence; the server knows
-            those tokens from its tokenizer). ``None``: the vectors' own (``fv.positions``, a named vector's from its
-            file; ``"generated"`` for a vector without one), as ``fv_plugin.steer`` does.
+            those tokens from its tokenizer). ``None``: each vector's own (``fv.positions``, a named vector's from
+            its file; ``"generated"`` for a vector without one), as ``fv_plugin.steer`` does, also when they differ.
         normalize: ``"absolute"`` adds ``strength * weight * vector``; ``"relative"`` scales it to
             ``strength * weight`` times the norm of the hidden state it is added to (not for head-level vectors).
         gate: steer with each vector only if the request's prompt passes the vector's condition (``fv.condition``,
@@ -161,10 +142,10 @@ def steering(
         >>> params = SamplingParams(temperature=0, max_tokens=16, extra_args=args)  # doctest: +SKIP
     """
     check_options(positions, normalize)
+    check_vllm_positions(gate, positions or "generated")
     inline, named = _split_sources(vectors)
-    sent = sent_positions(positions, [fv for fv, _ in inline], bool(named), gate)
     args: dict[str, Any] = {"fv_format": FORMAT, "fv_strength": _scalar_strength(strength), "fv_normalize": normalize}
-    args.update({"fv_positions": sent} if sent is not None else {})
+    args.update(sent_positions(positions, inline, bool(named)))
     if normalize == "relative" and any(fv.is_head_patch for fv, _ in inline):
         raise ValueError(HEAD_RELATIVE_REFUSAL)
     args.update(encode_head_vectors([(fv, weight) for fv, weight in inline if fv.is_head_patch]))
@@ -191,59 +172,10 @@ class VllmSteeringRequest:
 
     pairs: tuple[tuple[FunctionVector, float], ...]
     strength: float
-    positions: str
+    positions: str | None  # None: each vector's own (its ``positions``), which differ
     normalize: Normalize
     head_pairs: tuple[tuple[HeadVector, float], ...] = ()  # inline head-level vectors (named ones are in pairs)
     gate: bool = False  # each vector (its ``condition``, or its head vector's) gates on its own
-
-
-def _typed_list(args: Mapping[str, Any], key: str, kind: type | tuple[type, ...], length: int | None) -> list[Any]:
-    value = args.get(key)
-    if value is None:
-        return [] if length is None else [None] * length
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{key} must be a list, got {type(value).__name__}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, kind):
-            raise TypeError(f"{key} must hold {getattr(kind, '__name__', kind)} values, got {item!r}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{key} has {len(value)} values but fv_vectors has {length}; give one per vector")
-    return list(value)
-
-
-def _inline_pairs(args: Mapping[str, Any]) -> list[tuple[FunctionVector, float]]:
-    texts = _typed_list(args, "fv_vectors", str, None)
-    if not texts:
-        extra = [key for key in _INLINE_KEYS[1:] if args.get(key)]
-        if extra:
-            raise ValueError(f"{', '.join(extra)} given without fv_vectors")
-        return []
-    if "fv_layers" not in args:
-        raise ValueError("fv_layers is missing: give the layer of each vector in fv_vectors")
-    layers = _typed_list(args, "fv_layers", int, len(texts))
-    weights = _typed_list(args, "fv_weights", (int, float), len(texts))
-    model_types = _typed_list(args, "fv_model_types", str, len(texts))
-    pairs = []
-    for i, (text, layer, weight, model_type) in enumerate(zip(texts, layers, weights, model_types, strict=True)):
-        vector = decode_vector(text, f"fv_vectors[{i}]")
-        fv = FunctionVector(vector=vector, layer=layer, model_type=model_type or None)
-        pairs.append((fv, 1.0 if weight is None else check_number(weight, f"fv_weights[{i}]")))
-    return pairs
-
-
-def _named_pairs(
-    args: Mapping[str, Any], lookup: Callable[[str], FunctionVector]
-) -> list[tuple[FunctionVector, float]]:
-    names = _typed_list(args, "fv_names", str, None)
-    if not names:
-        if args.get("fv_name_weights"):
-            raise ValueError("fv_name_weights given without fv_names")
-        return []
-    weights = _typed_list(args, "fv_name_weights", (int, float), None) or [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ValueError(f"fv_name_weights has {len(weights)} values for {len(names)} fv_names; give one per name")
-    pairs = zip(names, weights, strict=True)
-    return [(lookup(name), check_number(w, f"fv_name_weights[{i}]")) for i, (name, w) in enumerate(pairs)]
 
 
 def _check_keys(args: Mapping[str, Any]) -> None:
@@ -272,11 +204,15 @@ def parse_request(
     _check_keys(args)
     normalize = check_options(args.get("fv_positions"), args.get("fv_normalize", "absolute"))
     strength = check_number(args.get("fv_strength", 1.0), "fv_strength")
-    inline, named = _inline_pairs(args), _named_pairs(args, lookup)
-    positions = request_positions(args.get("fv_positions"), (fv for fv, _ in inline + named))
+    inline, named = inline_pairs(args), named_pairs(args, lookup)
     head_pairs = parse_head_vectors(args, decode_vector, check_number)
+    own, own_heads = parse_own_positions(args, len(inline), len(head_pairs))
+    inline = [(dataclasses.replace(fv, positions=p), w) for (fv, w), p in zip(inline, own, strict=True)]
+    head_pairs = [(dataclasses.replace(hv, positions=p), w) for (hv, w), p in zip(head_pairs, own_heads, strict=True)]
+    modes = [vector_positions(fv) for fv, _ in inline + named] + [vector_positions(hv) for hv, _ in head_pairs]
+    positions = request_mode(args.get("fv_positions"), modes)
     gated = parse_conditions(args, len(inline), len(head_pairs), decode_vector, check_number)
-    check_vllm_positions(gated is not None, positions)
+    check_vllm_positions(gated is not None, positions or "generated")
     if gated is not None:
         inline, named, head_pairs = _with_conditions(args, gated, inline, named, head_pairs)
     return VllmSteeringRequest(
@@ -343,6 +279,7 @@ def resolve(
         raise ValueError(HEAD_RELATIVE_REFUSAL)
     gate_of = [fv.condition for fv, _ in residual] + [hv.condition for hv, _ in head_pairs]
     conditions, gates = group_by_condition(gate_of if request.gate else [None] * len(gate_of))
+    modes = [request.positions or vector_positions(v) for v, _ in [*residual, *head_pairs]]
     heads = resolve_heads(
         head_pairs,
         arch,
@@ -350,41 +287,52 @@ def resolve(
         head_dim=head_dim,
         max_heads=max_heads,
         gates=gates[len(residual) :],
+        positions=modes[len(residual) :],
     )
     if request.strength == 0.0:
         return None
-    columns = _columns(residual, gates[: len(residual)], request.normalize)
+    columns = _columns(residual, gates[: len(residual)], modes[: len(residual)], request.normalize)
     if not columns and not heads:
         return None
     _check_sizes(len(columns), len(conditions), max_layers)
     return ResolvedSteering(
-        layers=tuple(layer for layer, _, _ in columns),
-        vectors=tuple(delta.to(torch.float32).numpy().astype("<f4").tobytes() for _, delta, _ in columns),
+        layers=tuple(column.layer for column in columns),
+        vectors=tuple(column.delta.to(torch.float32).numpy().astype("<f4").tobytes() for column in columns),
         strength=request.strength,
-        positions=request.positions,
+        positions=request.positions or OWN,
         relative=request.normalize == "relative",
         heads=heads,
-        gates=tuple(gate for _, _, gate in columns) if conditions else (),
+        gates=tuple(column.gate for column in columns) if conditions else (),
         conditions=conditions,
-        answer_ends=answer_ends_of(request.positions, answer_ends),
+        answer_ends=answer_ends_of(request.positions or OWN, answer_ends),
+        column_positions=tuple(column.positions for column in columns),
     )
 
 
+@dataclass(frozen=True)
+class _Column:
+    layer: int
+    delta: torch.Tensor
+    gate: int
+    positions: str
+
+
 def _columns(
-    pairs: Sequence[tuple[FunctionVector, float]], gates: Sequence[int], normalize: Normalize
-) -> list[tuple[int, torch.Tensor, int]]:
-    """``(layer, merged vector, gate)`` per column: the vectors at one layer merged, separately per condition."""
+    pairs: Sequence[tuple[FunctionVector, float]], gates: Sequence[int], modes: Sequence[str], normalize: Normalize
+) -> list[_Column]:
+    """The vectors at one layer merged into one column, separately per condition and per positions mode."""
     columns = []
-    for gate in sorted(set(gates)):
-        merged = merge([pair for pair, g in zip(pairs, gates, strict=True) if g == gate], normalize)
-        columns += [(layer, delta, gate) for layer, delta in merged.deltas.items()]
+    for group in sorted(set(zip(gates, modes, strict=True))):
+        chosen = [pair for pair, *key in zip(pairs, gates, modes, strict=True) if tuple(key) == group]
+        merged = merge(chosen, normalize)
+        columns += [_Column(layer, delta, *group) for layer, delta in merged.deltas.items()]
     return columns
 
 
 def _check_sizes(columns: int, conditions: int, max_layers: int) -> None:
     if columns > max_layers:
         raise ValueError(
-            f"this request steers {columns} layers (gated vectors: per condition) but the server steers at most "
+            f"this request steers {columns} layers (per condition and positions mode) but the server steers at most "
             f"{max_layers} per request; start the server with a larger FV_PLUGIN_VLLM_MAX_LAYERS"
         )
     if conditions > max_layers:

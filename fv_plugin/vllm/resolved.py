@@ -26,6 +26,9 @@ class ResolvedSteering:
     has ``conditions``; ``gates[i]`` (and each head entry's ``gate``) is the index of the condition that gates
     ``vectors[i]`` (-1: none). One layer may then appear once per condition. ``answer_ends``
     (``positions="answer"``): little-endian ``int64`` ids of the served tokenizer's tokens that end an answer.
+    ``column_positions[i]``: the mode ``vectors[i]`` is steered at (empty: ``positions`` for all); a request
+    whose vectors keep different own positions has ``positions="own"``, a column per layer and mode, and each
+    head entry's mode in the entry.
     """
 
     layers: tuple[int, ...]
@@ -37,6 +40,7 @@ class ResolvedSteering:
     gates: tuple[int, ...] = ()
     conditions: tuple[GateCondition, ...] = ()
     answer_ends: bytes = b""
+    column_positions: tuple[str, ...] = ()
 
     def to_args(self) -> dict[str, Any]:
         return {
@@ -49,6 +53,7 @@ class ResolvedSteering:
             "gates": list(self.gates),
             "conditions": [condition.to_args() for condition in self.conditions],
             "answer_ends": self.answer_ends,
+            "column_positions": list(self.column_positions),
         }
 
     @classmethod
@@ -63,6 +68,7 @@ class ResolvedSteering:
             gates=tuple(int(gate) for gate in value.get("gates", ())),
             conditions=tuple(GateCondition.from_args(c) for c in value.get("conditions", ())),
             answer_ends=bytes(value.get("answer_ends", b"")),
+            column_positions=tuple(str(mode) for mode in value.get("column_positions", ())),
         )
 
     def salt(self, prompt_length: int, existing: str | None = None) -> str:
@@ -78,6 +84,7 @@ class ResolvedSteering:
         for entry in self.heads:
             digest.update(repr(entry.to_args()[:4]).encode() + entry.value)
         digest.update(repr(("gates", self.gates, [entry.gate for entry in self.heads])).encode())
+        digest.update(repr(("modes", self.column_positions, [entry.positions for entry in self.heads])).encode())
         for condition in self.conditions:
             digest.update(repr(condition.to_args()[:2]).encode() + condition.direction)
         if self.positions != "all":

@@ -50,10 +50,27 @@ class RequestPlan:
     head_gates: tuple[int, ...] = ()
     conditions: tuple[GateCondition, ...] = ()
     answer_ends: tuple[int, ...] = ()  # positions="answer": the ids that end an answer
+    column_positions: tuple[str, ...] = ()  # the mode of each column (empty: ``positions`` for all)
+    head_positions: tuple[str, ...] = ()  # the mode of each head entry (empty: ``positions`` for all)
+
+    def column_mode(self, k: int) -> str:
+        return self.column_positions[k] if self.column_positions else self.positions
+
+    def head_mode(self, j: int) -> str:
+        return self.head_positions[j] if self.head_positions else self.positions
+
+    @property
+    def modes(self) -> set[str]:
+        """The modes this request's columns and head entries are steered at."""
+        found = {self.column_mode(k) for k in range(len(self.keys))}
+        found |= {self.head_mode(j) for j in range(len(self.heads))}
+        return found or {self.positions}
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedSteering) -> RequestPlan:
         gated = bool(resolved.conditions)
+        own = resolved.column_positions or (resolved.positions,) * len(resolved.layers)
+        heads = tuple(entry.positions or resolved.positions for entry in resolved.heads)
         return cls(
             keys=tuple(zip(resolved.layers, resolved.vectors, strict=True)),
             strength=resolved.strength,
@@ -65,6 +82,8 @@ class RequestPlan:
             head_gates=tuple(e.gate for e in resolved.heads) if gated else (),
             conditions=resolved.conditions,
             answer_ends=tuple(int(i) for i in np.frombuffer(resolved.answer_ends, dtype="<i8")),
+            column_positions=tuple(own),
+            head_positions=heads,
         )
 
 
@@ -140,22 +159,24 @@ def _live(
     computed: np.ndarray,
     prompt_lengths: np.ndarray,
     masks: Mapping[int, np.ndarray] | None = None,
-) -> list[tuple[int, RequestPlan, np.ndarray]]:
-    """``(batch index, plan, steered-token mask)`` of each request that steers at least one token this step
-    (``masks``: the masks of answer-mode requests, by batch index)."""
+) -> list[tuple[int, RequestPlan, dict[str, np.ndarray]]]:
+    """``(batch index, plan, steered-token mask of each of its modes)`` of each request that steers at least one
+    token this step (``masks``: the masks of answer-mode requests, by batch index)."""
     live = []
     for i, plan in enumerate(plans):
         if plan is None:
             continue
         count = int(starts[i + 1]) - int(starts[i])
-        if plan.positions == "answer":
-            if masks is None or i not in masks:
-                raise RuntimeError(f"fv_plugin: no answer mask for request {i} of this step")
-            mask = masks[i]
-        else:
-            mask = steered_positions(plan.positions, int(computed[i]), count, int(prompt_lengths[i]))
-        if mask.any():
-            live.append((i, plan, mask))
+        found = {}
+        for mode in plan.modes:
+            if mode == "answer":
+                if masks is None or i not in masks:
+                    raise RuntimeError(f"fv_plugin: no answer mask for request {i} of this step")
+                found[mode] = masks[i]
+            else:
+                found[mode] = steered_positions(mode, int(computed[i]), count, int(prompt_lengths[i]))
+        if any(mask.any() for mask in found.values()):
+            live.append((i, plan, found))
     return live
 
 
@@ -194,7 +215,7 @@ def build_table(
         target = relative if plan.relative else absolute
         for k, key in enumerate(plan.keys):
             index[lo:hi, k] = rows[key]
-            target[lo:hi, k] = np.where(mask, np.float32(plan.strength), np.float32(0.0))
+            target[lo:hi, k] = np.where(mask[plan.column_mode(k)], np.float32(plan.strength), np.float32(0.0))
             layers.setdefault(key[0], set()).add(k)
             if plan.gates and plan.gates[k] >= 0:
                 gate[lo:hi, k] = _gate_row(gate_rows, i, plan.gates[k])
@@ -252,7 +273,7 @@ def build_head_table(
         for k, (key, weight) in enumerate(zip(plan.heads, plan.head_weights, strict=True)):
             index[lo:hi, k] = rows[key]
             value = np.float32(plan.strength) * np.float32(weight)
-            coef[lo:hi, k] = np.where(mask, value, np.float32(0.0))
+            coef[lo:hi, k] = np.where(mask[plan.head_mode(k)], value, np.float32(0.0))
             layers.setdefault(key[0], set()).add(k)
             if plan.head_gates and plan.head_gates[k] >= 0:
                 gate[lo:hi, k] = _gate_row(gate_rows, i, plan.head_gates[k])

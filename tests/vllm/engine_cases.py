@@ -22,6 +22,7 @@ import torch
 import fv_plugin
 from fv_plugin import FunctionVector
 from fv_plugin.condition import Condition
+from fv_plugin.positions import vector_positions
 
 MODEL = "smollm2-135m-instruct"
 NEW_TOKENS = 10
@@ -190,16 +191,37 @@ def answer_cases() -> list[Case]:
     ]
 
 
+@functools.cache
+def at_last_prompt(fv: FunctionVector) -> FunctionVector:
+    """``fv`` steered at the last prompt token only when a request does not say where (its own positions)."""
+    return dataclasses.replace(fv, positions="last_prompt")
+
+
+def own_positions_cases() -> list[Case]:
+    """Vectors that keep different own positions (no ``positions`` given): two layers; one layer, relative; a
+    head-level vector at the last prompt token with a residual-stream one at every generated token; gated."""
+    a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
+    diff, _ = head_vectors()
+    return [
+        Case("story", (at_last_prompt(a), (b, -0.5)), dict(strength=1.5)),
+        Case("capital", (at_last_prompt(c), random_vector(5, 4, 0.5)), dict(strength=1.0, normalize="relative")),
+        Case("hot", (at_last_prompt(diff), a), dict(strength=1.0)),
+        Case("big", (gated(at_last_prompt(a), "big"), gated(b, "big")), dict(strength=1.0, gate=True)),
+    ]
+
+
 def mixed_batch() -> list[Case]:
     """Plain rows; one vector; two signed vectors at two layers; every positions mode; per-request strengths;
     relative normalization; a long prompt whose prefill is split into chunks; head-level vectors of both forms,
     alone, together (one head slot shared) and with residual-stream vectors; gated requests (:func:`gated_cases`);
-    answer positions (:func:`answer_cases`)."""
+    answer positions (:func:`answer_cases`); vectors at their own, different positions
+    (:func:`own_positions_cases`)."""
     a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
     diff, patch = head_vectors()
     return [
         *gated_cases(),
         *answer_cases(),
+        *own_positions_cases(),
         Case("hot", (diff,), dict(strength=1.0)),
         Case("story", (patch, (a, 0.5)), dict(strength=1.0, positions="all")),
         Case("long", ((diff, 0.5), patch), dict(strength=1.5)),
@@ -273,6 +295,10 @@ def assert_matches_hf(got: Sequence[Sequence[int]], cases: Sequence[Case]) -> No
             case = ungated(case)
         if case.steered:
             assert tokens != hf_tokens(Case(case.prompt)), f"the vectors of {case} do not change its tokens"
+        own = {vector_positions(v[0] if isinstance(v, tuple) else v) for v in case.vectors}
+        if case.steered and "positions" not in case.options and len(own) > 1:
+            one = Case(case.prompt, case.vectors, {**case.options, "positions": "generated"})
+            assert tokens != hf_tokens(one), f"{case} is steered as if its vectors shared one positions mode"
         if case.steered and case.options.get("positions") == "answer":
             past = Case(case.prompt, case.vectors, {**case.options, "positions": "generated"})
             assert tokens != hf_tokens(past), f"{case} never ends its answer within the tokens compared"

@@ -407,9 +407,62 @@ def test_a_vector_travels_with_its_own_positions_unless_told() -> None:
     sent = over_json(steering("last"))  # a named vector's positions are in the server's file
     by_name = parse_request(sent, frontend.lookup)
     assert "fv_positions" not in sent and by_name is not None and by_name.positions == "last_prompt"
-    with pytest.raises(ValueError, match="different positions by default"):
-        parse_request(steering("last", "plain"), frontend.lookup)
     both = parse_request(steering("last", "plain", positions="generated"), frontend.lookup)
     assert both is not None and both.positions == "generated"
-    with pytest.raises(ValueError, match="pass positions"):
-        steering(last, "plain")
+
+
+def columns_of(resolved: ResolvedSteering | None) -> dict[tuple[int, str], np.ndarray]:
+    assert resolved is not None
+    modes = resolved.column_positions
+    return {
+        (layer, mode): np.frombuffer(data, dtype="<f4")
+        for layer, data, mode in zip(resolved.layers, resolved.vectors, modes, strict=True)
+    }
+
+
+def test_vectors_with_different_positions_each_keep_their_own() -> None:
+    last, same_layer, other = dataclasses.replace(vec(1, 0), positions="last_prompt"), vec(1, 1), vec(3, 2)
+    args = over_json(steering(last, (same_layer, -0.5), other, strength=2.0))
+    assert "fv_positions" not in args and args["fv_vector_positions"] == ["last_prompt", "generated", "generated"]
+    request = parse_request(args, no_names)
+    assert request is not None and request.positions is None
+    resolved = resolve(request, ARCH, max_layers=3)
+    assert resolved is not None and resolved.positions == "own"
+    columns = columns_of(ResolvedSteering.from_args(resolved.to_args()))
+    assert set(columns) == {(1, "last_prompt"), (1, "generated"), (3, "generated")}
+    np.testing.assert_allclose(columns[(1, "last_prompt")], last.vector.numpy())
+    np.testing.assert_allclose(columns[(1, "generated")], -0.5 * same_layer.vector.numpy(), rtol=1e-6)
+    told = resolve(parse_request(steering(last, same_layer, positions="last_prompt"), no_names), ARCH, max_layers=3)
+    assert set(columns_of(told)) == {(1, "last_prompt")}  # one mode for all: one column per layer
+    with pytest.raises(ValueError, match="per condition and positions mode"):
+        resolve(request, ARCH, max_layers=2)
+    pair = [resolve(parse_request(steering(v, other), no_names), ARCH, max_layers=3) for v in (last, vec(1, 0))]
+    assert len({found.salt(5) for found in pair if found is not None}) == 2  # other positions: another salt
+
+
+def test_named_and_head_level_vectors_keep_their_own_positions() -> None:
+    last_heads = dataclasses.replace(head_vec(((1, 0),), 0), positions="last_prompt")
+    frontend = Frontend(arch=ARCH, settings=PluginSettings(), named={"plain": vec(2, 1)})
+    args = over_json(steering(last_heads, "plain", dataclasses.replace(vec(4, 2), positions="last_prompt")))
+    assert (args["fv_head_positions"], args["fv_vector_positions"]) == (["last_prompt"], ["last_prompt"])
+    resolved = resolve(parse_request(args, frontend.lookup), ARCH, max_layers=3, head_dim=4)
+    assert set(columns_of(resolved)) == {(2, "generated"), (4, "last_prompt")}
+    assert resolved is not None and [entry.positions for entry in resolved.heads] == ["last_prompt"]
+    clash = steering(last_heads, head_vec(((1, 0),), 1))
+    with pytest.raises(ValueError, match=r"positions \(last_prompt and generated, their own\) act on head \(1, 0\)"):
+        resolve(parse_request(clash, no_names), ARCH, max_layers=3, head_dim=4)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"fv_vector_positions": ["all"]}, r"fv_vector_positions\[0\] must be one of"),
+        ({"fv_vector_positions": ["generated", "generated"]}, "one positions mode per vector entry"),
+        ({"fv_positions": "generated"}, "send one of them"),
+    ],
+)
+def test_own_positions_that_cannot_be_served_are_refused(change: dict[str, Any], match: str) -> None:
+    args = {**steering(dataclasses.replace(vec(1, 0), positions="last_prompt"), "x"), **change}
+    args.pop("fv_names"), args.pop("fv_name_weights", None)
+    with pytest.raises(ValueError, match=match):
+        parse_request(args, no_names)

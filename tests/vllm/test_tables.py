@@ -221,6 +221,33 @@ def test_head_entries_move_each_requests_head_slots(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(model(x)[-1], reference(model, x, {}))
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_columns_and_head_entries_keep_their_own_positions(relative: bool) -> None:
+    """A request whose vectors keep different own positions: two columns at one layer and a head entry, each
+    steered at its mode, in a prefill step (positions 0-3 of a 4-token prompt) and a decode step (position 5)."""
+    from fv_plugin.vllm.head_requests import HeadEntry
+
+    torch.manual_seed(2)
+    model = ToyModel()
+    a, b, u = torch.randn(HIDDEN), torch.randn(HIDDEN), torch.randn(HEAD_DIM)
+    own = dataclasses.replace(
+        resolved({2: a}, 1.5, "own", relative),
+        layers=(2, 2),
+        vectors=tuple(v.numpy().astype("<f4").tobytes() for v in (a, b)),
+        column_positions=("generated", "last_prompt"),
+        heads=(HeadEntry(1, 0, False, 2.0, u.numpy().astype("<f4").tobytes(), positions="last_prompt"),),
+    )
+    requests = {"prefill": params(own), "decode": params(own)}
+    runner = fake_runner(model, requests, [("prefill", 0, 4, 4), ("decode", 5, 1, 4)])
+    install_steering(runner, PluginSettings(max_layers=2, max_heads=1))
+    x = torch.randn(5, HIDDEN)
+    runner._model_forward()
+    adds = {2: [(3, 1.5 * a, relative), (3, 1.5 * b, relative), (4, 1.5 * a, relative)]}
+    expected = reference(model, x, adds, {1: [(3, 0, u, 3.0, False)]})
+    torch.testing.assert_close(model(x)[-1], expected)
+    assert not torch.allclose(expected, reference(model, x, {2: [(t, 1.5 * (a + b), relative) for t in (3, 4)]}))
+
+
 def test_a_tensor_parallel_rank_moves_only_the_heads_it_owns() -> None:
     from fv_plugin.vllm.head_worker import HeadBuffers, HeadState, install_head_hooks, moved_slots
 
