@@ -31,11 +31,8 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=int, default=None, help="layer to add it at (default: validation sweep)")
     parser.add_argument("--n-shots", type=int, default=10, help="demonstrations per ICL prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of every prompt sample")
-    parser.add_argument(
-        "--portable",
-        action="store_true",
-        help="auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)",
-    )
+    portable = "auto chooses among residual-stream methods only (exportable to llama.cpp with fv export)"
+    parser.add_argument("--portable", action="store_true", help=portable)
     parser.add_argument(
         "--no-condition", action="store_true", help="do not learn the condition gate=True uses (learned by default)"
     )
@@ -60,8 +57,11 @@ def _extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--condition", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     screen = "every head on every shuffled prompt (the paper's AIE; default: the best heads of a screen, cheaper)"
     parser.add_argument("--full-aie", action="store_true", help=screen)
+    where = parser.add_mutually_exclusive_group()
     paper = "auto: score the finalists at the paper's positions only (default: also at the last prompt token only)"
-    parser.add_argument("--paper-positions", action="store_true", help=paper)
+    where.add_argument("--paper-positions", action="store_true", help=paper)
+    every = "auto: score the finalists steered at every token, as llama.cpp adds a control vector (with --portable)"
+    where.add_argument("--every-token", action="store_true", help=every)
     parser.add_argument(
         "--prepend-bos",
         action=argparse.BooleanOptionalAction,
@@ -88,6 +88,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         budget = {"side_effect_budget": None}
     if args.accuracy_tolerance is not None:
         budget["accuracy_tolerance"] = args.accuracy_tolerance
+    positions = ExtractionConfig.auto_positions
     return ExtractionConfig(
         method=args.method,
         k=args.k,
@@ -98,7 +99,7 @@ def _extract_config(args: argparse.Namespace) -> Any:
         portable=args.portable,
         prepend_bos=args.prepend_bos,
         aie_screen=None if args.full_aie else ExtractionConfig.aie_screen,
-        auto_positions=("generated",) if args.paper_positions else ExtractionConfig.auto_positions,
+        auto_positions=("all",) if args.every_token else ("generated",) if args.paper_positions else positions,
         **budget,
     )
 

@@ -46,8 +46,8 @@ Mode = Literal["zero_shot", "icl", "shuffled", "natural"]
 MODES: tuple[str, ...] = ("zero_shot", "icl", "shuffled", "natural")
 Protocol = Literal["all", "icl_correct"]
 PROTOCOLS: tuple[str, ...] = ("all", "icl_correct")
-AnswerPositions = Literal["generated", "last_prompt", "answer"]  # where an evaluation's continuation is steered
-VECTOR_POSITIONS: tuple[str, ...] = ("generated", "last_prompt")  # what a vector may carry (``fv.positions``)
+AnswerPositions = Literal["generated", "last_prompt", "all", "answer"]  # where an evaluation's continuation is steered
+VECTOR_POSITIONS: tuple[str, ...] = ("generated", "last_prompt", "all")  # what a vector may carry (``fv.positions``)
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model loaded when none is named (fv_plugin.models)
 # The test-split sweeps of an evaluation (fv_plugin.experiments.ExperimentConfig, `fv eval`).
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
@@ -119,6 +119,8 @@ class ExtractionConfig:
             ``"generated"`` (the last prompt token and every generated token, the paper's setting) and
             ``"last_prompt"`` (that token only); the chosen pair's positions go with the vector (``fv.positions``,
             what :func:`~fv_plugin.steer` uses unless told). ``("generated",)``: the paper's setting only.
+            ``("all",)``: every token, the prompt's included, which is how llama.cpp adds a control vector (with
+            ``portable=True``, a vector chosen for ``fv export``; its prefixes then run once per finalist).
         accuracy_tolerance: how much validation exact match ``method="auto"`` gives up for a smaller side effect:
             of the finalists within this much of the most accurate one, the one with the least side effect is
             chosen. ``"se"``: one standard error of the most accurate finalist's exact match on the validation
@@ -300,9 +302,9 @@ class EvalConfig:
             plain model answers correctly (first token) with clean ``n_shots``-shot ICL prompts.
         gate: steer a prompt only if it passes each vector's condition (``steer(..., gate=True)``).
         positions: where the continuation is steered: ``"generated"`` (the last prompt token and every generated
-            token), ``"last_prompt"`` (that token only) or ``"answer"`` (until the row's answer ends;
-            ``steer(..., positions="answer")``); ``None``: the vectors' own (``fv.positions``). The next-token
-            figures are steered at the last prompt token either way.
+            token), ``"last_prompt"`` (that token only), ``"all"`` (every token) or ``"answer"`` (until the
+            row's answer ends; ``steer(..., positions="answer")``); ``None``: the vectors' own (``fv.positions``).
+            The next-token figures are steered at the last prompt token, and for ``"all"`` at every prompt token.
         prepend_bos: start every prompt with the tokenizer's BOS token; ``None``: as the vectors were extracted
             (``fv.prepend_bos``), or :class:`ExtractionConfig`'s default without vectors.
     """

@@ -34,6 +34,7 @@ from fv_plugin.config import EvalConfig, ExtractionConfig, with_overrides
 from fv_plugin.devices import input_device
 from fv_plugin.heads import head_vector
 from fv_plugin.mediation import HeadStatistics
+from fv_plugin.positions import vector_positions
 from fv_plugin.prompt_sets import eval_prompts
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts, prompt_tokenizer
 from fv_plugin.records import Sweep
@@ -170,13 +171,25 @@ def _continuations(
     return [tokenizer.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True) for row in out.cpu()]
 
 
+def _prompt_steering(vectors: Sequence[VectorArg], positions: str | None) -> list[VectorArg]:
+    """The vectors as the next-token figures steer them: at every prompt token those steered at every token
+    (``positions="all"``, or their own), the others at the final prompt token."""
+
+    def at_prompt(fv: Any) -> Any:
+        every = (positions or vector_positions(fv)) == "all"
+        return dataclasses.replace(fv, positions="all" if every else "last_prompt")
+
+    return [(at_prompt(v[0]), v[1]) if isinstance(v, tuple) else at_prompt(v) for v in vectors]
+
+
 def _rows(
     model: nn.Module, tokenizer: Any, batch: Sequence[Prompt], vectors: Sequence[VectorArg], config: EvalConfig
 ) -> list[EvalRow]:
     """Score one batch of prompts: next-token figures, and the greedy continuation when asked for."""
     natural = config.mode == "natural"
     enc = encode_prompts(tokenizer, batch)
-    probs = next_token_probs(model, enc, vectors, strength=config.strength, gate=config.gate)
+    at_prompt = _prompt_steering(vectors, config.positions)
+    probs = next_token_probs(model, enc, at_prompt, strength=config.strength, gate=config.gate, positions=None)
     base = next_token_probs(model, enc) if vectors else None
     kl = kl_divergence(probs, base) if base is not None else None
     top, hits = probs.argmax(-1), first_token_hits(probs, enc)

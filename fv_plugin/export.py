@@ -7,8 +7,9 @@ vector at layer 0 cannot be exported. It adds the vector at every position of th
 which is fv_plugin's ``positions="all"``, with no per-token strength, and with no condition: a control vector
 cannot be gated (it is added at every token of every prompt), and a vector ``method="auto"`` chose to steer at the
 last prompt token only (``fv.positions == "last_prompt"``) is then added at every token too (a warning says so).
-Head-level vectors cannot be exported (llama.cpp has
-no head slots): make a portable one with ``fv extract --portable`` (``ExtractionConfig(portable=True)``).
+Head-level vectors cannot be exported (llama.cpp has no head slots): make a portable one with ``fv extract
+--portable`` (``ExtractionConfig(portable=True)``), and add ``--every-token`` (``auto_positions=("all",)``) for one
+chosen as llama.cpp will add it, at every token.
 
 The metadata follows the files llama.cpp users share: ``general.architecture = "controlvector"``,
 ``controlvector.model_hint`` (the vectors' ``model_type``, when known) and ``controlvector.layer_count`` (the
@@ -164,7 +165,9 @@ def to_gguf(vectors: object, path: str | Path, *, model_hint: str | None = None)
     if any(getattr(fv, "positions", None) == "last_prompt" for fv, _ in _pairs(vectors)):
         warnings.warn(
             "a vector chosen to steer the last prompt token only (fv.positions='last_prompt') is exported as a "
-            "control vector, which llama.cpp adds at every token: it will act more strongly than in fv_plugin",
+            "control vector, which llama.cpp adds at every token: it will act more strongly than in fv_plugin; "
+            "a vector chosen for every token: fv extract --portable --every-token "
+            "(ExtractionConfig(portable=True, auto_positions=('all',)))",
             UserWarning,
             stacklevel=2,
         )

@@ -52,6 +52,14 @@ def _continued(
     return found
 
 
+def _steered_prefix(model: nn.Module, prefix_ids: torch.Tensor, rows: list[Any], repeat: int, arch: Any) -> Any:
+    """The paragraphs' prefixes, each repeated ``repeat`` times (row ``t * repeat + c``), with row ``r``'s
+    candidate ``rows[r]`` added at every token (``positions="all"``)."""
+    with steering_context(model, rows=rows, positions="all", arch=arch):
+        out = model(input_ids=prefix_ids.repeat_interleave(repeat, dim=0), use_cache=True, **last_logits_only(model))
+    return getattr(out, "cache", None) or out.past_key_values
+
+
 @torch.no_grad()
 def neutral_kl(
     model: nn.Module,
@@ -71,10 +79,12 @@ def neutral_kl(
     several, one value per (positions, candidate), positions-major).
 
     Each paragraph's first ``prompt_tokens`` tokens are a prompt and its next ``steered_tokens`` tokens stand in
-    for generated ones: the candidate is added at the prompt's last token and (``"generated"``) at each of them,
-    and the KL is averaged over those ``steered_tokens + 1`` positions and the paragraphs. The paragraphs' common
-    prefix runs once, unsteered; each batch of candidates then runs only the steered tokens, one batch row per
-    paragraph and candidate, the prompt's last token once for every position set. An empty candidate scores 0.
+    for generated ones: the candidate is added at the prompt's last token and (``"generated"``) at each of them, or
+    (``"all"``) at every token, the prompt's included, and the KL is averaged over those ``steered_tokens + 1``
+    positions and the paragraphs. The paragraphs' common prefix runs once, unsteered (for ``"all"``: once per
+    candidate, steered); each batch of candidates then runs only the steered tokens, one batch row per paragraph
+    and candidate, the prompt's last token once for ``"generated"`` and ``"last_prompt"``. An empty candidate
+    scores 0.
 
     Args:
         texts: paragraphs of at least ``prompt_tokens + steered_tokens`` tokens (default: the first four shipped
@@ -82,11 +92,13 @@ def neutral_kl(
     """
     if not candidates or prompt_tokens < 2 or steered_tokens < 0:
         raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
-    modes = position_modes(positions)
+    names = [positions] if isinstance(positions, str) else list(positions)
+    shared = [m for m, name in enumerate(names) if name != "all"]
+    modes = position_modes([names[m] for m in shared]) if shared else []
     paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
     ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
-    found = torch.zeros(len(modes), len(candidates), dtype=torch.float64)
-    sets = f", {len(modes)} position sets" if len(modes) > 1 else ""
+    found = torch.zeros(len(names), len(candidates), dtype=torch.float64)
+    sets = f", {len(names)} position sets" if len(names) > 1 else ""
     label = f"side effects ({len(candidates)} x {len(paragraphs)} texts{sets})"
     with stage(label, len(candidates), progress=progress) as bar:
         prefix_out = model(input_ids=ids[:, : prompt_tokens - 1], use_cache=True, **last_logits_only(model))
@@ -99,7 +111,11 @@ def neutral_kl(
             cache.batch_repeat_interleave(len(group))  # row t * len(group) + c: paragraph t, candidate c
             rows = [group[c] for _ in range(n) for c in range(len(group))]
             tokens = chunk.repeat_interleave(len(group), dim=0)
-            for m, logits in enumerate(_continued(model, tokens, cache, rows, modes, arch)):
+            runs = list(zip(shared, _continued(model, tokens, cache, rows, modes, arch), strict=True)) if modes else []
+            if "all" in names:
+                steered_prefix = _steered_prefix(model, ids[:, : prompt_tokens - 1], rows, len(group), arch)
+                runs += [(names.index("all"), _continued(model, tokens, steered_prefix, rows, [True], arch)[0])]
+            for m, logits in runs:
                 steered = logits.float().softmax(-1).view(n, len(group), *plain.shape[1:])
                 kl = kl_divergence(steered, plain[:, None]).mean(dim=(0, 2)).clamp_min(0.0)
                 found[m, start : start + len(group)] = kl.double().cpu()

@@ -33,10 +33,13 @@ POSITION_MODES: tuple[str, ...] = ("last_prompt", "generated", "all", "answer")
 
 
 def steers_generated(positions: str) -> bool:
-    """Whether a vector's ``positions`` steer every generated token (``"generated"``) or the last prompt token
-    only (``"last_prompt"``); anything else is refused."""
-    if positions not in VECTOR_POSITIONS:
-        raise ValueError(f"a vector is steered at one of {VECTOR_POSITIONS}, got {positions!r}")
+    """Whether ``positions`` that leave the prompt before its last token unsteered steer every generated token
+    (``"generated"``) or the last prompt token only (``"last_prompt"``); anything else (``"all"`` steers the
+    prompt too) is refused."""
+    if positions not in ("generated", "last_prompt"):
+        raise ValueError(
+            f"expected 'generated' or 'last_prompt' (an unsteered prompt before its last token), got {positions!r}"
+        )
     return positions == "generated"
 
 

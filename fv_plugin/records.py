@@ -133,8 +133,8 @@ class Candidate:
         if self.layer is not None:
             parts.append(f"L{self.layer}")
         parts.append(f"s={self.strength:g}")
-        if self.positions == "last_prompt":
-            parts.append("last prompt token")
+        if self.positions in ("last_prompt", "all"):
+            parts.append("last prompt token" if self.positions == "last_prompt" else "every token")
         return " ".join(parts)
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fv_plugin.devices import input_device
 from fv_plugin.merge import Normalize
+from fv_plugin.positions import Positions
 from fv_plugin.prompts import EncodedPrompts, Prompt, encode_prompts
 from fv_plugin.records import Sweep
 from fv_plugin.steering import steer
@@ -116,14 +117,16 @@ def next_token_probs(
     strength: float = 1.0,
     normalize: Normalize = "absolute",
     gate: bool = False,
+    positions: Positions | None = "last_prompt",
 ) -> torch.Tensor:
     """Next-token distribution after each (left-padded) prompt, steered at its final token: ``[batch, vocab]``.
 
     Float32 on the CPU. With no vectors (or strength 0) it is the plain model's. ``gate``: steer only the prompts
-    that pass each vector's condition (``steer(..., gate=True)``).
+    that pass each vector's condition (``steer(..., gate=True)``). ``positions``: ``"all"`` steers every prompt
+    token; ``None``: each vector's own (``fv.positions``).
     """
     device = input_device(model)
-    with steer(model, *vectors, strength=strength, positions="last_prompt", normalize=normalize, gate=gate):
+    with steer(model, *vectors, strength=strength, positions=positions, normalize=normalize, gate=gate):
         logits = model(
             input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), **last_logits_only(model)
         ).logits

@@ -221,16 +221,16 @@ def _decode(
     arch: Any,
     ends: set[int],
     modes: Sequence[bool] = (True,),
+    prefix: Any = None,
 ) -> tuple[list[bool], list[float], list[bool]]:
-    """Greedy answers of row ``r``'s candidate ``rows[r]`` to prompt ``index[r]`` of the group, once per mode:
-    steered at the last prompt token and, if the mode is ``True``, at every generated token. Returns per row the
-    first token's verdict and the answer's probability (the same in every mode: the first step is shared), and per
-    (mode, row), mode-major, the exact match. The rows of later modes fork from the first after its first step."""
+    """Greedy answers of row ``r``'s candidate ``rows[r]`` to prompt ``index[r]`` of the group (on the rows' own
+    ``prefix`` cache if given), once per mode: steered at the last prompt token and, if the mode is ``True``, at
+    every generated token. Returns per row the first token's verdict and the answer's probability (the first step
+    is shared), and per (mode, row), mode-major, the exact match; later modes fork after the first step."""
     device, enc, n = input_device(model), group.enc, len(rows)
     steps = max(group.budgets[p] for p in set(index.tolist()))
-    cache = cache_rows(group.cache, index.to(device)) if group.cache is not None else None
-    tokens = enc.input_ids[index, -1:].to(device)
-    mask = enc.attention_mask[index].to(device)
+    cache = prefix if prefix is not None or group.cache is None else cache_rows(group.cache, index.to(device))
+    tokens, mask = enc.input_ids[index, -1:].to(device), enc.attention_mask[index].to(device)
     alive, prompt_of = list(range(n)), index.tolist()  # tracks: mode * n + row
     generated: list[list[int]] = [[] for _ in range(n * len(modes))]
     first, probs = [], []
@@ -274,6 +274,39 @@ def _decode(
     return first, probs, exact
 
 
+def _sums(found: tuple[list[bool], list[float], list[bool]], modes: int, candidates: int, n: int) -> torch.Tensor:
+    """``[modes, 3, candidates]`` sums over a chunk's ``n`` prompts of :func:`_decode`'s first-token verdicts,
+    answer probabilities (shared by the modes) and exact matches."""
+    first, probs, exact = found
+    shared = torch.tensor([first, probs], dtype=torch.float64).view(2, candidates, n).sum(-1)
+    matched = torch.tensor(exact, dtype=torch.float64).view(modes, candidates, n).sum(-1)
+    return torch.cat([shared.expand(modes, 2, candidates), matched[:, None]], dim=1)
+
+
+def _steered_prefix(
+    model: nn.Module, group: _Group, rows: Sequence[Sequence[VectorArg]], index: torch.Tensor, arch: Any
+) -> Any:
+    """The prefix of prompt ``index[r]`` with ``rows[r]`` added at every token (``positions="all"``): a cache row
+    per (prompt, candidate), which steering every token needs (``None`` for one-token prompts)."""
+    if group.cache is None:
+        return None
+    device = input_device(model)
+    ids, mask = group.enc.input_ids[index, :-1].to(device), group.enc.attention_mask[index, :-1].to(device)
+    with steering_context(model, rows=rows, positions="all", arch=arch):
+        out = model(input_ids=ids, use_cache=True, **mask_inputs(model, mask), **last_logits_only(model))
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+def _split_modes(positions: str | Sequence[str]) -> tuple[list[str], list[bool], bool]:
+    """``positions`` as a list, the :func:`~fv_plugin.positions.position_modes` of those that share the unsteered
+    prefix (``"generated"``, ``"last_prompt"``), and whether ``"all"`` is among them."""
+    names = [positions] if isinstance(positions, str) else list(positions)
+    shared = [p for p in names if p != "all"]
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"positions must name one or more distinct position sets, got {positions!r}")
+    return names, position_modes(shared) if shared else [], "all" in names
+
+
 @torch.no_grad()
 def score_answers(
     model: nn.Module,
@@ -290,9 +323,11 @@ def score_answers(
 ) -> list[AnswerScores]:
     """First-token accuracy, answer probability and exact match of the greedy answer of every candidate on
     ``prompts`` (see the module), steered at ``positions``: ``"generated"`` (the last prompt token and every
-    generated one) or ``"last_prompt"`` (that token only), or several of them: then one score per (positions,
-    candidate), positions-major, and every answer's first step runs once for all of them (it is the same). An
-    empty candidate (``[]``) is the model without a vector.
+    generated one), ``"last_prompt"`` (that token only) or ``"all"`` (every token, prompt included, as a
+    llama.cpp control vector is added), or several of them: then one score per (positions, candidate),
+    positions-major, and every answer's first step runs once for ``"generated"`` and ``"last_prompt"`` (it is the
+    same). ``"all"`` steers each candidate's prefix too, so its prefixes run once per candidate. An empty
+    candidate (``[]``) is the model without a vector.
 
     The prefixes of ``prompts_per_batch`` prompts run once, together; their answers are then decoded for many
     candidates at once, one batch row per (prompt, candidate), at most ``rows_per_batch`` rows (at least one
@@ -305,11 +340,12 @@ def score_answers(
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
     _check_sizes(rows_per_batch, prompts_per_batch)
-    modes = position_modes(positions)
+    names, modes, every = _split_modes(positions)
     ends = set(end_of_sequence_ids(tokenizer, model))
-    totals = torch.zeros(len(modes), 3, len(candidates), dtype=torch.float64)
+    totals = torch.zeros(len(names), 3, len(candidates), dtype=torch.float64)
+    shared = [m for m, name in enumerate(names) if name != "all"]
     order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
-    sets = f", {len(modes)} position sets" if len(modes) > 1 else ""
+    sets = f", {len(names)} position sets" if len(names) > 1 else ""
     label = f"{name} ({len(candidates)} x {len(prompts)} queries{sets})"
     with stage(label, len(prompts), progress=progress) as bar:
         for start in range(0, len(prompts), prompts_per_batch):
@@ -320,11 +356,13 @@ def score_answers(
                 chunk = range(c0, min(c0 + per_chunk, len(candidates)))
                 index = torch.arange(n).repeat(len(chunk))  # row c * n + p: candidate chunk[c], prompt p
                 rows = [candidates[c] for c in chunk for _ in range(n)]
-                first, probs, exact = _decode(model, tokenizer, group, rows, index, arch, ends, modes)
-                shared = torch.tensor([first, probs], dtype=torch.float64).view(2, len(chunk), n).sum(-1)
-                matched = torch.tensor(exact, dtype=torch.float64).view(len(modes), len(chunk), n).sum(-1)
-                totals[:, :2, chunk.start : chunk.stop] += shared
-                totals[:, 2, chunk.start : chunk.stop] += matched
+                if modes:
+                    found = _decode(model, tokenizer, group, rows, index, arch, ends, modes)
+                    totals[shared, :, chunk.start : chunk.stop] += _sums(found, len(modes), len(chunk), n)
+                if every:
+                    prefix = _steered_prefix(model, group, rows, index, arch)
+                    found = _decode(model, tokenizer, group, rows, index, arch, ends, (True,), prefix)
+                    totals[names.index("all"), :, chunk.start : chunk.stop] += _sums(found, 1, len(chunk), n)[0]
             bar.update(n)
-    mean = (totals / len(prompts)).tolist()
+    mean = (totals / len(prompts)).tolist()  # [positions][first token, probability, exact match][candidate]
     return [AnswerScores(a, p, e) for per_mode in mean for a, p, e in zip(*per_mode, strict=True)]

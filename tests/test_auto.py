@@ -182,6 +182,10 @@ def test_auto_positions_decide_where_finalists_are_scored_and_the_vector_is_stee
         paper = fv_plugin.extract_function_vector(model, tok, task, auto_positions=("generated",), **small)
     assert paper.selection is not None and len(paper.selection.candidates) == len(fv.selection.candidates)
     assert paper.positions == "generated"
+    with pytest.warns(WeakVectorWarning):  # chosen for every token, as llama.cpp adds a control vector
+        every = fv_plugin.extract_function_vector(model, tok, task, auto_positions=("all",), portable=True, **small)
+    assert every.selection is not None and every.positions == "all" and "every token" in every.selection.best.label()
+    assert {c.positions for c in every.selection.candidates if c.exact_match is not None} == {"all"}
     for wrong in ((), ("answer",), ("generated", "generated")):
         with pytest.raises(ValueError, match="auto_positions must be"):
             ExtractionConfig(auto_positions=wrong)
@@ -206,3 +210,7 @@ def test_fv_extract_scores_both_position_sets_unless_told_the_papers() -> None:
     assert _extract_config(_extract_parser().parse_args(argv)).auto_positions == ("generated", "last_prompt")
     paper = _extract_config(_extract_parser().parse_args([*argv, "--paper-positions"]))
     assert paper.auto_positions == ("generated",) and ExtractionConfig.from_dict(paper.to_dict()) == paper
+    every = _extract_config(_extract_parser().parse_args([*argv, "--portable", "--every-token"]))
+    assert every.auto_positions == ("all",) and every.portable and ExtractionConfig.from_dict(every.to_dict()) == every
+    with pytest.raises(SystemExit):  # one or the other
+        _extract_parser().parse_args([*argv, "--paper-positions", "--every-token"])

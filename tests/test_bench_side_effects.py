@@ -194,6 +194,6 @@ def test_evaluate_with_the_gate_steers_the_prompts_that_pass_and_leaves_the_othe
         gated = dataclasses.replace(fv, condition=Condition(layer=0, direction=unit, threshold=threshold))
         assert rows([gated], gate=True) == expected
     with pytest.raises(ValueError, match="positions must be one of"):
-        EvalConfig(positions="all")  # type: ignore[arg-type]
+        EvalConfig(positions="everywhere")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="gate must be True or False"):
         EvalConfig(gate="yes")  # type: ignore[arg-type]

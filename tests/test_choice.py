@@ -56,7 +56,8 @@ def _fv(seed: int, layer: int, scale: float) -> FunctionVector:
 
 
 @pytest.mark.parametrize(
-    "positions", ["generated", "last_prompt", ("generated", "last_prompt"), ("last_prompt", "generated")]
+    "positions",
+    ["generated", "last_prompt", "all", ("generated", "last_prompt"), ("last_prompt", "all", "generated")],
 )
 def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate(positions: str | tuple[str, ...]) -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
@@ -84,15 +85,17 @@ def test_exact_match_of_cached_greedy_answers_equals_steer_and_generate(position
                 )
             )
         assert got.exact_match == pytest.approx(sum(hits) / len(hits)), (mode, candidate)
-        plain = fv_plugin.score_prompts(model, tok, prompts, candidate)
-        assert got.accuracy == pytest.approx(plain.accuracy)
-        assert got.answer_prob == pytest.approx(plain.answer_prob, rel=1e-4, abs=1e-6)
-    assert fast[0].exact_match == 1.0 and len({s.exact_match for s in fast}) >= 3  # the candidates really differ
+        with fv_plugin.steer(model, *candidate, positions="all" if mode == "all" else "last_prompt"):
+            first = fv_plugin.score_prompts(model, tok, prompts, [])  # the next token, steered where the mode does
+        assert got.accuracy == pytest.approx(first.accuracy)
+        assert got.answer_prob == pytest.approx(first.answer_prob, rel=1e-4, abs=1e-6)
+    differ = 2 if modes == ["all"] else 3  # the candidates really differ (at every token, all but one answer 0)
+    assert fast[0].exact_match == 1.0 and len({s.exact_match for s in fast}) >= differ
     if len(modes) > 1:  # the two position sets answer differently here, or the fork is not tested
         assert [s.exact_match for s in fast[: len(candidates)]] != [s.exact_match for s in fast[len(candidates) :]]
 
 
-@pytest.mark.parametrize("positions", ["generated", "last_prompt", ("generated", "last_prompt")])
+@pytest.mark.parametrize("positions", ["generated", "last_prompt", "all", ("all", "generated", "last_prompt")])
 def test_neutral_kl_equals_a_naive_per_paragraph_computation(positions: str | tuple[str, ...]) -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     texts = ["The river ran slowly past the old mill.", "We bought bread and apples at the market today."]
@@ -103,7 +106,7 @@ def test_neutral_kl_equals_a_naive_per_paragraph_computation(positions: str | tu
     assert len(fast) == len(modes) * len(candidates)  # positions-major
     layers = decoder_layers(model)
     for k, (mode, candidate) in enumerate((m, c) for m in modes for c in candidates):
-        stop = 13 if mode == "generated" else 10  # the last prompt token is position 9
+        start, stop = (0 if mode == "all" else 9), (10 if mode == "last_prompt" else 13)  # last prompt token: 9
         total = 0.0
         for text in texts:  # the oracle: our own hook adds the vector at positions 9 to stop of one full forward
             ids = torch.tensor([tok(text)["input_ids"][:13]])
@@ -117,11 +120,12 @@ def test_neutral_kl_equals_a_naive_per_paragraph_computation(positions: str | tu
                     output: object,
                     fv: FunctionVector = fv,
                     w: float = weight,
+                    start: int = start,
                     stop: int = stop,
                 ) -> object:
                     hidden = output[0] if isinstance(output, tuple) else output
                     hidden = hidden.clone()
-                    hidden[:, 9:stop] += w * fv.vector.to(hidden.dtype)
+                    hidden[:, start:stop] += w * fv.vector.to(hidden.dtype)
                     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
                 handles.append(layers[fv.layer].register_forward_hook(add))

@@ -50,7 +50,8 @@ GATE_KEYS: tuple[str, ...] = (
     "fv_head_conditions",
 )
 GATE_ALL_REFUSAL = (
-    "gate=True with positions='all' cannot be served exactly on vLLM: the gate decides at the prompt's last token, "
+    "gate=True with positions='all' cannot be served exactly on vLLM (whether given or a vector's own): the gate "
+    "decides at the prompt's last token, "
     "and vLLM may run the earlier prompt tokens in earlier steps (chunked prefill, the prefix cache), before the "
     "decision exists; use positions='generated' or 'last_prompt' with gate=True"
 )

@@ -3,7 +3,7 @@
 ``fv_positions`` steers every vector of the request at one mode. Without it each vector is steered at its own
 (``fv.positions``, :func:`fv_plugin.positions.vector_positions`), as ``fv_plugin.steer`` does on Hugging Face:
 
-- ``fv_vector_positions``: the positions of each ``fv_vectors`` entry (``"generated"`` or ``"last_prompt"``);
+- ``fv_vector_positions``: the positions of each ``fv_vectors`` entry (``"generated"``, ``"last_prompt"`` or ``"all"``);
 - ``fv_head_positions``: the same for each ``fv_head_values`` entry;
 - a vector named by the server (``fv_names``) carries the positions stored in its file.
 

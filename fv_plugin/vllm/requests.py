@@ -142,8 +142,9 @@ def steering(
         >>> params = SamplingParams(temperature=0, max_tokens=16, extra_args=args)  # doctest: +SKIP
     """
     check_options(positions, normalize)
-    check_vllm_positions(gate, positions or "generated")
     inline, named = _split_sources(vectors)
+    for mode in [positions] if positions is not None else [vector_positions(fv) for fv, _ in inline]:
+        check_vllm_positions(gate, mode)
     args: dict[str, Any] = {"fv_format": FORMAT, "fv_strength": _scalar_strength(strength), "fv_normalize": normalize}
     args.update(sent_positions(positions, inline, bool(named)))
     if normalize == "relative" and any(fv.is_head_patch for fv, _ in inline):
@@ -212,7 +213,8 @@ def parse_request(
     modes = [vector_positions(fv) for fv, _ in inline + named] + [vector_positions(hv) for hv, _ in head_pairs]
     positions = request_mode(args.get("fv_positions"), modes)
     gated = parse_conditions(args, len(inline), len(head_pairs), decode_vector, check_number)
-    check_vllm_positions(gated is not None, positions or "generated")
+    for mode in [positions] if positions is not None else modes:
+        check_vllm_positions(gated is not None, mode)
     if gated is not None:
         inline, named, head_pairs = _with_conditions(args, gated, inline, named, head_pairs)
     return VllmSteeringRequest(

@@ -192,14 +192,15 @@ def answer_cases() -> list[Case]:
 
 
 @functools.cache
-def at_last_prompt(fv: FunctionVector) -> FunctionVector:
-    """``fv`` steered at the last prompt token only when a request does not say where (its own positions)."""
-    return dataclasses.replace(fv, positions="last_prompt")
+def at_last_prompt(fv: FunctionVector, positions: str = "last_prompt") -> FunctionVector:
+    """``fv`` steered at ``positions`` (the last prompt token only) when a request does not say where (its own)."""
+    return dataclasses.replace(fv, positions=positions)
 
 
 def own_positions_cases() -> list[Case]:
     """Vectors that keep different own positions (no ``positions`` given): two layers; one layer, relative; a
-    head-level vector at the last prompt token with a residual-stream one at every generated token; gated."""
+    head-level vector at the last prompt token with a residual-stream one at every generated token; gated; one
+    at every token (the long prompt, prefilled in chunks where the engine's budget is small)."""
     a, b, c = random_vector(10, 1, 0.6), random_vector(20, 2, 0.5), random_vector(5, 3, 0.8)
     diff, _ = head_vectors()
     return [
@@ -207,6 +208,7 @@ def own_positions_cases() -> list[Case]:
         Case("capital", (at_last_prompt(c), random_vector(5, 4, 0.5)), dict(strength=1.0, normalize="relative")),
         Case("hot", (at_last_prompt(diff), a), dict(strength=1.0)),
         Case("big", (gated(at_last_prompt(a), "big"), gated(b, "big")), dict(strength=1.0, gate=True)),
+        Case("long", (at_last_prompt(c, "all"), (b, 0.5)), dict(strength=1.0)),
     ]
 
 
@@ -234,7 +236,7 @@ def mixed_batch() -> list[Case]:
         Case("story", ((b, 2.0), c), dict(strength=0.4, normalize="relative")),
         Case("long", (a,), dict(strength=2.0, positions="last_prompt")),
         Case("long", ((c, -1.0),), dict(strength=1.2)),
-        Case("big", (b,), dict(strength=-1.0, positions="all", normalize="relative")),
+        Case("big", (b,), dict(strength=-1.5, positions="all", normalize="relative")),  # -1 left a 0.06 logit tie
     ]
 
 

@@ -453,10 +453,24 @@ def test_named_and_head_level_vectors_keep_their_own_positions() -> None:
         resolve(parse_request(clash, no_names), ARCH, max_layers=3, head_dim=4)
 
 
+def test_a_vector_steered_at_every_token_keeps_its_positions_but_cannot_be_gated() -> None:
+    every = dataclasses.replace(vec(1, 0), positions="all")
+    args = over_json(steering(every, vec(2, 1)))
+    assert args["fv_vector_positions"] == ["all", "generated"]
+    assert set(columns_of(resolve(parse_request(args, no_names), ARCH, max_layers=3))) == {(1, "all"), (2, "generated")}
+    gated = dataclasses.replace(every, condition=cond(0, 1))
+    with pytest.raises(ValueError, match="on vLLM \\(whether given or a vector's own\\)"):
+        steering(gated, gate=True)
+    sent = steering(gated, gate=True, positions="generated")  # as a client that sends its own positions would
+    sent.pop("fv_positions")
+    with pytest.raises(ValueError, match="cannot be served exactly on vLLM"):
+        parse_request({**sent, "fv_vector_positions": ["all"]}, no_names)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"fv_vector_positions": ["all"]}, r"fv_vector_positions\[0\] must be one of"),
+        ({"fv_vector_positions": ["answer"]}, r"fv_vector_positions\[0\] must be one of"),
         ({"fv_vector_positions": ["generated", "generated"]}, "one positions mode per vector entry"),
         ({"fv_positions": "generated"}, "send one of them"),
     ],
