@@ -91,8 +91,10 @@ def measure_choice(
     config: ExtractionConfig,
     stats: str | None,
     rules: tuple[tuple[float | None, float | str], ...] = (),
+    test_positions: str | None = None,
 ) -> dict[str, Any]:
-    """One task: the statistics' and the choice's stages (seconds, token passes), the choice, test scores."""
+    """One task: the statistics' and the choice's stages (seconds, token passes), the choice, test scores (the
+    vector steered at ``test_positions``; ``None``: its own)."""
     with count_forward_work(model, resolve_architecture(model)) as counter, recording(counter) as log:
         statistics: HeadStatistics = _statistics(model, tokenizer, task, config, stats)
         with warnings.catch_warnings(record=True) as caught:
@@ -110,7 +112,8 @@ def measure_choice(
         "warnings": [str(w.message) for w in caught],
         "selection": sel.to_dict(),
         "plain": _scores(model, tokenizer, task),
-        "vector": _scores(model, tokenizer, task, vectors=[fv]),
+        "vector": _scores(model, tokenizer, task, vectors=[fv], positions=test_positions),
+        "test_positions": test_positions or "own",
         "icl": _scores(model, tokenizer, task, mode="icl"),
     }
 
@@ -134,6 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated accuracy tolerances (a number, or 'se': one standard error of the best finalist's "
         "exact match), crossed with --budgets (default: the library's)",
     )
+    parser.add_argument("--portable", action="store_true", help="auto among residual-stream methods only")
+    parser.add_argument("--every-token", action="store_true", help="auto scores its finalists at every token")
+    parser.add_argument(
+        "--test-positions",
+        choices=("own", "all"),
+        default="own",
+        help="steer the chosen vector on the test split at its own positions, or at every token (as llama.cpp)",
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -151,8 +162,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     asked = bool(budgets or tolerances)
     config = ExtractionConfig(side_effect_budget=None, accuracy_tolerance=0.0) if asked else default
+    where = ("all",) if args.every_token else config.auto_positions
+    config = dataclasses.replace(config, portable=args.portable, auto_positions=where)
+    test_positions = None if args.test_positions == "own" else args.test_positions
     for name in args.tasks.split(","):
-        row = measure_choice(model, tokenizer, load_task(name), config, args.stats, rules if asked else ())
+        task = load_task(name)
+        row = measure_choice(model, tokenizer, task, config, args.stats, rules if asked else (), test_positions)
         rows.append(row)
         done = json.loads(out.read_text()) if out.exists() else []
         out.write_text(json.dumps([*done, row], indent=1))

@@ -213,6 +213,8 @@ class HeadWriter:
         self.buffers.coef[:count].copy_(torch.from_numpy(table.coef))
         if table.gate is not None:
             self.buffers.gate[:count].copy_(torch.from_numpy(table.gate))
+        else:  # a compiled graph reads the gate rows of every step: none may be left from an earlier one
+            self.buffers.gate[:count].zero_()
         if self.dirty > count:
             self.buffers.coef[count : self.dirty].zero_()
         self.dirty = count

@@ -249,6 +249,8 @@ class StepWriter:
         self.buffers.relative[:count].copy_(torch.from_numpy(table.relative))
         if table.gate is not None:
             self.buffers.gate[:count].copy_(torch.from_numpy(table.gate))
+        else:  # a compiled graph reads the gate rows of every step: none may be left from an earlier one
+            self.buffers.gate[:count].zero_()
         if self.dirty > count:
             self.buffers.absolute[count : self.dirty].zero_()
             self.buffers.relative[count : self.dirty].zero_()

@@ -412,6 +412,37 @@ def test_a_gate_decides_at_the_last_prompt_token_and_keeps_its_decision(
     torch.testing.assert_close(model(x2)[-1], expected)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-path"])
+def test_an_ungated_step_after_a_gated_one_is_steered_in_full(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """A compiled graph always multiplies by the gate's decision: a step without gated requests must not read the
+    gate rows an earlier step's gated tokens left at the same token slots (closed ones would drop its steering)."""
+    from fv_plugin.condition import Condition
+    from fv_plugin.vllm.gate_requests import GateCondition
+
+    if compiled:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(4)
+    model, a, u = ToyModel(), torch.randn(HIDDEN), torch.randn(HEAD_DIM)
+    x = torch.randn(3, HIDDEN)
+    never = Condition(layer=0, direction=torch.ones(HIDDEN) / HIDDEN**0.5, threshold=2.0)  # a unit score is < 2
+    head = HeadEntry(1, 1, False, 1.0, u.numpy().astype("<f4").tobytes(), gate=0)
+    closed = dataclasses.replace(
+        resolved({2: a}, 1.5, "generated", False), gates=(0,), conditions=(GateCondition.of(never),), heads=(head,)
+    )
+    ungated = dataclasses.replace(
+        resolved({2: a}, 1.5, "generated", False), heads=(dataclasses.replace(head, gate=-1),)
+    )
+    requests = {"closed": params(closed), "open": params(ungated)}
+    runner = fake_runner(model, requests, [("closed", 0, 3, 3)])
+    install_steering(runner, PluginSettings(max_layers=2, max_heads=2))
+    runner._model_forward()
+    torch.testing.assert_close(model(x)[-1], reference(model, x, {}))  # the gate is closed: nothing added
+    runner.input_batch.req_ids = ["open"]  # the next step: another request's prompt, at the same token slots
+    runner._model_forward()
+    expected = reference(model, x, {2: [(2, 1.5 * a, False)]}, {1: [(2, 1, u, 1.5, False)]})
+    torch.testing.assert_close(model(x)[-1], expected)
+
+
 def test_a_gate_row_given_to_another_request_keeps_its_decision_for_its_return() -> None:
     from fv_plugin.vllm.gate_requests import GateCondition
     from fv_plugin.vllm.gate_worker import GateBuffers, GateWriter
