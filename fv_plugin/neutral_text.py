@@ -14,7 +14,7 @@ from torch import nn
 
 from fv_plugin.architectures import ArchSpec
 from fv_plugin.devices import input_device
-from fv_plugin.positions import position_modes
+from fv_plugin.positions import position_sets
 from fv_plugin.progress import stage
 from fv_plugin.replay import cache_kwarg
 from fv_plugin.request import steering_context
@@ -92,9 +92,7 @@ def neutral_kl(
     """
     if not candidates or prompt_tokens < 2 or steered_tokens < 0:
         raise ValueError("neutral_kl needs candidates, prompt_tokens >= 2 and steered_tokens >= 0")
-    names = [positions] if isinstance(positions, str) else list(positions)
-    shared = [m for m, name in enumerate(names) if name != "all"]
-    modes = position_modes([names[m] for m in shared]) if shared else []
+    names, shared, modes = position_sets(positions)
     paragraphs = list(texts) if texts is not None else neutral_texts()[:4]
     ids = _neutral_ids(tokenizer, paragraphs, prompt_tokens + steered_tokens).to(input_device(model))
     found = torch.zeros(len(names), len(candidates), dtype=torch.float64)
@@ -107,11 +105,13 @@ def neutral_kl(
         plain = model(input_ids=chunk, use_cache=True, **{key: copy.deepcopy(prefix)}).logits.float().softmax(-1)
         for start in range(0, len(candidates), rows_per_batch):
             group = candidates[start : start + rows_per_batch]
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(len(group))  # row t * len(group) + c: paragraph t, candidate c
-            rows = [group[c] for _ in range(n) for c in range(len(group))]
+            rows = [group[c] for _ in range(n) for c in range(len(group))]  # row t * len(group) + c
             tokens = chunk.repeat_interleave(len(group), dim=0)
-            runs = list(zip(shared, _continued(model, tokens, cache, rows, modes, arch), strict=True)) if modes else []
+            runs = []
+            if modes:  # paragraph t, candidate c: the shared prefix, repeated
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(group))
+                runs = list(zip(shared, _continued(model, tokens, cache, rows, modes, arch), strict=True))
             if "all" in names:
                 steered_prefix = _steered_prefix(model, ids[:, : prompt_tokens - 1], rows, len(group), arch)
                 runs += [(names.index("all"), _continued(model, tokens, steered_prefix, rows, [True], arch)[0])]

@@ -24,6 +24,7 @@ __all__ = [
     "forward_info",
     "position_mask",
     "position_modes",
+    "position_sets",
     "steers_generated",
     "vector_positions",
 ]
@@ -41,6 +42,17 @@ def steers_generated(positions: str) -> bool:
             f"expected 'generated' or 'last_prompt' (an unsteered prompt before its last token), got {positions!r}"
         )
     return positions == "generated"
+
+
+def position_sets(positions: str | Sequence[str]) -> tuple[list[str], list[int], list[bool]]:
+    """``positions`` as a list of distinct position sets; the indices of those that leave the prompt before its
+    last token unsteered (``"generated"``, ``"last_prompt"``: they can share one unsteered prefix); and their
+    :func:`position_modes`. ``"all"`` steers the prompt too, so it needs prefixes of its own."""
+    names = [positions] if isinstance(positions, str) else list(positions)
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"positions must name one or more distinct position sets, got {positions!r}")
+    shared = [m for m, name in enumerate(names) if name != "all"]
+    return names, shared, position_modes([names[m] for m in shared]) if shared else []
 
 
 def position_modes(positions: str | Sequence[str]) -> list[bool]:

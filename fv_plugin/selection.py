@@ -33,7 +33,7 @@ from fv_plugin.answer_span import end_of_sequence_ids
 from fv_plugin.architectures import ArchSpec, resolve_architecture
 from fv_plugin.devices import input_device
 from fv_plugin.neutral_text import neutral_kl
-from fv_plugin.positions import position_modes
+from fv_plugin.positions import position_sets
 from fv_plugin.progress import stage
 from fv_plugin.prompts import EncodedPrompts, Prompt, by_length, encode_prompts
 from fv_plugin.replay import LastTokenReplay, cache_kwarg, cache_rows, mask_inputs
@@ -297,16 +297,6 @@ def _steered_prefix(
     return getattr(out, "cache", None) or out.past_key_values
 
 
-def _split_modes(positions: str | Sequence[str]) -> tuple[list[str], list[bool], bool]:
-    """``positions`` as a list, the :func:`~fv_plugin.positions.position_modes` of those that share the unsteered
-    prefix (``"generated"``, ``"last_prompt"``), and whether ``"all"`` is among them."""
-    names = [positions] if isinstance(positions, str) else list(positions)
-    shared = [p for p in names if p != "all"]
-    if not names or len(set(names)) < len(names):
-        raise ValueError(f"positions must name one or more distinct position sets, got {positions!r}")
-    return names, position_modes(shared) if shared else [], "all" in names
-
-
 @torch.no_grad()
 def score_answers(
     model: nn.Module,
@@ -340,10 +330,10 @@ def score_answers(
     if not prompts or not candidates:
         raise ValueError("score_answers needs prompts and candidates")
     _check_sizes(rows_per_batch, prompts_per_batch)
-    names, modes, every = _split_modes(positions)
+    names, shared, modes = position_sets(positions)
+    every = "all" in names
     ends = set(end_of_sequence_ids(tokenizer, model))
     totals = torch.zeros(len(names), 3, len(candidates), dtype=torch.float64)
-    shared = [m for m, name in enumerate(names) if name != "all"]
     order = by_length(tokenizer, prompts)  # batches of similar lengths pad little; the scores are sums
     sets = f", {len(names)} position sets" if len(names) > 1 else ""
     label = f"{name} ({len(candidates)} x {len(prompts)} queries{sets})"
